@@ -1,0 +1,83 @@
+"""One exception tree for every way a check can fail.
+
+Each error carries a short, stable ``code``: it becomes the audit record's reason, the
+metrics label and the denied body, so operators can count and grep by it. The branch an
+error sits on decides the answer Envoy gets (see ``status``)::
+
+    AuthzError
+    ├── RequestError        400  the CheckRequest itself is malformed or too large
+    ├── IdentityError       401  who is calling could not be established
+    │   ├── TokenError           JWT rejected (signature, claims, header, size)
+    │   ├── SessionError         session id unknown, expired, revoked or bound elsewhere
+    │   ├── WorkloadError        SPIFFE ID missing, malformed or from an untrusted domain
+    │   └── ReplayError          token already used by a different client
+    ├── PolicyError         403  the policy could not produce a usable decision
+    ├── UnavailableError    503  a dependency (session store, key set) is down: fail closed
+    └── ConfigError              the configuration is invalid; never raised per request
+
+Verifiers raise these; only the decision pipeline turns them into a denied ``Decision``.
+Third-party exceptions (pyjwt, regopy, redis) are translated where they are caught.
+"""
+
+from __future__ import annotations
+
+
+class AuthzError(Exception):
+    """Root of the tree: ``code`` is stable, ``message`` is for humans."""
+
+    status: int = 403
+    default_code: str = "authz_error"
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        self.code = code or self.default_code
+        self.message = message or self.code.replace("_", " ")
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class RequestError(AuthzError):
+    status = 400
+    default_code = "bad_request"
+
+
+class IdentityError(AuthzError):
+    status = 401
+    default_code = "unauthenticated"
+
+
+class TokenError(IdentityError):
+    default_code = "invalid_token"
+
+
+class SessionError(IdentityError):
+    default_code = "invalid_session"
+
+
+class WorkloadError(IdentityError):
+    default_code = "invalid_workload"
+
+
+class ReplayError(IdentityError):
+    default_code = "token_replay"
+
+
+class PolicyError(AuthzError):
+    status = 403
+    default_code = "policy_error"
+
+
+class UnavailableError(AuthzError):
+    status = 503
+    default_code = "unavailable"
+
+
+class ConfigError(AuthzError):
+    """A configuration problem; ``key`` names the offending setting."""
+
+    default_code = "config_invalid"
+
+    def __init__(self, message: str, *, key: str = "", code: str | None = None) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message, code=code)

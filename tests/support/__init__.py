@@ -1,0 +1,1 @@
+"""Shared test helpers: real processes (Envoy, redis-server), readiness by checks."""

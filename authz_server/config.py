@@ -1,0 +1,212 @@
+"""One typed configuration: a YAML file, then command-line flags on top.
+
+Every key is checked at start; a bad one stops the start with one line that names it
+(``config error: decision_cache.ttl: expected a duration like '90s' ...``). Unknown keys
+are errors too: a typo must not silently fall back to a default. Relative paths are taken
+from the config file's folder, or the working directory when they are not found there.
+
+Sections owned by other parts of the product parse themselves (``from_mapping``); this
+module only composes them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from .decision import DecisionSettings
+from .durations import parse_duration
+from .errors import ConfigError
+
+DEFAULT_QUERY = "data.envoy.authz.allow"
+
+
+@dataclass(frozen=True)
+class Config:
+    addr: str = "127.0.0.1:9191"
+    http_addr: str = ""
+    policies: str = "policies/"
+    query: str = DEFAULT_QUERY
+    metrics_addr: str = "127.0.0.1:9464"
+    workers: int = 0  # 0: decide at start (see serve.resolve_workers)
+    log_level: str = "info"
+    decision: DecisionSettings = field(default_factory=DecisionSettings)
+    audit: tuple[str, ...] = ()
+    source: str = ""  # the file this came from, for messages
+
+    def with_overrides(self, **overrides: Any) -> "Config":
+        known = {f.name for f in fields(self)}
+        clean = {k: v for k, v in overrides.items() if v is not None and k in known}
+        return replace(self, **clean)
+
+
+# -- small checked readers: each names the key it reads
+
+def _string(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"expected a string, got {_show(value)}", key=key)
+    return value
+
+
+def _address(value: Any, key: str, *, allow_empty: bool = True) -> str:
+    text = _string(value, key).strip()
+    if not text:
+        if allow_empty:
+            return ""
+        raise ConfigError("must not be empty", key=key)
+    if text.startswith("unix:"):
+        if len(text) == len("unix:"):
+            raise ConfigError("unix: address needs a path", key=key)
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"expected host:port or unix:/path, got {text!r}", key=key)
+    return text
+
+
+def _int(value: Any, key: str, *, minimum: int = 0, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"expected an integer, got {_show(value)}", key=key)
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise ConfigError(f"must be {bounds}, got {value}", key=key)
+    return value
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {_show(value)}", key=key)
+    return value
+
+
+def _duration(value: Any, key: str, *, positive: bool = True) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key=key) from None
+    if positive and seconds <= 0:
+        raise ConfigError(f"must be greater than zero, got {value!r}", key=key)
+    return seconds
+
+
+def _mapping(value: Any, key: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a mapping, got {_show(value)}", key=key)
+    return value
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def _only(data: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
+    for key in data:
+        if key not in allowed:
+            close = sorted(a for a in allowed if a[:3] == str(key)[:3])
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key{hint}", key=f"{prefix}{key}")
+
+
+def resolve_path(value: str, base_dir: str | None) -> str:
+    """Config-relative first, then the working directory."""
+    path = Path(os.path.expanduser(value))
+    if path.is_absolute() or base_dir is None:
+        return str(path)
+    beside = Path(base_dir) / path
+    if beside.exists() or not path.exists():
+        return str(beside)
+    return str(path)
+
+
+def _decision_settings(data: Mapping[str, Any], defaults: DecisionSettings) -> DecisionSettings:
+    cache = _mapping(data.get("decision_cache"), "decision_cache")
+    _only(cache, {"max_entries", "ttl", "clock_ttl"}, "decision_cache.")
+    settings = defaults
+    if "max_entries" in cache:
+        settings = replace(settings, cache_max_entries=_int(cache["max_entries"], "decision_cache.max_entries"))
+    if "ttl" in cache:
+        settings = replace(settings, cache_ttl=_duration(cache["ttl"], "decision_cache.ttl"))
+    if "clock_ttl" in cache:
+        settings = replace(settings, clock_ttl=_duration(cache["clock_ttl"], "decision_cache.clock_ttl"))
+    if "policy_timeout" in data:
+        settings = replace(settings, policy_timeout=_duration(data["policy_timeout"], "policy_timeout"))
+    if "deny_status" in data:
+        settings = replace(settings, deny_status=_int(data["deny_status"], "deny_status", minimum=400, maximum=599))
+    if "dry_run" in data:
+        settings = replace(settings, dry_run=_bool(data["dry_run"], "dry_run"))
+    return settings
+
+
+_LOG_LEVELS = {"debug", "info", "warning", "error"}
+
+# Top-level keys, each with its reader: (value, base_dir) -> dict of Config fields.
+_Reader = Callable[[Any, "str | None"], dict[str, Any]]
+_READERS: dict[str, _Reader] = {
+    "addr": lambda v, _b: {"addr": _address(v, "addr")},
+    "http_addr": lambda v, _b: {"http_addr": _address(v, "http_addr")},
+    "policies": lambda v, b: {"policies": resolve_path(_string(v, "policies"), b)},
+    "query": lambda v, _b: {"query": _string(v, "query")},
+    "metrics_addr": lambda v, _b: {"metrics_addr": _address(v, "metrics_addr")},
+    "workers": lambda v, _b: {"workers": _int(v, "workers", minimum=1, maximum=1024)} if v != "auto" else {},
+    "log_level": lambda v, _b: {"log_level": _log_level(v)},
+    "audit": lambda v, b: {"audit": _audit_sinks(v, b)},
+}
+_DECISION_KEYS = {"decision_cache", "policy_timeout", "deny_status", "dry_run"}
+
+
+def _log_level(value: Any) -> str:
+    text = _string(value, "log_level").lower()
+    if text not in _LOG_LEVELS:
+        raise ConfigError(f"expected one of {sorted(_LOG_LEVELS)}, got {value!r}", key="log_level")
+    return text
+
+
+def _audit_sinks(value: Any, base_dir: str | None) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ConfigError("expected a list of sinks (stdout, file:PATH, postgresql://...)", key="audit")
+    sinks = []
+    for index, item in enumerate(items):
+        sink = _string(item, f"audit[{index}]")
+        if sink.startswith("file:"):
+            sink = "file:" + resolve_path(sink[5:], base_dir)
+        elif sink != "stdout" and not sink.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"unknown sink {sink!r}: use stdout, file:PATH or postgresql://...", key=f"audit[{index}]")
+        sinks.append(sink)
+    return tuple(sinks)
+
+
+def config_from_mapping(data: Mapping[str, Any], *, base_dir: str | None = None, source: str = "") -> Config:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"the config must be a mapping of keys, got {_show(data)}")
+    _only(data, set(_READERS) | _DECISION_KEYS, "")
+    values: dict[str, Any] = {"source": source}
+    for key, reader in _READERS.items():
+        if key in data:
+            values.update(reader(data[key], base_dir))
+    values["decision"] = _decision_settings(data, DecisionSettings())
+    return Config(**values)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read the YAML file (or defaults when ``path`` is None)."""
+    if path is None:
+        return Config()
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(file)!r}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{file}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return config_from_mapping(data or {}, base_dir=str(file.parent), source=str(file))

@@ -1,0 +1,201 @@
+"""What one request is, as plain data, and the OPA-Envoy input document built from it.
+
+``Facts`` is transport-neutral: the gRPC front fills it from a ``CheckRequest``, the HTTP
+front from Envoy's HTTP ext_authz request. ``build_input`` turns facts plus the verified
+identity and the signals into exactly the document the OPA-Envoy plugin gives its policies
+(``envoyauth/request.go`` ``RequestToInput``): ``attributes`` in protobuf JSON names,
+``parsed_path``, ``parsed_query``, ``parsed_body``, ``truncated_body``, ``version`` and
+``source_principal``; our own additions only under ``identity`` and ``signals``.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .errors import RequestError
+
+INPUT_VERSION = {"ext_authz": "v3", "encoding": "protojson"}
+
+# Parsing a body is work done on untrusted input: bounded. Envoy's own max_request_bytes
+# normally keeps bodies far smaller; this is the line we hold if it is misconfigured.
+MAX_PARSED_BODY_BYTES = 1024 * 1024
+
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+@dataclass(slots=True, eq=False)
+class Facts:
+    """One request to authorize. ``attributes`` (the OPA-Envoy ``input.attributes``) is
+    built lazily: a cached decision never needs it."""
+
+    method: str
+    path: str  # as Envoy routes it: path plus query
+    headers: Mapping[str, str]
+    body: str = ""
+    raw_body: bytes = b""
+    host: str = ""
+    source_address: str = ""
+    source_port: int = 0
+    source_principal: str = ""  # the peer's SPIFFE ID, as Envoy's mTLS saw it
+    source_certificate: str = ""  # URL-encoded PEM, when Envoy forwards it
+    context_extensions: Mapping[str, str] = field(default_factory=dict)
+    request_id: str = ""
+    fingerprint: bytes = b""  # digest of every non-volatile part of the request
+    transport: str = "grpc"
+    attributes_factory: Callable[[], dict[str, Any]] | None = None
+    _attributes: dict[str, Any] | None = None
+
+    def attributes(self) -> dict[str, Any]:
+        if self._attributes is None:
+            factory = self.attributes_factory
+            self._attributes = factory() if factory is not None else {}
+        return self._attributes
+
+    def header(self, name: str) -> str:
+        return self.headers.get(name, "")
+
+
+def build_input(facts: Facts, identity: Mapping[str, Any], signals: Mapping[str, Any]) -> dict[str, Any]:
+    """The OPA-Envoy v3 input document for ``facts``; raises ``RequestError`` where the
+    OPA-Envoy plugin would answer 400 (bad escapes in path or query, unparsable body)."""
+    parsed_path, parsed_query = parse_path_and_query(facts.path)
+    parsed_body, truncated = parse_body(facts.headers, facts.body, facts.raw_body)
+    document: dict[str, Any] = {
+        "attributes": facts.attributes(),
+        "parsed_path": parsed_path,
+        "parsed_query": parsed_query,
+        "parsed_body": parsed_body,
+        "truncated_body": truncated,
+        "version": INPUT_VERSION,
+        "identity": dict(identity),
+        "signals": dict(signals),
+    }
+    if facts.source_principal:
+        document["source_principal"] = facts.source_principal
+    return document
+
+
+# -- path and query, with Go's net/url semantics (what OPA-Envoy's policies were written against)
+
+def parse_path_and_query(path: str) -> tuple[list[str], dict[str, list[str]]]:
+    raw_path, _, raw_query = path.partition("?")
+    decoded = _unescape(raw_path, plus_is_space=False, what="path")
+    return decoded.lstrip("/").split("/"), parse_query(raw_query)
+
+
+def parse_query(query: str) -> dict[str, list[str]]:
+    """``url.ParseQuery``: ``&``-separated, ``+`` is a space, a ``;`` is an error (Go ≥ 1.17)."""
+    result: dict[str, list[str]] = {}
+    for part in query.split("&"):
+        if ";" in part:
+            raise RequestError(f"invalid semicolon separator in query: {part[:64]!r}", code="bad_query")
+        if not part:
+            continue
+        key, _, value = part.partition("=")
+        key = _unescape(key, plus_is_space=True, what="query")
+        value = _unescape(value, plus_is_space=True, what="query")
+        result.setdefault(key, []).append(value)
+    return result
+
+
+def _unescape(text: str, *, plus_is_space: bool, what: str) -> str:
+    if "%" not in text and not (plus_is_space and "+" in text):
+        return text
+    bad = _BAD_ESCAPE.search(text)
+    if bad is not None:
+        raise RequestError(f"invalid URL escape {text[bad.start():bad.start() + 3]!r} in {what}", code=f"bad_{what}")
+    raw = text.encode("utf-8", "surrogateescape")
+    if plus_is_space:
+        raw = raw.replace(b"+", b" ")
+    raw = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"{what} is not UTF-8 after unescaping", code=f"bad_{what}") from None
+
+
+# -- body, as OPA-Envoy's getParsedBody
+
+def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[Any, bool]:
+    """Returns ``(parsed_body, truncated_body)``."""
+    if headers.get("x-envoy-auth-partial-body") == "true":
+        return None, True
+    content_type = headers.get("content-type")
+    if content_type is None:
+        return None, False
+    if "application/json" in content_type:
+        payload = _payload(body, raw_body)
+        if payload is None:
+            return None, False
+        if _truncated(headers, payload):
+            return None, True
+        try:
+            return json.loads(payload), False
+        except (ValueError, RecursionError):
+            raise RequestError("request body is not valid JSON", code="bad_body") from None
+    if "application/x-www-form-urlencoded" in content_type:
+        payload = _payload(body, raw_body)
+        if payload is None:
+            return None, False
+        if _truncated(headers, payload):
+            return None, True
+        return parse_query(payload.decode("utf-8", "surrogateescape")), False
+    if "multipart/form-data" in content_type:
+        payload = _payload(body, raw_body)
+        if payload is None:
+            return None, False
+        if _truncated(headers, payload):
+            return None, True
+        return _parse_multipart(content_type, payload), False
+    return None, False
+
+
+def _payload(body: str, raw_body: bytes) -> bytes | None:
+    payload = body.encode("utf-8", "surrogateescape") if body else raw_body
+    if not payload:
+        return None
+    if len(payload) > MAX_PARSED_BODY_BYTES:
+        raise RequestError(f"request body over {MAX_PARSED_BODY_BYTES} bytes", code="body_too_large")
+    return payload
+
+
+def _truncated(headers: Mapping[str, str], payload: bytes) -> bool:
+    declared = headers.get("content-length")
+    if declared is None:
+        return False
+    try:
+        length = int(declared)
+    except ValueError:
+        raise RequestError(f"content-length {declared[:32]!r} is not a number", code="bad_request") from None
+    return length != -1 and length > len(payload)
+
+
+def _parse_multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] | None:
+    if "boundary=" not in content_type:
+        return None
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"content-type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + payload
+    )
+    if not message.is_multipart():
+        raise RequestError("multipart body does not match its boundary", code="bad_body")
+    values: dict[str, list[Any]] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        data = part.get_payload(decode=True) or b""
+        if "application/json" in (part.get_content_type() or ""):
+            try:
+                value: Any = json.loads(data)
+            except ValueError:
+                raise RequestError(f"multipart field {name!r} is not valid JSON", code="bad_body") from None
+        else:
+            value = data.decode("utf-8", "replace")
+        values.setdefault(str(name), []).append(value)
+    return values

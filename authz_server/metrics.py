@@ -1,0 +1,132 @@
+"""Prometheus metrics: one registry per server (no process globals), served at ``/metrics``.
+
+Decision counters are labelled by result and error code, the same code that is in the audit
+record and the denied body. Values that other objects already count (cache statistics,
+policy reload status) are read at scrape time by a collector instead of being mirrored on
+the hot path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from .http import HttpRequest, HttpResponse
+
+if TYPE_CHECKING:
+    from .decision import Decision, Pipeline
+    from .facts import Facts
+    from .policy.loader import PolicyRuntime
+
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.decisions = Counter("authz_decisions", "Decisions made, by result and code",
+                                 ["result", "code", "cached"], registry=self.registry)
+        self.latency = Histogram("authz_decision_duration_seconds", "Time to decide, from request to response",
+                                 ["transport"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._allow_hit = self.decisions.labels("allow", "allowed", "true")
+        self._allow_miss = self.decisions.labels("allow", "allowed", "false")
+        self._latency_grpc = self.latency.labels("grpc")
+        self._latency_http = self.latency.labels("http")
+
+    def observe_decision(self, decision: "Decision", facts: "Facts | None", now: float) -> None:
+        if decision.allowed and decision.code == "allowed":
+            (self._allow_hit if decision.cached else self._allow_miss).inc()
+        else:
+            result = "allow" if decision.allowed else "deny"
+            self.decisions.labels(result, decision.code, "true" if decision.cached else "false").inc()
+
+    def observe_latency(self, seconds: float, transport: str) -> None:
+        (self._latency_grpc if transport == "grpc" else self._latency_http).observe(seconds)
+
+    def watch(self, collect: Callable[[], Iterable[object]]) -> None:
+        self.registry.register(_FunctionCollector(collect))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def http_handler(self, request: HttpRequest) -> HttpResponse:
+        if request.path != "/metrics":
+            return HttpResponse(404, [("content-type", "text/plain")], b"not found: try /metrics\n")
+        return HttpResponse(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], self.exposition())
+
+
+class _FunctionCollector(Collector):
+    def __init__(self, collect: Callable[[], Iterable[object]]) -> None:
+        self._collect = collect
+
+    def collect(self):  # type: ignore[override]
+        yield from self._collect()  # type: ignore[misc]
+
+
+def pipeline_collector(pipeline: "Pipeline", runtime: "PolicyRuntime") -> Callable[[], Iterable[object]]:
+    """Cache and policy state, read when Prometheus scrapes."""
+
+    def collect() -> Iterable[object]:
+        stats = pipeline.cache.stats
+        cache = CounterMetricFamily("authz_decision_cache", "Decision cache lookups by outcome", labels=["outcome"])
+        cache.add_metric(["hit"], stats.hits)
+        cache.add_metric(["miss"], stats.misses)
+        yield cache
+        evictions = CounterMetricFamily("authz_decision_cache_evictions", "Entries dropped to stay within the bound")
+        evictions.add_metric([], stats.evictions)
+        yield evictions
+        invalidations = CounterMetricFamily("authz_decision_cache_invalidations",
+                                            "Times the whole cache was dropped (policy or data changed)")
+        invalidations.add_metric([], stats.invalidations)
+        yield invalidations
+        size = GaugeMetricFamily("authz_decision_cache_entries", "Entries in the decision cache")
+        size.add_metric([], len(pipeline.cache))
+        yield size
+        reloads = CounterMetricFamily("authz_policy_reloads", "Policy loads by result", labels=["result"])
+        reloads.add_metric(["ok"], runtime.status.reloads_ok)
+        reloads.add_metric(["failed"], runtime.status.reloads_failed)
+        yield reloads
+        current = GaugeMetricFamily("authz_policy_reload_current",
+                                    "1 when the policy on disk is the one serving, 0 after a rejected reload")
+        current.add_metric([], 1.0 if runtime.status.current and runtime.active else 0.0)
+        yield current
+        if runtime.active is not None:
+            info = InfoMetricFamily("authz_policy", "The policy set serving decisions")
+            info.add_metric([], {"version": runtime.active.version, "root": runtime.root})
+            yield info
+        timeouts = CounterMetricFamily("authz_policy_timeouts", "Evaluations stopped at the deadline")
+        timeouts.add_metric([], runtime.status.timeouts)
+        yield timeouts
+
+    return collect
+
+
+async def aggregate_worker_metrics(request: HttpRequest, sockets: list[str]) -> HttpResponse:
+    """The supervisor's ``/metrics``: every worker's samples, each with a ``worker`` label."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.samples import Sample
+
+    if request.path != "/metrics":
+        return HttpResponse(404, [("content-type", "text/plain")], b"not found: try /metrics\n")
+    families: dict[str, Any] = {}
+    for index, path in enumerate(sockets):
+        try:
+            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=path), timeout=2.0) as client:
+                text = (await client.get("http://worker/metrics")).text
+        except httpx.HTTPError:
+            continue  # a worker that is restarting is simply absent from this scrape
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(family.name, family)
+            labelled = [Sample(s.name, {**s.labels, "worker": str(index)}, s.value, s.timestamp, s.exemplar)
+                        for s in family.samples]
+            if merged is family:
+                family.samples = labelled
+            else:
+                merged.samples.extend(labelled)
+    registry = CollectorRegistry()
+    registry.register(_FunctionCollector(lambda: list(families.values())))
+    return HttpResponse(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], generate_latest(registry))

@@ -1,0 +1,283 @@
+"""The Rego engine: regopy (Microsoft rego-cpp), compiled once, queried many times.
+
+A ``CompiledPolicy`` validates a ``PolicySet`` by building its bundle (parse and compile
+errors surface here, with file:line). Each ``Evaluator`` owns one interpreter with the
+compiled bundle loaded, because an interpreter is not thread-safe. The query binds its value
+(``result := data.envoy.authz.allow``) because a bare query whose value is ``false`` comes
+back undefined.
+
+regopy calls go through ctypes, which releases the GIL, so the ``EvaluatorPool`` runs them
+on worker threads: the event loop keeps answering cached decisions while a policy
+evaluates, and a policy that runs too long is answered with a deny at the deadline. The
+stuck evaluator is retired when it finally returns; a fresh one takes its place, up to a
+bound, so one pathological input cannot starve the pool forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import regopy
+
+from ..errors import PolicyError, RequestError
+from .source import PolicySet
+
+
+
+class _Undefined:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNDEFINED"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNDEFINED: Any = _Undefined()
+
+_QUERY_PATH = re.compile(r"^data(\.[A-Za-z_][A-Za-z0-9_]*|\[\"[^\"]+\"\])+$")
+
+
+def validate_query(query: str) -> str:
+    """Accept a data reference such as ``data.envoy.authz.allow``."""
+    if not _QUERY_PATH.match(query):
+        raise PolicyError(f"query must be a data reference like data.envoy.authz.allow, got {query!r}",
+                          code="policy_query_invalid")
+    return query
+
+
+def format_rego_error(text: str, modules: dict[str, str] | None = None) -> str:
+    """Turn rego-cpp's error s-expression into ``file:line:col: message`` lines."""
+    messages = []
+    for match in re.finditer(r"\(error (\d+):", text):
+        pos = match.end()
+        length = int(match.group(1))
+        location = text[pos:pos + length]
+        where = location
+        parts = location.split("|")
+        if len(parts) == 3 and modules and parts[0] in modules and parts[1].isdigit():
+            source = modules[parts[0]].encode()[: int(parts[1])].decode(errors="replace")
+            line = source.count("\n") + 1
+            col = len(source) - (source.rfind("\n") + 1) + 1
+            where = f"{parts[0]}:{line}:{col}"
+        elif len(parts) == 3 and not parts[0]:
+            where = ""
+        msg = re.compile(r"\(errormsg (\d+):").search(text, pos)
+        message = text[msg.end(): msg.end() + int(msg.group(1))] if msg else "error"
+        messages.append(f"{where}: {message}" if where else message)
+    return "; ".join(dict.fromkeys(messages)) or text.strip()[:500]
+
+
+def _output_error(output: regopy.Output) -> str:
+    # str(output) of a failed query can crash the process; the error node's JSON is safe.
+    try:
+        node = output.node()
+        return format_rego_error("\n".join(node.at(i).json() for i in range(len(node))))
+    except Exception:  # the message is a courtesy; the deny does not depend on it
+        return "policy evaluation failed"
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    policy_set: PolicySet
+    query: str
+
+    @classmethod
+    def compile(cls, policy_set: PolicySet, query: str) -> "CompiledPolicy":
+        compiled = cls(policy_set, validate_query(query))
+        compiled.new_evaluator()  # compile errors surface now, not on the first request
+        return compiled
+
+    def new_interpreter(self) -> regopy.Interpreter:
+        interpreter = regopy.Interpreter()
+        interpreter.log_level = regopy.LogLevel.NONE
+        try:
+            for name, source in self.policy_set.serving_modules.items():
+                interpreter.add_module(name, source)
+            if self.policy_set.data:
+                interpreter.add_data_json(json.dumps(self.policy_set.data))
+        except regopy.RegoError as exc:
+            raise PolicyError(format_rego_error(str(exc), dict(self.policy_set.modules)),
+                              code="policy_compile_error") from None
+        return interpreter
+
+    def new_evaluator(self, query: str | None = None) -> "Evaluator":
+        interpreter = self.new_interpreter()
+        try:
+            bundle = interpreter.build(f"result := {query or self.query}")
+        except regopy.RegoError as exc:
+            raise PolicyError(format_rego_error(str(exc), dict(self.policy_set.modules)),
+                              code="policy_compile_error") from None
+        if not bundle.ok():
+            raise PolicyError("policy bundle failed to build", code="policy_compile_error")
+        return Evaluator(interpreter, bundle)
+
+
+def _input_builder() -> Callable[[Any], regopy.Input]:
+    """Give a JSON-shaped document to the engine through rego-cpp's input API.
+
+    regopy's own converter walks the value with ``isinstance`` chains and copies every
+    string into a fresh buffer; this one dispatches on the exact type and passes bytes
+    straight through: about 40% less time for a typical ext_authz input. Strings with a NUL
+    byte are refused, since C would silently cut them short.
+    """
+    lib = regopy.rego_shared.rego
+    new_input = lib.regoNewInput
+    put_str, put_int, put_float = lib.regoInputString, lib.regoInputInt, lib.regoInputFloat
+    put_bool, put_null = lib.regoInputBoolean, lib.regoInputNull
+    make_item, make_object, make_array = lib.regoInputObjectItem, lib.regoInputObject, lib.regoInputArray
+
+    def put_text(handle: Any, text: str) -> int:
+        raw = text.encode("utf-8")
+        if b"\x00" in raw:
+            raise ValueError("a string in the input contains a NUL byte")
+        return put_str(handle, raw)
+
+    def add(handle: Any, value: Any) -> int:
+        kind = type(value)
+        if kind is str:
+            return put_text(handle, value)
+        if kind is dict:
+            for key, item in value.items():
+                if type(key) is not str:
+                    raise ValueError(f"object key {key!r} is not a string")
+                if put_text(handle, key) or add(handle, item) or make_item(handle):
+                    return 1
+            return make_object(handle, len(value))
+        if kind is list or kind is tuple:
+            for item in value:
+                if add(handle, item):
+                    return 1
+            return make_array(handle, len(value))
+        if kind is bool:
+            return put_bool(handle, value)
+        if kind is int:
+            if not -(2**63) <= value < 2**63:
+                raise ValueError(f"integer {value} does not fit the engine")
+            return put_int(handle, value)
+        if kind is float:
+            return put_float(handle, value)
+        if value is None:
+            return put_null(handle)
+        raise ValueError(f"cannot give a {kind.__name__} to the policy")
+
+    def build(document: Any) -> regopy.Input:
+        handle = new_input()
+        wrapper = regopy.Input.__new__(regopy.Input)
+        wrapper._impl = handle  # owned from here on: freed by Input.__del__
+        if add(handle, document):
+            raise ValueError("the engine refused the input document")
+        return wrapper
+
+    return build
+
+
+_to_input = _input_builder()
+
+
+class Evaluator:
+    """One interpreter with the compiled bundle; call from one thread at a time."""
+
+    __slots__ = ("_interpreter", "_bundle")
+
+    def __init__(self, interpreter: regopy.Interpreter, bundle: regopy.Bundle) -> None:
+        self._interpreter = interpreter
+        self._bundle = bundle
+
+    def evaluate(self, document: Any) -> Any:
+        """The query's value for ``document`` as ``input``, or ``UNDEFINED``."""
+        interpreter = self._interpreter
+        try:
+            interpreter.set_input(_to_input(document))
+            output = interpreter.query_bundle(self._bundle)
+        except regopy.RegoError as exc:
+            raise PolicyError(format_rego_error(str(exc)), code="policy_eval_error") from None
+        except (TypeError, ValueError, OverflowError, ctypes.ArgumentError) as exc:  # not JSON-shaped
+            raise RequestError(f"the request cannot be given to the policy: {exc}", code="bad_request") from None
+        if not output.ok():
+            raise PolicyError(_output_error(output), code="policy_eval_error")
+        for result in output.results:
+            if "result" in result.bindings:
+                return result.bindings["result"]
+        return UNDEFINED
+
+
+class EvaluatorPool:
+    """Evaluate on worker threads with a deadline; see the module docstring."""
+
+    def __init__(self, compiled: CompiledPolicy, *, size: int = 2, spare: int = 4,
+                 on_timeout: Callable[[], None] | None = None) -> None:
+        self.compiled = compiled
+        self._on_timeout = on_timeout
+        self._idle: list[Evaluator] = [compiled.new_evaluator() for _ in range(size)]
+        self._spare = spare  # replacements allowed for evaluators stuck past their deadline
+        self._lock = threading.Lock()
+        self._available = asyncio.Semaphore(size)
+        self._executor = ThreadPoolExecutor(max_workers=size + spare, thread_name_prefix="rego")
+
+    def evaluate_now(self, document: Any) -> Any:
+        """Synchronous evaluation on the caller's thread (tools and tests: no deadline)."""
+        with self._lock:
+            evaluator = self._idle.pop() if self._idle else self.compiled.new_evaluator()
+        try:
+            return evaluator.evaluate(document)
+        finally:
+            with self._lock:
+                self._idle.append(evaluator)
+
+    async def evaluate(self, document: Any, *, timeout: float) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(self._available.acquire(), timeout)
+        except TimeoutError:
+            raise PolicyError(f"no policy evaluator free within {timeout:.3f}s", code="policy_timeout") from None
+        with self._lock:
+            evaluator = self._idle.pop()
+        future = loop.run_in_executor(self._executor, evaluator.evaluate, document)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            if self._on_timeout is not None:
+                self._on_timeout()
+            self._replace_stuck(future, evaluator)
+            raise PolicyError(f"policy evaluation exceeded {timeout:.3f}s", code="policy_timeout") from None
+        except BaseException:
+            self._release(evaluator)
+            raise
+        self._release(evaluator)
+        return result
+
+    def _release(self, evaluator: Evaluator) -> None:
+        with self._lock:
+            self._idle.append(evaluator)
+        self._available.release()
+
+    def _replace_stuck(self, future: asyncio.Future[Any], evaluator: Evaluator) -> None:
+        if self._spare <= 0:
+            # No replacement left: the slot comes back when the stuck evaluation ends.
+            future.add_done_callback(lambda _f: self._release(evaluator))
+            return
+        self._spare -= 1
+        try:
+            replacement = self.compiled.new_evaluator()
+        except PolicyError:  # compiled fine before; keep the slot tied to the stuck one
+            self._spare += 1
+            future.add_done_callback(lambda _f: self._release(evaluator))
+            return
+        self._release(replacement)
+
+        def retire(_f: asyncio.Future[Any]) -> None:
+            self._spare += 1  # the stuck one is dropped; its thread is free again
+
+        future.add_done_callback(retire)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

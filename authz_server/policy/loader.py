@@ -1,0 +1,152 @@
+"""The policy the server decides with, and its hot reload that keeps the last good set.
+
+``PolicyRuntime.active`` is swapped atomically (one attribute assignment) and only to a set
+that loaded, compiled and passed its own tests in a preflight process. A folder that
+vanishes, a file that fails to parse, a failing test: each is logged, counted and shown in
+``status()``, and the previous set keeps answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import PolicyError
+from .engine import CompiledPolicy, EvaluatorPool, validate_query
+from .preflight import preflight, preflight_async
+from .source import CacheSettings, PolicySet, load_policy_set, snapshot
+
+log = logging.getLogger("authz_server.policy")
+
+
+@dataclass
+class ActivePolicy:
+    policy_set: PolicySet
+    query: str
+    pool: EvaluatorPool
+    loaded_at: float
+    key_prefix: bytes = b""
+    reads_clock: bool = False
+
+    def __post_init__(self) -> None:
+        self.key_prefix = hashlib.blake2b(f"{self.version}\0{self.query}".encode(), digest_size=16).digest()
+        self.reads_clock = self.policy_set.reads_clock
+
+    @property
+    def version(self) -> str:
+        return self.policy_set.version
+
+    @property
+    def cache(self) -> CacheSettings:
+        return self.policy_set.cache
+
+    async def evaluate(self, document: Any, *, timeout: float) -> Any:
+        return await self.pool.evaluate(document, timeout=timeout)
+
+
+@dataclass
+class ReloadStatus:
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+    last_error: str = ""
+    last_error_code: str = ""
+    last_attempt: float = 0.0
+    timeouts: int = 0  # evaluations stopped at their deadline, over every set served
+
+    @property
+    def current(self) -> bool:
+        """True when what is on disk is what is serving (the last attempt succeeded)."""
+        return not self.last_error
+
+
+@dataclass
+class PolicyRuntime:
+    root: str
+    query: str = "data.envoy.authz.allow"
+    pool_size: int = 2
+    run_tests: bool = True
+    active: ActivePolicy | None = None
+    status: ReloadStatus = field(default_factory=ReloadStatus)
+    listeners: list[Callable[["PolicyRuntime"], None]] = field(default_factory=list)
+    _snapshot: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        validate_query(self.query)
+
+    # -- loading
+    def load(self) -> ActivePolicy:
+        """Blocking first load (start-up); raises ``PolicyError`` if there is no good set."""
+        self._snapshot = snapshot(self.root)
+        try:
+            policy_set = load_policy_set(self.root)
+            preflight(policy_set, self.query, run_tests=self.run_tests)
+            self._activate(policy_set)
+        except PolicyError as exc:
+            self._failed(exc)
+            raise
+        assert self.active is not None
+        return self.active
+
+    async def reload(self) -> bool:
+        """Load the folder again; True when a new set is now serving."""
+        self._snapshot = await asyncio.to_thread(snapshot, self.root)
+        try:
+            policy_set = await asyncio.to_thread(load_policy_set, self.root)
+            if self.active is not None and policy_set.version == self.active.version:
+                self.status.last_error = self.status.last_error_code = ""
+                return False
+            await preflight_async(policy_set, self.query, run_tests=self.run_tests)
+            await asyncio.to_thread(self._activate, policy_set)
+        except PolicyError as exc:
+            self._failed(exc)
+            return False
+        return True
+
+    async def watch(self, interval: float = 0.25) -> None:
+        """Poll the folder and reload on change; runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                current = await asyncio.to_thread(snapshot, self.root)
+            except OSError:
+                current = ()
+            if current != self._snapshot:
+                await self.reload()
+
+    def _activate(self, policy_set: PolicySet) -> None:
+        compiled = CompiledPolicy(policy_set, self.query)
+        pool = EvaluatorPool(compiled, size=self.pool_size, on_timeout=self._count_timeout)
+        previous = self.active
+        self.active = ActivePolicy(policy_set, self.query, pool, loaded_at=time.time())
+        self.status.reloads_ok += 1
+        self.status.last_error = self.status.last_error_code = ""
+        self.status.last_attempt = time.time()
+        log.info("policy set %s loaded from %s (%d modules, %d data keys)", policy_set.version, self.root,
+                 len(policy_set.serving_modules), len(policy_set.data))
+        if previous is not None:
+            previous.pool.close()
+        self._notify()
+
+    def _count_timeout(self) -> None:
+        self.status.timeouts += 1
+
+    def _failed(self, exc: PolicyError) -> None:
+        self.status.reloads_failed += 1
+        self.status.last_error = exc.message
+        self.status.last_error_code = exc.code
+        self.status.last_attempt = time.time()
+        serving = f"; still serving {self.active.version}" if self.active else "; no policy is serving"
+        log.error("policy load from %s rejected (%s): %s%s", self.root, exc.code, exc.message, serving)
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener(self)
+
+    def close(self) -> None:
+        if self.active is not None:
+            self.active.pool.close()

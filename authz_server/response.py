@@ -1,0 +1,141 @@
+"""Read a policy result strictly, as OPA-Envoy's ``envoyauth/response.go`` does.
+
+A result is either a boolean or an object with a boolean ``allowed`` and optional
+``headers``, ``response_headers_to_add``, ``request_headers_to_remove``, ``http_status``,
+``body``, ``dynamic_metadata``, ``query_parameters_to_set`` and
+``query_parameters_to_remove``. Anything else is not a decision: each accessor checks
+its field and a bad one raises ``PolicyError(code="policy_result_invalid")``, which the
+pipeline turns into a deny.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from envoy.type.v3 import http_status_pb2
+
+from .errors import PolicyError
+
+Headers = tuple[tuple[str, str], ...]
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Envoy validates HttpStatus.code against its enum: anything else would make Envoy drop our answer.
+_VALID_STATUS = {v.number for v in http_status_pb2.StatusCode.DESCRIPTOR.values if v.number >= 200}
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the policy decided, in plain values."""
+
+    allowed: bool
+    http_status: int = 403  # for a deny; an allow always answers 200 upstream
+    headers: Headers = ()  # allow: added to the upstream request; deny: sent to the client
+    response_headers_to_add: Headers = ()  # allow only: added to the client's response
+    request_headers_to_remove: tuple[str, ...] = ()
+    body: str = ""
+    dynamic_metadata: Mapping[str, Any] | None = None
+    query_parameters_to_set: Headers = ()
+    query_parameters_to_remove: tuple[str, ...] = ()
+
+
+def _invalid(message: str) -> PolicyError:
+    return PolicyError(message, code="policy_result_invalid")
+
+
+def read_result(result: Any) -> Verdict:
+    """Turn the value of the policy query into a ``Verdict``."""
+    if isinstance(result, bool):
+        return Verdict(allowed=result)
+    if not isinstance(result, dict):
+        raise _invalid(f"illegal value for policy evaluation result: {type(result).__name__}")
+    if "allowed" not in result:
+        raise _invalid('unable to determine evaluation result due to missing "allowed" key')
+    allowed = result["allowed"]
+    if not isinstance(allowed, bool):
+        raise _invalid(f"expected allowed to be a boolean, got {type(allowed).__name__}")
+    return Verdict(
+        allowed=allowed,
+        http_status=_http_status(result),
+        headers=_headers(result, "headers"),
+        response_headers_to_add=_headers(result, "response_headers_to_add"),
+        request_headers_to_remove=_strings(result, "request_headers_to_remove"),
+        body=_body(result),
+        dynamic_metadata=_dynamic_metadata(result),
+        query_parameters_to_set=_query_parameters_to_set(result),
+        query_parameters_to_remove=_strings(result, "query_parameters_to_remove"),
+    )
+
+
+def _http_status(result: dict[str, Any]) -> int:
+    value = result.get("http_status", 403)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise _invalid(f"expected http_status to be an integer, got {value!r}")
+    status = int(value)
+    if status not in _VALID_STATUS:
+        raise _invalid(f"invalid HTTP status code {status}")
+    return status
+
+
+def _header_pair(name: Any, value: Any, field_name: str) -> tuple[str, str]:
+    if not isinstance(name, str) or not _TOKEN.match(name):
+        raise _invalid(f"{field_name}: invalid header name {name!r}")
+    if not isinstance(value, str) or any(c in value for c in "\r\n\x00"):
+        raise _invalid(f"{field_name}: invalid value for header {name!r}")
+    return name, value
+
+
+def _headers(result: dict[str, Any], field_name: str) -> Headers:
+    value = result.get(field_name)
+    if value is None:
+        return ()
+    maps = value if isinstance(value, list) else [value]
+    pairs: list[tuple[str, str]] = []
+    for mapping in maps:
+        if not isinstance(mapping, dict):
+            raise _invalid(f"expected {field_name} to be an object, got {type(mapping).__name__}")
+        for name, item in mapping.items():
+            for one in item if isinstance(item, list) else [item]:
+                pairs.append(_header_pair(name, one, field_name))
+    return tuple(pairs)
+
+
+def _strings(result: dict[str, Any], field_name: str) -> tuple[str, ...]:
+    value = result.get(field_name)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _invalid(f"expected {field_name} to be an array of strings")
+    return tuple(value)
+
+
+def _body(result: dict[str, Any]) -> str:
+    value = result.get("body", "")
+    if not isinstance(value, str):
+        raise _invalid(f"expected body to be a string, got {type(value).__name__}")
+    return value
+
+
+def _dynamic_metadata(result: dict[str, Any]) -> Mapping[str, Any] | None:
+    value = result.get("dynamic_metadata")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _invalid(f"expected dynamic_metadata to be an object, got {type(value).__name__}")
+    return value
+
+
+def _query_parameters_to_set(result: dict[str, Any]) -> Headers:
+    value = result.get("query_parameters_to_set")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _invalid("expected query_parameters_to_set to be an object")
+    pairs: list[tuple[str, str]] = []
+    for key, item in value.items():
+        for one in item if isinstance(item, list) else [item]:
+            if not isinstance(one, str):
+                raise _invalid(f"query_parameters_to_set: value for {key!r} must be a string or array of strings")
+            pairs.append((key, one))
+    return tuple(pairs)

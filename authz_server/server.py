@@ -1,0 +1,163 @@
+"""The gRPC shell: ext_authz v3 ``Authorization/Check``, ``grpc.health.v1``, reflection.
+
+``build_app`` wires everything from one ``Config`` (no globals); ``App.start`` binds the
+ports and starts the background tasks; ``App.stop`` undoes it. The servicer takes the raw
+request bytes and parses them itself, so a CheckRequest that does not even decode (bad
+UTF-8 in a string field, truncated bytes) is answered with a 400 deny, never a gRPC error
+that Envoy would have to interpret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import Config
+from .decision import Decision, Pipeline
+from .envoy import CheckResponse, check_response, facts_from_check_request, parse_check_request
+from .errors import AuthzError, RequestError
+from .http import serve_http
+from .metrics import Metrics, pipeline_collector
+from .policy.loader import PolicyRuntime
+
+log = logging.getLogger("authz_server.server")
+
+AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
+# SERVING while what is on disk is what serves; NOT_SERVING after a rejected reload
+# (the last good policy still answers): lets an operator alert on it without failing probes.
+POLICY_HEALTH_SERVICE = "authz_server.PolicyReload"
+
+
+class AuthorizationServicer:
+    def __init__(self, pipeline: Pipeline, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._pipeline = pipeline
+        self._metrics = metrics
+        self._clock = clock
+
+    async def check(self, raw: bytes, context: grpc.aio.ServicerContext) -> CheckResponse:
+        started = time.perf_counter()
+        now = self._clock()
+        try:
+            facts = facts_from_check_request(parse_check_request(raw))
+        except RequestError as exc:
+            decision = self._pipeline.refuse(exc, now=now)
+        except Exception as exc:  # never let a surprise reach Envoy as a gRPC error
+            log.exception("could not read CheckRequest")
+            decision = self._pipeline.refuse(AuthzError(f"internal error: {type(exc).__name__}",
+                                                        code="internal_error"), now=now)
+        else:
+            decision = await self._pipeline.decide(facts, now=now)
+        response = check_response(decision)
+        if self._metrics is not None:
+            self._metrics.observe_latency(time.perf_counter() - started, "grpc")
+        return response
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                self.check, request_deserializer=None, response_serializer=CheckResponse.SerializeToString),
+        })
+
+
+def _log_decision(decision: Decision, facts: Any, now: float) -> None:
+    if decision.allowed or decision.code == "policy_denied":
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("decision %s: %s (%s)", decision.decision_id, decision.code, decision.reason)
+        return
+    log.warning("deny %s: %s: %s", decision.decision_id, decision.code, decision.reason)
+
+
+@dataclass
+class App:
+    config: Config
+    runtime: PolicyRuntime
+    pipeline: Pipeline
+    metrics: Metrics
+    health: health.aio.HealthServicer
+    reuse_port: bool = False
+    server: grpc.aio.Server | None = None
+    bound: dict[str, str] = field(default_factory=dict)
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _http_servers: list[asyncio.Server] = field(default_factory=list)
+
+    async def start(self) -> dict[str, str]:
+        """Load policies, bind every configured port; returns name → bound address."""
+        if self.runtime.active is None:
+            await asyncio.to_thread(self.runtime.load)
+        if self.config.addr:
+            self.server = grpc.aio.server(options=[
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024 + 1024),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ])
+            self.server.add_generic_rpc_handlers([AuthorizationServicer(self.pipeline, self.metrics).handler()])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+            reflection.enable_server_reflection(
+                [AUTHORIZATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+            port = self.server.add_insecure_port(self.config.addr)
+            if port == 0 and not self.config.addr.startswith("unix:"):
+                raise OSError(f"cannot bind gRPC address {self.config.addr}")
+            await self.server.start()
+            host = self.config.addr.rpartition(":")[0]
+            self.bound["addr"] = self.config.addr if self.config.addr.startswith("unix:") else f"{host}:{port}"
+        if self.config.metrics_addr:
+            server, address = await serve_http(self.metrics.http_handler, self.config.metrics_addr)
+            self._http_servers.append(server)
+            self.bound["metrics_addr"] = address
+        self._tasks.append(asyncio.create_task(self.runtime.watch(), name="policy-watch"))
+        await self._update_health()
+        return self.bound
+
+    async def _update_health(self) -> None:
+        serving = self.runtime.active is not None
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(AUTHORIZATION_SERVICE, status)
+        current = serving and self.runtime.status.current
+        await self.health.set(POLICY_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING if current
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def on_policy_change(self, _runtime: PolicyRuntime) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.create_task(self._update_health())
+
+    async def stop(self, grace: float = 1.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        for server in self._http_servers:
+            server.close()
+        self._http_servers.clear()
+        self.runtime.close()
+
+
+def build_app(config: Config, *, reuse_port: bool = False) -> App:
+    """Wire one server from one config; nothing global is touched."""
+    runtime = PolicyRuntime(config.policies, query=config.query)
+    metrics = Metrics()
+    pipeline = Pipeline(runtime, settings=config.decision, observers=[metrics.observe_decision, _log_decision])
+    metrics.watch(pipeline_collector(pipeline, runtime))
+    app = App(config=config, runtime=runtime, pipeline=pipeline, metrics=metrics,
+              health=health.aio.HealthServicer(), reuse_port=reuse_port)
+    runtime.listeners.append(app.on_policy_change)
+    return app

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -65,39 +66,105 @@ class DecisionSettings:
     dry_run: bool = False
 
 
+_JSON = (("content-type", "application/json"),)
+
+
 @dataclass(slots=True)
 class Decision:
+    """The answer to one request. The fronts render it; the decision-id header is theirs
+    to add, so a cached allow can share one rendering (``memo``) across requests."""
+
     allowed: bool
     code: str  # "allowed", "policy_denied", or the error code that denied
     reason: str
     http_status: int
     decision_id: str
+    phase: str = "policy"  # what set the answer: policy, request, identity, unavailable, internal
     policy_version: str = ""
     cached: bool = False
-    upstream_headers: Headers = ()  # allow: added to the upstream request
-    headers_to_remove: tuple[str, ...] = ()  # allow: removed from the upstream request
-    response_headers: Headers = ()  # allow: added to the client's response; deny: sent with it
-    body: str = ""  # deny only
-    dynamic_metadata: Mapping[str, Any] | None = None
-    query_parameters_to_set: Headers = ()
-    query_parameters_to_remove: tuple[str, ...] = ()
+    verdict: Verdict | None = None  # what the policy said, when it was asked and answered
+    identity: Identity = NO_IDENTITY
+    signals: Mapping[str, Any] = field(default_factory=dict)
     dry_run: bool = False
     would_allow: bool | None = None  # dry run: what enforcing would have answered
-    identity: Mapping[str, Any] = field(default_factory=dict)
-    signals: Mapping[str, Any] = field(default_factory=dict)
     input: dict[str, Any] | None = None  # built only when the policy ran
     result: Any = None  # the raw policy value, for the audit log
-    phase: str = "policy"  # what set the answer: policy, request, identity, unavailable, internal
+    memo: dict[str, Any] | None = None  # renderings shared by decisions from the same cached allow
+
+    def _agreeing_verdict(self) -> Verdict | None:
+        verdict = self.verdict
+        return verdict if verdict is not None and verdict.allowed == self.allowed else None
+
+    @property
+    def upstream_headers(self) -> Headers:
+        """Allow: headers set (overwriting) on the request to the upstream."""
+        if not self.allowed:
+            return ()
+        verdict = self._agreeing_verdict()
+        return self.identity.upstream_headers + (verdict.headers if verdict else ())
+
+    @property
+    def headers_to_remove(self) -> tuple[str, ...]:
+        """Allow: headers removed from the request to the upstream."""
+        if not self.allowed:
+            return ()
+        verdict = self._agreeing_verdict()
+        return self.identity.headers_to_remove + (verdict.request_headers_to_remove if verdict else ())
+
+    @property
+    def response_headers(self) -> Headers:
+        """Allow: headers added to the client's response. Deny: headers sent with the denial."""
+        verdict = self._agreeing_verdict()
+        if self.allowed:
+            return self.identity.response_headers + (verdict.response_headers_to_add if verdict else ())
+        if verdict is not None:
+            if verdict.body or any(name.lower() == "content-type" for name, _ in verdict.headers):
+                return verdict.headers
+            return verdict.headers + _JSON
+        if self.phase == "identity":
+            return _JSON + (("www-authenticate",
+                             f'Bearer error="invalid_token", error_description="{self.code}"'),)
+        return _JSON
+
+    @property
+    def body(self) -> str:
+        """Deny: the response body (the policy's, or a JSON error naming the code)."""
+        if self.allowed:
+            return ""
+        verdict = self._agreeing_verdict()
+        if verdict is not None and (verdict.body or any(n.lower() == "content-type" for n, _ in verdict.headers)):
+            return verdict.body
+        return json.dumps({"error": self.code, "message": self.reason, "decision_id": self.decision_id},
+                          separators=(",", ":"))
+
+    @property
+    def dynamic_metadata(self) -> Mapping[str, Any] | None:
+        verdict = self._agreeing_verdict()
+        return verdict.dynamic_metadata if verdict is not None else None
+
+    @property
+    def query_parameters_to_set(self) -> Headers:
+        verdict = self._agreeing_verdict()
+        return verdict.query_parameters_to_set if self.allowed and verdict is not None else ()
+
+    @property
+    def query_parameters_to_remove(self) -> tuple[str, ...]:
+        verdict = self._agreeing_verdict()
+        return verdict.query_parameters_to_remove if self.allowed and verdict is not None else ()
 
 
 @dataclass(frozen=True, slots=True)
 class _CachedVerdict:
     verdict: Verdict
     result: Any
+    memo: dict[str, Any]  # what the fronts rendered for this allow, reused on every hit
 
 
-def new_decision_id() -> str:
-    return os.urandom(16).hex()
+def decision_ids() -> Callable[[], str]:
+    """Unique ids without a syscall per request: 64 random bits per pipeline, then a counter."""
+    prefix = os.urandom(8).hex()
+    counter = itertools.count()
+    return lambda: f"{prefix}{next(counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class Pipeline:
@@ -112,10 +179,11 @@ class Pipeline:
         self.signals = signals
         self.observers = observers if observers is not None else []
         self.cache: DecisionCache[_CachedVerdict] = DecisionCache(self.settings.cache_max_entries)
+        self.new_decision_id = decision_ids()
         self._cached_version = ""
 
     async def decide(self, facts: Facts, *, now: float) -> Decision:
-        decision_id = new_decision_id()
+        decision_id = self.new_decision_id()
         active = self.policies.active
         identity = NO_IDENTITY
         signals: Mapping[str, Any] = {}
@@ -145,7 +213,7 @@ class Pipeline:
     def refuse(self, error: AuthzError, *, now: float) -> Decision:
         """A request that could not even be read: denied without asking the policy (also in
         dry-run mode, as OPA-Envoy does)."""
-        decision = self._error_decision(error, new_decision_id(), self.policies.active, NO_IDENTITY, {})
+        decision = self._error_decision(error, self.new_decision_id(), self.policies.active, NO_IDENTITY, {})
         for observe in self.observers:
             observe(decision, None, now)
         return decision
@@ -167,16 +235,19 @@ class Pipeline:
             cached = self.cache.get(key, now)
             if cached is not None:
                 return self._render(cached.verdict, cached.result, decision_id, active, identity, signals,
-                                    None, cached=True)
+                                    None, cached=True, memo=cached.memo)
         if document is None:
             document = build_input(facts, identity.document, signals)
         result = await active.evaluate(document, timeout=self.settings.policy_timeout)
         if result is UNDEFINED:
             raise PolicyError("the policy decision is undefined", code="policy_undefined")
         verdict = read_result(result)
+        memo: dict[str, Any] = {}
         if use_cache:
-            self.cache.put(key, _CachedVerdict(verdict, result), self._deadline(active, facts, identity, now), now)
-        return self._render(verdict, result, decision_id, active, identity, signals, document, cached=False)
+            self.cache.put(key, _CachedVerdict(verdict, result, memo), self._deadline(active, facts, identity, now),
+                           now)
+        return self._render(verdict, result, decision_id, active, identity, signals, document, cached=False,
+                            memo=memo)
 
     def _deadline(self, active: ActivePolicy, facts: Facts, identity: Identity, now: float) -> float:
         ttl = active.cache.ttl if active.cache.ttl is not None else self.settings.cache_ttl
@@ -191,45 +262,23 @@ class Pipeline:
         return deadline
 
     def _render(self, verdict: Verdict, result: Any, decision_id: str, active: ActivePolicy, identity: Identity,
-                signals: Mapping[str, Any], document: dict[str, Any] | None, *, cached: bool) -> Decision:
-        id_header = ((DECISION_ID_HEADER, decision_id),)
+                signals: Mapping[str, Any], document: dict[str, Any] | None, *, cached: bool,
+                memo: dict[str, Any] | None = None) -> Decision:
         if verdict.allowed:
-            return Decision(
-                allowed=True, code="allowed", reason="allowed by policy", http_status=200,
-                decision_id=decision_id, policy_version=active.version, cached=cached,
-                upstream_headers=identity.upstream_headers + verdict.headers + id_header,
-                headers_to_remove=identity.headers_to_remove + verdict.request_headers_to_remove,
-                response_headers=identity.response_headers + verdict.response_headers_to_add,
-                dynamic_metadata=verdict.dynamic_metadata,
-                query_parameters_to_set=verdict.query_parameters_to_set,
-                query_parameters_to_remove=verdict.query_parameters_to_remove,
-                identity=identity.document, signals=signals, input=document, result=result,
-            )
-        headers = verdict.headers
-        body = verdict.body
-        if not body and not any(name.lower() == "content-type" for name, _ in headers):
-            body = _error_body("policy_denied", "denied by policy", decision_id)
-            headers = headers + (("content-type", "application/json"),)
-        return Decision(
-            allowed=False, code="policy_denied", reason="denied by policy", http_status=verdict.http_status,
-            decision_id=decision_id, policy_version=active.version, cached=cached,
-            response_headers=headers + id_header, body=body, dynamic_metadata=verdict.dynamic_metadata,
-            identity=identity.document, signals=signals, input=document, result=result,
-        )
+            return Decision(True, "allowed", "allowed by policy", 200, decision_id, "policy", active.version, cached,
+                            verdict, identity, signals, False, None, document, result,
+                            memo if not identity.response_headers else None)
+        return Decision(False, "policy_denied", "denied by policy", verdict.http_status, decision_id, "policy",
+                        active.version, cached, verdict, identity, signals, False, None, document, result)
 
     def _error_decision(self, error: AuthzError, decision_id: str, active: ActivePolicy | None,
                         identity: Identity, signals: Mapping[str, Any]) -> Decision:
         phase = _phase(error)
         status = self.settings.deny_status if phase in ("policy", "internal") else error.status
-        headers: Headers = (("content-type", "application/json"), (DECISION_ID_HEADER, decision_id))
-        if isinstance(error, IdentityError):
-            headers += (("www-authenticate", f'Bearer error="invalid_token", error_description="{error.code}"'),)
-        return Decision(
-            allowed=False, code=error.code, reason=error.message, http_status=status, decision_id=decision_id,
-            phase=phase,
-            policy_version=active.version if active is not None else "", response_headers=headers,
-            body=_error_body(error.code, error.message, decision_id), identity=identity.document, signals=signals,
-        )
+        return Decision(allowed=False, code=error.code, reason=error.message, http_status=status,
+                        decision_id=decision_id, phase=phase,
+                        policy_version=active.version if active is not None else "",
+                        identity=identity, signals=signals)
 
 
 def _phase(error: AuthzError) -> str:
@@ -240,10 +289,6 @@ def _phase(error: AuthzError) -> str:
     return "internal"
 
 
-def _error_body(code: str, message: str, decision_id: str) -> str:
-    return json.dumps({"error": code, "message": message, "decision_id": decision_id}, separators=(",", ":"))
-
-
 def _as_dry_run(decision: Decision) -> Decision:
     """OPA-Envoy's dry-run: record what would have been decided, allow the request."""
     if decision.allowed:
@@ -252,19 +297,20 @@ def _as_dry_run(decision: Decision) -> Decision:
         return decision
     return Decision(
         allowed=True, code=decision.code, reason=f"dry run: would deny ({decision.reason})", http_status=200,
-        decision_id=decision.decision_id, policy_version=decision.policy_version, cached=decision.cached,
-        upstream_headers=((DECISION_ID_HEADER, decision.decision_id),), dry_run=True, would_allow=False,
-        identity=decision.identity, signals=decision.signals, input=decision.input, result=decision.result,
+        decision_id=decision.decision_id, phase=decision.phase, policy_version=decision.policy_version,
+        cached=decision.cached, verdict=decision.verdict, identity=decision.identity, signals=decision.signals,
+        dry_run=True, would_allow=False, input=decision.input, result=decision.result,
     )
 
 
 def _full_key(active: ActivePolicy, facts: Facts, identity: Identity, signals: Mapping[str, Any]) -> bytes:
-    h = hashlib.blake2b(active.key_prefix, digest_size=20)
-    h.update(facts.fingerprint)
-    h.update(b"\x00" + identity.fingerprint)
+    # Fixed-width digests side by side (the identity's prefixed by its length): no ambiguity,
+    # and no hashing on the hot path.
+    key = active.key_prefix + facts.fingerprint + bytes((len(identity.fingerprint),)) + identity.fingerprint
     if signals:
-        h.update(b"\x00" + json.dumps(signals, sort_keys=True, separators=(",", ":")).encode())
-    return h.digest()
+        key += hashlib.blake2b(json.dumps(signals, sort_keys=True, separators=(",", ":")).encode(),
+                               digest_size=20).digest()
+    return key
 
 
 def _narrow_key(active: ActivePolicy, document: Mapping[str, Any]) -> bytes:

@@ -23,7 +23,7 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from .decision import Decision
+from .decision import DECISION_ID_HEADER, Decision
 from .errors import RequestError
 from .facts import Facts
 
@@ -114,9 +114,7 @@ def check_request_from_json(document: Mapping[str, Any]) -> CheckRequest:
         raise RequestError(f"malformed CheckRequest JSON: {exc}", code="malformed_request") from None
 
 
-def _headers(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dict[str, str]:
-    if http.headers:
-        return dict(http.headers)
+def _joined_raw_headers(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dict[str, str]:
     headers: dict[str, str] = {}
     for entry in http.header_map.headers:  # Envoy's encode_raw_headers form
         value = entry.value or entry.raw_value.decode("utf-8", "replace")
@@ -125,53 +123,80 @@ def _headers(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dict[s
     return headers
 
 
-def _fingerprint(request: CheckRequest) -> bytes:
-    """Digest of the request minus its volatile fields (ids, time, source port, tracing)."""
-    attributes = request.attributes
-    http = attributes.request.http
-    saved_id = http.id
-    saved_time = attributes.request.time.SerializeToString() if attributes.request.HasField("time") else None
-    socket = attributes.source.address.socket_address
-    saved_port = socket.port_value
-    saved_headers = {k: http.headers[k] for k in VOLATILE_HEADERS if k in http.headers}
-    http.id = ""
-    attributes.request.ClearField("time")
-    socket.port_value = 0
-    for key in saved_headers:
-        del http.headers[key]
-    try:
-        blob = request.SerializeToString(deterministic=True)
-    finally:
-        http.id = saved_id
-        if saved_time is not None:
-            attributes.request.time.ParseFromString(saved_time)
-        socket.port_value = saved_port
-        for key, value in saved_headers.items():
-            http.headers[key] = value
-    return hashlib.blake2b(blob, digest_size=20).digest()
-
-
 def facts_from_check_request(request: CheckRequest) -> Facts:
+    """Read a parsed request into ``Facts`` (the request is consumed: its volatile fields
+    are moved into the facts so the rest can be digested as the cache fingerprint)."""
     attributes = request.attributes
-    http = attributes.request.http
-    source = attributes.source
+    req = attributes.request
+    http = req.http
+    socket = attributes.source.address.socket_address
+    request_id = http.id
+    port = socket.port_value
+    time_value = (req.time.seconds, req.time.nanos) if req.HasField("time") else None
+    if http.header_map.headers:
+        headers: Mapping[str, str] = _joined_raw_headers(http)
+        volatile: dict[str, str] = {}
+        request_id, port, time_value = "", 0, None  # nothing is removed: attributes are as sent
+        fingerprint = hashlib.blake2b(_without_volatile(request), digest_size=20).digest()
+    else:
+        headers = http.headers
+        volatile = {name: headers[name] for name in headers if name in VOLATILE_HEADERS}
+        for name in volatile:
+            del headers[name]
+        http.id = ""
+        req.ClearField("time")
+        socket.port_value = 0
+        # Map order only affects the hit rate, never correctness: no need to sort.
+        fingerprint = hashlib.blake2b(request.SerializeToString(), digest_size=20).digest()
     return Facts(
         method=http.method,
         path=http.path,
-        headers=_headers(http),
+        headers=headers,
         body=http.body,
         raw_body=http.raw_body,
         host=http.host,
-        source_address=source.address.socket_address.address,
-        source_port=source.address.socket_address.port_value,
-        source_principal=source.principal,
-        source_certificate=source.certificate,
-        context_extensions=dict(attributes.context_extensions),
-        request_id=http.id,
-        fingerprint=_fingerprint(request),
+        source_address=socket.address,
+        source_port=port,
+        source_principal=attributes.source.principal,
+        source_certificate=attributes.source.certificate,
+        context_extensions=attributes.context_extensions,
+        request_id=request_id,
+        fingerprint=fingerprint,
         transport="grpc",
-        attributes_factory=lambda: protomap(attributes),
+        attributes_factory=lambda: _attributes_as_sent(attributes, request_id, port, time_value, volatile),
     )
+
+
+def _without_volatile(request: CheckRequest) -> bytes:
+    """Deterministic bytes of a copy of ``request`` minus its volatile fields (raw-headers form)."""
+    copy = CheckRequest()
+    copy.CopyFrom(request)
+    http = copy.attributes.request.http
+    http.id = ""
+    copy.attributes.request.ClearField("time")
+    copy.attributes.source.address.socket_address.port_value = 0
+    kept = [h for h in http.header_map.headers if h.key.lower() not in VOLATILE_HEADERS]
+    del http.header_map.headers[:]
+    http.header_map.headers.extend(kept)
+    return copy.SerializeToString(deterministic=True)
+
+
+def _attributes_as_sent(attributes: attribute_context_pb2.AttributeContext, request_id: str, port: int,
+                        time_value: tuple[int, int] | None, volatile: Mapping[str, str]) -> dict[str, Any]:
+    """``input.attributes`` exactly as OPA-Envoy builds it, volatile fields put back."""
+    document = protomap(attributes)
+    if request_id or time_value is not None or volatile:
+        request = document.setdefault("request", {})
+        http = request.setdefault("http", {})
+        if request_id:
+            http["id"] = request_id
+        if volatile:
+            http.setdefault("headers", {}).update(volatile)
+        if time_value is not None:
+            request["time"] = {k: v for k, v in (("seconds", time_value[0]), ("nanos", time_value[1])) if v}
+    if port:
+        document.setdefault("source", {}).setdefault("address", {}).setdefault("socketAddress", {})["portValue"] = port
+    return document
 
 
 # -- Decision → CheckResponse
@@ -183,42 +208,79 @@ def _header_options(headers: tuple[tuple[str, str], ...], *, overwrite: bool) ->
             for k, v in headers]
 
 
-def _struct(values: Mapping[str, Any] | None, decision_id: str) -> struct_pb2.Struct:
-    metadata = struct_pb2.Struct()
-    if values:
-        metadata.update(dict(values))
-    metadata["decision_id"] = decision_id
-    return metadata
-
-
 _GRPC_CODE_BY_PHASE = {"request": INVALID_ARGUMENT, "identity": UNAUTHENTICATED, "unavailable": UNAVAILABLE}
 
 
 def check_response(decision: Decision) -> CheckResponse:
     response = CheckResponse()
-    response.dynamic_metadata.CopyFrom(_struct(decision.dynamic_metadata, decision.decision_id))
+    _fill(response, decision)
+    _add_decision_id(response, decision)
+    return response
+
+
+def _fill(response: CheckResponse, decision: Decision) -> None:
+    """Everything but the decision id."""
+    metadata = decision.dynamic_metadata
+    if metadata:
+        response.dynamic_metadata.update(dict(metadata))
     if decision.allowed:
         response.status.code = OK
         ok = response.ok_response
-        ok.headers.extend(_header_options(decision.upstream_headers, overwrite=True))
-        ours = {name for name, _ in decision.upstream_headers}
+        upstream = decision.upstream_headers
+        ok.headers.extend(_header_options(upstream, overwrite=True))
+        ours = {name for name, _ in upstream}
         ok.headers_to_remove.extend(
             list(dict.fromkeys([*decision.headers_to_remove, *(h for h in IDENTITY_HEADERS if h not in ours)])))
         ok.response_headers_to_add.extend(_header_options(decision.response_headers, overwrite=False))
         for key, value in decision.query_parameters_to_set:
             ok.query_parameters_to_set.add(key=key, value=value)
         ok.query_parameters_to_remove.extend(decision.query_parameters_to_remove)
-        return response
+        return
     response.status.code = _GRPC_CODE_BY_PHASE.get(decision.phase, PERMISSION_DENIED)
     response.status.message = decision.code
     denied = response.denied_response
     denied.status.code = decision.http_status  # type: ignore[assignment]
     denied.headers.extend(_header_options(decision.response_headers, overwrite=True))
     denied.body = decision.body
-    return response
+
+
+def _add_decision_id(response: CheckResponse, decision: Decision) -> None:
+    header = _header_options(((DECISION_ID_HEADER, decision.decision_id),), overwrite=True)
+    (response.ok_response if decision.allowed else response.denied_response).headers.extend(header)
+    response.dynamic_metadata["decision_id"] = decision.decision_id
+
+
+# A serialized CheckResponse that only carries a decision id. Protobuf merges concatenated
+# messages (repeated fields append, maps merge), so a cached allow's serialized response
+# plus this fragment is the full answer: one bytes concatenation per cache hit.
+_ID_PLACEHOLDER = "0" * 32
+
+
+def _id_fragment_template() -> bytes:
+    fragment = CheckResponse()
+    fragment.ok_response.headers.extend(_header_options(((DECISION_ID_HEADER, _ID_PLACEHOLDER),), overwrite=True))
+    fragment.dynamic_metadata["decision_id"] = _ID_PLACEHOLDER
+    return fragment.SerializeToString()
+
+
+_ID_FRAGMENT = _id_fragment_template()
+_ID_PLACEHOLDER_BYTES = _ID_PLACEHOLDER.encode()
+
+
+def check_response_bytes(decision: Decision) -> bytes:
+    """The serialized answer; a cached allow reuses its rendering (see ``Decision.memo``)."""
+    memo = decision.memo
+    if memo is None or not decision.allowed or len(decision.decision_id) != 32:
+        return check_response(decision).SerializeToString()
+    template = memo.get("grpc")
+    if template is None:
+        response = CheckResponse()
+        _fill(response, decision)
+        template = memo["grpc"] = response.SerializeToString()
+    return template + _ID_FRAGMENT.replace(_ID_PLACEHOLDER_BYTES, decision.decision_id.encode(), 1)
 
 
 __all__ = [
-    "CheckRequest", "CheckResponse", "check_request_from_json", "check_response",
+    "CheckRequest", "CheckResponse", "check_request_from_json", "check_response", "check_response_bytes",
     "facts_from_check_request", "parse_check_request", "protomap",
 ]

@@ -8,10 +8,11 @@ the hot path.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from .http import HttpRequest, HttpResponse
@@ -24,27 +25,57 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
+class LatencyHistogram:
+    """Counts per bucket in a plain list: one bisect and one add per request."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def family_samples(self) -> tuple[list[tuple[str, float]], float]:
+        buckets, running = [], 0
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts):
+            running += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return buckets, self.total
+
+
 class Metrics:
+    """Counted on the hot path in plain ints (a prometheus_client call costs a lock per
+    request); turned into Prometheus families when scraped."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self.decisions = Counter("authz_decisions", "Decisions made, by result and code",
-                                 ["result", "code", "cached"], registry=self.registry)
-        self.latency = Histogram("authz_decision_duration_seconds", "Time to decide, from request to response",
-                                 ["transport"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._allow_hit = self.decisions.labels("allow", "allowed", "true")
-        self._allow_miss = self.decisions.labels("allow", "allowed", "false")
-        self._latency_grpc = self.latency.labels("grpc")
-        self._latency_http = self.latency.labels("http")
+        self.decisions: dict[tuple[str, str, bool], int] = {}
+        self.latency = {"grpc": LatencyHistogram(), "http": LatencyHistogram()}
+        self.registry.register(_FunctionCollector(self._collect))
 
     def observe_decision(self, decision: "Decision", facts: "Facts | None", now: float) -> None:
-        if decision.allowed and decision.code == "allowed":
-            (self._allow_hit if decision.cached else self._allow_miss).inc()
-        else:
-            result = "allow" if decision.allowed else "deny"
-            self.decisions.labels(result, decision.code, "true" if decision.cached else "false").inc()
+        key = ("allow" if decision.allowed else "deny", decision.code, decision.cached)
+        decisions = self.decisions
+        decisions[key] = decisions.get(key, 0) + 1
 
     def observe_latency(self, seconds: float, transport: str) -> None:
-        (self._latency_grpc if transport == "grpc" else self._latency_http).observe(seconds)
+        self.latency[transport].observe(seconds)
+
+    def _collect(self) -> Iterable[object]:
+        decisions = CounterMetricFamily("authz_decisions", "Decisions made, by result and code",
+                                        labels=["result", "code", "cached"])
+        for (result, code, cached), count in sorted(self.decisions.items()):
+            decisions.add_metric([result, code, "true" if cached else "false"], count)
+        yield decisions
+        latency = HistogramMetricFamily("authz_decision_duration_seconds",
+                                        "Time to decide, from request to response", labels=["transport"])
+        for transport, histogram in self.latency.items():
+            buckets, total = histogram.family_samples()
+            latency.add_metric([transport], buckets, total)
+        yield latency
 
     def watch(self, collect: Callable[[], Iterable[object]]) -> None:
         self.registry.register(_FunctionCollector(collect))

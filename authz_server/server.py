@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .config import Config
 from .decision import Decision, Pipeline
-from .envoy import CheckResponse, check_response, facts_from_check_request, parse_check_request
+from .envoy import check_response_bytes, facts_from_check_request, parse_check_request
 from .errors import AuthzError, RequestError
 from .http import serve_http
 from .metrics import Metrics, pipeline_collector
@@ -42,7 +42,7 @@ class AuthorizationServicer:
         self._metrics = metrics
         self._clock = clock
 
-    async def check(self, raw: bytes, context: grpc.aio.ServicerContext) -> CheckResponse:
+    async def check(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
         now = self._clock()
         try:
@@ -55,16 +55,17 @@ class AuthorizationServicer:
                                                         code="internal_error"), now=now)
         else:
             decision = await self._pipeline.decide(facts, now=now)
-        response = check_response(decision)
+        response = check_response_bytes(decision)
         if self._metrics is not None:
             self._metrics.observe_latency(time.perf_counter() - started, "grpc")
         return response
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, {
-            "Check": grpc.unary_unary_rpc_method_handler(
-                self.check, request_deserializer=None, response_serializer=CheckResponse.SerializeToString),
-        })
+    def register(self, server: grpc.aio.Server) -> None:
+        handlers = {"Check": grpc.unary_unary_rpc_method_handler(
+            self.check, request_deserializer=None, response_serializer=None)}
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, handlers)])
+        # Registered methods skip grpcio's per-call method lookup (what generated stubs do too).
+        server.add_registered_method_handlers(AUTHORIZATION_SERVICE, handlers)
 
 
 def _log_decision(decision: Decision, facts: Any, now: float) -> None:
@@ -89,9 +90,15 @@ class App:
     _http_servers: list[asyncio.Server] = field(default_factory=list)
 
     async def start(self) -> dict[str, str]:
-        """Load policies, bind every configured port; returns name → bound address."""
+        """Load policies, bind every configured port; returns name → bound address.
+
+        A policy folder that does not load yet is not fatal: the server answers deny
+        (``policy_not_loaded``) and reports NOT_SERVING until a good set appears."""
         if self.runtime.active is None:
-            await asyncio.to_thread(self.runtime.load)
+            try:
+                await asyncio.to_thread(self.runtime.load)
+            except AuthzError:
+                pass  # logged by the runtime; the watcher keeps trying
         if self.config.addr:
             self.server = grpc.aio.server(options=[
                 ("grpc.so_reuseport", 1 if self.reuse_port else 0),
@@ -99,7 +106,7 @@ class App:
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
             ])
-            self.server.add_generic_rpc_handlers([AuthorizationServicer(self.pipeline, self.metrics).handler()])
+            AuthorizationServicer(self.pipeline, self.metrics).register(self.server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
             reflection.enable_server_reflection(
                 [AUTHORIZATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)

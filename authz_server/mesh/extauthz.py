@@ -1,0 +1,116 @@
+"""Envoy config fragments for asking authz-server: the ext_authz filter and its cluster.
+
+One place builds them so every rendered config (front proxy, sidecars, the compose and
+Kubernetes files) asks the same way: ``failure_mode_allow: false`` (authz-server down
+means deny), the peer certificate included, bodies forwarded when asked, and paths
+normalised before the check so the policy sees the path Envoy routes on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+EXT_AUTHZ = "envoy.filters.http.ext_authz"
+ROUTER = {"name": "envoy.filters.http.router",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+
+
+@dataclass(frozen=True)
+class AuthzTarget:
+    """Where authz-server listens and how Envoy should talk to it."""
+
+    address: str  # host:port or unix:/path
+    mode: str = "grpc"  # "grpc" (richer attributes) or "http" (faster)
+    timeout: str = "0.5s"
+    with_request_body: bool = False
+    max_request_bytes: int = 8192
+    cluster: str = "authz"
+    connections: int = 1  # >1 opens several HTTP/2 connections so SO_REUSEPORT workers share the load
+    allowed_upstream_headers: tuple[str, ...] = ("x-authz-subject", "x-authz-spiffe-id", "x-authz-decision-id")
+    allowed_client_headers: tuple[str, ...] = ("x-authz-decision-id", "www-authenticate", "content-type",
+                                               "retry-after")
+    allowed_client_headers_on_success: tuple[str, ...] = ("x-session-id", "set-cookie")
+    http_headers_to_add: tuple[tuple[str, str], ...] = field(default=())
+
+
+def socket_address(address: str) -> dict[str, Any]:
+    if address.startswith("unix:"):
+        return {"pipe": {"path": address[len("unix:"):]}}
+    host, _, port = address.rpartition(":")
+    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+
+
+def ext_authz_filter(target: AuthzTarget) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "failure_mode_allow": False,
+        "include_peer_certificate": True,
+        "include_tls_session": True,
+        "status_on_error": {"code": "Forbidden"},
+    }
+    if target.with_request_body:
+        config["with_request_body"] = {"max_request_bytes": target.max_request_bytes, "allow_partial_message": True}
+    if target.mode == "grpc":
+        config["grpc_service"] = {"envoy_grpc": {"cluster_name": target.cluster}, "timeout": target.timeout}
+    elif target.mode == "http":
+        config["http_service"] = {
+            "server_uri": {"uri": "http://authz", "cluster": target.cluster, "timeout": target.timeout},
+            "path_prefix": "/check",
+            "authorization_request": {
+                "headers_to_add": [{"key": k, "value": v} for k, v in target.http_headers_to_add],
+            },
+            "authorization_response": {
+                "allowed_upstream_headers": {"patterns": [{"exact": h} for h in target.allowed_upstream_headers]},
+                "allowed_client_headers": {"patterns": [{"exact": h} for h in target.allowed_client_headers]},
+                "allowed_client_headers_on_success": {
+                    "patterns": [{"exact": h} for h in target.allowed_client_headers_on_success]},
+            },
+        }
+        if not target.http_headers_to_add:
+            del config["http_service"]["authorization_request"]
+        # Every header reaches the check: the policy decides, not the proxy's allow-list.
+        config["allowed_headers"] = {"patterns": [{"safe_regex": {"regex": ".*"}}]}
+    else:
+        raise ValueError(f"unknown ext_authz mode {target.mode!r}: use grpc or http")
+    return {"name": EXT_AUTHZ, "typed_config": config}
+
+
+def authz_cluster(target: AuthzTarget) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": target.cluster,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": target.cluster, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": socket_address(target.address)}}]}]},
+    }
+    if target.mode == "grpc":
+        http2: dict[str, Any] = {}
+        if target.connections > 1:
+            # One stream per connection at most max_concurrent_streams: Envoy opens more connections
+            # once the limit is reached, and the kernel spreads those across the workers.
+            http2["max_concurrent_streams"] = 16
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": http2},
+            }}
+    return cluster
+
+
+def per_route_context(extensions: dict[str, str]) -> dict[str, Any]:
+    """``typed_per_filter_config`` for a route: ext_authz ``context_extensions`` (e.g. sensitivity)."""
+    return {EXT_AUTHZ: {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+        "check_settings": {"context_extensions": dict(extensions)},
+    }}
+
+
+def hcm_path_safety() -> dict[str, Any]:
+    """HTTP connection manager settings so ext_authz sees the path the router routes on."""
+    return {
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
+    }

@@ -1,0 +1,43 @@
+"""``make bench``: every benchmark, measured in one run, printed as tables (and saved as JSON).
+
+    python -m tests.bench [--quick] [--only core,...] [--json bench-results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from .harness import Settings, save, wrk_binary
+
+SECTIONS = ["core"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="make bench")
+    parser.add_argument("--quick", action="store_true", help="short runs (3 s each) for a first look")
+    parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--json", default="bench-results.json", help="where to save the raw numbers")
+    args = parser.parse_args()
+    settings = Settings.quick() if args.quick else Settings()
+    chosen = args.only.split(",") if args.only else SECTIONS
+    if wrk_binary() is None:
+        print("wrk is not installed (Debian: apt-get install wrk): only in-process numbers are measured.",
+              file=sys.stderr)
+    results: dict[str, object] = {}
+    if "core" in chosen:
+        from . import core
+
+        inproc = asyncio.run(core.in_process())
+        envoy = core.through_envoy(settings) if wrk_binary() else {}
+        results["core"] = {"in_process": inproc, "envoy": envoy}
+        print(core.report(inproc, envoy) if envoy else inproc)
+    save(results, Path(args.json))
+    print(f"\nraw numbers saved to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Issue 2's numbers: the decision core in-process, and through real Envoy with wrk.
+
+Set-ups measured in one run, each a front Envoy (one worker) proxying to an upstream that
+is itself an Envoy answering 200 (so the upstream costs next to nothing):
+  envoy alone · envoy + native RBAC · envoy + bare Python ext_authz (yardstick) ·
+  envoy + authz-server (full pipeline, cached decision) with 1 and 2 worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from authz_server.decision import Pipeline
+from authz_server.envoy import check_request_from_json, facts_from_check_request
+from authz_server.facts import build_input
+from authz_server.mesh.demo import tutorial_token
+from authz_server.mesh.envoy import start_envoy
+from authz_server.mesh.extauthz import AuthzTarget
+from authz_server.mesh.front import FrontProxy, Route, render_front_proxy
+from authz_server.policy.loader import PolicyRuntime
+
+from .harness import Settings, bench_supervisor, load_with_cpu, start_authz_server, start_bare_authz, table, timed
+
+HERE = Path(__file__).parent
+REPO = HERE.parents[1]
+TUTORIAL = REPO / "tests" / "vectors" / "opa_envoy" / "tutorial"
+ROUTE_RULE = HERE / "policies" / "route_rule"
+RBAC_RULE = {"rules": {"action": "ALLOW", "policies": {"guests-read-people": {
+    "permissions": [{"and_rules": {"rules": [
+        {"header": {"name": ":method", "string_match": {"exact": "GET"}}},
+        {"url_path": {"path": {"prefix": "/people"}}}]}}],
+    "principals": [{"header": {"name": "x-role", "string_match": {"exact": "guest"}}}],
+}}}}
+REQUEST_HEADERS = {"x-role": "guest", "user-agent": "wrk", "accept": "*/*"}
+
+
+def _tutorial_request(token: str) -> Any:
+    return check_request_from_json({"attributes": {
+        "source": {"address": {"socketAddress": {"address": "10.1.2.3", "portValue": 40000}}},
+        "destination": {"address": {"socketAddress": {"address": "10.1.2.4", "portValue": 8000}}},
+        "request": {"http": {
+            "id": "1", "method": "GET", "path": "/people/bob", "host": "people", "scheme": "http",
+            "protocol": "HTTP/1.1",
+            "headers": {":authority": "people", ":method": "GET", ":path": "/people/bob", ":scheme": "http",
+                        "authorization": f"Bearer {token}", "user-agent": "curl/8.0", "accept": "*/*",
+                        "x-request-id": "9f0c", "x-forwarded-proto": "http"}}}}})
+
+
+async def in_process() -> dict[str, float]:
+    runtime = PolicyRuntime(str(TUTORIAL))
+    runtime.load()
+    request = _tutorial_request(tutorial_token("guest", "bob", now=time.time(), ttl=3600))
+    cached = Pipeline(runtime)
+    now = time.time()
+    # Drive the coroutine by hand: no event-loop scheduling noise in a micro-benchmark.
+    def run_sync(pipeline: Pipeline) -> Any:
+        coro = pipeline.decide(facts_from_check_request(request), now=now)
+        try:
+            coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+        raise RuntimeError("decision did not complete synchronously")
+
+    first = await cached.decide(facts_from_check_request(request), now=now)
+    assert first.allowed, first.reason
+    hit_us = timed(lambda: run_sync(cached))
+    evaluator = runtime.active.pool.compiled.new_evaluator()
+    document = build_input(facts_from_check_request(request), {}, {})
+    eval_us = timed(lambda: evaluator.evaluate(document), seconds=1.0, min_runs=100)
+    uncached = Pipeline(runtime)
+    uncached.cache.max_entries = 0
+
+    async def miss_loop(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            decision = await uncached.decide(facts_from_check_request(request), now=now)
+        assert decision.allowed and not decision.cached
+        return (time.perf_counter() - start) / n * 1e6
+
+    await miss_loop(50)
+    miss_us = await miss_loop(1000)
+    runtime.close()
+    return {"cache_hit_us": hit_us, "cache_miss_us": miss_us, "policy_eval_only_us": eval_us,
+            "decisions_per_s_cached": 1e6 / hit_us, "decisions_per_s_uncached": 1e6 / miss_us}
+
+
+def through_envoy(settings: Settings) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with bench_supervisor("core") as sup:
+        upstream = start_envoy(sup, "upstream", render_front_proxy(FrontProxy(
+            routes=(Route("/", direct_response="ok"),), listener_name="upstream")))
+        upstream_addr = f"127.0.0.1:{upstream.port('upstream')}"
+
+        def front(name: str, **kwargs: Any) -> str:
+            envoy = start_envoy(sup, name, render_front_proxy(FrontProxy(upstream=upstream_addr, **kwargs)))
+            return f"http://127.0.0.1:{envoy.port('ingress')}/people/bob"
+
+        url = front("envoy-alone")
+        results["envoy_alone"] = load_with_cpu(url, settings, None, name="Envoy alone", headers=REQUEST_HEADERS)
+        url = front("envoy-rbac", rbac=RBAC_RULE)
+        results["envoy_rbac"] = load_with_cpu(url, settings, None, name="Envoy + native RBAC",
+                                              headers=REQUEST_HEADERS)
+        bare_pid, bare_addr = start_bare_authz(sup)
+        url = front("envoy-bare", authz=AuthzTarget(bare_addr))
+        results["bare_grpc"] = load_with_cpu(url, settings, bare_pid, name="Envoy + bare Python gRPC (always allow)",
+                                             headers=REQUEST_HEADERS)
+        for workers in (1, 2):
+            pid, bound = start_authz_server(sup, f"authz-{workers}w", [
+                "--policies", str(ROUTE_RULE), "--addr", "127.0.0.1:0", "--metrics-addr", "",
+                "--workers", str(workers), "--log-level", "warning"])
+            url = front(f"envoy-authz-{workers}w", authz=AuthzTarget(bound["addr"], connections=workers))
+            results[f"authz_grpc_{workers}w"] = load_with_cpu(
+                url, settings, pid, name=f"Envoy + authz-server gRPC, {workers} process(es)", headers=REQUEST_HEADERS)
+    return results
+
+
+def report(inproc: dict[str, float], envoy: dict[str, Any]) -> str:
+    lines = [table("In-process decisions (OPA-Envoy tutorial policy)", ["measure", "value"], [
+        ["cached decision (facts + identity + cache lookup)", f"{inproc['cache_hit_us']:.1f} µs"],
+        ["uncached decision (full pipeline, policy on a worker thread)", f"{inproc['cache_miss_us']:.1f} µs"],
+        ["  of which policy evaluation (input conversion + regopy)", f"{inproc['policy_eval_only_us']:.1f} µs"],
+        ["cached decisions per second, one core", f"{inproc['decisions_per_s_cached']:,.0f}"],
+        ["uncached decisions per second, one core", f"{inproc['decisions_per_s_uncached']:,.0f}"],
+    ])]
+    rbac = envoy["envoy_rbac"].rps or 1
+    bare = envoy["bare_grpc"].rps or 1
+    rows = []
+    for result in envoy.values():
+        cpu = f"{result.authz_cpu_us_per_req:.0f}" if result.authz_cpu_us_per_req else "-"
+        rows.append([result.name, f"{result.rps:,.0f}", f"{result.rps / rbac:.2f}", f"{result.rps / bare:.2f}",
+                     f"{result.p50_ms:.2f}", f"{result.p99_ms:.2f}", cpu, result.non_2xx + result.errors])
+    lines.append(table("Through Envoy (1 Envoy worker, upstream an Envoy answering 200, wrk 32 connections)", [
+        "set-up", "req/s", "× native RBAC", "× bare gRPC", "p50 ms", "p99 ms", "authz CPU µs/req", "failures"], rows))
+    return "\n".join(lines)

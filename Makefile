@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/authz-server bench
+	$(BIN)/python -m tests.bench
 
 clean:
 	rm -rf $(VENV) .authz build *.egg-info

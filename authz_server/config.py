@@ -29,6 +29,7 @@ DEFAULT_QUERY = "data.envoy.authz.allow"
 class Config:
     addr: str = "127.0.0.1:9191"
     http_addr: str = ""
+    http_path_prefix: str = "/check"  # what Envoy's http_service.path_prefix puts before the path
     policies: str = "policies/"
     query: str = DEFAULT_QUERY
     metrics_addr: str = "127.0.0.1:9464"
@@ -150,6 +151,7 @@ _Reader = Callable[[Any, "str | None"], dict[str, Any]]
 _READERS: dict[str, _Reader] = {
     "addr": lambda v, _b: {"addr": _address(v, "addr")},
     "http_addr": lambda v, _b: {"http_addr": _address(v, "http_addr")},
+    "http_path_prefix": lambda v, _b: {"http_path_prefix": _path_prefix(v)},
     "policies": lambda v, b: {"policies": resolve_path(_string(v, "policies"), b)},
     "query": lambda v, _b: {"query": _string(v, "query")},
     "metrics_addr": lambda v, _b: {"metrics_addr": _address(v, "metrics_addr")},
@@ -158,6 +160,14 @@ _READERS: dict[str, _Reader] = {
     "audit": lambda v, b: {"audit": _audit_sinks(v, b)},
 }
 _DECISION_KEYS = {"decision_cache", "policy_timeout", "deny_status", "dry_run"}
+
+
+def _path_prefix(value: Any) -> str:
+    text = _string(value, "http_path_prefix")
+    if text and (not text.startswith("/") or text.endswith("/")):
+        raise ConfigError(f"expected a path like /check (leading slash, no trailing slash), got {text!r}",
+                          key="http_path_prefix")
+    return text
 
 
 def _log_level(value: Any) -> str:

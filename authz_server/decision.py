@@ -90,6 +90,7 @@ class Decision:
     input: dict[str, Any] | None = None  # built only when the policy ran
     result: Any = None  # the raw policy value, for the audit log
     memo: dict[str, Any] | None = None  # renderings shared by decisions from the same cached allow
+    valid_until: float | None = None  # when the cached verdict behind this decision stops holding
 
     def _agreeing_verdict(self) -> Verdict | None:
         verdict = self.verdict
@@ -158,6 +159,7 @@ class _CachedVerdict:
     verdict: Verdict
     result: Any
     memo: dict[str, Any]  # what the fronts rendered for this allow, reused on every hit
+    valid_until: float
 
 
 def decision_ids() -> Callable[[], str]:
@@ -218,6 +220,27 @@ class Pipeline:
             observe(decision, None, now)
         return decision
 
+    def replay(self, previous: Decision, facts: Facts, *, now: float) -> Decision | None:
+        """The same answer again for a byte-identical request (the HTTP front's fast path),
+        or None when anything could have changed it: the cached verdict expired, the policy
+        changed, signals must see every request, or the identity cannot be re-checked."""
+        active = self.policies.active
+        if (previous.valid_until is None or previous.valid_until <= now or active is None
+                or previous.policy_version != active.version or self.signals is not None):
+            return None
+        if self.identity is not None:
+            still_valid = getattr(self.identity, "still_valid", None)
+            if still_valid is None or not still_valid(previous.identity, now):
+                return None
+        self.cache.stats.hits += 1
+        decision = Decision(previous.allowed, previous.code, previous.reason, previous.http_status,
+                            self.new_decision_id(), previous.phase, previous.policy_version, True, previous.verdict,
+                            previous.identity, previous.signals, False, None, None, previous.result, previous.memo,
+                            previous.valid_until)
+        for observe in self.observers:
+            observe(decision, facts, now)
+        return decision
+
     async def _decide_with_policy(self, active: ActivePolicy, facts: Facts, identity: Identity,
                                   signals: Mapping[str, Any], decision_id: str, now: float) -> Decision:
         if active.version != self._cached_version:
@@ -234,8 +257,10 @@ class Pipeline:
                 key = _full_key(active, facts, identity, signals)
             cached = self.cache.get(key, now)
             if cached is not None:
-                return self._render(cached.verdict, cached.result, decision_id, active, identity, signals,
-                                    None, cached=True, memo=cached.memo)
+                decision = self._render(cached.verdict, cached.result, decision_id, active, identity, signals,
+                                        None, cached=True, memo=cached.memo)
+                decision.valid_until = cached.valid_until
+                return decision
         if document is None:
             document = build_input(facts, identity.document, signals)
         result = await active.evaluate(document, timeout=self.settings.policy_timeout)
@@ -244,8 +269,8 @@ class Pipeline:
         verdict = read_result(result)
         memo: dict[str, Any] = {}
         if use_cache:
-            self.cache.put(key, _CachedVerdict(verdict, result, memo), self._deadline(active, facts, identity, now),
-                           now)
+            deadline = self._deadline(active, facts, identity, now)
+            self.cache.put(key, _CachedVerdict(verdict, result, memo, deadline), deadline, now)
         return self._render(verdict, result, decision_id, active, identity, signals, document, cached=False,
                             memo=memo)
 

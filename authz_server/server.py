@@ -24,6 +24,7 @@ from .decision import Decision, Pipeline
 from .envoy import check_response_bytes, facts_from_check_request, parse_check_request
 from .errors import AuthzError, RequestError
 from .http import serve_http
+from .httpfront import HttpFront, serve_http_front
 from .metrics import Metrics, pipeline_collector
 from .policy.loader import PolicyRuntime
 
@@ -116,6 +117,12 @@ class App:
             await self.server.start()
             host = self.config.addr.rpartition(":")[0]
             self.bound["addr"] = self.config.addr if self.config.addr.startswith("unix:") else f"{host}:{port}"
+        if self.config.http_addr:
+            front = HttpFront(self.pipeline, path_prefix=self.config.http_path_prefix,
+                              on_latency=self.metrics.observe_latency)
+            server, address = await serve_http_front(front, self.config.http_addr, reuse_port=self.reuse_port)
+            self._http_servers.append(server)
+            self.bound["http_addr"] = address
         if self.config.metrics_addr:
             server, address = await serve_http(self.metrics.http_handler, self.config.metrics_addr)
             self._http_servers.append(server)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
+VOLATILE_REQUEST_HEADERS = ("x-request-id", "traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid",
+                            "x-b3-parentspanid", "x-b3-sampled", "b3", "x-envoy-expected-rq-timeout-ms")
 ROUTER = {"name": "envoy.filters.http.router",
           "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
 
@@ -28,8 +30,8 @@ class AuthzTarget:
     cluster: str = "authz"
     connections: int = 1  # >1 opens several HTTP/2 connections so SO_REUSEPORT workers share the load
     allowed_upstream_headers: tuple[str, ...] = ("x-authz-subject", "x-authz-spiffe-id", "x-authz-decision-id")
-    allowed_client_headers: tuple[str, ...] = ("x-authz-decision-id", "www-authenticate", "content-type",
-                                               "retry-after")
+    # HTTP mode only. On success Envoy forwards just the named headers; the policy's own
+    # header names must be added here (see docs/http-mode.md). Denials carry every header.
     allowed_client_headers_on_success: tuple[str, ...] = ("x-session-id", "set-cookie")
     http_headers_to_add: tuple[tuple[str, str], ...] = field(default=())
 
@@ -63,15 +65,17 @@ def ext_authz_filter(target: AuthzTarget) -> dict[str, Any]:
             },
             "authorization_response": {
                 "allowed_upstream_headers": {"patterns": [{"exact": h} for h in target.allowed_upstream_headers]},
-                "allowed_client_headers": {"patterns": [{"exact": h} for h in target.allowed_client_headers]},
                 "allowed_client_headers_on_success": {
                     "patterns": [{"exact": h} for h in target.allowed_client_headers_on_success]},
             },
         }
         if not target.http_headers_to_add:
             del config["http_service"]["authorization_request"]
-        # Every header reaches the check: the policy decides, not the proxy's allow-list.
+        # Every header reaches the check (the policy decides, not the proxy's allow-list) except
+        # the per-request ids: without them a repeated request arrives byte-for-byte identical
+        # and authz-server answers it from its exact-request cache.
         config["allowed_headers"] = {"patterns": [{"safe_regex": {"regex": ".*"}}]}
+        config["disallowed_headers"] = {"patterns": [{"exact": h} for h in VOLATILE_REQUEST_HEADERS]}
     else:
         raise ValueError(f"unknown ext_authz mode {target.mode!r}: use grpc or http")
     return {"name": EXT_AUTHZ, "typed_config": config}

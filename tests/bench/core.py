@@ -103,17 +103,25 @@ def through_envoy(settings: Settings) -> dict[str, Any]:
         url = front("envoy-rbac", rbac=RBAC_RULE)
         results["envoy_rbac"] = load_with_cpu(url, settings, None, name="Envoy + native RBAC",
                                               headers=REQUEST_HEADERS)
+        ceiling = start_envoy(sup, "ceiling-authz", render_front_proxy(FrontProxy(
+            routes=(Route("/", direct_response=""),), listener_name="authz")))
+        url = front("envoy-ceiling", authz=AuthzTarget(f"127.0.0.1:{ceiling.port('authz')}", mode="http"))
+        results["hop_ceiling"] = load_with_cpu(url, settings, None, name="Envoy + ext_authz HTTP to an Envoy answering "
+                                               "200 (extra-hop ceiling)", headers=REQUEST_HEADERS)
         bare_pid, bare_addr = start_bare_authz(sup)
         url = front("envoy-bare", authz=AuthzTarget(bare_addr))
         results["bare_grpc"] = load_with_cpu(url, settings, bare_pid, name="Envoy + bare Python gRPC (always allow)",
                                              headers=REQUEST_HEADERS)
         for workers in (1, 2):
             pid, bound = start_authz_server(sup, f"authz-{workers}w", [
-                "--policies", str(ROUTE_RULE), "--addr", "127.0.0.1:0", "--metrics-addr", "",
-                "--workers", str(workers), "--log-level", "warning"])
+                "--policies", str(ROUTE_RULE), "--addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
+                "--metrics-addr", "", "--workers", str(workers), "--log-level", "warning"])
             url = front(f"envoy-authz-{workers}w", authz=AuthzTarget(bound["addr"], connections=workers))
             results[f"authz_grpc_{workers}w"] = load_with_cpu(
                 url, settings, pid, name=f"Envoy + authz-server gRPC, {workers} process(es)", headers=REQUEST_HEADERS)
+            url = front(f"envoy-authz-http-{workers}w", authz=AuthzTarget(bound["http_addr"], mode="http"))
+            results[f"authz_http_{workers}w"] = load_with_cpu(
+                url, settings, pid, name=f"Envoy + authz-server HTTP, {workers} process(es)", headers=REQUEST_HEADERS)
     return results
 
 
@@ -127,11 +135,14 @@ def report(inproc: dict[str, float], envoy: dict[str, Any]) -> str:
     ])]
     rbac = envoy["envoy_rbac"].rps or 1
     bare = envoy["bare_grpc"].rps or 1
+    ceiling = envoy["hop_ceiling"].rps or 1
     rows = []
     for result in envoy.values():
         cpu = f"{result.authz_cpu_us_per_req:.0f}" if result.authz_cpu_us_per_req else "-"
         rows.append([result.name, f"{result.rps:,.0f}", f"{result.rps / rbac:.2f}", f"{result.rps / bare:.2f}",
-                     f"{result.p50_ms:.2f}", f"{result.p99_ms:.2f}", cpu, result.non_2xx + result.errors])
+                     f"{result.rps / ceiling:.2f}", f"{result.p50_ms:.2f}", f"{result.p99_ms:.2f}", cpu,
+                     result.non_2xx + result.errors])
     lines.append(table("Through Envoy (1 Envoy worker, upstream an Envoy answering 200, wrk 32 connections)", [
-        "set-up", "req/s", "× native RBAC", "× bare gRPC", "p50 ms", "p99 ms", "authz CPU µs/req", "failures"], rows))
+        "set-up", "req/s", "× native RBAC", "× bare gRPC", "× hop ceiling", "p50 ms", "p99 ms",
+        "authz CPU µs/req", "failures"], rows))
     return "\n".join(lines)

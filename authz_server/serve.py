@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -233,6 +234,7 @@ async def _supervise(config: Config, workers: int, args: argparse.Namespace) -> 
         for sock in (addr_sock, http_sock):
             if sock is not None:
                 sock.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _worker_argv(args: argparse.Namespace, addr: str, http_addr: str) -> list[str]:

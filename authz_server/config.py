@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from .decision import DecisionSettings
+from .identity.resolver import SessionSettings
 from .durations import parse_duration
 from .errors import ConfigError
 
@@ -36,6 +37,9 @@ class Config:
     workers: int = 0  # 0: decide at start (see serve.resolve_workers)
     log_level: str = "info"
     decision: DecisionSettings = field(default_factory=DecisionSettings)
+    sessions: "SessionsConfig" = field(default_factory=lambda: SessionsConfig())
+    trust_domains: tuple[str, ...] = ()
+    issuers: tuple[Any, ...] = ()  # identity.oidc.IssuerConfig, one per trusted issuer
     audit: tuple[str, ...] = ()
     source: str = ""  # the file this came from, for messages
 
@@ -43,6 +47,13 @@ class Config:
         known = {f.name for f in fields(self)}
         clean = {k: v for k, v in overrides.items() if v is not None and k in known}
         return replace(self, **clean)
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    settings: SessionSettings = field(default_factory=SessionSettings)
+    store: str = "memory"  # or redis://host:port/db, rediss://, unix://
+    near_cache_ttl: float = 5.0
 
 
 # -- small checked readers: each names the key it reads
@@ -158,8 +169,75 @@ _READERS: dict[str, _Reader] = {
     "workers": lambda v, _b: {"workers": _int(v, "workers", minimum=1, maximum=1024)} if v != "auto" else {},
     "log_level": lambda v, _b: {"log_level": _log_level(v)},
     "audit": lambda v, b: {"audit": _audit_sinks(v, b)},
+    "sessions": lambda v, _b: {"sessions": _sessions(v)},
+    "trust_domains": lambda v, _b: {"trust_domains": _trust_domains(v)},
 }
 _DECISION_KEYS = {"decision_cache", "policy_timeout", "deny_status", "dry_run"}
+
+
+def _string_list(value: Any, key: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ConfigError(f"expected a list of strings, got {_show(value)}", key=key)
+    return tuple(_string(item, f"{key}[{i}]") for i, item in enumerate(items))
+
+
+def _trust_domains(value: Any) -> tuple[str, ...]:
+    domains = _string_list(value, "trust_domains")
+    for index, domain in enumerate(domains):
+        if not domain or domain != domain.lower() or domain.startswith("spiffe://") or "/" in domain:
+            raise ConfigError(f"expected a trust domain name like example.org, got {domain!r}",
+                              key=f"trust_domains[{index}]")
+    return domains
+
+
+def _sessions(value: Any) -> SessionsConfig:
+    data = _mapping(value, "sessions")
+    _only(data, {"enabled", "store", "idle_timeout", "max_lifetime", "near_cache_ttl", "bind_user_agent",
+                 "outlive_token", "cookie", "delegation", "claims", "one_time_use_issuers"}, "sessions.")
+    settings = SessionSettings()
+    changes: dict[str, Any] = {}
+    if "enabled" in data:
+        changes["enabled"] = _bool(data["enabled"], "sessions.enabled")
+    if "idle_timeout" in data:
+        changes["idle_timeout"] = _duration(data["idle_timeout"], "sessions.idle_timeout")
+    if "max_lifetime" in data:
+        changes["max_lifetime"] = _duration(data["max_lifetime"], "sessions.max_lifetime")
+    if "bind_user_agent" in data:
+        changes["bind_user_agent"] = _bool(data["bind_user_agent"], "sessions.bind_user_agent")
+    if "outlive_token" in data:
+        changes["outlive_token"] = _bool(data["outlive_token"], "sessions.outlive_token")
+    if "cookie" in data:
+        cookie = _string(data["cookie"], "sessions.cookie")
+        if not cookie.startswith("__Host-"):
+            raise ConfigError("the session cookie must use the __Host- prefix (Secure, Path=/, no Domain)",
+                              key="sessions.cookie")
+        changes["cookie"] = cookie
+    if "claims" in data:
+        changes["claims"] = _string_list(data["claims"], "sessions.claims")
+    if "one_time_use_issuers" in data:
+        changes["one_time_use_issuers"] = _string_list(data["one_time_use_issuers"], "sessions.one_time_use_issuers")
+    delegation = _mapping(data.get("delegation"), "sessions.delegation")
+    _only(delegation, {"actors", "max_hops"}, "sessions.delegation.")
+    if "actors" in delegation:
+        actors = _string_list(delegation["actors"], "sessions.delegation.actors")
+        for index, actor in enumerate(actors):
+            if not actor.startswith("spiffe://"):
+                raise ConfigError(f"expected a SPIFFE ID or spiffe://domain/* pattern, got {actor!r}",
+                                  key=f"sessions.delegation.actors[{index}]")
+        changes["delegation_actors"] = actors
+    if "max_hops" in delegation:
+        changes["max_delegation_hops"] = _int(delegation["max_hops"], "sessions.delegation.max_hops", minimum=1,
+                                              maximum=16)
+    store = "memory"
+    if "store" in data:
+        store = _string(data["store"], "sessions.store")
+        if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"expected memory or a redis:// URL, got {store!r}", key="sessions.store")
+    near = _duration(data["near_cache_ttl"], "sessions.near_cache_ttl") if "near_cache_ttl" in data else 5.0
+    if changes.get("idle_timeout", settings.idle_timeout) > changes.get("max_lifetime", settings.max_lifetime):
+        raise ConfigError("idle_timeout is longer than max_lifetime", key="sessions.idle_timeout")
+    return SessionsConfig(settings=replace(settings, **changes), store=store, near_cache_ttl=near)
 
 
 def _path_prefix(value: Any) -> str:

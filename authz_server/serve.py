@@ -81,8 +81,13 @@ def effective_config(args: argparse.Namespace) -> Config:
 
 
 def resolve_workers(config: Config) -> int:
+    """``--workers`` if given; else one per core, except that sessions kept in process
+    memory cannot be shared, so then one process (use a redis:// store to scale out)."""
     if config.workers:
         return config.workers
+    if config.issuers and config.sessions.settings.enabled and config.sessions.store == "memory":
+        log.info("one worker: sessions live in process memory (set sessions.store to redis:// for more)")
+        return 1
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

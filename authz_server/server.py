@@ -24,6 +24,10 @@ from .decision import Decision, Pipeline
 from .envoy import check_response_bytes, facts_from_check_request, parse_check_request
 from .errors import AuthzError, RequestError
 from .http import serve_http
+from .identity.redis_store import RedisStore
+from .identity.resolver import IdentityService
+from .identity.sessions import MemoryStore
+from .identity.workloads import PrincipalVerifier, accept_trust_domains
 from .httpfront import HttpFront, serve_http_front
 from .metrics import Metrics, pipeline_collector
 from .policy.loader import PolicyRuntime
@@ -85,6 +89,7 @@ class App:
     metrics: Metrics
     health: health.aio.HealthServicer
     reuse_port: bool = False
+    identity: IdentityService | None = None
     server: grpc.aio.Server | None = None
     bound: dict[str, str] = field(default_factory=dict)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -128,8 +133,17 @@ class App:
             self._http_servers.append(server)
             self.bound["metrics_addr"] = address
         self._tasks.append(asyncio.create_task(self.runtime.watch(), name="policy-watch"))
+        await self._start_identity()
         await self._update_health()
         return self.bound
+
+    async def _start_identity(self) -> None:
+        if self.identity is None:
+            return
+        for part in (self.identity.store, self.identity.tokens):
+            start = getattr(part, "start", None)
+            if start is not None:
+                await start()
 
     async def _update_health(self) -> None:
         serving = self.runtime.active is not None
@@ -162,16 +176,38 @@ class App:
         for server in self._http_servers:
             server.close()
         self._http_servers.clear()
+        if self.identity is not None:
+            for part in (self.identity.store, self.identity.tokens):
+                close = getattr(part, "close", None)
+                if close is not None:
+                    await close()
         self.runtime.close()
+
+
+def build_identity(config: Config) -> IdentityService:
+    settings = config.sessions.settings
+    store: Any = None
+    if settings.enabled:
+        store = (MemoryStore() if config.sessions.store == "memory"
+                 else RedisStore(config.sessions.store, near_cache_ttl=config.sessions.near_cache_ttl))
+    tokens = None
+    if config.issuers:
+        from .identity.oidc import IssuerRegistry
+
+        tokens = IssuerRegistry(list(config.issuers))
+    return IdentityService(settings, store=store, tokens=tokens,
+                           workloads=PrincipalVerifier(accept_trust_domains(config.trust_domains)))
 
 
 def build_app(config: Config, *, reuse_port: bool = False) -> App:
     """Wire one server from one config; nothing global is touched."""
     runtime = PolicyRuntime(config.policies, query=config.query)
     metrics = Metrics()
-    pipeline = Pipeline(runtime, settings=config.decision, observers=[metrics.observe_decision, _log_decision])
+    identity = build_identity(config)
+    pipeline = Pipeline(runtime, settings=config.decision, identity=identity,
+                        observers=[metrics.observe_decision, _log_decision])
     metrics.watch(pipeline_collector(pipeline, runtime))
     app = App(config=config, runtime=runtime, pipeline=pipeline, metrics=metrics,
-              health=health.aio.HealthServicer(), reuse_port=reuse_port)
+              health=health.aio.HealthServicer(), reuse_port=reuse_port, identity=identity)
     runtime.listeners.append(app.on_policy_change)
     return app

@@ -1,0 +1,178 @@
+"""The admin API (``protos/authz_admin.proto``): sessions and issuers, for operators.
+
+It listens on its own address and only over mutual TLS: the caller's SPIFFE ID, read from
+its client certificate (the URI SAN), must be one of ``admin.allowed``. Anyone else gets
+``PERMISSION_DENIED`` and the attempt is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+import grpc
+from cryptography import x509
+
+from ._proto import authz_admin_pb2 as pb
+from ._proto import authz_admin_pb2_grpc as pb_grpc
+from .errors import AuthzError, SessionError
+from .identity.resolver import IdentityService, accept_actor
+from .identity.sessions import Binding, Session, new_session_id, session_key
+
+log = logging.getLogger("authz_server.admin")
+
+
+def peer_spiffe_id(context: grpc.aio.ServicerContext) -> str | None:
+    """The URI SAN of the client certificate gRPC's TLS verified, if it is a SPIFFE ID."""
+    auth = context.auth_context() or {}
+    pems = auth.get("x509_pem_cert") or []
+    if not pems:
+        return None
+    try:
+        certificate = x509.load_pem_x509_certificate(pems[0])
+        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
+    return uris[0] if len(uris) == 1 else None
+
+
+def _info(session: Session) -> pb.SessionInfo:
+    return pb.SessionInfo(
+        id_sha256=session.key, subject=session.subject, issuer=session.issuer, created=session.created,
+        expires=session.expires, last_seen=session.last_seen, idle_timeout=session.idle_timeout,
+        bound_to=pb.Binding(**asdict(session.binding)), claims_json=json.dumps(dict(session.claims)),
+        generation=session.generation,
+    )
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, identity: IdentityService, allowed: tuple[str, ...], *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._identity = identity
+        self._allowed = accept_actor(allowed)
+        self._clock = clock
+
+    async def _caller(self, context: grpc.aio.ServicerContext, action: str) -> str:
+        caller = peer_spiffe_id(context)
+        if caller is None or not self._allowed(caller):
+            log.warning("admin %s refused for %s from %s", action, caller or "a caller without a SPIFFE ID",
+                        context.peer())
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{caller or 'no SPIFFE ID'} may not use the "
+                                                                     "admin API")
+        log.info("admin %s by %s", action, caller)
+        assert caller is not None
+        return caller
+
+    def _store(self) -> Any:
+        if self._identity.store is None:
+            raise SessionError("sessions are disabled", code="sessions_disabled")
+        return self._identity.store
+
+    @staticmethod
+    async def _fail(context: grpc.aio.ServicerContext, error: AuthzError) -> None:
+        status = {"session_unknown": grpc.StatusCode.NOT_FOUND, "session_revoked": grpc.StatusCode.NOT_FOUND,
+                  "session_expired": grpc.StatusCode.NOT_FOUND}.get(error.code, grpc.StatusCode.FAILED_PRECONDITION)
+        if error.status == 503:
+            status = grpc.StatusCode.UNAVAILABLE
+        await context.abort(status, str(error))
+
+    @staticmethod
+    def _key(ref: pb.SessionRef) -> str:
+        which = ref.WhichOneof("ref")
+        if which == "id":
+            return session_key(ref.id)
+        if which == "id_sha256" and len(ref.id_sha256) == 64:
+            return ref.id_sha256
+        raise SessionError("give a session id or the 64-hex SHA-256 of one", code="malformed_session_id")
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.CreateSessionResponse:
+        caller = await self._caller(context, "CreateSession")
+        try:
+            claims = json.loads(request.claims_json or "{}")
+            if not isinstance(claims, dict):
+                raise ValueError("claims_json must be a JSON object")
+            if not request.subject:
+                raise ValueError("subject is required")
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        settings = self._identity.settings
+        now = self._clock()
+        ttl = request.ttl_seconds if request.ttl_seconds > 0 else settings.max_lifetime
+        new_id = new_session_id()
+        bind = request.bind_to
+        session = Session(key=session_key(new_id), subject=request.subject,
+                          issuer=request.issuer or f"admin:{caller}", claims={**claims, "sub": request.subject},
+                          created=now, expires=now + min(ttl, settings.max_lifetime),
+                          idle_timeout=min(settings.idle_timeout, ttl),
+                          binding=Binding(bind.spiffe_id, bind.cert_sha256, bind.user_agent_sha256),
+                          generation=0, last_seen=now)
+        try:
+            stored = await self._store().create(session, now=now)
+        except AuthzError as exc:
+            await self._fail(context, exc)
+        return pb.CreateSessionResponse(id=new_id, session=_info(stored))
+
+    async def GetSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        await self._caller(context, "GetSession")
+        try:
+            store = self._store()
+            key = self._key(request)
+            found = [s for s in await store.sessions(now=self._clock()) if s.key == key]
+            if not found:
+                raise SessionError("no such live session", code="session_unknown")
+        except AuthzError as exc:
+            await self._fail(context, exc)
+        return _info(found[0])
+
+    async def ListSessions(self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.ListSessionsResponse:
+        await self._caller(context, "ListSessions")
+        try:
+            sessions = await self._store().sessions(subject=request.subject or None, now=self._clock())
+        except AuthzError as exc:
+            await self._fail(context, exc)
+        return pb.ListSessionsResponse(sessions=[_info(s) for s in sessions])
+
+    async def RevokeSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+                            ) -> pb.RevokeSessionResponse:
+        caller = await self._caller(context, "RevokeSession")
+        try:
+            revoked = await self._store().revoke(self._key(request), now=self._clock())
+        except AuthzError as exc:
+            await self._fail(context, exc)
+        log.info("session %s revoked by %s: %s", self._key(request)[:16], caller, revoked)
+        return pb.RevokeSessionResponse(revoked=revoked)
+
+    async def RevokeSubject(self, request: pb.RevokeSubjectRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.RevokeSubjectResponse:
+        caller = await self._caller(context, "RevokeSubject")
+        if not request.subject:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subject is required")
+        try:
+            generation = await self._store().revoke_subject(request.subject)
+        except AuthzError as exc:
+            await self._fail(context, exc)
+        log.info("every session of %s revoked by %s", request.subject, caller)
+        return pb.RevokeSubjectResponse(generation=generation)
+
+    async def ListIssuers(self, request: pb.ListIssuersRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.ListIssuersResponse:
+        await self._caller(context, "ListIssuers")
+        tokens = self._identity.tokens
+        statuses = tokens.status() if tokens is not None and hasattr(tokens, "status") else []
+        return pb.ListIssuersResponse(issuers=[_issuer_status(s) for s in statuses])
+
+
+def _issuer_status(status: Any) -> pb.IssuerStatus:
+    data = status if isinstance(status, dict) else getattr(status, "__dict__", {})
+    return pb.IssuerStatus(
+        issuer=str(data.get("issuer", "")), kids=[str(k) for k in data.get("kids", [])],
+        last_refresh=float(data.get("last_refresh") or 0), last_error=str(data.get("last_error") or ""),
+        stale=bool(data.get("stale")), refreshes=int(data.get("refreshes") or 0),
+        failures=int(data.get("failures") or 0), status_json=json.dumps(data, default=str),
+    )

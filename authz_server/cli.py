@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("authz_server.serve", "run the ext_authz server (gRPC, and HTTP with --http-addr)"),
     "policy": ("authz_server.policy.cli", "policy tools: 'policy test DIR' runs the Rego tests in DIR"),
     "demo": ("authz_server.mesh.demo", "bring up the demo on this machine and walk through it"),
+    "render-configs": ("authz_server.mesh.render", "rewrite the Envoy configs committed under envoy/"),
 }
 
 

@@ -8,6 +8,7 @@ normalised before the check so the policy sees the path Envoy routes on.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,18 @@ def socket_address(address: str) -> dict[str, Any]:
         return {"pipe": {"path": address[len("unix:"):]}}
     host, _, port = address.rpartition(":")
     return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+
+
+def cluster_type(address: str) -> str:
+    """STATIC for IPs and sockets, STRICT_DNS for names (compose services, Kubernetes services)."""
+    if address.startswith("unix:"):
+        return "STATIC"
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        return "STATIC"
+    except ValueError:
+        return "STRICT_DNS"
 
 
 def ext_authz_filter(target: AuthzTarget) -> dict[str, Any]:
@@ -84,7 +97,7 @@ def ext_authz_filter(target: AuthzTarget) -> dict[str, Any]:
 def authz_cluster(target: AuthzTarget) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": target.cluster,
-        "type": "STATIC",
+        "type": cluster_type(target.address),
         "connect_timeout": "1s",
         "load_assignment": {"cluster_name": target.cluster, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": socket_address(target.address)}}]}]},

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .extauthz import ROUTER, AuthzTarget, authz_cluster, ext_authz_filter, hcm_path_safety, per_route_context, \
-    socket_address
+from .extauthz import (ROUTER, AuthzTarget, authz_cluster, cluster_type, ext_authz_filter, hcm_path_safety,
+                       per_route_context, socket_address)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def render_front_proxy(proxy: FrontProxy) -> dict[str, Any]:
     clusters = []
     if proxy.upstream:
         clusters.append({
-            "name": "upstream", "type": "STATIC", "connect_timeout": "1s",
+            "name": "upstream", "type": cluster_type(proxy.upstream), "connect_timeout": "1s",
             "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [
                 {"endpoint": {"address": socket_address(proxy.upstream)}}]}]},
         })

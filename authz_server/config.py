@@ -20,6 +20,7 @@ import yaml
 
 from .decision import DecisionSettings
 from .identity.resolver import SessionSettings
+from .policy.engine import ISOLATION_MODES
 from .durations import parse_duration
 from .errors import ConfigError
 
@@ -36,6 +37,7 @@ class Config:
     metrics_addr: str = "127.0.0.1:9464"
     workers: int = 0  # 0: decide at start (see serve.resolve_workers)
     log_level: str = "info"
+    policy_isolation: str = "adaptive"  # adaptive | thread | inline (see policy.engine.EvaluatorPool)
     decision: DecisionSettings = field(default_factory=DecisionSettings)
     sessions: "SessionsConfig" = field(default_factory=lambda: SessionsConfig())
     trust_domains: tuple[str, ...] = ()
@@ -168,6 +170,7 @@ _READERS: dict[str, _Reader] = {
     "metrics_addr": lambda v, _b: {"metrics_addr": _address(v, "metrics_addr")},
     "workers": lambda v, _b: {"workers": _int(v, "workers", minimum=1, maximum=1024)} if v != "auto" else {},
     "log_level": lambda v, _b: {"log_level": _log_level(v)},
+    "policy_isolation": lambda v, _b: {"policy_isolation": _choice(v, "policy_isolation", ISOLATION_MODES)},
     "audit": lambda v, b: {"audit": _audit_sinks(v, b)},
     "sessions": lambda v, _b: {"sessions": _sessions(v)},
     "trust_domains": lambda v, _b: {"trust_domains": _trust_domains(v)},
@@ -245,6 +248,13 @@ def _path_prefix(value: Any) -> str:
     if text and (not text.startswith("/") or text.endswith("/")):
         raise ConfigError(f"expected a path like /check (leading slash, no trailing slash), got {text!r}",
                           key="http_path_prefix")
+    return text
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    text = _string(value, key)
+    if text not in choices:
+        raise ConfigError(f"expected one of {', '.join(choices)}, got {value!r}", key=key)
     return text
 
 

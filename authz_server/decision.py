@@ -262,8 +262,10 @@ class Pipeline:
                 decision.valid_until = cached.valid_until
                 return decision
         if document is None:
-            document = build_input(facts, identity.document, signals)
+            document = build_input(facts, identity.document, signals, active.input_tree)
         result = await active.evaluate(document, timeout=self.settings.policy_timeout)
+        if active.input_tree is not None:
+            document = None  # partial: the audit log builds the full input from the facts
         if result is UNDEFINED:
             raise PolicyError("the policy decision is undefined", code="policy_undefined")
         verdict = read_result(result)

@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from .decision import DECISION_ID_HEADER, Decision
 from .errors import RequestError
 from .facts import Facts
+from .policy.inputs import project
 
 CheckRequest = external_auth_pb2.CheckRequest
 CheckResponse = external_auth_pb2.CheckResponse
@@ -53,13 +54,39 @@ _STRUCT = "google.protobuf.Struct"
 _Converter = Callable[[Any], Any]
 
 
-def protomap(message: Message) -> dict[str, Any]:
+def protomap(message: Message, tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The OPA-Envoy form of ``message``; with ``tree`` (see ``policy.inputs``), only the
+    parts it names."""
     descriptor = message.DESCRIPTOR
     if descriptor.full_name == _STRUCT:
         return json_format.MessageToDict(message)
     out: dict[str, Any] = {}
     for field, value in message.ListFields():
-        out[field.json_name] = _converter(field)(value)
+        name = field.json_name
+        if tree is None:
+            out[name] = _converter(field)(value)
+            continue
+        sub = tree.get(name)
+        if sub is None:
+            continue
+        message_type = field.message_type
+        if sub is True or field.is_repeated and not (message_type and message_type.GetOptions().map_entry):
+            out[name] = _converter(field)(value)
+        elif message_type is not None and message_type.GetOptions().map_entry:
+            value_is_message = message_type.fields_by_name["value"].message_type is not None
+            kept: dict[str, Any] = {}
+            for key, wanted in sub.items():
+                if key in value:
+                    item = value[key]
+                    if value_is_message:
+                        kept[key] = protomap(item, None if wanted is True else wanted)
+                    else:
+                        kept[key] = _scalar(message_type.fields_by_name["value"])(item)
+            out[name] = kept
+        elif message_type is not None:
+            out[name] = protomap(value, sub)
+        else:
+            out[name] = _converter(field)(value)
     return out
 
 
@@ -163,7 +190,8 @@ def facts_from_check_request(request: CheckRequest) -> Facts:
         request_id=request_id,
         fingerprint=fingerprint,
         transport="grpc",
-        attributes_factory=lambda: _attributes_as_sent(attributes, request_id, port, time_value, volatile),
+        attributes_factory=lambda tree=None: _attributes_as_sent(attributes, request_id, port, time_value, volatile,
+                                                                 tree),
     )
 
 
@@ -182,9 +210,11 @@ def _without_volatile(request: CheckRequest) -> bytes:
 
 
 def _attributes_as_sent(attributes: attribute_context_pb2.AttributeContext, request_id: str, port: int,
-                        time_value: tuple[int, int] | None, volatile: Mapping[str, str]) -> dict[str, Any]:
-    """``input.attributes`` exactly as OPA-Envoy builds it, volatile fields put back."""
-    document = protomap(attributes)
+                        time_value: tuple[int, int] | None, volatile: Mapping[str, str],
+                        tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``input.attributes`` exactly as OPA-Envoy builds it, volatile fields put back (only
+    the parts ``tree`` names, when given)."""
+    document = protomap(attributes, tree)
     if request_id or time_value is not None or volatile:
         request = document.setdefault("request", {})
         http = request.setdefault("http", {})
@@ -196,7 +226,7 @@ def _attributes_as_sent(attributes: attribute_context_pb2.AttributeContext, requ
             request["time"] = {k: v for k, v in (("seconds", time_value[0]), ("nanos", time_value[1])) if v}
     if port:
         document.setdefault("source", {}).setdefault("address", {}).setdefault("socketAddress", {})["portValue"] = port
-    return document
+    return document if tree is None else project(document, dict(tree))
 
 
 # -- Decision → CheckResponse

@@ -48,12 +48,15 @@ class Facts:
     request_id: str = ""
     fingerprint: bytes = b""  # digest of every non-volatile part of the request
     transport: str = "grpc"
-    attributes_factory: Callable[[], dict[str, Any]] | None = None
+    attributes_factory: Callable[..., dict[str, Any]] | None = None  # (tree=None) -> attributes
     _attributes: dict[str, Any] | None = None
 
-    def attributes(self) -> dict[str, Any]:
+    def attributes(self, tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``input.attributes``; with ``tree``, only the parts it names (not kept)."""
+        factory = self.attributes_factory
+        if tree is not None and self._attributes is None:
+            return factory(tree) if factory is not None else {}
         if self._attributes is None:
-            factory = self.attributes_factory
             self._attributes = factory() if factory is not None else {}
         return self._attributes
 
@@ -61,13 +64,18 @@ class Facts:
         return self.headers.get(name, "")
 
 
-def build_input(facts: Facts, identity: Mapping[str, Any], signals: Mapping[str, Any]) -> dict[str, Any]:
+def build_input(facts: Facts, identity: Mapping[str, Any], signals: Mapping[str, Any],
+                tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The OPA-Envoy v3 input document for ``facts``; raises ``RequestError`` where the
-    OPA-Envoy plugin would answer 400 (bad escapes in path or query, unparsable body)."""
+    OPA-Envoy plugin would answer 400 (bad escapes in path or query, unparsable body),
+    whether or not the policy reads those parts. With ``tree`` (see ``policy.inputs``)
+    ``attributes`` holds only the parts the policy reads; the caller projects the rest."""
     parsed_path, parsed_query = parse_path_and_query(facts.path)
     parsed_body, truncated = parse_body(facts.headers, facts.body, facts.raw_body)
+    attributes_tree = tree.get("attributes") if tree is not None else None
     document: dict[str, Any] = {
-        "attributes": facts.attributes(),
+        "attributes": facts.attributes(attributes_tree if isinstance(attributes_tree, Mapping) else None)
+        if tree is None or "attributes" in tree else {},
         "parsed_path": parsed_path,
         "parsed_query": parsed_query,
         "parsed_body": parsed_body,

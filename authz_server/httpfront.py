@@ -37,6 +37,7 @@ import httptools
 from .decision import DECISION_ID_HEADER, Decision, Pipeline
 from .errors import RequestError
 from .facts import Facts
+from .policy.inputs import project
 from .http import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_HEADERS, HttpRequest, HttpResponse, bind_socket
 
 log = logging.getLogger("authz_server.httpfront")
@@ -145,7 +146,7 @@ def facts_from_http(request: HttpRequest, path_prefix: str) -> Facts:
             digest.update(f"{name}\0{request.headers[name]}\0".encode("utf-8", "surrogateescape"))
     digest.update(body_bytes)
 
-    def attributes() -> dict[str, Any]:
+    def attributes(tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
         http: dict[str, Any] = {"method": method, "headers": dict(headers), "path": target, "host": host,
                                 "protocol": "HTTP/1.1"}
         if "x-request-id" in headers:
@@ -170,7 +171,7 @@ def facts_from_http(request: HttpRequest, path_prefix: str) -> Facts:
             document["source"] = source
         if context:
             document["contextExtensions"] = dict(context)
-        return document
+        return document if tree is None else project(document, dict(tree))
 
     return Facts(
         method=method, path=target, headers=headers, body=body, raw_body=raw_body, host=host,

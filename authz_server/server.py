@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .audit import AuditLog
 from .config import Config
 from .decision import Decision, Pipeline
 from .envoy import check_response_bytes, facts_from_check_request, parse_check_request
@@ -90,6 +91,7 @@ class App:
     health: health.aio.HealthServicer
     reuse_port: bool = False
     identity: IdentityService | None = None
+    audit: AuditLog | None = None
     server: grpc.aio.Server | None = None
     bound: dict[str, str] = field(default_factory=dict)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -133,6 +135,8 @@ class App:
             self._http_servers.append(server)
             self.bound["metrics_addr"] = address
         self._tasks.append(asyncio.create_task(self.runtime.watch(), name="policy-watch"))
+        if self.audit is not None:
+            self.audit.start()
         await self._start_identity()
         await self._update_health()
         return self.bound
@@ -181,6 +185,8 @@ class App:
                 close = getattr(part, "close", None)
                 if close is not None:
                     await close()
+        if self.audit is not None:
+            await self.audit.stop()  # after the fronts: every decision made is flushed (within a bound)
         self.runtime.close()
 
 
@@ -201,13 +207,16 @@ def build_identity(config: Config) -> IdentityService:
 
 def build_app(config: Config, *, reuse_port: bool = False) -> App:
     """Wire one server from one config; nothing global is touched."""
-    runtime = PolicyRuntime(config.policies, query=config.query)
+    runtime = PolicyRuntime(config.policies, query=config.query, isolation=config.policy_isolation)
     metrics = Metrics()
     identity = build_identity(config)
+    audit = AuditLog.from_specs(config.audit, query=config.query) if config.audit else None
     pipeline = Pipeline(runtime, settings=config.decision, identity=identity,
-                        observers=[metrics.observe_decision, _log_decision])
+                        observers=[metrics.observe_decision, _log_decision, *([audit.observe] if audit else [])])
     metrics.watch(pipeline_collector(pipeline, runtime))
+    if audit is not None:
+        metrics.watch(audit.collect)
     app = App(config=config, runtime=runtime, pipeline=pipeline, metrics=metrics,
-              health=health.aio.HealthServicer(), reuse_port=reuse_port, identity=identity)
+              health=health.aio.HealthServicer(), reuse_port=reuse_port, identity=identity, audit=audit)
     runtime.listeners.append(app.on_policy_change)
     return app

@@ -13,13 +13,19 @@ import rego.v1
 
 default allow := false
 
-context := object.get(input.attributes, "contextExtensions", {})
+default context := {}
+
+context := input.attributes.contextExtensions
 
 service := object.get(context, "service", "")
 
-identity := object.get(input, "identity", {})
+default identity := {}
 
-signals := object.get(input, "signals", {})
+identity := input.identity
+
+default signals := {}
+
+signals := input.signals
 
 sensitivity := s if {
 	s := signals.sensitivity

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from ..errors import PolicyError
 from .engine import CompiledPolicy, EvaluatorPool, validate_query
+from .inputs import Tree, input_paths, project
 from .preflight import preflight, preflight_async
 from .source import CacheSettings, PolicySet, load_policy_set, snapshot
 
@@ -31,10 +32,12 @@ class ActivePolicy:
     loaded_at: float
     key_prefix: bytes = b""
     reads_clock: bool = False
+    input_tree: Tree | None = None  # the parts of input the policy reads (None: all of it)
 
     def __post_init__(self) -> None:
         self.key_prefix = hashlib.blake2b(f"{self.version}\0{self.query}".encode(), digest_size=16).digest()
         self.reads_clock = self.policy_set.reads_clock
+        self.input_tree = input_paths(self.policy_set.serving_modules)
 
     @property
     def version(self) -> str:
@@ -45,7 +48,7 @@ class ActivePolicy:
         return self.policy_set.cache
 
     async def evaluate(self, document: Any, *, timeout: float) -> Any:
-        return await self.pool.evaluate(document, timeout=timeout)
+        return await self.pool.evaluate(project(document, self.input_tree), timeout=timeout)
 
 
 @dataclass
@@ -68,6 +71,7 @@ class PolicyRuntime:
     root: str
     query: str = "data.envoy.authz.allow"
     pool_size: int = 2
+    isolation: str = "adaptive"  # see EvaluatorPool
     run_tests: bool = True
     active: ActivePolicy | None = None
     status: ReloadStatus = field(default_factory=ReloadStatus)
@@ -119,7 +123,7 @@ class PolicyRuntime:
 
     def _activate(self, policy_set: PolicySet) -> None:
         compiled = CompiledPolicy(policy_set, self.query)
-        pool = EvaluatorPool(compiled, size=self.pool_size, on_timeout=self._count_timeout)
+        pool = EvaluatorPool(compiled, size=self.pool_size, on_timeout=self._count_timeout, isolation=self.isolation)
         previous = self.active
         self.active = ActivePolicy(policy_set, self.query, pool, loaded_at=time.time())
         self.status.reloads_ok += 1

@@ -1,0 +1,111 @@
+"""The engine only gets the parts of input a policy reads, and decides exactly as with all of it."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import jwt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from authz_server.envoy import check_request_from_json, facts_from_check_request
+from authz_server.facts import build_input
+from authz_server.policy.engine import CompiledPolicy
+from authz_server.policy.inputs import input_paths, project
+from authz_server.policy.source import load_policy_set
+from tests.support.authz import REPO, TUTORIAL_POLICY
+
+
+def paths(source: str):  # type: ignore[no-untyped-def]
+    return input_paths({"p.rego": source})
+
+
+def test_direct_references_and_import_aliases() -> None:
+    tree = paths('package x\nimport input.attributes.request.http as h\nimport input.parsed_query\n'
+                 'allow if { h.headers["x-a"] == "1"; parsed_query.z; input.attributes.source.principal }\n')
+    assert tree == {"attributes": {"request": {"http": {"headers": {"x-a": True}}}, "source": {"principal": True}},
+                    "parsed_query": {"z": True}}
+
+
+def test_dynamic_keys_keep_the_subtree() -> None:
+    assert paths('package x\nallow if { some k; input.attributes.request.http.headers[k] == "v" }') == {
+        "attributes": {"request": {"http": {"headers": True}}}}
+
+
+def test_whole_input_when_it_cannot_follow() -> None:
+    assert paths("package x\nallow if object.get(input, \"a\", 1) == 1") is None
+    assert paths("package x\nallow if input[k] == 1") is None
+    assert paths("package x\nallow if walk(input, [p, v])") is None
+    assert paths("package x\nallow if data.y.allow with input as {}") is None
+
+
+def test_strings_comments_and_fields_named_like_roots_are_not_references() -> None:
+    assert paths('package x\n# input.secret\nallow if { "input.a" == x; request.http == 1 }\nhttp := 1') == {}
+
+
+def test_lists_are_kept_whole() -> None:
+    document = {"parsed_path": ["a", "b"], "attributes": {"x": 1}}
+    assert project(document, paths("package x\nallow if input.parsed_path[0] == \"a\"")) == {"parsed_path": ["a", "b"]}
+
+
+def _token(role: str, sub: str) -> str:
+    return jwt.encode({"role": role, "sub": base64.urlsafe_b64encode(sub.encode()).decode().rstrip("="),
+                       "nbf": 1_600_000_000, "exp": 4_000_000_000}, "secret", algorithm="HS256")
+
+
+requests = st.fixed_dictionaries({
+    "method": st.sampled_from(["GET", "POST", "DELETE"]),
+    "path": st.sampled_from(["/people", "/people/bob", "/orders", "/people/x/y", "/"]),
+    "role": st.sampled_from(["guest", "admin", "nobody"]),
+    "sub": st.sampled_from(["alice", "bob"]),
+    "firstname": st.sampled_from(["Alice", "bob", "Carol"]),
+    "x_role": st.sampled_from(["guest", "admin", ""]),
+    "service": st.sampled_from(["frontend", "orders", "payments", ""]),
+    "sensitivity": st.sampled_from(["low", "medium", "high"]),
+    "user": st.booleans(),
+    "caller": st.sampled_from(["", "spiffe://example.org/frontend", "spiffe://example.org/orders"]),
+})
+
+
+def _documents(case: dict) -> dict:
+    body = json.dumps({"firstname": case["firstname"]})
+    headers = {"authorization": f"Bearer {_token(case['role'], case['sub'])}", "x-role": case["x_role"],
+               "content-type": "application/json", "content-length": str(len(body))}
+    request = check_request_from_json({"attributes": {
+        "request": {"http": {"method": case["method"], "path": case["path"], "headers": headers, "body": body}},
+        "contextExtensions": {"service": case["service"], "sensitivity": case["sensitivity"]}}})
+    identity = {"method": "session" if case["user"] else "mtls",
+                "user": {"sub": case["sub"]} if case["user"] else None,
+                "workload": {"spiffe_id": case["caller"]} if case["caller"] else None,
+                "session": {"id_sha256": "x", "bound_to": {"spiffe_id": case["caller"]}} if case["user"] else None,
+                "delegation": []}
+    return build_input(facts_from_check_request(request), identity, {})
+
+
+POLICIES = [TUTORIAL_POLICY, REPO / "policies", REPO / "tests" / "bench" / "policies" / "route_rule"]
+
+
+@pytest.fixture(scope="module")
+def evaluators():  # type: ignore[no-untyped-def]
+    built = []
+    for folder in POLICIES:
+        policy_set = load_policy_set(folder)
+        built.append((CompiledPolicy.compile(policy_set, "data.envoy.authz.allow").new_evaluator(),
+                      input_paths(policy_set.serving_modules)))
+    yield built
+    built.clear()  # free the native interpreters before the interpreter shuts down
+
+
+def test_the_shipped_policies_are_projected(evaluators) -> None:  # type: ignore[no-untyped-def]
+    assert all(tree is not None for _, tree in evaluators)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(case=requests)
+def test_projected_and_full_inputs_decide_alike(evaluators, case: dict) -> None:  # type: ignore[no-untyped-def]
+    document = _documents(case)
+    for evaluator, tree in evaluators:
+        assert evaluator.evaluate(project(document, tree)) == evaluator.evaluate(document)

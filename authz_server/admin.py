@@ -14,30 +14,15 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 import grpc
-from cryptography import x509
 
 from ._proto import authz_admin_pb2 as pb
 from ._proto import authz_admin_pb2_grpc as pb_grpc
 from .errors import AuthzError, SessionError
 from .identity.resolver import IdentityService, accept_actor
 from .identity.sessions import Binding, Session, new_session_id, session_key
+from .tls import SpiffeIdCheck, peer_spiffe_id
 
 log = logging.getLogger("authz_server.admin")
-
-
-def peer_spiffe_id(context: grpc.aio.ServicerContext) -> str | None:
-    """The URI SAN of the client certificate gRPC's TLS verified, if it is a SPIFFE ID."""
-    auth = context.auth_context() or {}
-    pems = auth.get("x509_pem_cert") or []
-    if not pems:
-        return None
-    try:
-        certificate = x509.load_pem_x509_certificate(pems[0])
-        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
-        return None
-    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
-    return uris[0] if len(uris) == 1 else None
 
 
 def _info(session: Session) -> pb.SessionInfo:
@@ -53,15 +38,16 @@ class AdminService(pb_grpc.AdminServicer):
     def __init__(self, identity: IdentityService, allowed: tuple[str, ...], *,
                  clock: Callable[[], float] = time.time) -> None:
         self._identity = identity
-        self._allowed = accept_actor(allowed)
+        self._check = SpiffeIdCheck(accept_actor(allowed))
         self._clock = clock
 
     async def _caller(self, context: grpc.aio.ServicerContext, action: str) -> str:
-        caller = peer_spiffe_id(context)
-        if caller is None or not self._allowed(caller):
-            log.warning("admin %s refused for %s from %s", action, caller or "a caller without a SPIFFE ID",
+        caller = self._check.caller(context)
+        if caller is None:
+            presented = peer_spiffe_id(context.auth_context() or {})
+            log.warning("admin %s refused for %s from %s", action, presented or "a caller without a SPIFFE ID",
                         context.peer())
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{caller or 'no SPIFFE ID'} may not use the "
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{presented or 'no SPIFFE ID'} may not use the "
                                                                      "admin API")
         log.info("admin %s by %s", action, caller)
         assert caller is not None

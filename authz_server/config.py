@@ -28,6 +28,30 @@ DEFAULT_QUERY = "data.envoy.authz.allow"
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """mTLS on the ext_authz gRPC port and the admin port."""
+
+    spiffe_socket: str = ""  # SVID and bundles from the Workload API, or the three files:
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+    allowed_clients: tuple[str, ...] = ()  # SPIFFE IDs (or spiffe://domain/*) admitted; empty: any valid cert
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    addr: str = ""  # off unless set; always mTLS
+    allowed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    settings: SessionSettings = field(default_factory=SessionSettings)
+    store: str = "memory"  # or redis://host:port/db, rediss://, unix://
+    near_cache_ttl: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     addr: str = "127.0.0.1:9191"
     http_addr: str = ""
@@ -39,9 +63,11 @@ class Config:
     log_level: str = "info"
     policy_isolation: str = "adaptive"  # adaptive | thread | inline (see policy.engine.EvaluatorPool)
     decision: DecisionSettings = field(default_factory=DecisionSettings)
-    sessions: "SessionsConfig" = field(default_factory=lambda: SessionsConfig())
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
     trust_domains: tuple[str, ...] = ()
     issuers: tuple[Any, ...] = ()  # identity.oidc.IssuerConfig, one per trusted issuer
+    tls: TlsConfig | None = None
+    admin: AdminConfig = field(default_factory=AdminConfig)
     audit: tuple[str, ...] = ()
     source: str = ""  # the file this came from, for messages
 
@@ -49,13 +75,6 @@ class Config:
         known = {f.name for f in fields(self)}
         clean = {k: v for k, v in overrides.items() if v is not None and k in known}
         return replace(self, **clean)
-
-
-@dataclass(frozen=True)
-class SessionsConfig:
-    settings: SessionSettings = field(default_factory=SessionSettings)
-    store: str = "memory"  # or redis://host:port/db, rediss://, unix://
-    near_cache_ttl: float = 5.0
 
 
 # -- small checked readers: each names the key it reads
@@ -173,6 +192,8 @@ _READERS: dict[str, _Reader] = {
     "policy_isolation": lambda v, _b: {"policy_isolation": _choice(v, "policy_isolation", ISOLATION_MODES)},
     "audit": lambda v, b: {"audit": _audit_sinks(v, b)},
     "sessions": lambda v, _b: {"sessions": _sessions(v)},
+    "tls": lambda v, b: {"tls": _tls(v, b)},
+    "admin": lambda v, _b: {"admin": _admin(v)},
     "trust_domains": lambda v, _b: {"trust_domains": _trust_domains(v)},
 }
 _DECISION_KEYS = {"decision_cache", "policy_timeout", "deny_status", "dry_run"}
@@ -192,6 +213,41 @@ def _trust_domains(value: Any) -> tuple[str, ...]:
             raise ConfigError(f"expected a trust domain name like example.org, got {domain!r}",
                               key=f"trust_domains[{index}]")
     return domains
+
+
+def _spiffe_patterns(value: Any, key: str) -> tuple[str, ...]:
+    patterns = _string_list(value, key)
+    for index, pattern in enumerate(patterns):
+        if not pattern.startswith("spiffe://"):
+            raise ConfigError(f"expected a SPIFFE ID or spiffe://domain/* pattern, got {pattern!r}",
+                              key=f"{key}[{index}]")
+    return patterns
+
+
+def _tls(value: Any, base_dir: str | None) -> TlsConfig:
+    data = _mapping(value, "tls")
+    _only(data, {"spiffe_socket", "cert_file", "key_file", "ca_file", "allowed_clients"}, "tls.")
+    files = {k: resolve_path(_string(data[k], f"tls.{k}"), base_dir) for k in ("cert_file", "key_file", "ca_file")
+             if k in data}
+    socket = _string(data.get("spiffe_socket", ""), "tls.spiffe_socket")
+    if socket and files:
+        raise ConfigError("give either spiffe_socket or cert_file/key_file/ca_file, not both", key="tls")
+    if not socket and len(files) != 3:
+        missing = sorted({"cert_file", "key_file", "ca_file"} - set(files))
+        raise ConfigError(f"needs spiffe_socket, or all of cert_file, key_file and ca_file (missing: "
+                          f"{', '.join(missing)})", key="tls")
+    allowed = _spiffe_patterns(data["allowed_clients"], "tls.allowed_clients") if "allowed_clients" in data else ()
+    return TlsConfig(spiffe_socket=socket, allowed_clients=allowed, **files)
+
+
+def _admin(value: Any) -> AdminConfig:
+    data = _mapping(value, "admin")
+    _only(data, {"addr", "allowed"}, "admin.")
+    allowed = _spiffe_patterns(data.get("allowed", []), "admin.allowed")
+    addr = _address(data.get("addr", ""), "admin.addr")
+    if addr and not allowed:
+        raise ConfigError("list the SPIFFE IDs allowed to use the admin API", key="admin.allowed")
+    return AdminConfig(addr=addr, allowed=allowed)
 
 
 def _sessions(value: Any) -> SessionsConfig:
@@ -289,7 +345,10 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: str | None = None,
         if key in data:
             values.update(reader(data[key], base_dir))
     values["decision"] = _decision_settings(data, DecisionSettings())
-    return Config(**values)
+    config = Config(**values)
+    if config.admin.addr and config.tls is None:
+        raise ConfigError("the admin API is served over mTLS only: configure tls", key="admin.addr")
+    return config
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

@@ -23,15 +23,16 @@ from .audit import AuditLog
 from .config import Config
 from .decision import Decision, Pipeline
 from .envoy import check_response_bytes, facts_from_check_request, parse_check_request
-from .errors import AuthzError, RequestError
+from .errors import AuthzError, RequestError, WorkloadError
 from .http import serve_http
 from .identity.redis_store import RedisStore
-from .identity.resolver import IdentityService
+from .identity.resolver import IdentityService, accept_actor
 from .identity.sessions import MemoryStore
 from .identity.workloads import PrincipalVerifier, accept_trust_domains
 from .httpfront import HttpFront, serve_http_front
 from .metrics import Metrics, pipeline_collector
 from .policy.loader import PolicyRuntime
+from .tls import SpiffeIdCheck, TlsSource, server_credentials, tls_source_from
 
 log = logging.getLogger("authz_server.server")
 
@@ -43,14 +44,19 @@ POLICY_HEALTH_SERVICE = "authz_server.PolicyReload"
 
 class AuthorizationServicer:
     def __init__(self, pipeline: Pipeline, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, clients: SpiffeIdCheck | None = None) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
         self._clock = clock
+        self._clients = clients  # mTLS: which sidecars may ask
 
     async def check(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
         now = self._clock()
+        if self._clients is not None and self._clients.caller(context) is None:
+            decision = self._pipeline.refuse(WorkloadError(
+                f"{context.peer()} is not an allowed ext_authz client", code="ext_authz_client_not_allowed"), now=now)
+            return check_response_bytes(decision)
         try:
             facts = facts_from_check_request(parse_check_request(raw))
         except RequestError as exc:
@@ -93,6 +99,8 @@ class App:
     identity: IdentityService | None = None
     audit: AuditLog | None = None
     server: grpc.aio.Server | None = None
+    admin_server: grpc.aio.Server | None = None
+    tls: TlsSource | None = None
     bound: dict[str, str] = field(default_factory=dict)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _http_servers: list[asyncio.Server] = field(default_factory=list)
@@ -114,16 +122,26 @@ class App:
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
             ])
-            AuthorizationServicer(self.pipeline, self.metrics).register(self.server)
+            clients = None
+            if self.config.tls is not None and self.config.tls.allowed_clients:
+                clients = SpiffeIdCheck(accept_actor(self.config.tls.allowed_clients))
+            AuthorizationServicer(self.pipeline, self.metrics, clients=clients).register(self.server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
             reflection.enable_server_reflection(
                 [AUTHORIZATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-            port = self.server.add_insecure_port(self.config.addr)
+            if self.config.tls is not None:
+                self.tls = await asyncio.to_thread(tls_source_from, self.config.tls)
+            if self.tls is not None:
+                port = self.server.add_secure_port(self.config.addr, server_credentials(self.tls))
+            else:
+                port = self.server.add_insecure_port(self.config.addr)
             if port == 0 and not self.config.addr.startswith("unix:"):
                 raise OSError(f"cannot bind gRPC address {self.config.addr}")
             await self.server.start()
             host = self.config.addr.rpartition(":")[0]
             self.bound["addr"] = self.config.addr if self.config.addr.startswith("unix:") else f"{host}:{port}"
+        if self.config.admin.addr:
+            await self._start_admin()
         if self.config.http_addr:
             front = HttpFront(self.pipeline, path_prefix=self.config.http_path_prefix,
                               on_latency=self.metrics.observe_latency)
@@ -140,6 +158,23 @@ class App:
         await self._start_identity()
         await self._update_health()
         return self.bound
+
+    async def _start_admin(self) -> None:
+        from .admin import AdminService
+        from ._proto import authz_admin_pb2_grpc
+
+        if self.tls is None:
+            assert self.config.tls is not None
+            self.tls = await asyncio.to_thread(tls_source_from, self.config.tls)
+        assert self.tls is not None and self.identity is not None
+        self.admin_server = grpc.aio.server()
+        authz_admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.identity, self.config.admin.allowed),
+                                                         self.admin_server)
+        port = self.admin_server.add_secure_port(self.config.admin.addr, server_credentials(self.tls))
+        await self.admin_server.start()
+        host = self.config.admin.addr.rpartition(":")[0]
+        self.bound["admin_addr"] = (self.config.admin.addr if self.config.admin.addr.startswith("unix:")
+                                    else f"{host}:{port}")
 
     async def _start_identity(self) -> None:
         if self.identity is None:
@@ -177,6 +212,11 @@ class App:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.admin_server is not None:
+            await self.admin_server.stop(grace)
+        if self.tls is not None:
+            self.tls.close()
+            self.tls = None
         for server in self._http_servers:
             server.close()
         self._http_servers.clear()

@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import os
 import socket
+import ssl as ssl_module
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Union
@@ -43,6 +44,7 @@ class HttpRequest:
     headers: dict[str, str]  # lower-case names; repeated headers joined with ","
     body: bytes = b""
     peer: tuple[str, int] | None = None
+    peer_certificate: bytes = b""  # DER of the client certificate TLS verified, if any
 
     @property
     def path(self) -> str:
@@ -90,7 +92,7 @@ Handler = Callable[[HttpRequest], Union[HttpResponse, Awaitable[HttpResponse]]]
 class _Connection(asyncio.Protocol):
     __slots__ = (
         "_handler", "_transport", "_parser", "_url", "_headers", "_header_bytes", "_body",
-        "_peer", "_queue", "_busy", "_closing", "_last_name",
+        "_peer", "_queue", "_busy", "_closing", "_last_name", "_peer_certificate",
     )
 
     def __init__(self, handler: Handler) -> None:
@@ -106,12 +108,16 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         self._closing = False
         self._last_name = ""
+        self._peer_certificate = b""
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self._peer = peer[:2] if isinstance(peer, tuple) else None
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:
+            self._peer_certificate = tls.getpeercert(binary_form=True) or b""
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -166,6 +172,7 @@ class _Connection(asyncio.Protocol):
             self._headers,
             b"".join(self._body),
             self._peer,
+            self._peer_certificate,
         )
         keep_alive = parser.should_keep_alive()
         try:
@@ -238,11 +245,13 @@ def bind_socket(address: str, *, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
-async def serve_http(handler: Handler, address: str, *, reuse_port: bool = False) -> tuple[asyncio.Server, str]:
-    """Start serving ``handler`` on ``address``; returns the server and the bound address."""
+async def serve_http(handler: Handler, address: str, *, reuse_port: bool = False,
+                     ssl: "ssl_module.SSLContext | None" = None) -> tuple[asyncio.Server, str]:
+    """Start serving ``handler`` on ``address`` (over TLS with ``ssl``); returns the server
+    and the bound address."""
     sock = bind_socket(address, reuse_port=reuse_port)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Connection(handler), sock=sock)
+    server = await loop.create_server(lambda: _Connection(handler), sock=sock, ssl=ssl)
     if sock.family == socket.AF_UNIX:
         bound = address
     else:

@@ -147,18 +147,60 @@ def server_credentials(source: TlsSource, *, require_client_auth: bool = True) -
                                                require_client_authentication=require_client_auth)
 
 
-def peer_spiffe_id(auth_context: dict[str, list[bytes]]) -> str | None:
-    """The single SPIFFE ID URI SAN of the client certificate gRPC verified."""
-    pems = auth_context.get("x509_pem_cert") or []
-    if not pems:
-        return None
+class ServerSslContext:
+    """An ``ssl.SSLContext`` for asyncio servers that follows the source's rotations
+    (checked at most once a second, before new handshakes)."""
+
+    def __init__(self, source: TlsSource, *, require_client_cert: bool = True) -> None:
+        import ssl
+
+        self._source = source
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+        self._version = ""
+        self._checked = 0.0
+        self.refresh()
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        if self._version and now - self._checked < 1.0:
+            return
+        self._checked = now
+        material = self._source.material()
+        if material.version == self._version:
+            return
+        import tempfile
+
+        # The ssl module loads keys from files only; the files live for the call alone.
+        with tempfile.TemporaryDirectory() as folder:
+            chain, key = Path(folder) / "chain.pem", Path(folder) / "key.pem"
+            chain.write_bytes(material.chain_pem)
+            key.write_bytes(material.key_pem)
+            key.chmod(0o600)
+            self.context.load_cert_chain(chain, key)
+        self.context.load_verify_locations(cadata=material.roots_pem.decode())
+        self._version = material.version
+
+
+def _spiffe_id(load: Callable[[], x509.Certificate]) -> str | None:
     try:
-        certificate = x509.load_pem_x509_certificate(pems[0])
-        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = load().extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (ValueError, x509.ExtensionNotFound):
         return None
     uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
-    return uris[0] if len(uris) == 1 else None
+    return uris[0] if len(uris) == 1 else None  # an SVID has exactly one URI SAN
+
+
+def spiffe_id_of(der: bytes) -> str | None:
+    """The SPIFFE ID of a DER certificate (asyncio TLS peers)."""
+    return _spiffe_id(lambda: x509.load_der_x509_certificate(der)) if der else None
+
+
+def peer_spiffe_id(auth_context: dict[str, list[bytes]]) -> str | None:
+    """The SPIFFE ID of the client certificate gRPC verified."""
+    pems = auth_context.get("x509_pem_cert") or []
+    return _spiffe_id(lambda: x509.load_pem_x509_certificate(pems[0])) if pems else None
 
 
 class SpiffeIdCheck:
@@ -193,5 +235,5 @@ def tls_source_from(config: Any) -> TlsSource | None:
     return FileTls(config.cert_file, config.key_file, config.ca_file)
 
 
-__all__ = ["FileTls", "SpiffeIdCheck", "TlsMaterial", "TlsSource", "WorkloadApiTls", "peer_spiffe_id",
-           "server_credentials", "tls_source_from"]
+__all__ = ["FileTls", "ServerSslContext", "SpiffeIdCheck", "TlsMaterial", "TlsSource", "WorkloadApiTls",
+           "peer_spiffe_id", "server_credentials", "spiffe_id_of", "tls_source_from"]

@@ -1,0 +1,135 @@
+"""One decision as an audit record, in the shape of OPA's decision logs.
+
+OPA's fields: ``decision_id``, ``timestamp`` (RFC 3339, UTC), ``path`` (the policy rule
+queried, ``envoy/authz/allow``), ``input``, ``result``, ``bundles`` (here one bundle,
+``authz``, whose ``revision`` is our policy version), ``labels`` (``app``, ``id`` of this
+server instance, ``version``), ``metrics`` (``timer_server_handler_ns``), ``requested_by``
+(the peer address Envoy saw), ``masked``/``erased`` (what redaction changed).
+Ours, beside them: ``allowed``, ``reason`` (the stable code), ``message``, ``http_status``,
+``phase``, ``cached``, ``dry_run``/``would_allow``, ``subject``, ``spiffe_id``,
+``transport`` and ``request_id`` (Envoy's ``x-request-id``).
+
+Built by the writer, off the request path: a cache hit carries no input document, so it
+is built here from the facts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ..errors import AuthzError
+from ..facts import Facts, build_input
+from .redact import Redactor
+
+if TYPE_CHECKING:
+    from ..decision import Decision
+
+BUNDLE_NAME = "authz"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """A redacted record plus the columns sinks index on. ``line`` is ``document`` as one
+    line of JSON, rendered once for every sink that writes text."""
+
+    decision_id: str
+    timestamp: float  # Unix seconds
+    subject: str
+    spiffe_id: str
+    allowed: bool
+    code: str
+    policy_version: str
+    document: Mapping[str, Any]
+    line: str
+
+
+def rfc3339(seconds: float) -> str:
+    """``2026-01-02T03:04:05.123456Z`` (microseconds: what a float of Unix seconds holds)."""
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_rfc3339(text: str) -> float:
+    value = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
+
+
+def query_path(query: str) -> str:
+    """``data.envoy.authz.allow`` → ``envoy/authz/allow``, as OPA logs it."""
+    return query.removeprefix("data.").replace(".", "/")
+
+
+def who(identity: Mapping[str, Any]) -> tuple[str, str]:
+    """(subject, spiffe_id) from ``input.identity``: the user if there is one, else the workload."""
+    workload = identity.get("workload") if identity else None
+    spiffe_id = workload.get("spiffe_id", "") if isinstance(workload, Mapping) else ""
+    user = identity.get("user") if identity else None
+    subject = user.get("sub", "") if isinstance(user, Mapping) else ""
+    return (str(subject or spiffe_id or ""), str(spiffe_id or ""))
+
+
+def _input_for(decision: "Decision", facts: Facts | None) -> dict[str, Any] | None:
+    if decision.input is not None:
+        return decision.input
+    if facts is None:
+        return None
+    try:
+        return build_input(facts, decision.identity.document, decision.signals)
+    except AuthzError:  # the request that was refused for this very reason: its attributes still tell
+        return {"attributes": facts.attributes(), "identity": dict(decision.identity.document)}
+
+
+def build_document(decision: "Decision", facts: Facts | None, now: float, *, handler_ns: int, path: str,
+                   labels: Mapping[str, str]) -> dict[str, Any]:
+    """The unredacted record (pass it to ``Redactor.redact`` before anything else sees it)."""
+    subject, spiffe_id = who(decision.identity.document)
+    document: dict[str, Any] = {
+        "decision_id": decision.decision_id,
+        "timestamp": rfc3339(now),
+        "path": path,
+        "labels": dict(labels),
+        "bundles": {BUNDLE_NAME: {"revision": decision.policy_version}},
+    }
+    input_document = _input_for(decision, facts)
+    if input_document is not None:
+        document["input"] = input_document
+    if decision.result is not None:
+        document["result"] = decision.result
+    if facts is not None and facts.source_address:
+        document["requested_by"] = f"{facts.source_address}:{facts.source_port}" if facts.source_port else \
+            facts.source_address
+    document["metrics"] = {"timer_server_handler_ns": handler_ns}
+    document.update({
+        "allowed": decision.allowed,
+        "reason": decision.code,
+        "message": decision.reason,
+        "http_status": decision.http_status,
+        "phase": decision.phase,
+        "cached": decision.cached,
+        "dry_run": decision.dry_run,
+        "subject": subject,
+        "spiffe_id": spiffe_id,
+    })
+    if decision.dry_run:
+        document["would_allow"] = decision.would_allow
+    if facts is not None:
+        document["transport"] = facts.transport
+        if facts.request_id:
+            document["request_id"] = facts.request_id
+    return document
+
+
+def make_record(decision: "Decision", facts: Facts | None, now: float, *, handler_ns: int, path: str,
+                labels: Mapping[str, str], redactor: Redactor) -> AuditRecord:
+    document = redactor.redact(build_document(decision, facts, now, handler_ns=handler_ns, path=path,
+                                              labels=labels))
+    return AuditRecord(
+        decision_id=decision.decision_id, timestamp=now, subject=document["subject"],
+        spiffe_id=document["spiffe_id"], allowed=decision.allowed, code=decision.code,
+        policy_version=decision.policy_version, document=document,
+        line=json.dumps(document, separators=(",", ":"), default=str),
+    )

@@ -1,0 +1,370 @@
+"""Redaction: the one choke point every audit record passes before any sink sees it.
+
+Two layers, both applied by ``Redactor.redact``:
+
+1. **By place** (the OPA-Envoy input's known locations):
+   - request headers (``input.attributes.request.http.headers`` and the raw ``headerMap``
+     form): ``authorization`` and ``proxy-authorization`` keep only their scheme
+     (``Bearer [REDACTED]``); ``cookie`` and ``set-cookie`` keep cookie names and attributes,
+     never values; ``x-session-id`` and every header whose name contains ``token``,
+     ``secret``, ``session``, ``password``, ``passwd``, ``api-key``, ``apikey`` or
+     ``credential`` is replaced whole;
+   - token-like query and form parameters (``TOKEN_PARAMETERS``) in ``http.path``,
+     ``http.query``, the body, ``parsed_query`` and ``parsed_body``;
+   - ``input.identity.session``: only ``id_sha256``, ``created``, ``expires`` and
+     ``bound_to`` are kept; anything else there is erased;
+   - header maps inside an object policy result (``headers``, ``response_headers_to_add``).
+2. **By shape**, over every string of the record (odd headers, context extensions,
+   metadata, messages): JWT/JWS/JWE-looking strings, ``Bearer``/``Basic``/``DPoP``/...
+   credentials, ``name=value`` token parameters and ``"name": "value"`` JSON members.
+
+The record is never modified in place (``decision.input`` is the document the policy
+saw); the result is a new tree. JSON pointers (RFC 6901) of what was replaced are listed in
+``masked`` and of what was removed in ``erased``, as OPA's decision logs do.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping
+from typing import Any, Callable
+
+REDACTED = "[REDACTED]"
+
+# Query, form and JSON member names whose values are credentials (RFC 6749, RFC 8693, OIDC).
+TOKEN_PARAMETERS = frozenset({
+    "access_token", "id_token", "refresh_token", "token", "session", "session_id", "sessionid",
+    "client_secret", "password", "passwd", "api_key", "apikey", "jwt", "assertion", "client_assertion",
+    "subject_token", "actor_token", "code_verifier",
+})
+_SCHEME_HEADERS = frozenset({"authorization", "proxy-authorization"})
+_SECRET_HEADER_WORDS = ("token", "secret", "session", "password", "passwd", "api-key", "apikey", "credential")
+_SESSION_KEYS = frozenset({"id_sha256", "created", "expires", "bound_to"})
+_COOKIE_ATTRIBUTES = frozenset({"path", "domain", "expires", "max-age", "samesite", "priority"})
+_FLAG_ATTRIBUTES = frozenset({"secure", "httponly", "partitioned"})
+_RESULT_HEADER_KEYS = frozenset({"headers", "response_headers_to_add", "request_headers_to_add"})
+
+_B64URL = r"[A-Za-z0-9_-]"
+# A JOSE header is a base64url JSON object, so it starts with "ey" ('{' then '"', ' ', or a newline).
+_JWT = re.compile(rf"ey{_B64URL}{{8,}}\.{_B64URL}*\.{_B64URL}*(?:\.{_B64URL}*\.{_B64URL}*)?")
+_SCHEMES = ("bearer", "basic", "dpop", "negotiate", "ntlm", "mac")
+_SCHEME_CREDENTIAL = re.compile(r"(?i)(?<![A-Za-z0-9])(" + "|".join(_SCHEMES) + r")(\s+)[A-Za-z0-9._~+/=:-]{8,}")
+# name=value where the name starts the string or follows a separator; names are checked in
+# code (an alternation of names under IGNORECASE is several times slower to scan).
+_PARAMETER = re.compile(r"(?<![^?&;#\s])([A-Za-z0-9_.-]{1,64})=([^&#;\s]*)")
+_JSON_MEMBER = re.compile(r'"([A-Za-z_]{1,32})"(\s*:\s*)"(?:[^"\\]|\\.)*"')
+
+
+def _parameter(match: re.Match[str]) -> str:
+    if match.group(1).lower() in TOKEN_PARAMETERS and match.group(2):
+        return f"{match.group(1)}={REDACTED}"
+    return match.group(0)
+
+
+def _json_member(match: re.Match[str]) -> str:
+    if match.group(1).lower() in TOKEN_PARAMETERS:
+        return f'"{match.group(1)}"{match.group(2)}"{REDACTED}"'
+    return match.group(0)
+
+
+def scrub_text(text: str) -> str:
+    """Credentials recognised by their shape, wherever they are in ``text``."""
+    if len(text) < 8:
+        return text
+    if "ey" in text and "." in text:
+        text = _JWT.sub(REDACTED, text)
+    if " " in text or "\t" in text:
+        lowered = text.lower()
+        if any(scheme in lowered for scheme in _SCHEMES):
+            text = _SCHEME_CREDENTIAL.sub(rf"\1\2{REDACTED}", text)
+    if "=" in text:
+        text = _PARAMETER.sub(_parameter, text)
+    if '"' in text:
+        text = _JSON_MEMBER.sub(_json_member, text)
+    return text
+
+
+def redact_scheme_value(value: str) -> str:
+    """``Bearer eyJ...`` → ``Bearer [REDACTED]``: the scheme stays, for the auditor."""
+    scheme, space, _ = value.strip().partition(" ")
+    if space and scheme and all(c.isalnum() or c in "-_" for c in scheme):
+        return f"{scheme} {REDACTED}"
+    return REDACTED
+
+
+def redact_cookie(value: str) -> str:
+    """``a=1; b=2`` → ``a=[REDACTED]; b=[REDACTED]``."""
+    parts = []
+    for segment in value.split(";"):
+        name, eq, _ = segment.strip().partition("=")
+        if eq and name:
+            parts.append(f"{name}={REDACTED}")
+        elif name or eq:
+            parts.append(REDACTED)  # a nameless cookie: the whole segment is its value
+    return "; ".join(parts)
+
+
+_SEPARATOR = re.compile(r"([;,])")
+_DATE_TAIL = re.compile(r"\s*\d{1,2}[ -][A-Za-z]{3}[ -]\d{2,4} \d{2}:\d{2}:\d{2} GMT\s*")
+
+
+def redact_set_cookie(value: str) -> str:
+    """Cookie values go, attributes (after ';') stay. Envoy joins repeated headers with ',',
+    so after a ',' comes either the rest of an ``Expires`` date or another cookie."""
+    out: list[str] = []
+    separator = ""
+    for piece in _SEPARATOR.split(value):
+        if piece in (";", ","):
+            separator = piece
+            out.append(piece)
+            continue
+        name, eq, _ = piece.strip().partition("=")
+        lowered = name.lower()
+        if separator == ";" and (lowered in _COOKIE_ATTRIBUTES if eq else lowered in _FLAG_ATTRIBUTES):
+            out.append(piece)
+        elif separator == "," and not eq and _DATE_TAIL.fullmatch(piece):
+            out.append(piece)
+        elif eq and name:
+            out.append(f"{' ' if piece[:1].isspace() else ''}{name}={REDACTED}")
+        elif piece.strip():
+            out.append(REDACTED)
+        else:
+            out.append(piece)
+    return "".join(out)
+
+
+_SECRET_HEADER = re.compile("|".join(map(re.escape, _SECRET_HEADER_WORDS)))
+
+
+def _secret_header(name: str) -> bool:
+    return _SECRET_HEADER.search(name) is not None
+
+
+def redact_header(name: str, value: str) -> str:
+    lowered = name.lower()
+    if lowered in _SCHEME_HEADERS:
+        return redact_scheme_value(value)
+    if lowered == "cookie":
+        return redact_cookie(value)
+    if lowered == "set-cookie":
+        return redact_set_cookie(value)
+    if _secret_header(lowered):
+        return REDACTED
+    return scrub_text(value)
+
+
+# Where a value sits, as a chain of (parent, key) pairs: a node costs one small tuple, and
+# the JSON pointer is spelled out only for the few values that are actually redacted.
+_Where = "tuple[Any, Any] | None"
+
+
+def _pointer(where: Any) -> str:
+    """RFC 6901: ``~`` is written ``~0`` and ``/`` is written ``~1`` inside a reference token."""
+    parts: list[str] = []
+    while where is not None:
+        where, key = where
+        parts.append(str(key))
+    parts.reverse()
+    joined = "/".join(parts)
+    if "~" in joined or joined.count("/") != len(parts) - 1:
+        joined = "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+    return "/" + joined
+
+
+def _is_mapping(value: Any) -> bool:
+    return type(value) is dict or isinstance(value, Mapping)
+
+
+class _Pass:
+    """One redaction of one record: collects what was masked and erased."""
+
+    __slots__ = ("masked", "erased")
+
+    def __init__(self) -> None:
+        self.masked: list[str] = []
+        self.erased: list[str] = []
+
+    def text(self, value: str, where: Any, rule: Callable[[str], str] = scrub_text) -> str:
+        redacted = rule(value)
+        if redacted != value:
+            self.masked.append(_pointer(where))
+        return redacted
+
+    def any(self, value: Any, where: Any) -> Any:
+        kind = type(value)
+        if kind is str:
+            if len(value) < 8:  # too short to hold anything scrub_text recognises
+                return value
+            redacted = scrub_text(value)
+            if redacted is not value and redacted != value:
+                self.masked.append(_pointer(where))
+            return redacted
+        if kind is dict:
+            walk = self.any
+            return {k: walk(v, (where, k)) for k, v in value.items()}
+        if kind is list:
+            walk = self.any
+            return [walk(v, (where, i)) for i, v in enumerate(value)]
+        if kind in (int, float, bool) or value is None:
+            return value
+        if isinstance(value, Mapping):
+            return self.any(dict(value), where)
+        if isinstance(value, (list, tuple)):
+            return self.any(list(value), where)
+        if isinstance(value, str):
+            return self.any(str(value), where)
+        return value
+
+    def params(self, value: Any, where: Any) -> Any:
+        """``parsed_query``/``parsed_body``: token-named members replaced at any depth."""
+        if _is_mapping(value):
+            out = {}
+            for key, item in value.items():
+                if isinstance(key, str) and key.lower() in TOKEN_PARAMETERS:
+                    out[key] = [REDACTED] * len(item) if isinstance(item, list) and item else REDACTED
+                    self.masked.append(_pointer((where, key)))
+                else:
+                    out[key] = self.params(item, (where, key))
+            return out
+        if isinstance(value, list):
+            return [self.params(v, (where, i)) for i, v in enumerate(value)]
+        return self.any(value, where)
+
+    def headers(self, value: Any, where: Any) -> Any:
+        if not _is_mapping(value):
+            return self.any(value, where)
+        out = {}
+        for name, item in value.items():
+            if type(item) is str:
+                redacted = redact_header(name, item)
+                if redacted != item:
+                    self.masked.append(_pointer((where, name)))
+                out[name] = redacted
+            else:
+                out[name] = self.any(item, (where, name))
+        return out
+
+    def header_map(self, value: Any, where: Any) -> Any:
+        """Envoy's raw form: ``{"headers": [{"key", "value" | "rawValue" (base64)}]}``."""
+        entries = value.get("headers") if _is_mapping(value) else None
+        if not isinstance(entries, list):
+            return self.any(value, where)
+        out_entries = []
+        for index, entry in enumerate(entries):
+            at = ((where, "headers"), index)
+            if not _is_mapping(entry):
+                out_entries.append(self.any(entry, at))
+                continue
+            name = str(entry.get("key", ""))
+            item = {k: (v if k in ("value", "rawValue") else self.any(v, (at, k))) for k, v in entry.items()}
+            if isinstance(item.get("value"), str):
+                item["value"] = self.text(item["value"], (at, "value"), lambda v: redact_header(name, v))
+            if isinstance(item.get("rawValue"), str):
+                item["rawValue"] = self.text(item["rawValue"], (at, "rawValue"),
+                                             _through_base64(lambda v: redact_header(name, v)))
+            out_entries.append(item)
+        return {**{k: self.any(v, (where, k)) for k, v in value.items() if k != "headers"}, "headers": out_entries}
+
+    def http(self, value: Any, where: Any) -> Any:
+        if not _is_mapping(value):
+            return self.any(value, where)
+        out = {}
+        for key, item in value.items():
+            at = (where, key)
+            if key == "headers":
+                out[key] = self.headers(item, at)
+            elif key == "headerMap":
+                out[key] = self.header_map(item, at)
+            elif key == "rawBody" and isinstance(item, str):
+                out[key] = self.text(item, at, _through_base64(scrub_text))
+            else:
+                out[key] = self.any(item, at)
+        return out
+
+    def attributes(self, value: Any, where: Any) -> Any:
+        if not _is_mapping(value):
+            return self.any(value, where)
+        out = {}
+        for key, item in value.items():
+            at = (where, key)
+            if key == "request" and _is_mapping(item):
+                out[key] = {k: self.http(v, (at, k)) if k == "http" else self.any(v, (at, k))
+                            for k, v in item.items()}
+            else:
+                out[key] = self.any(item, at)
+        return out
+
+    def session(self, value: Any, where: Any) -> Any:
+        if not _is_mapping(value):
+            return self.any(value, where)
+        out = {}
+        for key, item in value.items():
+            if key in _SESSION_KEYS:
+                out[key] = self.any(item, (where, key))
+            else:
+                self.erased.append(_pointer((where, key)))
+        return out
+
+    def input(self, document: Any) -> Any:
+        root = (None, "input")
+        if not _is_mapping(document):
+            return self.any(document, root)
+        out = {}
+        for key, item in document.items():
+            at = (root, key)
+            if key == "attributes":
+                out[key] = self.attributes(item, at)
+            elif key in ("parsed_query", "parsed_body"):
+                out[key] = self.params(item, at)
+            elif key == "identity" and _is_mapping(item):
+                out[key] = {k: self.session(v, (at, k)) if k == "session" else self.any(v, (at, k))
+                            for k, v in item.items()}
+            else:
+                out[key] = self.any(item, at)
+        return out
+
+    def result(self, value: Any) -> Any:
+        root = (None, "result")
+        if not _is_mapping(value):
+            return self.any(value, root)
+        return {k: self.headers(v, (root, k)) if k in _RESULT_HEADER_KEYS else self.any(v, (root, k))
+                for k, v in value.items()}
+
+
+def _through_base64(rule: Callable[[str], str]) -> Callable[[str], str]:
+    def apply(encoded: str) -> str:
+        try:
+            raw = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            return scrub_text(encoded)
+        text = raw.decode("utf-8", "surrogateescape")
+        redacted = rule(text)
+        if redacted == text:
+            return encoded
+        return base64.b64encode(redacted.encode("utf-8", "surrogateescape")).decode("ascii")
+    return apply
+
+
+class Redactor:
+    """``redact(record)`` → a new record with secrets replaced and ``masked``/``erased``
+    listing where. The record is the OPA decision-log shape (``input``, ``result``, ...)."""
+
+    def redact(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        run = _Pass()
+        out: dict[str, Any] = {}
+        for key, value in record.items():
+            if key == "input":
+                out[key] = run.input(value)
+            elif key == "result":
+                out[key] = run.result(value)
+            elif key in ("masked", "erased"):
+                continue
+            else:
+                out[key] = run.any(value, (None, key))
+        if run.erased:
+            out["erased"] = run.erased
+        if run.masked:
+            out["masked"] = run.masked
+        return out

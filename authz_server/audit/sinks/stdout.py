@@ -1,0 +1,60 @@
+"""``stdout``: one JSON record per line on standard output (for a log collector).
+
+Lines are written in chunks of at most ``PIPE_BUF`` bytes cut at line ends, so when
+several worker processes share one pipe their lines never interleave mid-line (POSIX makes
+pipe writes up to ``PIPE_BUF`` atomic); a single line longer than that is written alone.
+Writes happen in a thread: a slow reader never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+from typing import Sequence
+
+from ..record import AuditRecord
+from .base import SinkUnavailable
+
+PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
+
+
+def line_chunks(lines: Sequence[str], limit: int = PIPE_BUF) -> list[bytes]:
+    chunks: list[bytes] = []
+    current = bytearray()
+    for line in lines:
+        data = line.encode("utf-8", "surrogateescape") + b"\n"
+        if current and len(current) + len(data) > limit:
+            chunks.append(bytes(current))
+            current.clear()
+        current += data
+    if current:
+        chunks.append(bytes(current))
+    return chunks
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class StdoutSink:
+    def __init__(self, fd: int = 1) -> None:
+        self.fd = fd
+        self.name = "stdout" if fd == 1 else f"fd:{fd}"
+
+    async def write_batch(self, records: Sequence[AuditRecord]) -> None:
+        chunks = line_chunks([record.line for record in records])
+        try:
+            await asyncio.to_thread(self._write, chunks)
+        except OSError as exc:
+            raise SinkUnavailable(f"cannot write to {self.name}: {exc.strerror or exc}") from None
+
+    def _write(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            write_all(self.fd, chunk)
+
+    async def close(self) -> None:
+        return None  # standard output belongs to the process, not to the sink

@@ -1,0 +1,143 @@
+"""Redaction: what an auditor still sees, and (property-based) that no secret survives."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from authz_server.audit.redact import (REDACTED, TOKEN_PARAMETERS, Redactor, redact_cookie, redact_header,
+                                       redact_set_cookie, scrub_text)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt_like(secret: str) -> str:
+    return ".".join([b64url(b'{"alg":"HS256","typ":"JWT"}'), b64url(json.dumps({"sub": secret}).encode()),
+                     b64url(secret.encode())])
+
+
+def record(headers: dict[str, str], *, path: str = "/p", identity: dict | None = None, **input_extra) -> dict:
+    return {"decision_id": "d1", "input": {
+        "attributes": {"request": {"http": {"method": "GET", "path": path, "headers": headers}}},
+        "identity": identity or {}, **input_extra}, "result": True, "message": "allowed"}
+
+
+def test_auditor_keeps_schemes_cookie_names_and_attributes() -> None:
+    assert redact_header("Authorization", "Bearer abc.def.ghi") == f"Bearer {REDACTED}"
+    assert redact_header("proxy-authorization", "Basic dXNlcjpwYXNz") == f"Basic {REDACTED}"
+    assert redact_header("authorization", "opaque-without-scheme") == REDACTED
+    assert redact_cookie("theme=dark; __Host-authz-session=abc; bare") == \
+        f"theme={REDACTED}; __Host-authz-session={REDACTED}; {REDACTED}"
+    assert redact_set_cookie("sid=a,b; Path=/; Expires=Wed, 21 Oct 2015 07:28:00 GMT, other=x=y; HttpOnly") == \
+        f"sid={REDACTED},{REDACTED}; Path=/; Expires=Wed, 21 Oct 2015 07:28:00 GMT, other={REDACTED}; HttpOnly"
+    assert redact_header("x-session-id", "s3cr3t") == REDACTED
+    assert redact_header("x-forwarded-access-token", "t") == REDACTED
+    assert redact_header("user-agent", "curl/8.5.0") == "curl/8.5.0"
+
+
+def test_text_shapes() -> None:
+    token = jwt_like("alice")
+    assert scrub_text(f"before {token} after") == f"before {REDACTED} after"
+    assert scrub_text("https://a.test/cb?state=1&ACCESS_TOKEN=xyz&page=2#id_token=q") == \
+        f"https://a.test/cb?state=1&ACCESS_TOKEN={REDACTED}&page=2#id_token={REDACTED}"
+    assert scrub_text("forwarded: Bearer opaque-1234567") == f"forwarded: Bearer {REDACTED}"
+    assert scrub_text('{"refresh_token": "a\\"b", "n": 1}') == f'{{"refresh_token": "{REDACTED}", "n": 1}}'
+    # Messages that merely talk about tokens stay readable.
+    assert scrub_text("bearer token over 16384 bytes") == "bearer token over 16384 bytes"
+    assert scrub_text("tokenizer=on&page=2") == "tokenizer=on&page=2"
+
+
+def test_places_in_the_input_document() -> None:
+    raw = base64.b64encode(b"Bearer opaque-secret-1").decode()
+    original = record(
+        {"authorization": "Bearer opaque-secret-0", "x-request-id": "r1"}, path="/p?token=abc&x=1",
+        identity={"method": "session", "session": {"id_sha256": "ab" * 32, "created": 1.0, "expires": 2.0,
+                                                   "bound_to": {"spiffe_id": "spiffe://e.org/w"},
+                                                   "id": "raw-session-id-1"}},
+        parsed_query={"token": ["abc"], "x": ["1"]},
+        parsed_body={"user": {"password": "hunter2", "name": "bob"}, "items": [{"client_secret": "s"}]},
+    )
+    original["input"]["attributes"]["request"]["http"]["headerMap"] = {
+        "headers": [{"key": "authorization", "rawValue": raw}, {"key": "accept", "value": "*/*"}]}
+    original["result"] = {"allowed": True, "headers": {"x-session-id": "new-session-id"}}
+    before = copy.deepcopy(original)
+    out = Redactor().redact(original)
+    assert original == before  # never in place: decision.input is what the policy saw
+    http = out["input"]["attributes"]["request"]["http"]
+    assert http["headers"] == {"authorization": f"Bearer {REDACTED}", "x-request-id": "r1"}
+    assert http["path"] == f"/p?token={REDACTED}&x=1"
+    assert base64.b64decode(http["headerMap"]["headers"][0]["rawValue"]) == f"Bearer {REDACTED}".encode()
+    assert http["headerMap"]["headers"][1] == {"key": "accept", "value": "*/*"}
+    assert out["input"]["parsed_query"] == {"token": [REDACTED], "x": ["1"]}
+    assert out["input"]["parsed_body"] == {"user": {"password": REDACTED, "name": "bob"},
+                                           "items": [{"client_secret": REDACTED}]}
+    assert set(out["input"]["identity"]["session"]) == {"id_sha256", "created", "expires", "bound_to"}
+    assert out["result"]["headers"]["x-session-id"] == REDACTED
+    assert out["erased"] == ["/input/identity/session/id"]
+    assert "/input/attributes/request/http/headers/authorization" in out["masked"]
+    assert "/input/parsed_body/user/password" in out["masked"]
+
+
+# -- property: whatever the secret and wherever we put it, it does not come out
+
+secrets = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", min_size=12,
+                  max_size=48).filter(lambda s: any(c.isdigit() for c in s) and any(c.isalpha() for c in s))
+cookie_names = st.text(alphabet="abcdefghij_", min_size=1, max_size=8)
+odd_header_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=3, max_size=16).map(lambda s: "x-" + s)
+schemes = st.sampled_from(["Bearer", "bearer", "BEARER", "Basic", "DPoP", "Negotiate"])
+params = st.sampled_from(sorted(TOKEN_PARAMETERS)).flatmap(
+    lambda name: st.sampled_from([name, name.upper(), name.title()]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(secret=secrets, scheme=schemes, cookie=cookie_names, other_cookie=cookie_names, odd=odd_header_names,
+       param=params, place=st.integers(0, 11))
+def test_no_secret_survives(secret: str, scheme: str, cookie: str, other_cookie: str, odd: str, param: str,
+                            place: int) -> None:
+    headers = {"accept": "*/*", "user-agent": "test/1.0"}
+    path = "/orders/1"
+    extra: dict = {}
+    identity: dict = {}
+    header_map = None
+    if place == 0:
+        headers["authorization"] = f"{scheme} {secret}"
+    elif place == 1:
+        headers["proxy-authorization"] = f"{scheme} {secret}"
+    elif place == 2:
+        headers["cookie"] = f"{other_cookie}=v; {cookie}={secret}; z={secret}=="
+    elif place == 3:
+        headers["set-cookie"] = f"{cookie}={secret}; Path=/; Secure, {other_cookie}={secret}; HttpOnly"
+    elif place == 4:
+        headers["x-session-id"] = secret
+    elif place == 5:
+        headers[odd] = jwt_like(secret)
+    elif place == 6:
+        headers[odd] = f"{scheme} {secret}"
+    elif place == 7:
+        path = f"/orders/1?a=1&{param}={secret}"
+        extra["parsed_query"] = {"a": ["1"], param: [secret]}
+    elif place == 8:
+        headers["referer"] = f"https://app.test/cb?x=1&{param}={secret}"
+    elif place == 9:
+        identity = {"session": {"id_sha256": "00" * 32, "id": secret, "raw": {"value": secret}}}
+    elif place == 10:
+        header_map = {"headers": [{"key": "authorization",
+                                   "rawValue": base64.b64encode(f"{scheme} {secret}".encode()).decode()},
+                                  {"key": odd, "rawValue": base64.b64encode(jwt_like(secret).encode()).decode()}]}
+    else:
+        extra["parsed_body"] = {"form": {param: secret}, "list": [{param: [secret]}]}
+        extra["body"] = json.dumps({param: secret})
+    doc = record(headers, path=path, identity=identity, **extra)
+    if header_map is not None:
+        doc["input"]["attributes"]["request"]["http"]["headerMap"] = header_map
+    out = json.dumps(Redactor().redact(doc))
+    assert secret not in out
+    assert jwt_like(secret) not in out
+    for encoded in (base64.b64encode(f"{scheme} {secret}".encode()).decode(), b64url(secret.encode())):
+        assert encoded not in out

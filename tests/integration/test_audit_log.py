@@ -1,0 +1,160 @@
+"""The audit log behind a real server: one record per decision, under load, in OPA's shape;
+a full queue drops and counts without holding a decision back; shutdown flushes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from authz_server.audit import AuditLog
+from authz_server.audit.record import parse_rfc3339
+from authz_server.audit.sinks.file import FileSink
+from authz_server.config import Config
+from authz_server.decision import Pipeline
+from authz_server.errors import RequestError
+from authz_server.policy.loader import PolicyRuntime
+from authz_server.server import build_identity
+from tests.support.audit import (TRUST_DOMAIN, check_request_bytes, facts_for, grpc_check, jsonl, workload,
+                                 write_audit_policy)
+from tests.support.authz import running_app
+
+OPA_FIELDS = {"decision_id", "timestamp", "path", "input", "bundles", "labels", "metrics", "requested_by"}
+OUR_FIELDS = {"allowed", "reason", "message", "http_status", "phase", "cached", "dry_run", "subject", "spiffe_id",
+              "transport"}
+
+
+def _request(i: int) -> bytes:
+    # 10 workloads; a third of the calls repeat an earlier request exactly (decision-cache hits).
+    path = f"/public/{i % 600}" if i % 2 else f"/private/{i % 600}"
+    return check_request_bytes(path, principal=workload(f"svc-{i % 10}"), headers={"x-n": str(i % 600)},
+                               request_id=f"req-{i}")
+
+
+def _decision_id(response) -> str:  # type: ignore[no-untyped-def]
+    part = response.ok_response if response.status.code == 0 else response.denied_response
+    return next(h.header.value for h in part.headers if h.header.key == "x-authz-decision-id")
+
+
+async def test_one_record_per_decision_under_load(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    log_file = tmp_path / "audit.jsonl"
+    config = Config(policies=str(write_audit_policy(tmp_path / "policies")), addr="127.0.0.1:0", metrics_addr="",
+                    trust_domains=(TRUST_DOMAIN,), audit=("stdout", f"file:{log_file}"))
+    count = 2000
+    async with running_app(config) as app:
+        assert app.audit is not None
+        async with grpc.aio.insecure_channel(app.bound["addr"]) as channel:
+            check = grpc_check(channel)
+            # grpcio itself (a bare aio server too) cancels every call once ~1,000 are in flight
+            # on one server, so 500 at a time: still far more than the writer's batch size.
+            in_flight = asyncio.Semaphore(500)
+
+            async def call(i: int):  # type: ignore[no-untyped-def]
+                async with in_flight:
+                    return await check(_request(i))
+
+            started = time.perf_counter()
+            responses = await asyncio.gather(*(call(i) for i in range(count)))
+            elapsed = time.perf_counter() - started
+        decided = {_decision_id(r): r.status.code == 0 for r in responses}
+        assert len(decided) == count
+        await app.audit.drain()
+        exposition = app.metrics.exposition().decode()
+    records = list(jsonl(log_file))
+    assert len(records) == count
+    assert {r["decision_id"]: r["allowed"] for r in records} == decided
+    stdout_records = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
+    assert sorted(r["decision_id"] for r in stdout_records) == sorted(decided)
+    assert any(r["cached"] for r in records) and any(not r["cached"] for r in records)
+    for record in records:
+        assert OPA_FIELDS | OUR_FIELDS <= set(record)
+        assert ("result" in record) == (record["reason"] in ("allowed", "policy_denied"))  # not when it timed out
+        assert record["path"] == "envoy/authz/allow"
+        assert record["input"]["attributes"]["request"]["http"]["id"] == record["request_id"]
+        parse_rfc3339(record["timestamp"])
+    assert f'authz_audit_records_written_total{{sink="file:{log_file}"}} {float(count)}' in exposition
+    assert 'authz_audit_records_dropped_total{reason="queue_full",sink="all"} 0.0' in exposition
+    print(f"\n{count} gRPC decisions in {elapsed:.2f}s with the audit log on", file=sys.stderr)
+
+
+async def test_record_shape(tmp_path: Path) -> None:
+    runtime = PolicyRuntime(str(write_audit_policy(tmp_path / "policies")))
+    runtime.load()
+    audit = AuditLog([FileSink(tmp_path / "audit.jsonl")], labels={"app": "authz-server", "id": "i-1",
+                                                                  "version": "test"})
+    pipeline = Pipeline(runtime, identity=build_identity(Config(trust_domains=(TRUST_DOMAIN,))),
+                        observers=[audit.observe])
+    audit.start()
+    now = 1_800_000_000.25
+    busy = await pipeline.decide(facts_for("/busy", principal=workload("web")), now=now)
+    refused = pipeline.refuse(RequestError("bad", code="malformed_request"), now=now)
+    await audit.drain()
+    await audit.stop()
+    runtime.close()
+    by_id = {r["decision_id"]: r for r in jsonl(tmp_path / "audit.jsonl")}
+    record = by_id[busy.decision_id]
+    assert record["timestamp"] == "2027-01-15T08:00:00.250000Z"
+    assert record["labels"] == {"app": "authz-server", "id": "i-1", "version": "test"}
+    assert record["bundles"] == {"authz": {"revision": busy.policy_version}}
+    assert record["result"] == {"allowed": False, "http_status": 429, "body": "slow down",
+                                "headers": {"x-reason": "busy"}}
+    assert (record["allowed"], record["reason"], record["http_status"]) == (False, "policy_denied", 429)
+    assert record["subject"] == record["spiffe_id"] == "spiffe://example.org/web"
+    assert record["requested_by"] == "10.0.0.7:41000"
+    assert record["input"]["parsed_path"] == ["busy"]
+    assert record["input"]["identity"]["workload"]["spiffe_id"] == "spiffe://example.org/web"
+    assert isinstance(record["metrics"]["timer_server_handler_ns"], int)
+    refused_record = by_id[refused.decision_id]
+    assert "input" not in refused_record and refused_record["phase"] == "request"
+    assert refused_record["reason"] == "malformed_request"
+
+
+async def test_full_queue_drops_and_counts_without_holding_decisions(tmp_path: Path) -> None:
+    runtime = PolicyRuntime(str(write_audit_policy(tmp_path / "policies")))
+    runtime.load()
+    audit = AuditLog([FileSink(tmp_path / "audit.jsonl")], queue_size=16)
+    pipeline = Pipeline(runtime)
+    now = time.time()
+    for i in range(7):  # warm the decision cache: the burst below is all cache hits, the fast path
+        await pipeline.decide(facts_for(f"/public/{i}"), now=now)
+    pipeline.observers.append(audit.observe)
+    # The writer is not running yet: the queue fills after 16 and every other record is dropped.
+    decisions = await asyncio.gather(*(pipeline.decide(facts_for(f"/public/{i % 7}"), now=now)
+                                       for i in range(2000)))
+    assert all(d.allowed for d in decisions)
+    assert audit.stats.dropped == {"queue_full": 2000 - 16}
+    # On a full queue the observer is a failed put and a counter: far below a decision's cost.
+    started = time.perf_counter()
+    for _ in range(10_000):
+        audit.observe(decisions[0], None, now)
+    per_call_us = (time.perf_counter() - started) / 10_000 * 1e6
+    assert per_call_us < 25, per_call_us
+    audit.start()
+    await audit.drain()
+    assert audit.writers[0].stats.written == 16
+    families = {f.name: f for f in audit.collect()}
+    assert [s.value for s in families["authz_audit_records_dropped"].samples
+            if s.labels == {"sink": "all", "reason": "queue_full"}] == [2000 - 16 + 10_000]
+    await audit.stop()
+    runtime.close()
+
+
+async def test_stop_flushes_what_is_queued(tmp_path: Path) -> None:
+    runtime = PolicyRuntime(str(write_audit_policy(tmp_path / "policies")))
+    runtime.load()
+    audit = AuditLog([FileSink(tmp_path / "audit.jsonl")])
+    pipeline = Pipeline(runtime, observers=[audit.observe])
+    audit.start()
+    now = time.time()
+    for i in range(300):
+        await pipeline.decide(facts_for(f"/public/{i}"), now=now)
+    await audit.stop(timeout=5)  # no drain first: stop itself writes the queue out
+    assert len(list(jsonl(tmp_path / "audit.jsonl"))) == 300
+    pipeline_after = await pipeline.decide(facts_for("/public/late"), now=now)
+    assert pipeline_after.allowed and audit.stats.dropped == {"shutdown": 1}
+    runtime.close()

@@ -1,0 +1,103 @@
+"""The two encodings every JOSE object is made of, read strictly: base64url and JSON.
+
+Strict means one spelling per value. A decoder that accepts several spellings of the same
+bytes (padding, the standard alphabet, stray bits in the last character, whitespace) or
+several readings of the same text (duplicate member names) lets two parties disagree about
+what a token says; RFC 8725 §2.8 and §3.2 ask validators to refuse that ambiguity.
+
+Errors are ``ValueError`` with a message quoting what was wrong; callers turn them into
+their own error codes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from typing import Any
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_VALUE = {c: i for i, c in enumerate(_ALPHABET)}
+_ALLOWED = frozenset(_ALPHABET)
+
+
+def b64url_encode(data: bytes) -> str:
+    """Base64url without padding (RFC 7515 §2, "Base64url Encoding")."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode base64url as RFC 7515 §2 defines it, and nothing looser.
+
+    RFC 7515 §2: "Base64 encoding using the URL- and filename-safe character set defined in
+    Section 5 of RFC 4648, with all trailing '=' characters omitted ... and without the
+    inclusion of any line breaks, whitespace, or other additional characters."
+    The unused low bits of the last character must be zero (RFC 4648 §3.5), so every byte
+    string has exactly one encoding.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected base64url text, got {type(text).__name__}")
+    if not _ALLOWED.issuperset(text):
+        bad = next(c for c in text if c not in _ALLOWED)
+        raise ValueError(f"character {bad!r} is not in the base64url alphabet")
+    rest = len(text) % 4
+    if rest == 1:
+        raise ValueError(f"base64url text of length {len(text)} cannot be decoded")
+    if rest:
+        last = _VALUE[text[-1]]
+        if last & (0x0F if rest == 2 else 0x03):
+            raise ValueError("base64url text has non-zero trailing bits (not the canonical encoding)")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except binascii.Error as exc:  # unreachable after the checks above; kept as a guard
+        raise ValueError(f"not base64url: {exc}") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in result:
+            raise ValueError(f"duplicate member name {name[:64]!r}")
+        result[name] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]!r} is out of range")
+    return value
+
+
+def json_object(data: bytes) -> dict[str, Any]:
+    """Parse UTF-8 JSON text that must be an object, refusing duplicate member names.
+
+    RFC 7515 §5.2 step 4: "the JOSE Header MUST be a completely valid JSON object";
+    RFC 7519 §4 and RFC 8725 §3.2 leave duplicate claim names to the parser, which is exactly
+    where two parsers disagree, so they are rejected at every nesting level. ``NaN`` and
+    ``Infinity`` are not JSON (RFC 8259 §6) and are rejected too.
+    """
+    try:
+        text = data.decode("utf-8")  # RFC 8259 §8.1: UTF-8; json.loads(bytes) would guess UTF-16/32
+    except UnicodeDecodeError:
+        raise ValueError("JSON text is not UTF-8") from None
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+                           parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc.msg} at offset {exc.pos}") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got a JSON {type(value).__name__}")
+    return value
+
+
+def json_compact(value: Any) -> bytes:
+    """Compact UTF-8 JSON, as producers put it in a token."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

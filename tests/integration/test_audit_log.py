@@ -158,3 +158,42 @@ async def test_stop_flushes_what_is_queued(tmp_path: Path) -> None:
     pipeline_after = await pipeline.decide(facts_for("/public/late"), now=now)
     assert pipeline_after.allowed and audit.stats.dropped == {"shutdown": 1}
     runtime.close()
+
+
+async def test_dry_run_records_what_would_have_been_decided(tmp_path: Path) -> None:
+    from authz_server.decision import DecisionSettings
+
+    runtime = PolicyRuntime(str(write_audit_policy(tmp_path / "policies")))
+    runtime.load()
+    audit = AuditLog([FileSink(tmp_path / "audit.jsonl")])
+    pipeline = Pipeline(runtime, settings=DecisionSettings(dry_run=True), observers=[audit.observe])
+    audit.start()
+    would_deny = await pipeline.decide(facts_for("/private/1"), now=time.time())
+    would_allow = await pipeline.decide(facts_for("/public/1"), now=time.time())
+    await audit.stop()
+    runtime.close()
+    by_id = {r["decision_id"]: r for r in jsonl(tmp_path / "audit.jsonl")}
+    denied, allowed = by_id[would_deny.decision_id], by_id[would_allow.decision_id]
+    assert (denied["allowed"], denied["dry_run"], denied["would_allow"], denied["reason"]) == \
+        (True, True, False, "policy_denied")
+    assert (allowed["allowed"], allowed["dry_run"], allowed["would_allow"]) == (True, True, True)
+
+
+async def test_http_front_decisions_are_recorded_too(tmp_path: Path) -> None:
+    import httpx
+
+    log_file = tmp_path / "audit.jsonl"
+    config = Config(policies=str(write_audit_policy(tmp_path / "policies")), addr="", http_addr="127.0.0.1:0",
+                    metrics_addr="", audit=(f"file:{log_file}",))
+    async with running_app(config) as app:
+        assert app.audit is not None
+        async with httpx.AsyncClient(base_url=f"http://{app.bound['http_addr']}", timeout=5) as client:
+            ok = await client.get("/check/public/x?token=tok-123456789", headers={"authorization": "Bearer abc.def.ghi"})
+            no = await client.get("/check/private/x", headers={"cookie": "sid=cookie-secret-1"})
+        await app.audit.drain()
+    assert (ok.status_code, no.status_code) == (200, 403)
+    records = list(jsonl(log_file))
+    assert [(r["transport"], r["allowed"]) for r in records] == [("http", True), ("http", False)]
+    text = log_file.read_text()
+    assert "tok-123456789" not in text and "abc.def.ghi" not in text and "cookie-secret-1" not in text
+    assert records[0]["input"]["attributes"]["request"]["http"]["headers"]["authorization"] == "Bearer [REDACTED]"

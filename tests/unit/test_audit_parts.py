@@ -24,7 +24,7 @@ def test_sink_specs() -> None:
     assert isinstance(pg, PostgresSink)
     assert pg.table == ("ops", "decisions")
     assert "table=" not in pg.conninfo and "sslmode=require" in pg.conninfo
-    assert pg.name == "postgresql://db.internal:5433/logs"  # no password in logs or metric labels
+    assert pg.name == "postgresql://db.internal:5433/logs?table=ops.decisions"  # no password in logs or labels
     for bad in ("file:/x?max_bytes=lots", "file:/x?keep=0", "file:/x?rotate=1", "file:", "kafka://x", "stdout?x=1",
                 "postgresql://h/db?table=drop table"):
         with pytest.raises(ConfigError):
@@ -34,7 +34,7 @@ def test_sink_specs() -> None:
 def test_postgres_url_parts() -> None:
     conninfo, table = split_url("postgres://u@h/db")
     assert table == ("authz_decisions",) and conninfo == "postgres://u@h/db"
-    assert safe_name("postgresql://u:secret@h:1/db?password=x") == "postgresql://h:1/db"
+    assert safe_name("postgresql://u:secret@h:1/db?password=x") == "postgresql://h:1/db?table=authz_decisions"
 
 
 def test_times() -> None:

@@ -55,11 +55,13 @@ def split_url(url: str) -> tuple[str, tuple[str, ...]]:
 
 
 def safe_name(url: str) -> str:
-    """The URL without user, password or options: fit for logs and metric labels."""
+    """The URL without user, password or libpq options, with the table: fit for logs and
+    metric labels, and distinct for two tables in one database."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    table = dict(urllib.parse.parse_qsl(parts.query)).get("table", DEFAULT_TABLE)
+    return f"{parts.scheme}://{host}{port}{parts.path}?table={table}"
 
 
 def _table_sql(names: tuple[str, ...]) -> Any:

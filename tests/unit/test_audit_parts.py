@@ -79,3 +79,24 @@ def test_stdout_chunks_never_split_a_line() -> None:
     assert b"".join(chunks) == "".join(line + "\n" for line in lines).encode()
     assert all(chunk.endswith(b"\n") for chunk in chunks)
     assert all(len(chunk) <= 4096 or chunk.count(b"\n") == 1 for chunk in chunks)
+
+
+def test_public_names() -> None:
+    import authz_server.audit as audit
+
+    assert sorted(audit.__all__) == ["AuditLog", "AuditRecord", "Redactor", "Sink", "SinkUnavailable", "open_sink"]
+
+
+def test_sink_errors_are_logged_at_most_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from authz_server.audit.writer import RateLimitedLog
+
+    now = [100.0]
+    limited = RateLimitedLog(logging.getLogger("test.audit"), interval=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="test.audit"):
+        for second in range(25):  # one failure a second for 25 s
+            now[0] = 100.0 + second
+            limited.warning("sink %s down", "db")
+    assert [r.getMessage() for r in caplog.records] == [
+        "sink db down", "sink db down (9 similar messages suppressed)", "sink db down (9 similar messages suppressed)"]

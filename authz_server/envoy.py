@@ -307,7 +307,7 @@ def check_response_bytes(decision: Decision) -> bytes:
         response = CheckResponse()
         _fill(response, decision)
         template = memo["grpc"] = response.SerializeToString()
-    return template + _ID_FRAGMENT.replace(_ID_PLACEHOLDER_BYTES, decision.decision_id.encode(), 1)
+    return template + _ID_FRAGMENT.replace(_ID_PLACEHOLDER_BYTES, decision.decision_id.encode())
 
 
 __all__ = [

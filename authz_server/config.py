@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from .decision import DecisionSettings
+from .identity.exchange import ExchangeConfig, ExchangeRule
+from .identity.oidc import parse_issuers
 from .identity.resolver import SessionSettings
 from .policy.engine import ISOLATION_MODES
 from .durations import parse_duration
@@ -68,6 +70,7 @@ class Config:
     issuers: tuple[Any, ...] = ()  # identity.oidc.IssuerConfig, one per trusted issuer
     tls: TlsConfig | None = None
     admin: AdminConfig = field(default_factory=AdminConfig)
+    exchange: ExchangeConfig | None = None
     audit: tuple[str, ...] = ()
     source: str = ""  # the file this came from, for messages
 
@@ -193,6 +196,8 @@ _READERS: dict[str, _Reader] = {
     "audit": lambda v, b: {"audit": _audit_sinks(v, b)},
     "sessions": lambda v, _b: {"sessions": _sessions(v)},
     "tls": lambda v, b: {"tls": _tls(v, b)},
+    "issuers": lambda v, b: {"issuers": parse_issuers(v, base_dir=b)},
+    "exchange": lambda v, b: {"exchange": _exchange(v, b)},
     "admin": lambda v, _b: {"admin": _admin(v)},
     "trust_domains": lambda v, _b: {"trust_domains": _trust_domains(v)},
 }
@@ -238,6 +243,40 @@ def _tls(value: Any, base_dir: str | None) -> TlsConfig:
                           f"{', '.join(missing)})", key="tls")
     allowed = _spiffe_patterns(data["allowed_clients"], "tls.allowed_clients") if "allowed_clients" in data else ()
     return TlsConfig(spiffe_socket=socket, allowed_clients=allowed, **files)
+
+
+def _exchange(value: Any, base_dir: str | None) -> ExchangeConfig:
+    data = _mapping(value, "exchange")
+    _only(data, {"addr", "issuer", "ttl", "key_file", "rules", "trust_forwarded_client_cert"}, "exchange.")
+    addr = _address(data.get("addr", ""), "exchange.addr", allow_empty=False)
+    values: dict[str, Any] = {"addr": addr}
+    if "issuer" in data:
+        issuer = _string(data["issuer"], "exchange.issuer")
+        if not issuer.startswith("https://"):
+            raise ConfigError(f"expected an https URL naming this token issuer, got {issuer!r}", key="exchange.issuer")
+        values["issuer"] = issuer
+    if "ttl" in data:
+        values["ttl"] = _duration(data["ttl"], "exchange.ttl")
+    if "key_file" in data:
+        values["key_file"] = resolve_path(_string(data["key_file"], "exchange.key_file"), base_dir)
+    if "trust_forwarded_client_cert" in data:
+        values["trust_forwarded_client_cert"] = _bool(data["trust_forwarded_client_cert"],
+                                                      "exchange.trust_forwarded_client_cert")
+    rules = data.get("rules")
+    if not isinstance(rules, list) or not rules:
+        raise ConfigError("list who may exchange tokens for which audiences", key="exchange.rules")
+    parsed = []
+    for index, rule in enumerate(rules):
+        key = f"exchange.rules[{index}]"
+        rule = _mapping(rule, key)
+        _only(rule, {"actor", "audiences", "scopes"}, f"{key}.")
+        actor = _spiffe_patterns([rule.get("actor", "")], f"{key}.actor")[0]
+        audiences = _string_list(rule.get("audiences", []), f"{key}.audiences")
+        if not audiences:
+            raise ConfigError("name at least one audience", key=f"{key}.audiences")
+        parsed.append(ExchangeRule(actor, audiences, _string_list(rule.get("scopes", []), f"{key}.scopes")))
+    values["rules"] = tuple(parsed)
+    return ExchangeConfig(**values)
 
 
 def _admin(value: Any) -> AdminConfig:
@@ -348,6 +387,9 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: str | None = None,
     config = Config(**values)
     if config.admin.addr and config.tls is None:
         raise ConfigError("the admin API is served over mTLS only: configure tls", key="admin.addr")
+    if config.exchange is not None and config.tls is None and not config.exchange.trust_forwarded_client_cert:
+        raise ConfigError("the actor is known by its client certificate: configure tls, or "
+                          "trust_forwarded_client_cert behind a sidecar", key="exchange")
     return config
 
 

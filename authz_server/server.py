@@ -10,9 +10,12 @@ that Envoy would have to interpret.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import grpc
@@ -32,7 +35,8 @@ from .identity.workloads import PrincipalVerifier, accept_trust_domains
 from .httpfront import HttpFront, serve_http_front
 from .metrics import Metrics, pipeline_collector
 from .policy.loader import PolicyRuntime
-from .tls import SpiffeIdCheck, TlsSource, server_credentials, tls_source_from
+from .identity.exchange import ExchangeSigner, TokenExchange
+from .tls import ServerSslContext, SpiffeIdCheck, TlsSource, server_credentials, tls_source_from
 
 log = logging.getLogger("authz_server.server")
 
@@ -101,6 +105,8 @@ class App:
     server: grpc.aio.Server | None = None
     admin_server: grpc.aio.Server | None = None
     tls: TlsSource | None = None
+    signer: ExchangeSigner | None = None
+    exchange: TokenExchange | None = None
     bound: dict[str, str] = field(default_factory=dict)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _http_servers: list[asyncio.Server] = field(default_factory=list)
@@ -142,6 +148,8 @@ class App:
             self.bound["addr"] = self.config.addr if self.config.addr.startswith("unix:") else f"{host}:{port}"
         if self.config.admin.addr:
             await self._start_admin()
+        if self.config.exchange is not None:
+            await self._start_exchange()
         if self.config.http_addr:
             front = HttpFront(self.pipeline, path_prefix=self.config.http_path_prefix,
                               on_latency=self.metrics.observe_latency)
@@ -175,6 +183,24 @@ class App:
         host = self.config.admin.addr.rpartition(":")[0]
         self.bound["admin_addr"] = (self.config.admin.addr if self.config.admin.addr.startswith("unix:")
                                     else f"{host}:{port}")
+
+    async def _start_exchange(self) -> None:
+        exchange_config = self.config.exchange
+        assert exchange_config is not None and self.signer is not None and self.identity is not None
+        self.exchange = TokenExchange(exchange_config, signer=self.signer, tokens=self.identity.tokens,
+                                      store=self.identity.store,
+                                      delegation_actors=self.identity.settings.delegation_actors)
+        context = None
+        if self.config.tls is not None:
+            if self.tls is None:
+                self.tls = await asyncio.to_thread(tls_source_from, self.config.tls)
+            assert self.tls is not None
+            ssl_context = ServerSslContext(self.tls)
+            context = ssl_context.context
+            self._tasks.append(asyncio.create_task(_follow_rotation(ssl_context), name="exchange-tls"))
+        server, address = await serve_http(self.exchange.handle, exchange_config.addr, ssl=context)
+        self._http_servers.append(server)
+        self.bound["exchange_addr"] = address
 
     async def _start_identity(self) -> None:
         if self.identity is None:
@@ -230,26 +256,57 @@ class App:
         self.runtime.close()
 
 
-def build_identity(config: Config) -> IdentityService:
+async def _follow_rotation(context: "ServerSslContext") -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        context.refresh()
+
+
+def build_identity(config: Config, signer: ExchangeSigner | None = None) -> IdentityService:
     settings = config.sessions.settings
     store: Any = None
     if settings.enabled:
         store = (MemoryStore() if config.sessions.store == "memory"
                  else RedisStore(config.sessions.store, near_cache_ttl=config.sessions.near_cache_ttl))
+    issuers = list(config.issuers)
+    if config.exchange is not None and signer is not None:
+        issuers.append(_exchange_issuer(config, signer))
     tokens = None
-    if config.issuers:
+    if issuers:
         from .identity.oidc import IssuerRegistry
 
-        tokens = IssuerRegistry(list(config.issuers))
+        with tempfile.TemporaryDirectory() as folder:  # the exchange keys are read once, at construction
+            issuers = [_materialize(issuer, signer, folder) for issuer in issuers]
+            tokens = IssuerRegistry(issuers)
     return IdentityService(settings, store=store, tokens=tokens,
                            workloads=PrincipalVerifier(accept_trust_domains(config.trust_domains)))
+
+
+def _exchange_issuer(config: Config, signer: ExchangeSigner) -> Any:
+    """authz-server trusts the tokens its own exchange endpoint issues: ES256, at+jwt, always
+    bound to the actor's certificate."""
+    from .identity.oidc import IssuerConfig
+
+    assert config.exchange is not None
+    audiences = tuple(sorted({a for rule in config.exchange.rules for a in rule.audiences}))
+    return IssuerConfig(issuer=config.exchange.issuer, audiences=audiences, algorithms=("ES256",), typ="at+jwt",
+                        require_sender_constraint=True, jwks_file="<exchange>", key="exchange")
+
+
+def _materialize(issuer: Any, signer: ExchangeSigner | None, folder: str) -> Any:
+    if issuer.key != "exchange" or signer is None:
+        return issuer
+    path = Path(folder) / "exchange-jwks.json"
+    path.write_text(json.dumps(signer.jwks))
+    return replace(issuer, jwks_file=str(path))
 
 
 def build_app(config: Config, *, reuse_port: bool = False) -> App:
     """Wire one server from one config; nothing global is touched."""
     runtime = PolicyRuntime(config.policies, query=config.query, isolation=config.policy_isolation)
     metrics = Metrics()
-    identity = build_identity(config)
+    signer = ExchangeSigner.load_or_create(config.exchange.key_file) if config.exchange is not None else None
+    identity = build_identity(config, signer)
     audit = AuditLog.from_specs(config.audit, query=config.query) if config.audit else None
     pipeline = Pipeline(runtime, settings=config.decision, identity=identity,
                         observers=[metrics.observe_decision, _log_decision, *([audit.observe] if audit else [])])
@@ -257,6 +314,6 @@ def build_app(config: Config, *, reuse_port: bool = False) -> App:
     if audit is not None:
         metrics.watch(audit.collect)
     app = App(config=config, runtime=runtime, pipeline=pipeline, metrics=metrics,
-              health=health.aio.HealthServicer(), reuse_port=reuse_port, identity=identity, audit=audit)
+              health=health.aio.HealthServicer(), reuse_port=reuse_port, identity=identity, signer=signer, audit=audit)
     runtime.listeners.append(app.on_policy_change)
     return app

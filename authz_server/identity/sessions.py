@@ -44,15 +44,20 @@ def sha256_hex(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Binding:
-    """The client a session belongs to. Empty fields are not checked."""
+    """The client a session belongs to.
+
+    The SPIFFE ID and certificate must be the same on both sides, absent included: a session
+    made by a client without a workload identity (a browser, curl) presented by a workload
+    is that workload acting for the user, never the same client. The user agent is checked
+    only when the session was bound to one (``sessions.bind_user_agent``)."""
 
     spiffe_id: str = ""
     cert_sha256: str = ""
     user_agent_sha256: str = ""
 
     def matches(self, client: "Binding") -> bool:
-        return ((not self.spiffe_id or self.spiffe_id == client.spiffe_id)
-                and (not self.cert_sha256 or self.cert_sha256 == client.cert_sha256)
+        return (self.spiffe_id == client.spiffe_id
+                and self.cert_sha256 == client.cert_sha256
                 and (not self.user_agent_sha256 or self.user_agent_sha256 == client.user_agent_sha256))
 
     def describe(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class ScratchCA:
         now = dt.datetime.now(dt.timezone.utc)
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id)]
         names += [x509.DNSName(d) for d in dns]
+        names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         cert = (x509.CertificateBuilder().subject_name(x509.Name([]))
                 .issuer_name(self.cert.subject).public_key(key.public_key())
                 .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))

@@ -24,7 +24,11 @@ from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import SessionError, UnavailableError
 from .sessions import Session, StoreStats
@@ -50,8 +54,12 @@ class RedisStore:
         self.url = url
         self.near_cache_ttl = near_cache_ttl
         self.near_cache_entries = near_cache_entries
+        # One immediate retry on a broken connection: after Redis restarts, pooled connections
+        # are stale and the first command on each would fail although Redis is back.
         self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                            retry_on_timeout=False, health_check_interval=0)
+                                            retry=Retry(NoBackoff(), 1),
+                                            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+                                            health_check_interval=0)
         self._lookup_script = self._client.register_script(_LOOKUP)
         self._near: dict[str, tuple[Session, float]] = {}
         self._generations: dict[str, int] = {}

@@ -82,6 +82,7 @@ class DevIdP:
         self._users = {u.username: u for u in config.users}
         self._clients = {c.client_id: c for c in config.clients}
         self._server: Any = None
+        self.address: str | None = None  # host:port once serving
         self.requests: dict[str, int] = {"discovery": 0, "jwks": 0, "token": 0}
 
     # -- identity of the provider
@@ -258,6 +259,7 @@ class DevIdP:
     async def start(self, addr: str | None = None) -> str:
         """Serve on ``addr`` (default: the config's); returns the issuer URL."""
         self._server, bound = await serve_http(self.handle, addr or self.config.addr)
+        self.address = bound
         if self._issuer is None:
             self._issuer = f"http://{bound}"
         log.warning("DEVELOPMENT ONLY: dev OIDC provider %s serving on %s with %d demo users and %d clients; "
@@ -271,6 +273,7 @@ class DevIdP:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)
             self._server = None
+            self.address = None
 
     @property
     def serving(self) -> bool:

@@ -3,7 +3,7 @@
 Strict means one spelling per value. A decoder that accepts several spellings of the same
 bytes (padding, the standard alphabet, stray bits in the last character, whitespace) or
 several readings of the same text (duplicate member names) lets two parties disagree about
-what a token says; RFC 8725 §2.8 and §3.2 ask validators to refuse that ambiguity.
+what a token says (RFC 8725 §2.6, "Multiplicity of JSON Encodings"), so they are refused.
 
 Errors are ``ValueError`` with a message quoting what was wrong; callers turn them into
 their own error codes.
@@ -77,10 +77,12 @@ def _finite_float(text: str) -> float:
 def json_object(data: bytes) -> dict[str, Any]:
     """Parse UTF-8 JSON text that must be an object, refusing duplicate member names.
 
-    RFC 7515 §5.2 step 4: "the JOSE Header MUST be a completely valid JSON object";
-    RFC 7519 §4 and RFC 8725 §3.2 leave duplicate claim names to the parser, which is exactly
-    where two parsers disagree, so they are rejected at every nesting level. ``NaN`` and
-    ``Infinity`` are not JSON (RFC 8259 §6) and are rejected too.
+    RFC 7515 §4: "The Header Parameter names within the JOSE Header MUST be unique; JWS
+    parsers MUST either reject JWSs with duplicate Header Parameter names or use a JSON parser
+    that returns only the lexically last duplicate member name"; RFC 7519 §4 says the same of
+    claim names. Taking the last one is exactly where two parsers disagree (RFC 8725 §2.6), so
+    duplicates are rejected, at every nesting level. ``NaN`` and ``Infinity`` are not JSON
+    (RFC 8259 §6) and are rejected too; RFC 8725 §3.7: "UTF-8 MUST be used".
     """
     try:
         text = data.decode("utf-8")  # RFC 8259 §8.1: UTF-8; json.loads(bytes) would guess UTF-16/32

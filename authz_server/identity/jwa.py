@@ -2,8 +2,8 @@
 raw sign and verify operations, on pyca/cryptography.
 
 There is no ``none`` here: an unsecured JWS is not an algorithm this product knows
-(RFC 8725 §3.1, "each key MUST be used with exactly one algorithm" and ``none`` only where
-security is provided by other means, which never holds for a bearer token).
+(RFC 8725 §3.2: "The "none" algorithm should only be used when the JWT is cryptographically
+protected by other means", which never holds for a bearer token).
 
 Each algorithm names the key type it needs. Verification refuses a key of another type
 before any cryptography runs, which is what defeats the RS256 → HS256 key-confusion attack

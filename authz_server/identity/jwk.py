@@ -48,7 +48,7 @@ class Jwk:
     def fits(self, alg: JwsAlgorithm) -> bool:
         """May this key verify a signature made with ``alg``?
 
-        RFC 8725 §3.1: "each key MUST be used with exactly one algorithm"; RFC 7517 §4.4: a
+        RFC 8725 §3.1: "Each key MUST be used with exactly one algorithm"; RFC 7517 §4.4: a
         key that names its ``alg`` is for that algorithm only; §4.2/§4.3: ``use`` must be
         ``sig`` and ``key_ops`` must include ``verify`` when present.
         """

@@ -189,7 +189,7 @@ class IssuerConfig:
         algorithms = _strings(data.get("algorithms", ["RS256", "ES256"]), f"{key}.algorithms")
         for name in algorithms:
             if name.lower() == "none":
-                raise ConfigError("'none' is never allowed (RFC 8725 §3.1)", key=f"{key}.algorithms")
+                raise ConfigError("'none' is never allowed (RFC 8725 §3.2)", key=f"{key}.algorithms")
             if name not in ALGORITHMS:
                 raise ConfigError(f"unknown algorithm {name!r}; use one of {', '.join(ALGORITHMS)}",
                                   key=f"{key}.algorithms")

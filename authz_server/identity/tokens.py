@@ -95,7 +95,7 @@ class IssuerPolicy:
             raise ValueError("algorithms must list at least one algorithm")
         for name in self.algorithms:
             if name.lower() == "none":
-                raise ValueError("'none' is never an allowed algorithm (RFC 8725 §3.1)")
+                raise ValueError("'none' is never an allowed algorithm (RFC 8725 §3.2)")
             if name not in ALGORITHMS:
                 raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
         if not (0 <= self.leeway <= 600):
@@ -249,7 +249,8 @@ def verify_jws(token: str, policy: IssuerPolicy, keys: JwkSet) -> VerifiedJws:
         # RFC 7515 §4.1.1: "This Header Parameter MUST be present"
         raise _fail("malformed_token", "header has no 'alg' string")
     if name.lower() == "none":
-        # RFC 8725 §3.1: libraries "MUST NOT" accept unsecured JWTs ('none') unless asked; we never are.
+        # RFC 8725 §3.2: "The "none" algorithm should only be used when the JWT is
+        # cryptographically protected by other means" -- never the case for a bearer token.
         raise _fail("alg_not_allowed", "unsecured tokens (alg 'none') are never accepted")
     alg = policy._algs.get(name)
     if alg is None:

@@ -312,6 +312,22 @@ class SecretKeySource:
         return self.read(), None
 
 
+class HeldKeySource:
+    """A key set this process holds itself (e.g. its own token-exchange issuer's public keys)."""
+
+    static = True
+
+    def __init__(self, keys: JwkSet, description: str) -> None:
+        self.keys = keys
+        self.description = description
+
+    def read(self) -> JwkSet:
+        return self.keys
+
+    async def load(self) -> tuple[JwkSet, float | None]:
+        return self.keys, None
+
+
 class UriKeySource:
     static = False
 
@@ -380,11 +396,13 @@ class IssuerRegistry:
     """Every trusted issuer, routed by ``iss``. Implements the identity resolver's ``validate``.
 
     ``fetcher`` is shared by all issuers when given; otherwise each issuer gets an
-    ``HttpxJwksFetcher`` with its own TLS settings (closed by ``close``).
+    ``HttpxJwksFetcher`` with its own TLS settings (closed by ``close``). ``held_keys`` gives
+    the key set of an issuer whose keys this process holds itself (its own token-exchange
+    issuer), in place of the config's key source.
     """
 
     def __init__(self, configs: Sequence[IssuerConfig], *, fetcher: JwksFetcher | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, held_keys: Mapping[str, JwkSet] | None = None) -> None:
         self._clock = clock
         self._issuers: dict[str, _Issuer] = {}
         self._owned: list[HttpxJwksFetcher] = []
@@ -394,7 +412,9 @@ class IssuerRegistry:
             if config.issuer in self._issuers:
                 raise ConfigError(f"issuer {config.issuer!r} is listed twice", key=f"{config.key}.issuer")
             source: Any
-            if config.jwks_file is not None:
+            if held_keys is not None and config.issuer in held_keys:
+                source = HeldKeySource(held_keys[config.issuer], f"held by this process ({config.key})")
+            elif config.jwks_file is not None:
                 source = FileKeySource(config.jwks_file)
             elif config.shared_secret_file is not None:
                 source = SecretKeySource(config.shared_secret_file, config.algorithms)
@@ -405,7 +425,7 @@ class IssuerRegistry:
             keys = IssuerKeys(config.issuer, source, config.refresh, clock=clock)
             if source.static:
                 # Files and secrets are read at start: a bad one stops the start, naming the key.
-                where = "jwks_file" if config.jwks_file is not None else "shared_secret_file"
+                where = "shared_secret_file" if isinstance(source, SecretKeySource) else "jwks_file"
                 try:
                     keys.prime(source.read(), now)
                 except JwkError as exc:

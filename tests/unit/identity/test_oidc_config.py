@@ -133,3 +133,15 @@ def test_cache_control_max_age(header: str | None, seconds: float | None) -> Non
 def test_freshness_is_clamped() -> None:
     settings = RefreshSettings(default_max_age=300, min_max_age=60, max_max_age=3600)
     assert [settings.freshness(v) for v in (None, 0, 59, 600, 10**9)] == [300, 60, 60, 600, 3600]
+
+
+async def test_held_keys_replace_the_configured_source() -> None:
+    from tests.support.jwt import issuer_keyset, issuer_token
+
+    config = IssuerConfig(issuer="https://idp.test", audiences=("orders-api",), key="exchange")
+    registry = IssuerRegistry([config], held_keys={"https://idp.test": issuer_keyset()}, clock=lambda: 1_750_000_000)
+    verified = await registry.validate(issuer_token(1_750_000_000), now=1_750_000_000)
+    assert verified.subject == "alice"
+    status = registry.status()[0]
+    assert status.source.startswith("held by this process") and status.available and not status.stale
+    await registry.close()

@@ -171,12 +171,12 @@ class DevIdP:
     def handle(self, request: HttpRequest) -> HttpResponse:
         path = request.path
         if path == self._route("/.well-known/openid-configuration"):
-            if request.method not in ("GET", "HEAD"):
+            if request.method != "GET":
                 return _not_allowed("GET")
             self.requests["discovery"] += 1
             return _cacheable(self.discovery(), self.config.jwks_max_age)
         if path == self._route("/jwks"):
-            if request.method not in ("GET", "HEAD"):
+            if request.method != "GET":
                 return _not_allowed("GET")
             self.requests["jwks"] += 1
             return _cacheable(self.jwks(), self.config.jwks_max_age)

@@ -188,7 +188,9 @@ def http_response(decision: Decision) -> HttpResponse:
     if decision.allowed:
         upstream = decision.upstream_headers
         headers.extend(upstream)
-        headers.extend(decision.response_headers)
+        # One header reaches both sides when Envoy's lists name it for both (x-session-id):
+        # sending it twice would give the client "id,id".
+        headers.extend(h for h in decision.response_headers if h not in upstream)
         ours = {name for name, _ in upstream}
         remove = list(dict.fromkeys([*decision.headers_to_remove, *(h for h in IDENTITY_HEADERS if h not in ours)]))
         if remove:

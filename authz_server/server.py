@@ -10,12 +10,9 @@ that Envoy would have to interpret.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import tempfile
 import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import grpc
@@ -273,11 +270,11 @@ def build_identity(config: Config, signer: ExchangeSigner | None = None) -> Iden
         issuers.append(_exchange_issuer(config, signer))
     tokens = None
     if issuers:
+        from .identity.jwk import parse_jwks
         from .identity.oidc import IssuerRegistry
 
-        with tempfile.TemporaryDirectory() as folder:  # the exchange keys are read once, at construction
-            issuers = [_materialize(issuer, signer, folder) for issuer in issuers]
-            tokens = IssuerRegistry(issuers)
+        held = {config.exchange.issuer: parse_jwks(signer.jwks)} if config.exchange and signer else None
+        tokens = IssuerRegistry(issuers, held_keys=held)
     return IdentityService(settings, store=store, tokens=tokens,
                            workloads=PrincipalVerifier(accept_trust_domains(config.trust_domains)))
 
@@ -290,15 +287,7 @@ def _exchange_issuer(config: Config, signer: ExchangeSigner) -> Any:
     assert config.exchange is not None
     audiences = tuple(sorted({a for rule in config.exchange.rules for a in rule.audiences}))
     return IssuerConfig(issuer=config.exchange.issuer, audiences=audiences, algorithms=("ES256",), typ="at+jwt",
-                        require_sender_constraint=True, jwks_file="<exchange>", key="exchange")
-
-
-def _materialize(issuer: Any, signer: ExchangeSigner | None, folder: str) -> Any:
-    if issuer.key != "exchange" or signer is None:
-        return issuer
-    path = Path(folder) / "exchange-jwks.json"
-    path.write_text(json.dumps(signer.jwks))
-    return replace(issuer, jwks_file=str(path))
+                        require_sender_constraint=True, key="exchange")
 
 
 def build_app(config: Config, *, reuse_port: bool = False) -> App:

@@ -92,6 +92,10 @@ class IdentityService:
         self._accept_actor = accept_actor(self.settings.delegation_actors)
         # Identities without a user depend on the workload alone: built once per workload.
         self._plain: dict[WorkloadIdentity | None, Identity] = {}
+        # A session's identity changes only when the session is touched (its idle deadline
+        # moves) or is presented by another workload: built once per such combination.
+        self._by_session: dict[tuple[str, float, WorkloadIdentity | None, Binding, bool], Identity] = {}
+        self._keys: dict[str, str] = {}  # presented id -> its store key (sha256), bounded
 
     async def resolve(self, facts: Facts, now: float) -> Identity:
         workload = self.workloads.verify(facts, now) if self.workloads is not None else None
@@ -104,10 +108,24 @@ class IdentityService:
         presented = session_id(facts, self.settings.cookie) if self.store is not None else None
         if presented is not None and self.store is not None:
             self.stats.session_lookups += 1
-            session = await self.store.lookup(session_key(presented), now=now)
+            key = self._keys.get(presented)
+            if key is None:
+                key = session_key(presented)  # validates the id's shape too
+                if len(self._keys) >= 100_000:
+                    self._keys.clear()
+                self._keys[presented] = key
+            session = await self.store.lookup(key, now=now)
+            cache_key = (session.key, session.last_seen, workload, client, token is not None)
+            cached = self._by_session.get(cache_key)
+            if cached is not None and (cached.expires_at is None or cached.expires_at > now):
+                return cached
             delegation = self._delegation(session, client, workload, facts)
-            return self._identity("session", workload, session, delegation, facts, now,
-                                  removes_token=token is not None)
+            built = self._identity("session", workload, session, delegation, facts, now,
+                                   removes_token=token is not None)
+            if len(self._by_session) >= 100_000:
+                self._by_session.clear()
+            self._by_session[cache_key] = built
+            return built
         if token is not None and self.tokens is not None:
             return await self._from_token(token, workload, client, facts, now)
         plain = self._plain.get(workload)

@@ -217,9 +217,11 @@ class MemoryStore:
             self.stats.misses += 1
             raise
         self.stats.hits += 1
-        touched = session.touched(now)
-        self._sessions[key] = touched
-        return touched
+        if now - (session.last_seen or session.created) > session.idle_timeout / 10:
+            # The idle clock moves in steps of a tenth of the timeout: no new object per request.
+            session = session.touched(now)
+            self._sessions[key] = session
+        return session
 
     async def revoke(self, key: str, *, now: float) -> bool:
         session = self._sessions.pop(key, None)

@@ -30,7 +30,8 @@ class AuthzTarget:
     max_request_bytes: int = 8192
     cluster: str = "authz"
     connections: int = 1  # >1 opens several HTTP/2 connections so SO_REUSEPORT workers share the load
-    allowed_upstream_headers: tuple[str, ...] = ("x-authz-subject", "x-authz-spiffe-id", "x-authz-decision-id")
+    allowed_upstream_headers: tuple[str, ...] = ("x-authz-subject", "x-authz-spiffe-id", "x-authz-decision-id",
+                                                 "x-session-id")
     # HTTP mode only. On success Envoy forwards just the named headers; the policy's own
     # header names must be added here (see docs/http-mode.md). Denials carry every header.
     allowed_client_headers_on_success: tuple[str, ...] = ("x-session-id", "set-cookie")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .harness import Settings, save, wrk_binary
 
-SECTIONS = ["core"]
+SECTIONS = ["core", "sessions"]
 
 
 def main() -> int:
@@ -34,6 +34,11 @@ def main() -> int:
         envoy = core.through_envoy(settings) if wrk_binary() else {}
         results["core"] = {"in_process": inproc, "envoy": envoy}
         print(core.report(inproc, envoy) if envoy else inproc)
+    if "sessions" in chosen:
+        from . import sessions
+
+        results["sessions"], text = sessions.run(settings, with_envoy=wrk_binary() is not None)
+        print(text)
     save(results, Path(args.json))
     print(f"\nraw numbers saved to {args.json}")
     return 0

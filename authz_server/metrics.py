@@ -161,3 +161,41 @@ async def aggregate_worker_metrics(request: HttpRequest, sockets: list[str]) -> 
     registry = CollectorRegistry()
     registry.register(_FunctionCollector(lambda: list(families.values())))
     return HttpResponse(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], generate_latest(registry))
+
+
+def identity_collector(identity: Any) -> Callable[[], Iterable[object]]:
+    """Sessions, tokens and trusted issuers' key sets, read when Prometheus scrapes."""
+
+    def collect() -> Iterable[object]:
+        stats = identity.stats
+        events = CounterMetricFamily("authz_identity_events", "Identity outcomes by kind", labels=["event"])
+        for event in ("sessions_created", "session_lookups", "tokens_validated", "replays", "stolen_sessions",
+                      "delegations"):
+            events.add_metric([event], getattr(stats, event))
+        yield events
+        store = identity.store
+        if store is not None:
+            kind = type(store).__name__.replace("Store", "").lower()
+            lookups = CounterMetricFamily("authz_session_store_lookups", "Session store lookups by outcome",
+                                          labels=["store", "outcome"])
+            for outcome in ("hits", "misses", "near_hits", "errors"):
+                lookups.add_metric([kind, outcome], getattr(store.stats, outcome))
+            yield lookups
+        tokens = identity.tokens
+        if tokens is not None and hasattr(tokens, "status"):
+            refreshes = CounterMetricFamily("authz_jwks_refreshes", "Key set fetches by issuer and result",
+                                            labels=["issuer", "result"])
+            usable = GaugeMetricFamily("authz_jwks_available", "1 while the issuer's keys are usable",
+                                       labels=["issuer"])
+            stale = GaugeMetricFamily("authz_jwks_stale", "1 while serving keys past their freshness",
+                                      labels=["issuer"])
+            for status in tokens.status():
+                refreshes.add_metric([status.issuer, "ok"], status.refreshes)
+                refreshes.add_metric([status.issuer, "failed"], status.failures)
+                usable.add_metric([status.issuer], 1.0 if status.available else 0.0)
+                stale.add_metric([status.issuer], 1.0 if status.stale else 0.0)
+            yield refreshes
+            yield usable
+            yield stale
+
+    return collect

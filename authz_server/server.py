@@ -30,7 +30,7 @@ from .identity.resolver import IdentityService, accept_actor
 from .identity.sessions import MemoryStore
 from .identity.workloads import PrincipalVerifier, accept_trust_domains
 from .httpfront import HttpFront, serve_http_front
-from .metrics import Metrics, pipeline_collector
+from .metrics import Metrics, identity_collector, pipeline_collector
 from .policy.loader import PolicyRuntime
 from .identity.exchange import ExchangeSigner, TokenExchange
 from .tls import ServerSslContext, SpiffeIdCheck, TlsSource, server_credentials, tls_source_from
@@ -300,6 +300,7 @@ def build_app(config: Config, *, reuse_port: bool = False) -> App:
     pipeline = Pipeline(runtime, settings=config.decision, identity=identity,
                         observers=[metrics.observe_decision, _log_decision, *([audit.observe] if audit else [])])
     metrics.watch(pipeline_collector(pipeline, runtime))
+    metrics.watch(identity_collector(identity))
     if audit is not None:
         metrics.watch(audit.collect)
     app = App(config=config, runtime=runtime, pipeline=pipeline, metrics=metrics,

@@ -231,3 +231,17 @@ async def test_token_exchange_for_a_narrow_bound_token_on_behalf_of_the_user(tmp
                         certificate=frontend.cert_pem.decode(), service="payments")
         stolen = await app.pipeline.decide(facts_from_check_request(thief), now=time.time())
         assert stolen.code == "cnf_mismatch"
+
+
+async def test_identity_is_observable_in_metrics(tmp_path: Path) -> None:
+    async with identity_stack(tmp_path) as (app, idp, _):
+        token = idp.issue("shop", username="alice").access_token
+        first = await ask(app, request(token=token))
+        session_id = headers_of(first.ok_response.response_headers_to_add)["x-session-id"]
+        await ask(app, request(session=session_id))
+        text = app.metrics.exposition().decode()
+        assert 'authz_identity_events_total{event="tokens_validated"} 1.0' in text
+        assert 'authz_identity_events_total{event="sessions_created"} 1.0' in text
+        assert 'authz_session_store_lookups_total{outcome="hits",store="memory"} 1.0' in text
+        assert f'authz_jwks_available{{issuer="{idp.issuer}"}} 1.0' in text
+        assert f'authz_jwks_refreshes_total{{issuer="{idp.issuer}",result="ok"}}' in text

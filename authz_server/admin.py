@@ -35,9 +35,10 @@ def _info(session: Session) -> pb.SessionInfo:
 
 
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, identity: IdentityService, allowed: tuple[str, ...], *,
+    def __init__(self, identity: IdentityService, allowed: tuple[str, ...], *, runtime: Any = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._identity = identity
+        self._runtime = runtime
         self._check = SpiffeIdCheck(accept_actor(allowed))
         self._clock = clock
 
@@ -152,6 +153,37 @@ class AdminService(pb_grpc.AdminServicer):
         tokens = self._identity.tokens
         statuses = tokens.status() if tokens is not None and hasattr(tokens, "status") else []
         return pb.ListIssuersResponse(issuers=[_issuer_status(s) for s in statuses])
+
+
+    async def SetPolicyData(self, request: pb.SetPolicyDataRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.PolicyDataResponse:
+        caller = await self._caller(context, "SetPolicyData")
+        value = None
+        if request.value_json:
+            try:
+                value = json.loads(request.value_json)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"value_json is not JSON: {exc}")
+        try:
+            version = await self._runtime.set_data(request.path, value)
+        except AuthzError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        log.info("policy data %s %s by %s: now policy %s", request.path, "set" if value is not None else "removed",
+                 caller, version)
+        return pb.PolicyDataResponse(policy_version=version, value_json=request.value_json)
+
+    async def GetPolicyData(self, request: pb.GetPolicyDataRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.PolicyDataResponse:
+        await self._caller(context, "GetPolicyData")
+        active = self._runtime.active
+        if active is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no policy is loaded")
+        node: Any = active.policy_set.data
+        for part in (p for p in request.path.split("/") if p):
+            if not isinstance(node, dict) or part not in node:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no data at {request.path!r}")
+            node = node[part]
+        return pb.PolicyDataResponse(policy_version=active.version, value_json=json.dumps(node))
 
 
 def _issuer_status(status: Any) -> pb.IssuerStatus:

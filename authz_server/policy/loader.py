@@ -76,7 +76,9 @@ class PolicyRuntime:
     active: ActivePolicy | None = None
     status: ReloadStatus = field(default_factory=ReloadStatus)
     listeners: list[Callable[["PolicyRuntime"], None]] = field(default_factory=list)
+    data_overlay: dict[str, Any] = field(default_factory=dict)  # runtime data: path -> value
     _snapshot: tuple[Any, ...] = ()
+    _files: PolicySet | None = None  # the last good set as read from disk, before the overlay
 
     def __post_init__(self) -> None:
         validate_query(self.query)
@@ -86,8 +88,10 @@ class PolicyRuntime:
         """Blocking first load (start-up); raises ``PolicyError`` if there is no good set."""
         self._snapshot = snapshot(self.root)
         try:
-            policy_set = load_policy_set(self.root)
+            files = load_policy_set(self.root)
+            policy_set = files.with_overlay(self.data_overlay)
             preflight(policy_set, self.query, run_tests=self.run_tests)
+            self._files = files
             self._activate(policy_set)
         except PolicyError as exc:
             self._failed(exc)
@@ -99,16 +103,43 @@ class PolicyRuntime:
         """Load the folder again; True when a new set is now serving."""
         self._snapshot = await asyncio.to_thread(snapshot, self.root)
         try:
-            policy_set = await asyncio.to_thread(load_policy_set, self.root)
+            files = await asyncio.to_thread(load_policy_set, self.root)
+            policy_set = files.with_overlay(self.data_overlay)
             if self.active is not None and policy_set.version == self.active.version:
                 self.status.last_error = self.status.last_error_code = ""
                 return False
             await preflight_async(policy_set, self.query, run_tests=self.run_tests)
+            self._files = files
             await asyncio.to_thread(self._activate, policy_set)
         except PolicyError as exc:
             self._failed(exc)
             return False
         return True
+
+    async def set_data(self, path: str, value: Any | None) -> str:
+        """Put (or, with None, remove) runtime data at ``path`` without touching the Rego
+        files; the new set is checked like any other and only then serves. Returns its
+        version; raises ``PolicyError`` (the previous set keeps serving)."""
+        key = "/".join(p for p in path.strip().split("/") if p)
+        if not key or any(not part.replace("_", "").replace("-", "").isalnum() for part in key.split("/")):
+            raise PolicyError(f"data path {path!r} must be segments of letters, digits, _ and -",
+                              code="policy_data_invalid")
+        if self._files is None:
+            raise PolicyError("no policy set is loaded yet", code="policy_not_loaded")
+        overlay = dict(self.data_overlay)
+        if value is None:
+            overlay.pop(key, None)
+        else:
+            overlay[key] = value
+        candidate = self._files.with_overlay(overlay)
+        try:
+            await preflight_async(candidate, self.query, run_tests=self.run_tests)
+        except PolicyError as exc:
+            self._failed(exc)
+            raise
+        self.data_overlay = overlay
+        await asyncio.to_thread(self._activate, candidate)
+        return candidate.version
 
     async def watch(self, interval: float = 0.25) -> None:
         """Poll the folder and reload on change; runs until cancelled."""

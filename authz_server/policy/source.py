@@ -48,6 +48,26 @@ class PolicySet:
     revision: str = ""
     files: tuple[str, ...] = field(default=())
 
+    def with_overlay(self, overlay: Mapping[str, Any]) -> "PolicySet":
+        """This set with runtime data laid over the files' (path ``a/b`` replaces ``data.a.b``);
+        its version covers both."""
+        if not overlay:
+            return self
+        data = json.loads(json.dumps(self.data))  # a deep copy of plain JSON
+        for path, value in sorted(overlay.items()):
+            parts = [p for p in path.split("/") if p]
+            node = data
+            for part in parts[:-1]:
+                child = node.get(part)
+                if not isinstance(child, dict):
+                    child = node[part] = {}
+                node = child
+            if parts:
+                node[parts[-1]] = value
+        digest = hashlib.sha256(self.version.encode() + json.dumps(overlay, sort_keys=True).encode()).hexdigest()
+        return PolicySet(modules=self.modules, data=data, test_cases=self.test_cases, cache=self.cache,
+                         version=digest[:16], root=self.root, revision=self.revision, files=self.files)
+
     @property
     def serving_modules(self) -> dict[str, str]:
         """The modules decisions use: test modules (``*_test.rego``) are left out."""

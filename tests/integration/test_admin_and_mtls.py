@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+import json
 from pathlib import Path
 
 import grpc
@@ -105,3 +106,63 @@ async def test_admin_api_sessions_lifecycle_for_allowed_operators(tmp_path: Path
             with pytest.raises(grpc.aio.AioRpcError) as denied:
                 await admin_grpc.AdminStub(channel).ListSessions(admin_pb.ListSessionsRequest())
             assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+DATA_POLICY = """
+package envoy.authz
+import rego.v1
+default allow := false
+allow if not input.parsed_path[0] in data.blocked.paths
+"""
+
+DATA_TESTS = """
+query: data.envoy.authz.allow
+cases:
+  - name: the health page is never blocked
+    input: {parsed_path: [health]}
+    expect: true
+"""
+
+
+async def test_live_policy_data_through_the_admin_api(tmp_path: Path, pki) -> None:  # type: ignore[no-untyped-def]
+    ca, tls = pki
+    folder = tmp_path / "policies"
+    write_policy(folder, DATA_POLICY)
+    (folder / "data.json").write_text('{"blocked": {"paths": ["admin"]}}')
+    (folder / "policy_test.yaml").write_text(DATA_TESTS)
+    config = Config(policies=str(folder), metrics_addr="", tls=replace(tls, allowed_clients=()),
+                    admin=AdminConfig(addr="127.0.0.1:0", allowed=("spiffe://example.org/ops",)))
+    async with running_app(config) as app:
+        async with _channel(app.bound["admin_addr"], ca, "spiffe://example.org/ops") as admin_channel, \
+                _channel(app.bound["addr"], ca, "spiffe://example.org/sidecar/a") as check_channel:
+            admin = admin_grpc.AdminStub(admin_channel)
+            check = external_auth_pb2_grpc.AuthorizationStub(check_channel)
+
+            def path(p: str) -> external_auth_pb2.CheckRequest:
+                request = _check()
+                request.attributes.request.http.path = p
+                return request
+
+            assert (await check.Check(path("/reports"))).status.code == 0
+            assert (await check.Check(path("/reports"))).status.code == 0  # now cached
+            before = app.runtime.active.version
+            invalidations = app.pipeline.cache.stats.invalidations
+            answer = await admin.SetPolicyData(admin_pb.SetPolicyDataRequest(
+                path="blocked/paths", value_json='["admin", "reports"]'))
+            assert answer.policy_version != before
+            assert (await check.Check(path("/reports"))).status.message == "policy_denied"  # cache dropped
+            assert app.pipeline.cache.stats.invalidations == invalidations + 1
+            got = await admin.GetPolicyData(admin_pb.GetPolicyDataRequest(path="blocked"))
+            assert json.loads(got.value_json) == {"paths": ["admin", "reports"]}
+
+            # Data that makes the policy's own tests fail is refused; the last good set keeps serving.
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await admin.SetPolicyData(admin_pb.SetPolicyDataRequest(path="blocked/paths", value_json='["health"]'))
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "policy test" in refused.value.details()
+            assert app.runtime.active.version == answer.policy_version
+            assert (await check.Check(path("/health"))).status.code == 0
+
+            await admin.SetPolicyData(admin_pb.SetPolicyDataRequest(path="blocked/paths"))  # remove the override
+            assert app.runtime.active.version == before
+            assert (await check.Check(path("/reports"))).status.code == 0

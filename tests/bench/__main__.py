@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .harness import Settings, save, wrk_binary
 
-SECTIONS = ["core", "sessions"]
+SECTIONS = ["core", "sessions", "transport"]
 
 
 def main() -> int:
@@ -38,6 +38,11 @@ def main() -> int:
         from . import sessions
 
         results["sessions"], text = sessions.run(settings, with_envoy=wrk_binary() is not None)
+        print(text)
+    if "transport" in chosen and wrk_binary():
+        from . import transport
+
+        results["transport"], text = transport.run(settings)
         print(text)
     save(results, Path(args.json))
     print(f"\nraw numbers saved to {args.json}")

@@ -292,11 +292,13 @@ class Pipeline:
                 signals: Mapping[str, Any], document: dict[str, Any] | None, *, cached: bool,
                 memo: dict[str, Any] | None = None) -> Decision:
         if verdict.allowed:
-            return Decision(True, "allowed", "allowed by policy", 200, decision_id, "policy", active.version, cached,
-                            verdict, identity, signals, False, None, document, result,
+            return Decision(True, verdict.reason or "allowed", "allowed by policy", 200, decision_id, "policy",
+                            active.version, cached, verdict, identity, signals, False, None, document, result,
                             memo if not identity.response_headers else None)
-        return Decision(False, "policy_denied", "denied by policy", verdict.http_status, decision_id, "policy",
-                        active.version, cached, verdict, identity, signals, False, None, document, result)
+        code = verdict.reason or "policy_denied"
+        return Decision(False, code, f"denied by policy ({code})" if verdict.reason else "denied by policy",
+                        verdict.http_status, decision_id, "policy", active.version, cached, verdict, identity, signals,
+                        False, None, document, result)
 
     def _error_decision(self, error: AuthzError, decision_id: str, active: ActivePolicy | None,
                         identity: Identity, signals: Mapping[str, Any]) -> Decision:

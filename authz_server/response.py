@@ -3,7 +3,10 @@
 A result is either a boolean or an object with a boolean ``allowed`` and optional
 ``headers``, ``response_headers_to_add``, ``request_headers_to_remove``, ``http_status``,
 ``body``, ``dynamic_metadata``, ``query_parameters_to_set`` and
-``query_parameters_to_remove``. Anything else is not a decision: each accessor checks
+``query_parameters_to_remove``. Our one addition: an optional ``reason``, a short
+``snake_case`` code for why (``rate_limited``, ``threat_listed``…) that becomes the
+decision's code in the audit log, the metrics and the denied body. OPA-Envoy ignores
+unknown keys, so a policy that sets it still runs there. Anything else is not a decision: each accessor checks
 its field and a bad one raises ``PolicyError(code="policy_result_invalid")``, which the
 pipeline turns into a deny.
 """
@@ -38,6 +41,10 @@ class Verdict:
     dynamic_metadata: Mapping[str, Any] | None = None
     query_parameters_to_set: Headers = ()
     query_parameters_to_remove: tuple[str, ...] = ()
+    reason: str = ""  # the policy's own code for this decision, if it gave one
+
+
+_REASON = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
 def _invalid(message: str) -> PolicyError:
@@ -65,7 +72,15 @@ def read_result(result: Any) -> Verdict:
         dynamic_metadata=_dynamic_metadata(result),
         query_parameters_to_set=_query_parameters_to_set(result),
         query_parameters_to_remove=_strings(result, "query_parameters_to_remove"),
+        reason=_reason(result),
     )
+
+
+def _reason(result: dict[str, Any]) -> str:
+    value = result.get("reason", "")
+    if not isinstance(value, str) or (value and not _REASON.match(value)):
+        raise _invalid(f"reason must be a short snake_case code, got {value!r}")
+    return value
 
 
 def _http_status(result: dict[str, Any]) -> int:

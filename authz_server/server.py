@@ -82,7 +82,7 @@ class AuthorizationServicer:
 
 
 def _log_decision(decision: Decision, facts: Any, now: float) -> None:
-    if decision.allowed or decision.code == "policy_denied":
+    if decision.allowed or decision.verdict is not None:  # the policy answered: nothing went wrong
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decision %s: %s (%s)", decision.decision_id, decision.code, decision.reason)
         return

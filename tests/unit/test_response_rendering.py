@@ -41,3 +41,32 @@ def test_cached_allow_renders_like_a_fresh_one(tmp_path: Path) -> None:
     assert ids == [cached.decision_id]
     assert cached.decision_id != first.decision_id
     runtime.close()
+
+
+REASON_POLICY = """
+package envoy.authz
+import rego.v1
+allow := {"allowed": false, "http_status": 429, "reason": "rate_limited", "headers": {"retry-after": "2"}} if {
+    input.parsed_path[0] == "busy"
+}
+allow := {"allowed": false, "reason": "Not A Code"} if input.parsed_path[0] == "bad"
+"""
+
+
+def test_a_policy_reason_becomes_the_decision_code(tmp_path: Path) -> None:
+    write_policy(tmp_path, REASON_POLICY)
+    runtime = PolicyRuntime(str(tmp_path))
+    runtime.load()
+    pipeline = Pipeline(runtime)
+
+    def decide(path: str):  # type: ignore[no-untyped-def]
+        return asyncio.run(pipeline.decide(facts_from_check_request(check_request_from_json(
+            {"attributes": {"request": {"http": {"method": "GET", "path": path}}}})), now=1000.0))
+
+    busy = decide("/busy")
+    assert (busy.allowed, busy.code, busy.http_status) == (False, "rate_limited", 429)
+    assert check_response(busy).status.message == "rate_limited"
+    assert dict(busy.response_headers)["retry-after"] == "2"
+    bad = decide("/bad")
+    assert bad.code == "policy_result_invalid"  # not a code: the result is refused, and denies
+    runtime.close()

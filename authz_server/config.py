@@ -23,6 +23,7 @@ from .identity.exchange import ExchangeConfig, ExchangeRule
 from .identity.oidc import parse_issuers
 from .identity.resolver import SessionSettings
 from .policy.engine import ISOLATION_MODES
+from .signals import SignalsConfig
 from .durations import parse_duration
 from .errors import ConfigError
 
@@ -71,6 +72,7 @@ class Config:
     tls: TlsConfig | None = None
     admin: AdminConfig = field(default_factory=AdminConfig)
     exchange: ExchangeConfig | None = None
+    signals: SignalsConfig | None = None
     audit: tuple[str, ...] = ()
     source: str = ""  # the file this came from, for messages
 
@@ -198,6 +200,7 @@ _READERS: dict[str, _Reader] = {
     "tls": lambda v, b: {"tls": _tls(v, b)},
     "issuers": lambda v, b: {"issuers": parse_issuers(v, base_dir=b)},
     "exchange": lambda v, b: {"exchange": _exchange(v, b)},
+    "signals": lambda v, b: {"signals": SignalsConfig.from_mapping(v, base_dir=b)},
     "admin": lambda v, _b: {"admin": _admin(v)},
     "trust_domains": lambda v, _b: {"trust_domains": _trust_domains(v)},
 }

@@ -23,6 +23,7 @@ from .errors import AuthzError, IdentityError, PolicyError, RequestError, Unavai
 from .facts import Facts, build_input
 from .policy.cache import DecisionCache
 from .policy.engine import UNDEFINED
+from .policy.inputs import values_at
 from .policy.loader import ActivePolicy, PolicyRuntime
 from .response import Headers, Verdict, read_result
 
@@ -337,8 +338,14 @@ def _full_key(active: ActivePolicy, facts: Facts, identity: Identity, signals: M
     # and no hashing on the hot path.
     key = active.key_prefix + facts.fingerprint + bytes((len(identity.fingerprint),)) + identity.fingerprint
     if signals:
-        key += hashlib.blake2b(json.dumps(signals, sort_keys=True, separators=(",", ":")).encode(),
-                               digest_size=20).digest()
+        # Only the signal fields the policy can read: a policy reading rate.limited keeps its
+        # cache hits while the observed rate moves on every request.
+        paths = active.signal_paths
+        if paths is None:
+            key += hashlib.blake2b(json.dumps(signals, sort_keys=True, separators=(",", ":")).encode(),
+                                   digest_size=20).digest()
+        elif paths:
+            key += b"\x02" + repr(values_at(signals, paths)).encode()
     return key
 
 

@@ -199,3 +199,20 @@ def identity_collector(identity: Any) -> Callable[[], Iterable[object]]:
             yield stale
 
     return collect
+
+
+def signals_collector(signals: Any) -> Callable[[], Iterable[object]]:
+    def collect() -> Iterable[object]:
+        family = CounterMetricFamily("authz_signals", "Requests a signal flagged, by signal", labels=["signal"])
+        for name in ("throttled", "anomalous", "threat_hits"):
+            family.add_metric([name], getattr(signals.stats, name))
+        yield family
+        lists = GaugeMetricFamily("authz_threat_list_entries", "Entries per threat list", labels=["list"])
+        errors = GaugeMetricFamily("authz_threat_list_error", "1 while a list's last reload failed", labels=["list"])
+        for name, status in signals.threats.status().items():
+            lists.add_metric([name], status["entries"])
+            errors.add_metric([name], 1.0 if status["error"] else 0.0)
+        yield lists
+        yield errors
+
+    return collect

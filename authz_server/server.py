@@ -30,7 +30,8 @@ from .identity.resolver import IdentityService, accept_actor
 from .identity.sessions import MemoryStore
 from .identity.workloads import PrincipalVerifier, accept_trust_domains
 from .httpfront import HttpFront, serve_http_front
-from .metrics import Metrics, identity_collector, pipeline_collector
+from .metrics import Metrics, identity_collector, pipeline_collector, signals_collector
+from .signals import Signals
 from .policy.loader import PolicyRuntime
 from .identity.exchange import ExchangeSigner, TokenExchange
 from .tls import ServerSslContext, SpiffeIdCheck, TlsSource, server_credentials, tls_source_from
@@ -158,6 +159,8 @@ class App:
             self._http_servers.append(server)
             self.bound["metrics_addr"] = address
         self._tasks.append(asyncio.create_task(self.runtime.watch(), name="policy-watch"))
+        if self.pipeline.signals is not None:
+            self._tasks.append(asyncio.create_task(self.pipeline.signals.watch(), name="threat-lists"))
         if self.audit is not None:
             self.audit.start()
         await self._start_identity()
@@ -243,6 +246,8 @@ class App:
         for server in self._http_servers:
             server.close()
         self._http_servers.clear()
+        if self.pipeline.signals is not None:
+            await self.pipeline.signals.close()
         if self.identity is not None:
             for part in (self.identity.store, self.identity.tokens):
                 close = getattr(part, "close", None)
@@ -297,10 +302,13 @@ def build_app(config: Config, *, reuse_port: bool = False) -> App:
     signer = ExchangeSigner.load_or_create(config.exchange.key_file) if config.exchange is not None else None
     identity = build_identity(config, signer)
     audit = AuditLog.from_specs(config.audit, query=config.query) if config.audit else None
-    pipeline = Pipeline(runtime, settings=config.decision, identity=identity,
+    signals = Signals(config.signals) if config.signals is not None else None
+    pipeline = Pipeline(runtime, settings=config.decision, identity=identity, signals=signals,
                         observers=[metrics.observe_decision, _log_decision, *([audit.observe] if audit else [])])
     metrics.watch(pipeline_collector(pipeline, runtime))
     metrics.watch(identity_collector(identity))
+    if signals is not None:
+        metrics.watch(signals_collector(signals))
     if audit is not None:
         metrics.watch(audit.collect)
     app = App(config=config, runtime=runtime, pipeline=pipeline, metrics=metrics,

@@ -6,6 +6,11 @@
 #   high    an mTLS workload the route lists, presenting a session bound to that very
 #           workload (no delegation, no bare token)
 #
+# Before the access rules, the signals (input.signals): a caller on a threat list is refused
+# (403 threat_listed), one over its rate limit throttled (429 rate_limited, Retry-After),
+# and one behaving anomalously refused on medium and high routes (403 anomalous_behaviour).
+# The reason becomes the decision's code in the audit log and the metrics.
+#
 # input.identity and input.signals are authz-server's additions to the OPA-Envoy input.
 package envoy.authz
 
@@ -23,12 +28,10 @@ default identity := {}
 
 identity := input.identity
 
-default signals := {}
-
-signals := input.signals
-
+# Signals are read field by field (input.signals.x.y), so the decision cache keys on exactly
+# those fields and not on the observed rate, which moves with every request.
 sensitivity := s if {
-	s := signals.sensitivity
+	s := input.signals.sensitivity
 	s in {"low", "medium", "high"}
 } else := s if {
 	s := context.sensitivity
@@ -94,7 +97,21 @@ strong_enough(rule) if {
 	session.bound_to.spiffe_id == caller
 }
 
-allow if {
+granted if {
 	some rule in matching
 	strong_enough(rule)
+}
+
+allow := {"allowed": false, "http_status": 403, "reason": "threat_listed"} if {
+	input.signals.threat.listed
+} else := {
+	"allowed": false, "http_status": 429, "reason": "rate_limited",
+	"headers": {"retry-after": sprintf("%d", [input.signals.rate.retry_after])},
+} if {
+	input.signals.rate.limited
+} else := {"allowed": false, "http_status": 403, "reason": "anomalous_behaviour"} if {
+	input.signals.anomaly.level == "anomalous"
+	sensitivity != "low"
+} else := true if {
+	granted
 }

@@ -33,7 +33,8 @@ log = logging.getLogger("authz_server.identity")
 
 # Claims copied into the session for policies (and kept out of it: none of the token itself).
 DEFAULT_SESSION_CLAIMS = ("sub", "iss", "aud", "scope", "scp", "roles", "groups", "realm_access", "client_id", "azp",
-                          "email", "name", "preferred_username", "tenant", "acr", "amr", "auth_time", "act", "cnf")
+                          "email", "name", "preferred_username", "tenant", "acr", "amr", "auth_time", "act", "cnf",
+                          "jti")
 
 
 class VerifiedTokenLike(Protocol):

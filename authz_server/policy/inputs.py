@@ -147,3 +147,22 @@ def project(document: Any, tree: Tree | None) -> Any:
         value = document[key]
         out[key] = value if sub is True or not isinstance(value, dict) else project(value, sub)
     return out
+
+
+def leaf_paths(tree: Tree, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every path the tree keeps, in a stable order (for cache keys)."""
+    paths: list[tuple[str, ...]] = []
+    for key in sorted(tree):
+        sub = tree[key]
+        paths.extend([(*prefix, key)] if sub is True else leaf_paths(sub, (*prefix, key)))
+    return paths
+
+
+def values_at(document: Any, paths: tuple[tuple[str, ...], ...]) -> tuple[Any, ...]:
+    out = []
+    for path in paths:
+        node = document
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        out.append(node)
+    return tuple(out)

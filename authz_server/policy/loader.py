@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ..errors import PolicyError
 from .engine import CompiledPolicy, EvaluatorPool, validate_query
-from .inputs import Tree, input_paths, project
+from .inputs import Tree, input_paths, leaf_paths, project
 from .preflight import preflight, preflight_async
 from .source import CacheSettings, PolicySet, load_policy_set, snapshot
 
@@ -33,11 +33,14 @@ class ActivePolicy:
     key_prefix: bytes = b""
     reads_clock: bool = False
     input_tree: Tree | None = None  # the parts of input the policy reads (None: all of it)
+    signal_paths: tuple[tuple[str, ...], ...] | None = None  # the signal fields it reads (None: all)
 
     def __post_init__(self) -> None:
         self.key_prefix = hashlib.blake2b(f"{self.version}\0{self.query}".encode(), digest_size=16).digest()
         self.reads_clock = self.policy_set.reads_clock
         self.input_tree = input_paths(self.policy_set.serving_modules)
+        signals = None if self.input_tree is None else self.input_tree.get("signals", {})
+        self.signal_paths = None if signals is None or signals is True else tuple(leaf_paths(signals))
 
     @property
     def version(self) -> str:

@@ -1,0 +1,217 @@
+"""Signals about what is happening now, for policies: ``input.signals``.
+
+``{"rate": {rate, limit, remaining, limited, retry_after}, "anomaly": {score, level, ...},
+"threat": {listed, matches}, "sensitivity": "low"|"medium"|"high"}``. Each is cheap enough for
+every request; see the modules for the formulas. ``Signals`` is the pipeline's
+``SignalSource``: ``assess`` before the policy, ``record_outcome`` after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..durations import parse_duration
+from ..errors import ConfigError
+from .anomaly import AnomalyDetector, AnomalySettings
+from .ratelimit import BucketSpec, MemoryRateLimiter, ObservedRate, RateLimiter, RedisRateLimiter
+from .routes import RouteNormalizer
+from .sensitivity import LEVELS, sensitivity_of
+from .threatintel import ThreatIntel, ThreatSource
+
+
+@dataclass(frozen=True)
+class SignalsConfig:
+    per_identity: BucketSpec | None = None
+    per_route: BucketSpec | None = None
+    rate_store: str = "memory"
+    anomaly: AnomalySettings | None = field(default_factory=AnomalySettings)
+    threat_lists: tuple[ThreatSource, ...] = ()
+    default_sensitivity: str = "medium"
+
+    @classmethod
+    def from_mapping(cls, data: Any, *, base_dir: str | None = None) -> "SignalsConfig":
+        from ..config import resolve_path
+
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"expected a mapping, got {data!r}", key="signals")
+        _only(data, {"rate", "anomaly", "threat_lists", "default_sensitivity"}, "signals.")
+        values: dict[str, Any] = {}
+        rate = data.get("rate") or {}
+        if not isinstance(rate, Mapping):
+            raise ConfigError("expected a mapping", key="signals.rate")
+        _only(rate, {"per_identity", "per_route", "store"}, "signals.rate.")
+        for name in ("per_identity", "per_route"):
+            if name in rate:
+                values[name] = _bucket(rate[name], f"signals.rate.{name}")
+        if "store" in rate:
+            store = rate["store"]
+            if not isinstance(store, str) or not (store == "memory" or store.startswith(("redis://", "rediss://",
+                                                                                         "unix://"))):
+                raise ConfigError(f"expected memory or a redis:// URL, got {store!r}", key="signals.rate.store")
+            values["rate_store"] = store
+        if "anomaly" in data:
+            values["anomaly"] = _anomaly(data["anomaly"])
+        if "threat_lists" in data:
+            values["threat_lists"] = _threat_lists(data["threat_lists"], base_dir, resolve_path)
+        if "default_sensitivity" in data:
+            if data["default_sensitivity"] not in LEVELS:
+                raise ConfigError(f"expected one of {', '.join(LEVELS)}", key="signals.default_sensitivity")
+            values["default_sensitivity"] = data["default_sensitivity"]
+        return cls(**values)
+
+
+def _only(data: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"unknown key; expected one of {', '.join(sorted(allowed))}", key=f"{prefix}{key}")
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"expected a number, got {value!r}", key=key)
+    return float(value)
+
+
+def _bucket(value: Any, key: str) -> BucketSpec:
+    if not isinstance(value, Mapping):
+        raise ConfigError("expected {rate: N, burst: N}", key=key)
+    _only(value, {"rate", "burst"}, f"{key}.")
+    rate = _number(value.get("rate"), f"{key}.rate")
+    burst = _number(value.get("burst", max(1.0, rate * 2)), f"{key}.burst")
+    if rate <= 0:
+        raise ConfigError("must be greater than zero (requests per second)", key=f"{key}.rate")
+    if burst < 1:
+        raise ConfigError("must be at least 1", key=f"{key}.burst")
+    return BucketSpec(rate, burst)
+
+
+def _anomaly(value: Any) -> AnomalySettings | None:
+    if value is False:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError("expected a mapping, or false to turn it off", key="signals.anomaly")
+    _only(value, {"threshold", "warmup", "learning_routes", "max_identities", "max_routes"}, "signals.anomaly.")
+    values: dict[str, Any] = {}
+    if "threshold" in value:
+        threshold = _number(value["threshold"], "signals.anomaly.threshold")
+        if not 0 < threshold < 1:
+            raise ConfigError("must be between 0 and 1", key="signals.anomaly.threshold")
+        values["threshold"] = threshold
+    for name in ("warmup", "learning_routes", "max_identities", "max_routes"):
+        if name in value:
+            number = value[name]
+            if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+                raise ConfigError("expected a whole number >= 0", key=f"signals.anomaly.{name}")
+            values[name] = number
+    return AnomalySettings(**values)
+
+
+def _threat_lists(value: Any, base_dir: str | None, resolve_path: Any) -> tuple[ThreatSource, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("expected a list of {name, path | url}", key="signals.threat_lists")
+    sources = []
+    for index, item in enumerate(value):
+        key = f"signals.threat_lists[{index}]"
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+            raise ConfigError("expected {name, path | url}", key=key)
+        _only(item, {"name", "path", "url", "refresh"}, f"{key}.")
+        if ("path" in item) == ("url" in item):
+            raise ConfigError("give exactly one of path or url", key=key)
+        refresh = 60.0
+        if "refresh" in item:
+            try:
+                refresh = parse_duration(item["refresh"])
+            except ValueError as exc:
+                raise ConfigError(str(exc), key=f"{key}.refresh") from None
+        if "url" in item and not str(item["url"]).startswith(("https://", "http://")):
+            raise ConfigError("expected an http(s) URL", key=f"{key}.url")
+        sources.append(ThreatSource(item["name"], path=resolve_path(str(item["path"]), base_dir) if "path" in item
+                                    else "", url=str(item.get("url", "")), refresh=refresh))
+    return tuple(sources)
+
+
+@dataclass
+class SignalStats:
+    throttled: int = 0
+    anomalous: int = 0
+    threat_hits: int = 0
+
+
+class Signals:
+    """Implements the pipeline's ``SignalSource``."""
+
+    def __init__(self, config: SignalsConfig) -> None:
+        self.config = config
+        self.limiter: RateLimiter | None = None
+        if config.per_identity or config.per_route:
+            self.limiter = (MemoryRateLimiter() if config.rate_store == "memory"
+                            else RedisRateLimiter(config.rate_store))
+        self.observed = ObservedRate()
+        self.anomaly = AnomalyDetector(config.anomaly) if config.anomaly is not None else None
+        self.threats = ThreatIntel(config.threat_lists)
+        self.routes = RouteNormalizer()
+        self.stats = SignalStats()
+        self._unlimited = {"rate": 0.0, "limit": None, "remaining": None, "limited": False, "retry_after": 0}
+
+    @staticmethod
+    def identity_key(facts: Any, identity: Any) -> str:
+        document = identity.document
+        user = document.get("user") if document else None
+        if user:
+            return f"user:{user.get('iss', '')}|{user.get('sub', '')}"
+        workload = document.get("workload") if document else None
+        if workload:
+            return f"workload:{workload['spiffe_id']}"
+        return f"ip:{facts.source_address}" if facts.source_address else "anonymous"
+
+    async def assess(self, facts: Any, identity: Any, now: float) -> dict[str, Any]:
+        key = self.identity_key(facts, identity)
+        route = self.routes(facts.path)
+        method = facts.method
+        rate: dict[str, Any]
+        observed = self.observed.observe(key, now)
+        if self.limiter is not None:
+            buckets = []
+            if self.config.per_identity is not None:
+                buckets.append((f"id|{key}", self.config.per_identity))
+            if self.config.per_route is not None:
+                buckets.append((f"rt|{key}|{method} {route}", self.config.per_route))
+            result = await self.limiter.take(buckets, now)
+            spec = self.config.per_identity or self.config.per_route
+            assert spec is not None
+            rate = {"rate": round(observed, 2), "limit": spec.rate, "remaining": int(result.remaining),
+                    "limited": result.limited, "retry_after": int(result.retry_after + 0.999) if result.limited else 0}
+            if result.limited:
+                self.stats.throttled += 1
+        else:
+            rate = {**self._unlimited, "rate": round(observed, 2)}
+        anomaly: dict[str, Any] = {"score": 0.0, "level": "normal"}
+        if self.anomaly is not None:
+            self.anomaly.observe(key, method, route, now)
+            anomaly = self.anomaly.to_input(key)
+            if anomaly["level"] == "anomalous":
+                self.stats.anomalous += 1
+        document = identity.document or {}
+        user = document.get("user") or {}
+        workload = document.get("workload") or {}
+        threat = self.threats.lookup(ip=facts.source_address, spiffe_id=workload.get("spiffe_id", ""),
+                                     subject=user.get("sub", ""), jti=(user.get("claims") or {}).get("jti", ""))
+        if threat["listed"]:
+            self.stats.threat_hits += 1
+        return {"rate": rate, "anomaly": anomaly, "threat": threat,
+                "sensitivity": sensitivity_of(facts.context_extensions, self.config.default_sensitivity)}
+
+    def record_outcome(self, facts: Any, identity: Any, decision: Any, now: float) -> None:
+        if self.anomaly is not None and facts is not None:
+            self.anomaly.record_outcome(self.identity_key(facts, identity), not decision.allowed)
+
+    async def watch(self) -> None:
+        await self.threats.watch()
+
+    async def close(self) -> None:
+        if self.limiter is not None:
+            await self.limiter.close()
+
+
+__all__ = ["Signals", "SignalsConfig", "SignalStats"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .harness import Settings, save, wrk_binary
 
-SECTIONS = ["core", "sessions", "transport"]
+SECTIONS = ["core", "sessions", "transport", "signals"]
 
 
 def main() -> int:
@@ -43,6 +43,11 @@ def main() -> int:
         from . import transport
 
         results["transport"], text = transport.run(settings)
+        print(text)
+    if "signals" in chosen:
+        from . import signals
+
+        results["signals"], text = signals.run()
         print(text)
     save(results, Path(args.json))
     print(f"\nraw numbers saved to {args.json}")

@@ -1,0 +1,147 @@
+"""An anomaly score per identity, against that identity's own decaying baseline.
+
+Per identity we keep (all decaying with time, so it recovers by itself when it calms down):
+
+* ``r``  — its current request rate: ``r ← r·e^(−Δt/τ_fast) + 1/τ_fast`` (τ_fast = 10 s);
+* ``μ, σ²`` — its usual rate: an exponentially weighted mean and variance of ``r`` with
+  weight ``w = 1 − e^(−Δt/τ_slow)`` per request (τ_slow = 10 min). During an identity's
+  warm-up (its first ``warmup`` requests and first 3·τ_fast = 30 s, while ``r`` is still
+  ramping up to its steady value) ``μ`` simply follows ``r`` and there is no rate term;
+* ``n``  — new routes lately: ``n ← n·e^(−Δt/τ_new) (+1 if the (method, route) pair was never
+  seen)`` (τ_new = 60 s). The first ``learning_routes`` (12) distinct pairs are learning, not
+  news, so a new identity is not flagged for having a first day;
+* ``e``  — its deny ratio lately: ``e ← e·e^(−Δt/τ_new)``, then ``e ← e + α(denied − e)`` on
+  each outcome (α = 0.1).
+
+Terms, each zero in normal life:
+
+* rate:  ``max(0, z − 3)`` with ``z = (r − μ) / √(σ² + (0.1·μ + 1)²)``, after warm-up;
+* news:  ``max(0, n − 3)``  (a few new routes a minute is normal);
+* denials: ``10 · max(0, e − 0.3)``.
+
+``score = 1 − e^(−(0.5·rate + 0.4·news + denials))`` in [0, 1); ``level`` is ``anomalous``
+at ``threshold`` (0.8) and above, ``elevated`` from half of it, else ``normal``. A scanner
+trying new endpoints is anomalous after about twenty distinct endpoints; an identity sending
+ten times its usual rate within about ten seconds. Memory is bounded: at most
+``max_identities`` (least recently seen dropped) and ``max_routes`` remembered pairs each.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+TAU_FAST = 10.0
+TAU_SLOW = 600.0
+TAU_NEW = 60.0
+ALPHA = 0.1
+WARMUP_SECONDS = 3 * TAU_FAST  # r takes this long to reach a steady sender's rate
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalySettings:
+    threshold: float = 0.8
+    warmup: int = 20
+    learning_routes: int = 12
+    max_identities: int = 100_000
+    max_routes: int = 64
+
+
+@dataclass(slots=True)
+class _State:
+    last: float
+    first: float = 0.0
+    rate: float = 0.0
+    mean: float = 0.0
+    var: float = 0.0
+    news: float = 0.0
+    errors: float = 0.0
+    requests: int = 0
+    routes: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    score: float = 0.0
+    terms: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+class AnomalyDetector:
+    def __init__(self, settings: AnomalySettings | None = None) -> None:
+        self.settings = settings or AnomalySettings()
+        self._states: OrderedDict[str, _State] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def observe(self, identity: str, method: str, route: str, now: float) -> float:
+        """Account for one request and return the identity's score."""
+        settings = self.settings
+        states = self._states
+        state = states.get(identity)
+        if state is None:
+            state = states[identity] = _State(last=now, first=now)
+            if len(states) > settings.max_identities:
+                states.popitem(last=False)
+        else:
+            states.move_to_end(identity)
+        dt = max(0.0, now - state.last)
+        state.last = now
+        decay_new = math.exp(-dt / TAU_NEW)
+        state.rate = state.rate * math.exp(-dt / TAU_FAST) + 1.0 / TAU_FAST
+        if self._warming(state, now):
+            state.mean, state.var = state.rate, 0.0  # r is still ramping up: nothing to deviate from yet
+        else:
+            weight = 1.0 - math.exp(-dt / TAU_SLOW)
+            delta = state.rate - state.mean
+            state.mean += weight * delta
+            state.var = (1.0 - weight) * (state.var + weight * delta * delta)
+        state.news *= decay_new
+        state.errors *= decay_new
+        state.requests += 1
+        pair = f"{method} {route}"
+        routes = state.routes
+        if pair in routes:
+            routes.move_to_end(pair)
+        else:
+            routes[pair] = None
+            if len(routes) > settings.max_routes:
+                routes.popitem(last=False)
+            if state.requests > 1 and len(routes) > settings.learning_routes:
+                state.news += 1.0
+        return self._score(state)
+
+    def _warming(self, state: _State, now: float) -> bool:
+        return state.requests < self.settings.warmup or now - state.first < WARMUP_SECONDS
+
+    def record_outcome(self, identity: str, denied: bool) -> None:
+        state = self._states.get(identity)
+        if state is not None:
+            # The score follows at the identity's next request; nothing reads it before.
+            state.errors += ALPHA * ((1.0 if denied else 0.0) - state.errors)
+
+    def _score(self, state: _State) -> float:
+        settings = self.settings
+        rate_term = 0.0
+        if not self._warming(state, state.last):
+            spread = math.sqrt(state.var + (0.1 * state.mean + 1.0) ** 2)
+            rate_term = max(0.0, (state.rate - state.mean) / spread - 3.0)
+        news_term = max(0.0, state.news - 3.0)
+        error_term = 10.0 * max(0.0, state.errors - 0.3)
+        state.terms = (rate_term, news_term, error_term)
+        state.score = 1.0 - math.exp(-(0.5 * rate_term + 0.4 * news_term + error_term))
+        return state.score
+
+    def level(self, score: float) -> str:
+        threshold = self.settings.threshold
+        return "anomalous" if score >= threshold else "elevated" if score >= threshold / 2 else "normal"
+
+    def to_input(self, identity: str) -> dict[str, Any]:
+        state = self._states.get(identity)
+        if state is None:
+            return {"score": 0.0, "level": "normal", "rate_z": 0.0, "new_routes": 0.0, "error_ratio": 0.0,
+                    "reasons": []}
+        rate_term, news_term, error_term = state.terms
+        reasons = [name for name, term in (("rate", rate_term), ("new_routes", news_term), ("denials", error_term))
+                   if term > 0]
+        return {"score": round(state.score, 4), "level": self.level(state.score),
+                "rate_z": round(rate_term + 3.0 if rate_term else 0.0, 2), "new_routes": round(state.news, 2),
+                "error_ratio": round(state.errors, 3), "reasons": reasons}

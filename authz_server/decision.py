@@ -52,6 +52,10 @@ class IdentityResolver(Protocol):
 
 
 class SignalSource(Protocol):
+    def gate(self, facts: Facts, now: float) -> None: ...
+
+    async def record_identity_failure(self, facts: Facts, now: float) -> None: ...
+
     async def assess(self, facts: Facts, identity: Identity, now: float) -> Mapping[str, Any]: ...
 
     def record_outcome(self, facts: Facts, identity: Identity, decision: "Decision", now: float) -> None: ...
@@ -193,8 +197,15 @@ class Pipeline:
         try:
             if active is None:
                 raise PolicyError("no policy loaded yet", code="policy_not_loaded")
+            if self.signals is not None:
+                self.signals.gate(facts, now)
             if self.identity is not None:
-                identity = await self.identity.resolve(facts, now)
+                try:
+                    identity = await self.identity.resolve(facts, now)
+                except IdentityError:
+                    if self.signals is not None:
+                        await self.signals.record_identity_failure(facts, now)
+                    raise
             if self.signals is not None:
                 signals = await self.signals.assess(facts, identity, now)
             decision = await self._decide_with_policy(active, facts, identity, signals, decision_id, now)

@@ -204,7 +204,7 @@ def identity_collector(identity: Any) -> Callable[[], Iterable[object]]:
 def signals_collector(signals: Any) -> Callable[[], Iterable[object]]:
     def collect() -> Iterable[object]:
         family = CounterMetricFamily("authz_signals", "Requests a signal flagged, by signal", labels=["signal"])
-        for name in ("throttled", "anomalous", "threat_hits"):
+        for name in ("throttled", "anomalous", "threat_hits", "credential_stuffing"):
             family.add_metric([name], getattr(signals.stats, name))
         yield family
         lists = GaugeMetricFamily("authz_threat_list_entries", "Entries per threat list", labels=["list"])

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..durations import parse_duration
-from ..errors import ConfigError
+from ..errors import ConfigError, IdentityError
 from .anomaly import AnomalyDetector, AnomalySettings
 from .ratelimit import BucketSpec, MemoryRateLimiter, ObservedRate, RateLimiter, RedisRateLimiter
 from .routes import RouteNormalizer
@@ -28,6 +28,7 @@ class SignalsConfig:
     anomaly: AnomalySettings | None = field(default_factory=AnomalySettings)
     threat_lists: tuple[ThreatSource, ...] = ()
     default_sensitivity: str = "medium"
+    auth_failures: BucketSpec | None = None  # failed sign-ins a source may make before it is refused
 
     @classmethod
     def from_mapping(cls, data: Any, *, base_dir: str | None = None) -> "SignalsConfig":
@@ -35,8 +36,10 @@ class SignalsConfig:
 
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected a mapping, got {data!r}", key="signals")
-        _only(data, {"rate", "anomaly", "threat_lists", "default_sensitivity"}, "signals.")
+        _only(data, {"rate", "anomaly", "threat_lists", "default_sensitivity", "auth_failures"}, "signals.")
         values: dict[str, Any] = {}
+        if "auth_failures" in data:
+            values["auth_failures"] = _bucket(data["auth_failures"], "signals.auth_failures")
         rate = data.get("rate") or {}
         if not isinstance(rate, Mapping):
             raise ConfigError("expected a mapping", key="signals.rate")
@@ -136,6 +139,7 @@ class SignalStats:
     throttled: int = 0
     anomalous: int = 0
     threat_hits: int = 0
+    credential_stuffing: int = 0
 
 
 class Signals:
@@ -152,6 +156,8 @@ class Signals:
         self.threats = ThreatIntel(config.threat_lists)
         self.routes = RouteNormalizer()
         self.stats = SignalStats()
+        self.failures = MemoryRateLimiter() if config.auth_failures is not None else None
+        self._blocked: dict[str, float] = {}  # source -> until when it is refused
         self._unlimited = {"rate": 0.0, "limit": None, "remaining": None, "limited": False, "retry_after": 0}
 
     @staticmethod
@@ -201,6 +207,38 @@ class Signals:
             self.stats.threat_hits += 1
         return {"rate": rate, "anomaly": anomaly, "threat": threat,
                 "sensitivity": sensitivity_of(facts.context_extensions, self.config.default_sensitivity)}
+
+    @staticmethod
+    def _source(facts: Any) -> str:
+        return facts.source_principal or facts.source_address or "unknown"
+
+    def gate(self, facts: Any, now: float) -> None:
+        """Refuse a source that spent its budget of failed sign-ins (``credential_stuffing``,
+        429), before its credentials are even looked at."""
+        if not self._blocked:
+            return
+        until = self._blocked.get(self._source(facts))
+        if until is None:
+            return
+        if until <= now:
+            del self._blocked[self._source(facts)]
+            return
+        self.stats.credential_stuffing += 1
+        error = IdentityError(f"{self._source(facts)} failed to authenticate too often; retry in "
+                              f"{until - now:.0f}s", code="credential_stuffing")
+        error.status = 429
+        raise error
+
+    async def record_identity_failure(self, facts: Any, now: float) -> None:
+        if self.failures is None or self.config.auth_failures is None:
+            return
+        spec = self.config.auth_failures
+        source = self._source(facts)
+        result = await self.failures.take([(source, spec)], now)
+        if result.limited:
+            if len(self._blocked) >= 100_000:
+                self._blocked.clear()
+            self._blocked[source] = now + max(result.retry_after, 1.0 / spec.rate)
 
     def record_outcome(self, facts: Any, identity: Any, decision: Any, now: float) -> None:
         if self.anomaly is not None and facts is not None:

@@ -133,3 +133,38 @@ async def test_a_threat_list_edit_takes_effect_within_a_second(tmp_path: Path) -
         await app.stop(0)
 
 
+
+
+async def test_credential_stuffing_is_refused_and_named(tmp_path: Path) -> None:
+    from authz_server.devidp.config import DevIdPConfig
+    from authz_server.devidp.provider import DevIdP
+    from authz_server.identity.oidc import IssuerConfig
+
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    async with DevIdP(DevIdPConfig.from_mapping({"addr": "127.0.0.1:0"})) as idp:
+        app = build_app(Config(policies=str(policies), addr="", metrics_addr="",
+                               issuers=(IssuerConfig.from_mapping({"issuer": idp.issuer, "audiences": ["a"]},
+                                                                  "issuers[0]"),),
+                               signals=SignalsConfig.from_mapping({"auth_failures": {"rate": 0.1, "burst": 5}})))
+        app.runtime.load()
+        await app._start_identity()
+
+        def attempt(address: str, guess: int) -> object:
+            return check_request_from_json({"attributes": {
+                "source": {"address": {"socketAddress": {"address": address}}},
+                "request": {"http": {"method": "GET", "path": "/", "headers": {
+                    "authorization": f"Bearer not.a-valid.token{guess}"}}}}})
+
+        now = 1000.0
+        codes = [(await app.pipeline.decide(facts_from_check_request(attempt("198.51.100.7", i)), now=now)).code
+                 for i in range(10)]
+        assert codes[:5] == ["malformed_token"] * 5
+        assert codes[6:] == ["credential_stuffing"] * 4  # refused before its token is even read
+        refused = await app.pipeline.decide(facts_from_check_request(attempt("198.51.100.7", 99)), now=now)
+        assert refused.http_status == 429
+        other = await app.pipeline.decide(facts_from_check_request(attempt("198.51.100.8", 1)), now=now)
+        assert other.code == "malformed_token"  # another source is not affected
+        later = await app.pipeline.decide(facts_from_check_request(attempt("198.51.100.7", 1)), now=now + 60)
+        assert later.code == "malformed_token"  # it calmed down: its attempts are judged again
+        await app.stop(0)

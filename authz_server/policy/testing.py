@@ -172,7 +172,12 @@ def _rewrite(source: str) -> _RewrittenModule:
             problems[rule] = "one test uses several 'with input as' values; split it into one test per input"
         if not count:
             tests.append((rule, bool(distinct)))
-        if len(distinct) == 1:
+        if rule in problems:
+            # Left out of the module: its `with input as` clauses would still be compiled (and
+            # regopy aborts on some), and a second lifted input would conflict with the first;
+            # either would take the module's other tests down with it. It reports its problem.
+            text = ""
+        elif len(distinct) == 1:
             extra.append(f"\n__authz_input_{rule} := {distinct[0]}\n")
             text = stripped
         out.append(source[pos:match.start()])

@@ -27,6 +27,7 @@ MAX_PARSED_BODY_BYTES = 1024 * 1024
 
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+_DECIMAL = re.compile(r"[+-]?[0-9]+\Z")
 
 
 @dataclass(slots=True, eq=False)
@@ -144,7 +145,7 @@ def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[
         if _truncated(headers, payload):
             return None, True
         try:
-            return json.loads(payload), False
+            return json.loads(payload, parse_constant=_not_json), False
         except (ValueError, RecursionError):
             raise RequestError("request body is not valid JSON", code="bad_body") from None
     if "application/x-www-form-urlencoded" in content_type:
@@ -177,11 +178,17 @@ def _truncated(headers: Mapping[str, str], payload: bytes) -> bool:
     declared = headers.get("content-length")
     if declared is None:
         return False
-    try:
-        length = int(declared)
-    except ValueError:
-        raise RequestError(f"content-length {declared[:32]!r} is not a number", code="bad_request") from None
+    # Go's strconv.ParseInt(s, 10, 64): an optional sign and ASCII digits, nothing else
+    # (Python's int() would also take spaces, "1_000" and non-ASCII digits).
+    length = int(declared) if len(declared) <= 20 and _DECIMAL.match(declared) else None
+    if length is None or not -(2**63) <= length < 2**63:
+        raise RequestError(f"content-length {declared[:32]!r} is not a number", code="bad_request")
     return length != -1 and length > len(payload)
+
+
+def _not_json(constant: str) -> Any:
+    """``json.loads`` takes ``NaN`` and ``Infinity``; JSON (and OPA-Envoy) does not."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _parse_multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] | None:
@@ -200,8 +207,8 @@ def _parse_multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] 
         data = part.get_payload(decode=True) or b""
         if "application/json" in (part.get_content_type() or ""):
             try:
-                value: Any = json.loads(data)
-            except ValueError:
+                value: Any = json.loads(data, parse_constant=_not_json)
+            except (ValueError, RecursionError):
                 raise RequestError(f"multipart field {name!r} is not valid JSON", code="bad_body") from None
         else:
             value = data.decode("utf-8", "replace")

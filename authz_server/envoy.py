@@ -167,7 +167,9 @@ def facts_from_check_request(request: CheckRequest) -> Facts:
     if http.HasField("header_map"):
         headers: Mapping[str, str] = _joined_raw_headers(http)
         volatile = {}
-        request_id, port, time_value = "", 0, None  # nothing is removed: attributes are as sent
+        # Nothing is removed from the request, so nothing is put back into the attributes
+        # (the facts still carry the request id and port, for the audit record).
+        attributes_factory = _AttributesAsSent(attributes, "", 0, None, volatile)
         fingerprint = hashlib.blake2b(_without_volatile(request), digest_size=20).digest()
     else:
         headers = http.headers
@@ -183,12 +185,15 @@ def facts_from_check_request(request: CheckRequest) -> Facts:
             req.ClearField("time")
         if port:
             socket.port_value = 0
-        # Map order only affects the hit rate, never correctness: no need to sort.
-        fingerprint = hashlib.blake2b(request.SerializeToString(), digest_size=20).digest()
+        # Sorted map keys: the headers map's iteration order depends on its insertion and
+        # deletion history (which volatile headers came and went), and an unsorted digest
+        # then misses the cache for requests that differ only in those (~0.4 µs).
+        fingerprint = hashlib.blake2b(request.SerializeToString(deterministic=True), digest_size=20).digest()
+        attributes_factory = _AttributesAsSent(attributes, request_id, port, time_value, volatile)
     return Facts(
         http.method, http.path, headers, http.body, http.raw_body, http.host, socket.address, port,
         source.principal, source.certificate, attributes.context_extensions, request_id, fingerprint, "grpc",
-        _AttributesAsSent(attributes, request_id, port, time_value, volatile),
+        attributes_factory,
     )
 
 
@@ -269,7 +274,7 @@ def _fill(response: CheckResponse, decision: Decision) -> None:
         ok = response.ok_response
         upstream = decision.upstream_headers
         ok.headers.extend(_header_options(upstream, overwrite=True))
-        ours = {name for name, _ in upstream}
+        ours = {name.lower() for name, _ in upstream}  # Envoy lowercases both lists
         ok.headers_to_remove.extend(
             list(dict.fromkeys([*decision.headers_to_remove, *(h for h in IDENTITY_HEADERS if h not in ours)])))
         ok.response_headers_to_add.extend(_header_options(decision.response_headers, overwrite=False))

@@ -11,6 +11,7 @@ module only composes them.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -126,6 +127,8 @@ def _duration(value: Any, key: str, *, positive: bool = True) -> float:
         seconds = parse_duration(value)
     except ValueError as exc:
         raise ConfigError(str(exc), key=key) from None
+    if not math.isfinite(seconds):  # "nan", ".inf", "1e999": a cache entry that never expires
+        raise ConfigError(f"expected a finite duration like '90s', got {value!r}", key=key)
     if positive and seconds <= 0:
         raise ConfigError(f"must be greater than zero, got {value!r}", key=key)
     return seconds

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -204,4 +205,7 @@ def _cache_settings(manifest: Mapping[str, Any]) -> CacheSettings:
             ttl = parse_duration(ttl)
         except ValueError as exc:
             raise PolicyError(f".manifest: metadata.decision_cache.ttl: {exc}", code="policy_load_error") from None
+        if not math.isfinite(ttl):  # NaN never compares as expired: the entry would live forever
+            raise PolicyError(f".manifest: metadata.decision_cache.ttl must be a finite duration, got {raw['ttl']!r}",
+                              code="policy_load_error")
     return CacheSettings(enabled=enabled, key_paths=tuple(p.removeprefix("input.") for p in key_paths), ttl=ttl)

@@ -274,7 +274,7 @@ def _term_end(text: str, start: int) -> int:
 def _run_case_files(policy_set: PolicySet, query: str) -> Iterator[TestResult]:
     if not policy_set.test_cases:
         return
-    from .engine import CompiledPolicy  # the serving path: same bundle, same query binding
+    from .engine import CompiledPolicy, validate_query  # the serving path: same bundle, same query binding
 
     for location, document in policy_set.test_cases.items():
         file_query = document.get("query", query)
@@ -283,7 +283,11 @@ def _run_case_files(policy_set: PolicySet, query: str) -> Iterator[TestResult]:
             yield TestResult(location, location, "error", "expected a 'cases' list")
             continue
         try:
-            evaluator = CompiledPolicy(policy_set, file_query).new_evaluator()
+            # Checked as the server checks its own query: anything else (a typo such as
+            # `allow`, or a number) would compile as an expression and fail every case obscurely.
+            if not isinstance(file_query, str):
+                raise AuthzError(f"'query' must be a string, got {file_query!r}", code="test_case_invalid")
+            evaluator = CompiledPolicy(policy_set, validate_query(file_query)).new_evaluator()
         except AuthzError as exc:
             yield TestResult(location, location, "error", exc.message)
             continue
@@ -301,6 +305,8 @@ def _run_case(evaluator: Any, location: str, index: int, case: Any) -> TestResul
         value = evaluator.evaluate(document)
     except AuthzError as exc:
         return TestResult(name, location, "error", exc.message, time.perf_counter() - started)
+    except (TypeError, ValueError) as exc:  # e.g. `request: text` or `identity: [..]`: a bad case, not a crash
+        return TestResult(name, location, "error", f"invalid case: {exc}", time.perf_counter() - started)
     elapsed = time.perf_counter() - started
     if case.get("expect_undefined"):
         ok = value is UNDEFINED

@@ -59,6 +59,9 @@ def validate_query(query: str) -> str:
     return query
 
 
+_SPAN = re.compile(r"\|\d+\|\d+")
+
+
 def format_rego_error(text: str, modules: dict[str, str] | None = None) -> str:
     """Turn rego-cpp's error s-expression into ``file:line:col: message`` lines."""
     messages = []
@@ -66,6 +69,11 @@ def format_rego_error(text: str, modules: dict[str, str] | None = None) -> str:
         pos = match.end()
         length = int(match.group(1))
         location = text[pos:pos + length]
+        # The length prefix covers the file name only; the byte offset and length follow it
+        # as "|offset|length" (rego-cpp 1.x: "(error 10:authz.rego|59|2").
+        span = _SPAN.match(text, pos + length)
+        if span is not None and "|" not in location:
+            location += span.group(0)
         where = location
         parts = location.split("|")
         if len(parts) == 3 and modules and parts[0] in modules and parts[1].isdigit():
@@ -73,11 +81,13 @@ def format_rego_error(text: str, modules: dict[str, str] | None = None) -> str:
             line = source.count("\n") + 1
             col = len(source) - (source.rfind("\n") + 1) + 1
             where = f"{parts[0]}:{line}:{col}"
-        elif len(parts) == 3 and not parts[0]:
-            where = ""
+        elif len(parts) == 3:
+            where = parts[0]  # a file we do not have, or none (a query): no line to give
         msg = re.compile(r"\(errormsg (\d+):").search(text, pos)
         message = text[msg.end(): msg.end() + int(msg.group(1))] if msg else "error"
         messages.append(f"{where}: {message}" if where else message)
+    if not messages:  # evaluation errors come as "(error (errormsg N:...) ...)", without a location
+        messages = [text[m.end(): m.end() + int(m.group(1))] for m in re.finditer(r"\(errormsg (\d+):", text)]
     return "; ".join(dict.fromkeys(messages)) or text.strip()[:500]
 
 

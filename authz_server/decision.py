@@ -245,10 +245,11 @@ class Pipeline:
             if still_valid is None or not still_valid(previous.identity, now):
                 return None
         self.cache.stats.hits += 1
+        dry_run = self.settings.dry_run  # recorded as decide() records it (only allows are replayed)
         decision = Decision(previous.allowed, previous.code, previous.reason, previous.http_status,
                             self.new_decision_id(), previous.phase, previous.policy_version, True, previous.verdict,
-                            previous.identity, previous.signals, False, None, None, previous.result, previous.memo,
-                            previous.valid_until)
+                            previous.identity, previous.signals, dry_run, True if dry_run else None, None,
+                            previous.result, previous.memo, previous.valid_until)
         for observe in self.observers:
             observe(decision, facts, now)
         return decision
@@ -393,6 +394,8 @@ def _bearer_expiry(facts: Facts) -> float | None:
     try:
         payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
         exp = payload.get("exp") if isinstance(payload, dict) else None
-    except (ValueError, TypeError):
+        # The token is the caller's: an exp of 10**400 or a payload nested thousands deep must
+        # not turn into an internal error (float() overflows, json.loads recurses).
+        return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+    except (ValueError, TypeError, OverflowError, RecursionError):
         return None
-    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None

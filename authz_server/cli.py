@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "policy": ("authz_server.policy.cli", "policy tools: 'policy test DIR' runs the Rego tests in DIR"),
     "demo": ("authz_server.mesh.demo", "bring up the demo on this machine and walk through it"),
     "devidp": ("authz_server.devidp.cli", "dev OIDC provider (development only): 'devidp serve --config FILE'"),
+    "identity": ("authz_server.workload.cli", "dev SPIFFE issuer (development only): 'identity serve --config FILE'"),
     "audit": ("authz_server.audit.cli", "decision audit log: 'audit query' lists what a subject did and what was denied"),
     "render-configs": ("authz_server.mesh.render", "rewrite the Envoy configs committed under envoy/"),
 }

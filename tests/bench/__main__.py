@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .harness import Settings, save, wrk_binary
 
-SECTIONS = ["core", "sessions", "transport", "signals"]
+SECTIONS = ["core", "sessions", "transport", "signals", "handshake"]
 
 
 def main() -> int:
@@ -48,6 +48,11 @@ def main() -> int:
         from . import signals
 
         results["signals"], text = signals.run()
+        print(text)
+    if "handshake" in chosen and wrk_binary():
+        from . import handshake
+
+        results["handshake"], text = handshake.run(settings)
         print(text)
     save(results, Path(args.json))
     print(f"\nraw numbers saved to {args.json}")

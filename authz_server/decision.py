@@ -23,7 +23,7 @@ from .errors import AuthzError, IdentityError, PolicyError, RequestError, Unavai
 from .facts import Facts, build_input
 from .policy.cache import DecisionCache
 from .policy.engine import UNDEFINED
-from .policy.inputs import values_at
+from .policy.inputs import project, values_at
 from .policy.loader import ActivePolicy, PolicyRuntime
 from .response import Headers, Verdict, read_result
 
@@ -349,6 +349,13 @@ def _full_key(active: ActivePolicy, facts: Facts, identity: Identity, signals: M
     # Fixed-width digests side by side (the identity's prefixed by its length): no ambiguity,
     # and no hashing on the hot path.
     key = active.key_prefix + facts.fingerprint + bytes((len(identity.fingerprint),)) + identity.fingerprint
+    volatile = active.volatile_tree
+    if volatile is not None:
+        # The fingerprint leaves out per-request fields (request id, time, port); this policy
+        # names some of them, so its answers depend on them.
+        named = project(facts.attributes(volatile), volatile)
+        key += b"\x03" + hashlib.blake2b(json.dumps(named, sort_keys=True, separators=(",", ":")).encode(),
+                                         digest_size=20).digest()
     if signals:
         # Only the signal fields the policy can read: a policy reading rate.limited keeps its
         # cache hits while the observed rate moves on every request.

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError, Message
 
 from .decision import DECISION_ID_HEADER, Decision
 from .errors import RequestError
-from .facts import Facts
+from .facts import VOLATILE_HEADERS, Facts
 from .policy.inputs import project
 
 CheckRequest = external_auth_pb2.CheckRequest
@@ -33,15 +33,8 @@ CheckResponse = external_auth_pb2.CheckResponse
 
 OK, INVALID_ARGUMENT, PERMISSION_DENIED, UNAVAILABLE, UNAUTHENTICATED = 0, 3, 7, 14, 16
 
-# Headers whose value differs on every request (ids, tracing) and that no sane policy
-# decides on: left out of the decision-cache key, or the cache would never hit. A policy
-# that does read them can turn the cache off in its .manifest.
-VOLATILE_HEADERS = frozenset({
-    "x-request-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
-    "x-b3-sampled", "x-b3-flags", "x-ot-span-context", "uber-trace-id", "x-amzn-trace-id",
-    "x-cloud-trace-context", "x-datadog-trace-id", "x-datadog-parent-id", "x-datadog-sampling-priority",
-    "grpc-trace-bin", "x-envoy-expected-rq-timeout-ms", "x-envoy-attempt-count",
-})
+# VOLATILE_HEADERS (ids, tracing) are left out of the decision-cache key, or the cache would
+# never hit; a policy that names one of them is keyed on it (see facts.VOLATILE_ATTRIBUTES).
 # Identity headers we own upstream: always set by us or removed.
 IDENTITY_HEADERS = ("x-authz-subject", "x-authz-spiffe-id")
 

@@ -21,6 +21,22 @@ from .errors import RequestError
 
 INPUT_VERSION = {"ext_authz": "v3", "encoding": "protojson"}
 
+# Headers whose value differs on every request (ids, tracing) and that no sane policy
+# decides on: left out of the decision-cache key, or the cache would never hit.
+VOLATILE_HEADERS = frozenset({
+    "x-request-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
+    "x-b3-sampled", "x-b3-flags", "x-ot-span-context", "uber-trace-id", "x-amzn-trace-id",
+    "x-cloud-trace-context", "x-datadog-trace-id", "x-datadog-parent-id", "x-datadog-sampling-priority",
+    "grpc-trace-bin", "x-envoy-expected-rq-timeout-ms", "x-envoy-attempt-count",
+})
+# Every per-request part of ``input.attributes`` that ``Facts.fingerprint`` leaves out. A
+# policy that names one of them (``input.attributes.source.address.socketAddress.portValue``)
+# is keyed on it too: see ``policy.loader.ActivePolicy.volatile_tree``.
+VOLATILE_ATTRIBUTES: dict[str, Any] = {
+    "request": {"http": {"id": True, "headers": dict.fromkeys(sorted(VOLATILE_HEADERS), True)}, "time": True},
+    "source": {"address": {"socketAddress": {"portValue": True}}},
+}
+
 # Parsing a body is work done on untrusted input: bounded. Envoy's own max_request_bytes
 # normally keeps bodies far smaller; this is the line we hold if it is misconfigured.
 MAX_PARSED_BODY_BYTES = 1024 * 1024

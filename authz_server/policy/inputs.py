@@ -149,6 +149,22 @@ def project(document: Any, tree: Tree | None) -> Any:
     return out
 
 
+def named_within(tree: Tree, within: Tree) -> Tree:
+    """The parts of ``within`` that ``tree`` names down to one of its leaves (or below it).
+    A subtree ``tree`` keeps whole above those leaves does not count: it reads something
+    there, but not by name."""
+    out: Tree = {}
+    for key, sub in tree.items():
+        limit = within.get(key)
+        if limit is True:
+            out[key] = sub
+        elif isinstance(limit, dict) and isinstance(sub, dict):
+            inner = named_within(sub, limit)
+            if inner:
+                out[key] = inner
+    return out
+
+
 def leaf_paths(tree: Tree, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     """Every path the tree keeps, in a stable order (for cache keys)."""
     paths: list[tuple[str, ...]] = []

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import PolicyError
+from ..facts import VOLATILE_ATTRIBUTES
 from .engine import CompiledPolicy, EvaluatorPool, validate_query
-from .inputs import Tree, input_paths, leaf_paths, project
+from .inputs import Tree, input_paths, leaf_paths, named_within, project
 from .preflight import preflight, preflight_async
 from .source import CacheSettings, PolicySet, load_policy_set, snapshot
 
@@ -34,6 +35,7 @@ class ActivePolicy:
     reads_clock: bool = False
     input_tree: Tree | None = None  # the parts of input the policy reads (None: all of it)
     signal_paths: tuple[tuple[str, ...], ...] | None = None  # the signal fields it reads (None: all)
+    volatile_tree: Tree | None = None  # the per-request attributes it names (request id, port...), if any
 
     def __post_init__(self) -> None:
         self.key_prefix = hashlib.blake2b(f"{self.version}\0{self.query}".encode(), digest_size=16).digest()
@@ -41,6 +43,9 @@ class ActivePolicy:
         self.input_tree = input_paths(self.policy_set.serving_modules)
         signals = None if self.input_tree is None else self.input_tree.get("signals", {})
         self.signal_paths = None if signals is None or signals is True else tuple(leaf_paths(signals))
+        attributes = self.input_tree.get("attributes") if self.input_tree is not None else None
+        if isinstance(attributes, dict):
+            self.volatile_tree = named_within(attributes, VOLATILE_ATTRIBUTES) or None
 
     @property
     def version(self) -> str:

@@ -239,8 +239,9 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
             try:
                 async for request in request_iterator:
                     await events.put(("request", request))
-            except Exception as exc:  # the peer went away mid-message, or sent garbage
-                log.debug("workload %s: SDS stream read ended: %s", self.feed.workload.name, exc)
+            except Exception as exc:  # an undecodable message, or the peer went away mid-message
+                log.info("workload %s: SDS stream read failed: %r", self.feed.workload.name, exc)
+                await events.put(("error", exc))
             finally:
                 await events.put(("end", None))
 
@@ -262,6 +263,8 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                 kind, item = await events.get()
                 if kind == "end":
                     return
+                if kind == "error":
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed DiscoveryRequest")
                 try:
                     response = stream.on_request(item) if kind == "request" else stream.on_update(item)
                 except SdsError as exc:

@@ -66,6 +66,23 @@ def _prepare_socket_path(path: Path, key: str) -> None:
     path.unlink()
 
 
+def _remove_stale_ready_file(path: Path) -> None:
+    """A ready file left by a process that is gone would announce readiness too early."""
+    try:
+        pid = int(json.loads(path.read_text())["pid"])
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError):
+        path.unlink(missing_ok=True)
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        path.unlink(missing_ok=True)
+    except PermissionError:
+        pass  # alive, someone else's
+
+
 class IdentityServer:
     """The dev SPIFFE issuer: CAs, SVIDs, rotation, and a socket per workload."""
 
@@ -81,12 +98,15 @@ class IdentityServer:
         self._rotator: Rotator | None = None
         self._rotation_task: asyncio.Task[None] | None = None
         self._bound: list[Path] = []
+        self._ready_file: Path | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load or create the CAs, issue every SVID, and serve every socket. Raises
         ``ConfigError`` (state or socket problems name the key) with nothing left behind."""
+        if self.config.ready_file:
+            _remove_stale_ready_file(Path(self.config.ready_file))
         self._issuer = Issuer(self.config, now=self._clock())
         try:
             for index, workload in enumerate(self.config.workloads):
@@ -97,6 +117,7 @@ class IdentityServer:
                 ready = Path(self.config.ready_file)
                 ready.parent.mkdir(parents=True, exist_ok=True)
                 ready.write_text(json.dumps({"pid": os.getpid(), "sockets": dict(self.sockets)}) + "\n")
+                self._ready_file = ready
         except BaseException:
             await self.stop()
             raise
@@ -138,8 +159,9 @@ class IdentityServer:
             except FileNotFoundError:
                 pass
         self._bound.clear()
-        if self.config.ready_file:
-            Path(self.config.ready_file).unlink(missing_ok=True)
+        if self._ready_file is not None:  # only ours: a failed second instance leaves the first one's alone
+            self._ready_file.unlink(missing_ok=True)
+            self._ready_file = None
 
     async def __aenter__(self) -> "IdentityServer":
         await self.start()

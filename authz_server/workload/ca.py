@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import secrets
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from cryptography.x509.oid import NameOID
 from ..errors import ConfigError
 from ..identity.jwk import public_jwk
 from .bundle import TrustBundle
+from .files import private_dir, read_private, write_atomic, write_private
 from .svid import BACKDATE, ORGANIZATION
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class CertificateAuthority:
         self.prepared: Authority | None = None
         self.activate_at: float | None = None
         self.retired: list[Authority] = []
-        _private_dir(self.directory)
+        private_dir(self.directory)
         if (self.directory / MANIFEST).exists():
             self.active = self._load()
         else:
@@ -225,9 +225,9 @@ class CertificateAuthority:
     def _new(self, now: float) -> Authority:
         authority = create_authority(self.trust_domain, ttl=self.ca_ttl, jwt_algorithm=self.jwt_algorithm, now=now)
         pkcs8 = (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        _write_private(self.directory / f"{authority.id}.ca.key", authority.private_key.private_bytes(*pkcs8))
-        _write_private(self.directory / f"{authority.id}.jwt.key", authority.jwt_key.private_bytes(*pkcs8))
-        _write_atomic(self.directory / f"{authority.id}.ca.pem",
+        write_private(self.directory / f"{authority.id}.ca.key", authority.private_key.private_bytes(*pkcs8))
+        write_private(self.directory / f"{authority.id}.jwt.key", authority.jwt_key.private_bytes(*pkcs8))
+        write_atomic(self.directory / f"{authority.id}.ca.pem",
                       authority.certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
         return authority
 
@@ -241,7 +241,7 @@ class CertificateAuthority:
             "prepared": self.prepared.id if self.prepared else None, "activate_at": self.activate_at,
             "retired": [a.id for a in self.retired],
         }
-        _write_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=2).encode(), mode=0o600)
+        write_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=2).encode(), mode=0o600)
 
     def _load(self) -> Authority:
         path = self.directory / MANIFEST
@@ -282,52 +282,16 @@ class CertificateAuthority:
             uris = []
         if uris != [f"spiffe://{self.trust_domain}"]:
             raise ConfigError(f"{cert_path} is not a CA of spiffe://{self.trust_domain}", key="state_dir")
-        ca_key = _read_private(self.directory / f"{authority_id}.ca.key")
+        ca_key = read_private(self.directory / f"{authority_id}.ca.key")
         spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or \
                 ca_key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
             raise ConfigError(f"{authority_id}.ca.key in {self.directory} is not the key of {cert_path.name}",
                               key="state_dir")
-        jwt_key = _read_private(self.directory / f"{authority_id}.jwt.key")
+        jwt_key = read_private(self.directory / f"{authority_id}.jwt.key")
         try:
             _jwt_algorithm(jwt_key)
         except ValueError as exc:
             raise ConfigError(f"{authority_id}.jwt.key in {self.directory}: {exc}", key="state_dir") from None
         return Authority(authority_id, cert, ca_key, jwt_key, public_jwk(jwt_key.public_key())["kid"])
 
-
-def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 from the start (never world-readable, not even briefly)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-
-
-def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _read_private(path: Path) -> Any:
-    try:
-        info = path.stat()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}", key="state_dir") from None
-    if info.st_mode & 0o077:
-        raise ConfigError(f"{path} is accessible by group or others (mode {stat.S_IMODE(info.st_mode):04o}); "
-                          "chmod 600 it", key="state_dir")
-    try:
-        return serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot read private key {path}: {exc}", key="state_dir") from None

@@ -12,7 +12,6 @@ which workloads changed so the servers can push.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -20,7 +19,8 @@ from typing import Iterable, Mapping
 
 from ..identity.jwk import JwkSet
 from .bundle import TrustBundle, parse_spiffe_bundle
-from .ca import CaChange, CertificateAuthority, _private_dir, _write_atomic
+from .ca import CaChange, CertificateAuthority
+from .files import private_dir, write_atomic
 from .config import IdentityConfig, WorkloadConfig
 from .svid import JwtSvid, ValidatedJwtSvid, X509Svid, issue_jwt_svid, issue_x509_svid, validate_jwt_svid
 
@@ -63,9 +63,9 @@ class Issuer:
     def __init__(self, config: IdentityConfig, *, now: float) -> None:
         self.config = config
         state = Path(config.state_dir)
-        _private_dir(state)
+        private_dir(state)
         self._bundle_dir = state / "bundles"
-        _private_dir(self._bundle_dir)
+        private_dir(self._bundle_dir)
         self._cas = {
             td.name: CertificateAuthority(td.name, state / td.name, ca_ttl=config.ca_ttl,
                                           publish_ahead=config.ca_publish_ahead,
@@ -180,9 +180,5 @@ class Issuer:
             document = bundle.to_json()
             # What a federated partner reads: the SPIFFE bundle document, parsed back.
             self._exchanged[name] = parse_spiffe_bundle(name, document)
-            _write_atomic(self._bundle_dir / f"{name}.json", document, mode=0o644)
+            write_atomic(self._bundle_dir / f"{name}.json", document, mode=0o644)
 
-
-def bundle_document_path(config: IdentityConfig, trust_domain: str) -> str:
-    """Where the SPIFFE bundle document of ``trust_domain`` is written."""
-    return os.path.join(config.state_dir, "bundles", f"{trust_domain}.json")

@@ -1,0 +1,29 @@
+# authz-server: the ext_authz server, its CLI, and the demo apps' echo upstream.
+#
+#   docker build -t authz-server:dev .
+#   docker run --rm authz-server:dev --help
+#
+# Stage 1 builds a wheel (protos/ are compiled by setup.py with grpcio-tools, a build-time
+# requirement only); stage 2 installs it with its runtime dependencies and nothing else.
+FROM python:3.11-slim AS build
+WORKDIR /src
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+COPY pyproject.toml setup.py README.md ./
+COPY protos ./protos
+COPY authz_server ./authz_server
+RUN pip wheel --wheel-dir /wheels .
+
+FROM python:3.11-slim
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+COPY --from=build /wheels /wheels
+RUN pip install /wheels/*.whl && rm -rf /wheels \
+    && groupadd --system --gid 10001 authz \
+    && useradd --system --uid 10001 --gid authz --home-dir /var/lib/authz --create-home --shell /usr/sbin/nologin authz \
+    && mkdir -p /etc/authz \
+    && chown authz:authz /var/lib/authz
+USER 10001:10001
+WORKDIR /var/lib/authz
+# 9191 ext_authz gRPC (+ grpc.health.v1), 9192 Envoy HTTP ext_authz (when --http-addr), 9464 /metrics
+EXPOSE 9191 9192 9464
+ENTRYPOINT ["authz-server"]
+CMD ["serve", "--config", "/etc/authz/config.yaml"]

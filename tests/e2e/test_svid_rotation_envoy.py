@@ -12,22 +12,27 @@ federation decided at the TLS layer.
   TLS handshake; evil.org itself trusts example.org, so the refusal is B's, not X's).
 
 The identity server runs as the real CLI (``authz-server identity serve``) with svid_ttl 20s,
-so every SVID is replaced every 10 s while traffic runs.
+so every SVID is replaced every 10 s while traffic runs; a few seconds in, SIGUSR2 rotates every
+CA as well (the new CA is in every bundle 5 s before it signs).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
+import signal
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 
 from authz_server.mesh.envoy import EnvoyProcess, start_envoy
 from authz_server.mesh.processes import Supervisor, free_port, tcp_ready, unix_ready
@@ -114,7 +119,7 @@ def b_config(socket: str, upstream: str) -> dict[str, Any]:
     return {"node": {"id": "b", "cluster": "b"}, "static_resources": {
         "listeners": [http_listener("inbound", "upstream", transport=inbound_tls, hcm_extra={
             "forward_client_cert_details": "SANITIZE_SET",
-            "set_current_client_cert_details": {"uri": True}})],
+            "set_current_client_cert_details": {"uri": True, "cert": True}})],
         "clusters": [sds_cluster("sds", socket), {
             "name": "upstream", "type": "STATIC", "connect_timeout": "1s",
             "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [
@@ -152,7 +157,13 @@ def xfcc_of(body: bytes) -> dict[str, str]:
     headers = json.loads(body)["headers"]
     value = next(v for k, v in (headers.items() if isinstance(headers, dict) else headers)
                  if k.lower() == "x-forwarded-client-cert")
-    return dict(part.split("=", 1) for part in value.split(";"))
+    return {k: v.strip('"') for k, v in (part.split("=", 1) for part in value.split(";"))}
+
+
+def issuing_ca(xfcc: dict[str, str]) -> bytes:
+    """The authority key identifier of the client certificate B received."""
+    cert = x509.load_pem_x509_certificate(urllib.parse.unquote(xfcc["Cert"]).encode())
+    return cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier or b""
 
 
 def served_cert_serials(envoy: EnvoyProcess) -> set[str]:
@@ -170,7 +181,7 @@ def mesh(tmp_path: Path, supervisor: Supervisor) -> dict[str, Any]:
     run = tmp_path / "run"
     sockets = {name: str(run / f"{name}.sock") for name in ("a", "b", "p", "e")}
     config = {
-        "state_dir": str(tmp_path / "state"), "svid_ttl": f"{SVID_TTL}s", "ca_ttl": "1h",
+        "state_dir": str(tmp_path / "state"), "svid_ttl": f"{SVID_TTL}s", "ca_ttl": "1h", "ca_publish_ahead": "5s",
         "ready_file": str(tmp_path / "identity.ready"),
         "trust_domains": [{"name": "example.org", "federates_with": ["partner.org"]},
                           {"name": "partner.org", "federates_with": ["example.org"]},
@@ -199,19 +210,25 @@ def mesh(tmp_path: Path, supervisor: Supervisor) -> dict[str, Any]:
     assert not run.exists() or not any(run.iterdir()), "the identity server left sockets behind"
 
 
-def test_traffic_across_svid_rotations_has_no_failures(mesh: dict[str, Any]) -> None:
+def test_traffic_across_svid_and_ca_rotations_has_no_failures(mesh: dict[str, Any]) -> None:
     a: EnvoyProcess = mesh["a"]
     b: EnvoyProcess = mesh["b"]
     port = a.port("outbound")
     b_serials_before = served_cert_serials(b)
     client_hashes: list[str] = []
+    client_cas: set[bytes] = set()
     failures: list[str] = []
     requests = 0
+    ca_rotated = False
     started = time.monotonic()
     deadline = started + 50
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     # Until A presented four different certificates to B (three rotations), but at least 32 s.
     while time.monotonic() < deadline and (len(set(client_hashes)) < 4 or time.monotonic() - started < 32):
+        if not ca_rotated and time.monotonic() - started > 3:
+            # SIGUSR2: every trust domain publishes a new CA now, which signs 5 s later (ca_publish_ahead)
+            os.kill(mesh["identity"].popen.pid, signal.SIGUSR2)
+            ca_rotated = True
         requests += 1
         try:
             status, body = get(conn)
@@ -227,13 +244,17 @@ def test_traffic_across_svid_rotations_has_no_failures(mesh: dict[str, Any]) -> 
         assert xfcc["URI"] == A_ID
         if not client_hashes or client_hashes[-1] != xfcc["Hash"]:
             client_hashes.append(xfcc["Hash"])
+            client_cas.add(issuing_ca(xfcc))
         time.sleep(0.003)  # pacing, not synchronisation: keeps the loop from monopolising a core
     conn.close()
     elapsed = time.monotonic() - started
     assert failures == [], f"{len(failures)} of {requests} requests failed: {failures[:5]}"
     distinct = set(client_hashes)
-    print(f"{requests} requests in {elapsed:.0f}s, 0 failed; B saw {len(distinct)} client certificates")
+    print(f"{requests} requests in {elapsed:.0f}s, 0 failed; B saw {len(distinct)} client certificates "
+          f"from {len(client_cas)} CAs")
     assert len(distinct) >= 4, f"B saw only {len(distinct)} client certificates in {elapsed:.0f}s"
+    # ... signed by the old CA and by its successor: the CA rotation did not drop a request either
+    assert len(client_cas) == 2
     # B's own certificate rotated too (pushed to its listener by SDS).
     assert served_cert_serials(b) - b_serials_before
     # Every rotation reached Envoy as an accepted SDS update, never a rejected one.

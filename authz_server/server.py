@@ -28,7 +28,8 @@ from .http import serve_http
 from .identity.redis_store import RedisStore
 from .identity.resolver import IdentityService, accept_actor
 from .identity.sessions import MemoryStore
-from .identity.workloads import PrincipalVerifier, accept_trust_domains
+from .identity.spiffe import BundleSet, PeerCertificateCache, accept_trust_domains
+from .identity.workloads import PrincipalVerifier
 from .httpfront import HttpFront, serve_http_front
 from .metrics import Metrics, identity_collector, pipeline_collector, signals_collector
 from .signals import Signals
@@ -119,6 +120,7 @@ class App:
                 await asyncio.to_thread(self.runtime.load)
             except AuthzError:
                 pass  # logged by the runtime; the watcher keeps trying
+        await self._follow_bundles()
         if self.config.addr:
             self.server = grpc.aio.server(options=[
                 ("grpc.so_reuseport", 1 if self.reuse_port else 0),
@@ -133,7 +135,7 @@ class App:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
             reflection.enable_server_reflection(
                 [AUTHORIZATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-            if self.config.tls is not None:
+            if self.config.tls is not None and self.tls is None:
                 self.tls = await asyncio.to_thread(tls_source_from, self.config.tls)
             if self.tls is not None:
                 port = self.server.add_secure_port(self.config.addr, server_credentials(self.tls))
@@ -166,6 +168,23 @@ class App:
         await self._start_identity()
         await self._update_health()
         return self.bound
+
+    async def _follow_bundles(self) -> None:
+        """With the Workload API configured, forwarded peer certificates must chain to its bundles
+        (own and federated trust domains), followed as they rotate; before the first ones
+        arrive, certificates are refused (fail closed)."""
+        bundles = getattr(self.identity.workloads, "bundles", None) if self.identity is not None else None
+        if bundles is None or self.config.tls is None or not self.config.tls.spiffe_socket:
+            return
+        if self.tls is None:
+            self.tls = await asyncio.to_thread(tls_source_from, self.config.tls)
+        # WorkloadApiTls keeps its py-spiffe X509Source private; one stream serves both uses.
+        source = getattr(self.tls, "x509_source", None) or getattr(self.tls, "_source", None)
+        if source is None:
+            log.error("no Workload API source to take trust bundles from: peer certificates will be refused")
+            return
+        await asyncio.to_thread(bundles.follow, source)
+        log.info("peer certificates verified against the bundles of %s", ", ".join(bundles.trust_domains) or "none")
 
     async def _start_admin(self) -> None:
         from .admin import AdminService
@@ -280,8 +299,12 @@ def build_identity(config: Config, signer: ExchangeSigner | None = None) -> Iden
 
         held = {config.exchange.issuer: parse_jwks(signer.jwks)} if config.exchange and signer else None
         tokens = IssuerRegistry(issuers, held_keys=held)
-    return IdentityService(settings, store=store, tokens=tokens,
-                           workloads=PrincipalVerifier(accept_trust_domains(config.trust_domains)))
+    # Envoy forwards the peer certificate: parsed once per certificate, and checked against the
+    # Workload API's bundles when authz-server has one (App.start follows them).
+    bundles = BundleSet() if config.tls is not None and config.tls.spiffe_socket else None
+    workloads = PrincipalVerifier(accept_trust_domains(config.trust_domains),
+                                  certificates=PeerCertificateCache(bundles=bundles))
+    return IdentityService(settings, store=store, tokens=tokens, workloads=workloads)
 
 
 def _exchange_issuer(config: Config, signer: ExchangeSigner) -> Any:

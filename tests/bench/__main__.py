@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .harness import Settings, save, wrk_binary
 
-SECTIONS = ["core", "sessions", "transport", "signals", "handshake"]
+SECTIONS = ["core", "sessions", "transport", "signals", "handshake", "workload"]
 
 
 def main() -> int:
@@ -53,6 +53,11 @@ def main() -> int:
         from . import handshake
 
         results["handshake"], text = handshake.run(settings)
+        print(text)
+    if "workload" in chosen:
+        from . import workload
+
+        results["workload"], text = workload.run()
         print(text)
     save(results, Path(args.json))
     print(f"\nraw numbers saved to {args.json}")

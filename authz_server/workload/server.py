@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from .bundle import TrustBundle
 from .config import IdentityConfig
 from .feed import WorkloadFeed
+from .files import write_atomic
 from .issuer import Changes, Issuer, WorkloadSnapshot
 from .rotation import Rotator
 from .sds import SecretDiscoveryServicer
@@ -116,7 +117,8 @@ class IdentityServer:
             if self.config.ready_file:
                 ready = Path(self.config.ready_file)
                 ready.parent.mkdir(parents=True, exist_ok=True)
-                ready.write_text(json.dumps({"pid": os.getpid(), "sockets": dict(self.sockets)}) + "\n")
+                write_atomic(ready, (json.dumps({"pid": os.getpid(), "sockets": dict(self.sockets)}) + "\n").encode(),
+                             mode=0o644)  # appears complete or not at all
                 self._ready_file = ready
         except BaseException:
             await self.stop()

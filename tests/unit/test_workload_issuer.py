@@ -107,3 +107,13 @@ def test_restart_keeps_the_cas(tmp_path: Path) -> None:
     for domain in ("example.org", "partner.org", "evil.org"):
         assert first.bundle(domain).x509_der() == second.bundle(domain).x509_der()
     second.snapshot("a").svid.certificate.verify_directly_issued_by(first.bundle("example.org").x509_authorities[0])
+
+
+def test_public_api() -> None:
+    import authz_server.workload as workload
+
+    assert sorted(workload.__all__) == sorted([
+        "ALL_BUNDLES_NAME", "BundleError", "DEFAULT_BUNDLE_NAME", "DEFAULT_SVID_NAME", "IdentityConfig",
+        "IdentityServer", "IdentityServerThread", "Issuer", "JwtSvid", "SvidError", "TrustBundle", "TrustDomainConfig",
+        "ValidatedJwtSvid", "WorkloadConfig", "WorkloadSnapshot", "X509Svid", "parse_spiffe_bundle"])
+    assert all(hasattr(workload, name) for name in workload.__all__)

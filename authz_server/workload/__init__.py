@@ -7,14 +7,15 @@ SPIRE's resource names. See docs/workload.md.
 
 Public API::
 
-    config = IdentityConfig.from_yaml("identity.yaml")      # or IdentityConfig.from_dict(data, base_dir=...)
+    config = IdentityConfig.from_yaml("identity.yaml")      # or IdentityConfig.from_mapping(data, base_dir=...)
     async with IdentityServer(config) as identity:          # sockets serve once this returns
         identity.sockets                                    # {workload name: socket path}
         identity.snapshot("frontend").svid                  # the X509Svid being served
-        identity.rotate_now("frontend")                     # re-issue now (None: every workload), pushed
-        identity.rotate_ca("example.org", activate_after=5) # new CA in bundles now, signs 5 s later
+        await identity.rotate_now("frontend")               # re-issue now and push (None: all); -> count
+        await identity.rotate_ca("example.org", activate_after=5)  # new CA in bundles now, signs 5 s later
 
-    with IdentityServerThread(config) as identity: ...      # the same, from synchronous code
+    with IdentityServerThread(config) as identity:          # the same, from synchronous code
+        identity.rotate_now()                               # (blocking wrappers, no await)
 
 Command line: ``authz-server identity serve --config FILE``.
 """

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any, Callable, Coroutine
 
 from ..errors import ConfigError
 from .config import IdentityConfig
@@ -52,13 +53,19 @@ async def _serve(config: IdentityConfig) -> int:
     except OSError as exc:
         print(f"identity: cannot start: {exc}", file=sys.stderr)
         return 1
-    loop.add_signal_handler(signal.SIGUSR1, server.rotate_now)
-
-    def rotate_cas() -> None:
+    async def rotate_cas() -> None:
         for domain in config.trust_domains:
-            server.rotate_ca(domain.name)
+            await server.rotate_ca(domain.name)
 
-    loop.add_signal_handler(signal.SIGUSR2, rotate_cas)
+    pending: set[asyncio.Task[object]] = set()
+
+    def spawn(make: Callable[[], Coroutine[Any, Any, object]]) -> None:
+        task = asyncio.create_task(make())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGUSR1, spawn, server.rotate_now)
+    loop.add_signal_handler(signal.SIGUSR2, spawn, rotate_cas)
     for workload in config.workloads:
         print(f"identity: {workload.name} {workload.spiffe_id} on unix:{workload.socket}", flush=True)
     print(f"identity: ready (DEVELOPMENT ONLY issuer; {len(config.workloads)} sockets, "

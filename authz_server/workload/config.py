@@ -20,7 +20,7 @@
         socket: run/frontend.sock
 
 Relative paths are read relative to the config file's directory (the working directory for
-``IdentityConfig.from_dict`` without ``base_dir``). Every error names the key it is about.
+``IdentityConfig.from_mapping``/``from_dict`` without ``base_dir``). Every error names the key it is about.
 """
 
 from __future__ import annotations
@@ -97,6 +97,12 @@ class IdentityConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | None = None) -> "IdentityConfig":
+        """The same as ``from_mapping``."""
+        return cls.from_mapping(data, base_dir=base_dir)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *,
+                     base_dir: str | os.PathLike[str] | None = None) -> "IdentityConfig":
         """Build and check a config from parsed YAML; raises ``ConfigError`` naming the key."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"the identity config must be a mapping, got {type(data).__name__}")
@@ -149,7 +155,7 @@ class IdentityConfig:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        return cls.from_dict(data or {}, base_dir=file.resolve().parent)
+        return cls.from_mapping(data or {}, base_dir=file.resolve().parent)
 
 
 def _duration(value: Any, key: str) -> float:

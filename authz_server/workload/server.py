@@ -198,15 +198,17 @@ class IdentityServer:
 
     # -- forced rotation -----------------------------------------------------------------------
 
-    def rotate_now(self, workload: str | None = None) -> None:
-        """Re-issue the X.509-SVID of ``workload`` (default: every workload) now, and push it."""
+    async def rotate_now(self, workload: str | None = None) -> int:
+        """Re-issue the X.509-SVID of ``workload`` (default: every workload) now and push it on
+        both APIs; returns how many SVIDs were re-issued. ``KeyError`` for an unknown name."""
         changes = self.issuer.rotate_svids(self._clock(), None if workload is None else [workload])
         self._publish(changes)
+        return len(changes.workloads)
 
-    def rotate_ca(self, trust_domain: str, *, activate_after: float | None = None) -> None:
+    async def rotate_ca(self, trust_domain: str, *, activate_after: float | None = None) -> None:
         """Publish a new CA for ``trust_domain`` now (pushed to every workload that trusts the
         domain); it signs, and the domain's SVIDs are re-issued by it, ``activate_after``
-        seconds later (default ``ca_publish_ahead``)."""
+        seconds later (default ``ca_publish_ahead``). ``KeyError`` for an unknown domain."""
         changes = self.issuer.rotate_ca(trust_domain, self._clock(), activate_after=activate_after)
         self._publish(changes)
 
@@ -268,15 +270,11 @@ class IdentityServerThread:
             raise RuntimeError("not started")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def rotate_now(self, workload: str | None = None) -> None:
-        async def go() -> None:
-            self.server.rotate_now(workload)
-        self.call(go())
+    def rotate_now(self, workload: str | None = None) -> int:
+        return self.call(self.server.rotate_now(workload))
 
     def rotate_ca(self, trust_domain: str, *, activate_after: float | None = None) -> None:
-        async def go() -> None:
-            self.server.rotate_ca(trust_domain, activate_after=activate_after)
-        self.call(go())
+        self.call(self.server.rotate_ca(trust_domain, activate_after=activate_after))
 
     def snapshot(self, workload: str) -> WorkloadSnapshot:
         async def go() -> WorkloadSnapshot:

@@ -144,7 +144,7 @@ def test_forced_svid_and_ca_rotations_are_pushed(identity: IdentityServerThread)
         source.subscribe_for_updates(updates)
         jwt_source.subscribe_for_updates(jwt_updates)
         before = source.get_x509_context().default_svid.leaf.serial_number
-        identity.rotate_now("a")
+        assert identity.rotate_now("a") == 1
         updates.wait(0, timeout=10)
         assert source.get_x509_context().default_svid.leaf.serial_number != before
 
@@ -160,6 +160,16 @@ def test_forced_svid_and_ca_rotations_are_pushed(identity: IdentityServerThread)
     finally:
         source.close()
         jwt_source.close()
+
+
+def test_rotate_everything_or_nothing_unknown(identity: IdentityServerThread) -> None:
+    before = {name: identity.snapshot(name).svid.serial_number for name in ("a", "b", "p", "e")}
+    assert identity.rotate_now() == 4
+    assert all(identity.snapshot(name).svid.serial_number != serial for name, serial in before.items())
+    with pytest.raises(KeyError):
+        identity.rotate_now("nobody")
+    with pytest.raises(KeyError):
+        identity.rotate_ca("nowhere.org")
 
 
 def test_calls_without_the_security_header_are_refused(identity: IdentityServerThread) -> None:

@@ -90,13 +90,13 @@ async def test_certificate_and_all_then_push_on_rotation(identity: IdentityServe
         assert validator(secrets["ALL"]) == {"example.org": 1, "partner.org": 1}
         await stream.ack(first, A, "ALL")
 
-        identity.rotate_now("a")
+        assert await identity.rotate_now("a") == 1
         pushed = await stream.receive()
         assert int(pushed.version_info) > int(first.version_info) and pushed.nonce != first.nonce
         assert serial(secrets_of(pushed)[A]) == identity.snapshot("a").svid.serial_number != serial(secrets[A])
         await stream.ack(pushed, A, "ALL")
 
-        identity.rotate_ca("partner.org", activate_after=60)
+        await identity.rotate_ca("partner.org", activate_after=60)
         pushed = await stream.receive()
         assert validator(secrets_of(pushed)["ALL"]) == {"example.org": 1, "partner.org": 2}
         stream.call.cancel()
@@ -111,7 +111,7 @@ async def test_nack_is_not_answered_with_the_same_secret(identity: IdentityServe
         # a stale request (old nonce) is ignored too
         await stream.send(A, "ALL", nonce="not-a-nonce-we-sent")
         # the next thing on the stream is the next rotation, not a re-send of the rejected version
-        identity.rotate_now("a")
+        assert await identity.rotate_now("a") == 1
         after = await stream.receive()
         assert set(secrets_of(after)) == {A}
         assert serial(secrets_of(after)[A]) != serial(secrets_of(first)[A])

@@ -51,6 +51,7 @@ workloads:
 
 
 def test_short_ttls_are_accepted(tmp_path: Path) -> None:
+    assert IdentityConfig.from_mapping(base(svid_ttl="20s"), base_dir=tmp_path).svid_ttl == 20.0
     config = IdentityConfig.from_dict(base(svid_ttl="20s", ca_ttl="10m", ca_publish_ahead="5s"), base_dir=tmp_path)
     assert (config.svid_ttl, config.ca_ttl, config.ca_publish_ahead) == (20.0, 600.0, 5.0)
 

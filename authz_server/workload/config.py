@@ -34,7 +34,7 @@ import yaml
 
 from ..durations import parse_duration
 from ..errors import ConfigError, WorkloadError
-from ..identity.workloads import split_spiffe_id
+from ..identity.spiffe import split_spiffe_id
 
 JWT_ALGORITHMS = ("ES256", "RS256")
 MIN_SVID_TTL = 2.0  # seconds; rotation at half of it must still leave time to push

@@ -32,7 +32,7 @@ from ..identity.encoding import b64url_decode, b64url_encode, json_compact, json
 from ..identity.jwa import sign
 from ..identity.jwk import JwkSet
 from ..identity.tokens import IssuerPolicy, verify_jws
-from ..identity.workloads import split_spiffe_id
+from ..identity.spiffe import split_spiffe_id
 
 # Certificates start this far in the past, so a peer whose clock is a little behind accepts them.
 BACKDATE = 10.0

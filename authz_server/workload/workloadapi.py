@@ -18,7 +18,7 @@ from google.protobuf import struct_pb2
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from ..errors import WorkloadError
-from ..identity.workloads import split_spiffe_id
+from ..identity.spiffe import split_spiffe_id
 from .feed import WorkloadFeed
 from .issuer import WorkloadSnapshot
 from .svid import SvidError

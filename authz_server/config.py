@@ -23,10 +23,10 @@ from .decision import DecisionSettings
 from .identity.exchange import ExchangeConfig, ExchangeRule
 from .identity.oidc import parse_issuers
 from .identity.resolver import SessionSettings
-from .policy.engine import ISOLATION_MODES
+from .policy.engine import ISOLATION_MODES, validate_query
 from .signals import SignalsConfig
 from .durations import parse_duration
-from .errors import ConfigError
+from .errors import ConfigError, PolicyError
 
 DEFAULT_QUERY = "data.envoy.authz.allow"
 
@@ -89,6 +89,21 @@ def _string(value: Any, key: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"expected a string, got {_show(value)}", key=key)
     return value
+
+
+def check_query(value: Any, key: str) -> str:
+    try:
+        return validate_query(_string(value, key))
+    except PolicyError as exc:
+        raise ConfigError(exc.message, key=key) from None
+
+
+def _readable_file(path: str, key: str) -> str:
+    try:
+        with open(path, "rb"):
+            return path
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", key=key) from None
 
 
 def _address(value: Any, key: str, *, allow_empty: bool = True) -> str:
@@ -193,7 +208,7 @@ _READERS: dict[str, _Reader] = {
     "http_addr": lambda v, _b: {"http_addr": _address(v, "http_addr")},
     "http_path_prefix": lambda v, _b: {"http_path_prefix": _path_prefix(v)},
     "policies": lambda v, b: {"policies": resolve_path(_string(v, "policies"), b)},
-    "query": lambda v, _b: {"query": _string(v, "query")},
+    "query": lambda v, _b: {"query": check_query(v, "query")},
     "metrics_addr": lambda v, _b: {"metrics_addr": _address(v, "metrics_addr")},
     "workers": lambda v, _b: {"workers": _int(v, "workers", minimum=1, maximum=1024)} if v != "auto" else {},
     "log_level": lambda v, _b: {"log_level": _log_level(v)},
@@ -238,8 +253,8 @@ def _spiffe_patterns(value: Any, key: str) -> tuple[str, ...]:
 def _tls(value: Any, base_dir: str | None) -> TlsConfig:
     data = _mapping(value, "tls")
     _only(data, {"spiffe_socket", "cert_file", "key_file", "ca_file", "allowed_clients"}, "tls.")
-    files = {k: resolve_path(_string(data[k], f"tls.{k}"), base_dir) for k in ("cert_file", "key_file", "ca_file")
-             if k in data}
+    files = {k: _readable_file(resolve_path(_string(data[k], f"tls.{k}"), base_dir), f"tls.{k}")
+             for k in ("cert_file", "key_file", "ca_file") if k in data}
     socket = _string(data.get("spiffe_socket", ""), "tls.spiffe_socket")
     if socket and files:
         raise ConfigError("give either spiffe_socket or cert_file/key_file/ca_file, not both", key="tls")

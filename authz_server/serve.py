@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import Config, load_config, resolve_path
+from .config import Config, check_query, load_config, resolve_path
 from .errors import AuthzError, ConfigError
 
 log = logging.getLogger("authz_server.serve")
@@ -58,6 +58,8 @@ def effective_config(args: argparse.Namespace) -> Config:
             overrides[name] = value
     if args.policies is not None:
         overrides["policies"] = resolve_path(args.policies, None)
+    if args.query is not None:
+        check_query(args.query, "--query")
     if args.workers is not None:
         if args.workers < 1:
             raise ConfigError("must be at least 1", key="--workers")

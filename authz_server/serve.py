@@ -27,6 +27,14 @@ from .errors import AuthzError, ConfigError
 log = logging.getLogger("authz_server.serve")
 
 
+class _WorkerExplained(Exception):
+    """A worker exited during start after saying why on the stderr it shares with us."""
+
+    def __init__(self, returncode: int) -> None:
+        super().__init__(returncode)
+        self.returncode = returncode
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (flags override its keys)")
     parser.add_argument("--addr", help="ext_authz gRPC address, host:port or unix:/path ('' turns gRPC off); "
@@ -110,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
         if workers == 1 or args.worker_of is not None:
             return _run_loop(_serve_one(config, args.ready_file, reuse_port=args.worker_of is not None))
         return _run_loop(_supervise(config, workers, args))
+    except _WorkerExplained as exc:
+        return exc.returncode
     except AuthzError as exc:
         print(f"authz-server: {exc.code}: {exc.message}", file=sys.stderr)
         return 2
@@ -197,13 +207,18 @@ async def _supervise(config: Config, workers: int, args: argparse.Namespace) -> 
             sys.executable, "-m", "authz_server.cli", "serve", *argv_tail, "--metrics-addr", metrics,
             "--ready-file", ready, "--worker-of", str(os.getpid()))
         while not Path(ready).exists():
-            if procs[index].returncode is not None:
-                raise AuthzError(f"worker {index} exited with code {procs[index].returncode} during start",
-                                 code="worker_failed")
+            code = procs[index].returncode
+            if code is not None:
+                if code > 0:
+                    raise _WorkerExplained(code)
+                raise AuthzError(f"worker {index} exited with code {code} during start", code="worker_failed")
             await asyncio.sleep(0.05)
 
     try:
-        await asyncio.gather(*(start_worker(i) for i in range(workers)))
+        # The first worker starts alone: a setting that keeps every worker from starting is
+        # then reported once, by that worker, instead of once per worker.
+        await start_worker(0)
+        await asyncio.gather(*(start_worker(i) for i in range(1, workers)))
         metrics_server = None
         bound = {"addr": addr, "http_addr": http_addr, "workers": workers}
         if config.metrics_addr:

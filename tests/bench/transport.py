@@ -28,10 +28,9 @@ from .harness import Settings, bench_supervisor, load_with_cpu, run_wrk, start_a
 def _bare_on(sup: Any, address: str) -> int:
     ready = sup.log_dir / f"bare-{abs(hash(address))}.ready"
     ready.unlink(missing_ok=True)
-    child = sup.start(f"bare-{abs(hash(address))}", [sys.executable, "-m", "tests.bench.bare_authz", "--addr", address,
-                                                     "--ready-file", str(ready)],
-                      ready=lambda: ready.exists() and ready.read_text() != "",
-                      env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    child = sup.start(f"bare-{abs(hash(address))}", [sys.executable, "-m", "authz_server.evaluate.bare_authz",
+                                                     "--addr", address, "--ready-file", str(ready)],
+                      ready=lambda: ready.exists() and ready.read_text() != "")
     return child.popen.pid
 
 

@@ -7,7 +7,6 @@ request or decides anything; it is the cost of Python gRPC itself.
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc

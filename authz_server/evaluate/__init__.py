@@ -1,0 +1,14 @@
+"""``authz-server evaluate``: measure the zero-trust mesh and write a report a reader can check.
+
+Three questions, each answered by its own module:
+
+* what does it stop — ``attacks.py``: scripted attacks with an expected outcome, run against a
+  ``Target`` (``targets.py``) with zero trust on and off, each outcome checked in the audit log;
+* how sure are we — ``accuracy.py``: traffic from ``traffic.py`` decided by the real pipeline and
+  compared, request by request, with ``oracle.py``, an independent statement of the intended
+  access matrix;
+* what does it cost — ``perf.py`` (real Envoy, wrk) and ``growth.py`` (policy and session store size).
+
+``report.py`` turns the results into ``report.md``, PNG charts and ``results.json``; ``cli.py``
+is the command.
+"""

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "identity": ("authz_server.workload.cli", "dev SPIFFE issuer (development only): 'identity serve --config FILE'"),
     "audit": ("authz_server.audit.cli", "decision audit log: 'audit query' lists what a subject did and what was denied"),
     "render-configs": ("authz_server.mesh.render", "rewrite the Envoy configs committed under envoy/"),
+    "evaluate": ("authz_server.evaluate.cli", "measure the mesh: attacks, accuracy against an oracle, performance; writes DIR/report.md"),
 }
 
 

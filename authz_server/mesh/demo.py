@@ -1,7 +1,9 @@
 """``authz-server demo``: bring up real processes on this machine and walk through them.
 
-authz-server (``serve``, a real child process), a small upstream service and a real Envoy
-with the ext_authz filter in front of it; then a scripted tour of allowed and denied
+By default the zero-trust mesh (``launcher.py``: three services behind Envoy sidecars with
+SVIDs, authz-server, the dev SPIFFE issuer and the dev OIDC provider) and its tour
+(``meshtour.py``). ``--quickstart``: authz-server, a small upstream and one Envoy running the
+OPA-Envoy tutorial policy unchanged. Either way a scripted tour of allowed and denied
 requests, each explained. ``--keep`` leaves everything running and prints commands to try
 by hand; Ctrl-C stops every process the demo started.
 """
@@ -18,6 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 import httpx
 import jwt
@@ -27,7 +30,10 @@ from .envoy import start_envoy
 from .extauthz import AuthzTarget
 from .front import FrontProxy, Route, render_front_proxy
 from .processes import Supervisor, free_port, tcp_ready, wait_until
-from .tour import Outcome, Step, expect_status, run_tour
+from .tour import Outcome, Step, TourResult, expect_status, run_tour
+
+if TYPE_CHECKING:
+    from .launcher import MeshOptions
 
 QUICKSTART_POLICIES = Path(__file__).parent / "policies" / "quickstart"
 
@@ -35,15 +41,57 @@ QUICKSTART_POLICIES = Path(__file__).parent / "policies" / "quickstart"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="leave the demo running and print commands to try")
     parser.add_argument("--workdir", help="where logs and rendered configs go (default: a new temp folder)")
+    parser.add_argument("--quickstart", action="store_true",
+                        help="the smaller demo instead: one Envoy, the OPA-Envoy tutorial policy, no mesh")
+    parser.add_argument("--policies", help="policy folder the mesh starts from (copied; default: policies/)")
 
 
 def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="authz-demo-"))
     try:
-        return asyncio.run(_demo(workdir, keep=args.keep))
+        if args.quickstart:
+            return asyncio.run(_demo(workdir, keep=args.keep))
+        from .launcher import MeshOptions
+
+        options = MeshOptions(workdir) if not args.policies else MeshOptions(workdir, policies=Path(args.policies))
+        return asyncio.run(mesh_demo(options, keep=args.keep))
     except KeyboardInterrupt:
         print("\nstopped; every process the demo started is gone.")
         return 130
+
+
+async def mesh_demo(options: MeshOptions, *, keep: bool, out: TextIO = sys.stdout) -> int:
+    # Imported here: `authz-server --help` builds every command's parser and should stay light.
+    from .launcher import running_mesh
+    from .meshtour import MeshTour, try_it
+
+    print(f"authz-server demo mesh — logs, configs and the decision log in {options.workdir}\n", file=out)
+    started = time.perf_counter()
+    async with running_mesh(options, progress=lambda line: print(f"  {line}", file=out)) as mesh:
+        print(f"\nthe mesh is up in {time.perf_counter() - started:.1f}s: frontend → orders → payments, each behind "
+              f"its own Envoy with an SVID, every request checked by authz-server\n", file=out)
+        result = await run_tour(MeshTour(mesh).steps(), out=out)
+        _summary(result, out)
+        if keep:
+            print(try_it(mesh), file=out)
+            await _wait_forever()
+        return 0 if result.ok else 1
+
+
+def _summary(result: TourResult, out: TextIO) -> None:
+    print(file=out)
+    if result.ok:
+        print(f"all {len(result.passed)} steps turned out as the tour said.", file=out)
+    else:
+        print("these steps did not turn out as the tour said:", file=sys.stderr)
+        for failed in result.failed:
+            print(f"  {failed}", file=sys.stderr)
+
+
+async def _wait_forever() -> None:
+    # Ctrl-C cancels this; the cancellation unwinds the mesh's context managers, which stop
+    # every child, and asyncio.run turns it back into KeyboardInterrupt for run() to report.
+    await asyncio.Event().wait()
 
 
 def tutorial_token(role: str, sub: str, *, now: float, ttl: int = 600) -> str:
@@ -68,20 +116,10 @@ async def _demo(workdir: Path, *, keep: bool) -> int:
         print(f"up in {time.perf_counter() - started:.1f}s: upstream 'people', authz-server, Envoy on "
               f"{quickstart.front}\n")
         result = await run_tour(_quickstart_tour(quickstart))
-        print()
-        if result.ok:
-            print(f"all {len(result.passed)} steps turned out as the tour said.")
-        else:
-            print("these steps did not turn out as the tour said:", file=sys.stderr)
-            for failed in result.failed:
-                print(f"  {failed}", file=sys.stderr)
+        _summary(result, sys.stdout)
         if keep:
             _print_try_it(quickstart)
-            try:
-                while True:
-                    await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                pass
+            await _wait_forever()
         return 0 if result.ok else 1
 
 

@@ -63,6 +63,9 @@ class Sidecar:
     authz_spiffe_id: str = ""  # when set, the sidecar asks authz-server over mTLS and expects this ID
     extra_context: dict[str, str] = field(default_factory=dict)
     mtls: bool = True  # False: plain HTTP between sidecars (the evaluation's baseline)
+    # Connections to peers are renewed this often, so a rotated SVID is in use well before the
+    # old one expires (Envoy keeps an open connection on the certificate it started with).
+    max_connection_duration: str = "300s"
 
     @property
     def strongest_sensitivity(self) -> str:
@@ -104,6 +107,8 @@ def _downstream_tls(sidecar: Sidecar) -> dict[str, Any]:
 
 def _upstream_tls(sidecar: Sidecar, peer_id: str, *, alpn: tuple[str, ...] = ()) -> dict[str, Any]:
     common = _common_tls(sidecar, peer_ids=(peer_id,))
+    # Envoy's upstream default stops at TLS 1.2, which a TLS-1.3-only (high) peer refuses.
+    common["tls_params"] = {"tls_maximum_protocol_version": "TLSv1_3"}
     if alpn:
         common["alpn_protocols"] = list(alpn)
     return {"name": "envoy.transport_sockets.tls", "typed_config": {
@@ -201,6 +206,10 @@ def render_sidecar(sidecar: Sidecar) -> dict[str, Any]:
         listeners.append(_listener(f"outbound_{peer.service}", peer.listen,
                                    _hcm(f"outbound_{peer.service}", [route], [], forward_client_cert=False)))
         cluster = _static_cluster(cluster_name, peer.address)
+        cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"max_connection_duration": sidecar.max_connection_duration},
+            "explicit_http_config": {"http_protocol_options": {}}}}
         if sidecar.mtls:
             cluster["transport_socket"] = _upstream_tls(sidecar, peer.spiffe_id)
         clusters.append(cluster)

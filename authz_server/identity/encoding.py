@@ -15,7 +15,7 @@ import base64
 import binascii
 import json
 import math
-from typing import Any
+from typing import Any, Mapping
 
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _VALUE = {c: i for i, c in enumerate(_ALPHABET)}
@@ -103,3 +103,16 @@ def json_object(data: bytes) -> dict[str, Any]:
 def json_compact(value: Any) -> bytes:
     """Compact UTF-8 JSON, as producers put it in a token."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def jwk_set_document(document: bytes | str | Mapping[str, Any]) -> tuple[Mapping[str, Any], list[Any]]:
+    """A JWK-Set-shaped document (RFC 7517 §5; SPIFFE bundles share the shape) and its ``keys``
+    array; ``ValueError`` says what is wrong, for the caller to name the document."""
+    if isinstance(document, (bytes, str)):
+        data: Mapping[str, Any] = json_object(document.encode() if isinstance(document, str) else document)
+    else:
+        data = document
+    keys = data.get("keys") if isinstance(data, Mapping) else None
+    if not isinstance(keys, list):
+        raise ValueError("no 'keys' array")
+    return data, keys

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from .encoding import b64url_decode, b64url_encode, json_object
+from .encoding import b64url_decode, b64url_encode, jwk_set_document
 from .jwa import ALGORITHMS, EC_CURVES, MAX_RSA_BITS, MIN_RSA_BITS, OKP_CURVES, JwsAlgorithm, hmac_min_bytes, key_fits
 
 MAX_KEYS = 100  # keys read from one set; the rest are skipped (a set this size is an attack)
@@ -187,16 +187,10 @@ def parse_jwks(document: bytes | str | Mapping[str, Any], *, max_keys: int = MAX
                allow_symmetric: bool = False) -> JwkSet:
     """A JWK Set (RFC 7517 §5) → ``JwkSet``. Unusable keys are skipped with a reason; a set
     with no usable key at all is an error (so a refresh never replaces good keys with none)."""
-    if isinstance(document, (bytes, str)):
-        try:
-            data: Mapping[str, Any] = json_object(document.encode() if isinstance(document, str) else document)
-        except ValueError as exc:
-            raise JwkError(f"not a JWK Set: {exc}") from None
-    else:
-        data = document
-    keys = data.get("keys") if isinstance(data, Mapping) else None
-    if not isinstance(keys, list):
-        raise JwkError("not a JWK Set: no 'keys' array")
+    try:
+        _, keys = jwk_set_document(document)
+    except ValueError as exc:
+        raise JwkError(f"not a JWK Set: {exc}") from None
     usable: list[Jwk] = []
     skipped: list[str] = []
     for index, entry in enumerate(keys):

@@ -33,7 +33,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from ..errors import WorkloadError
-from .encoding import json_object
+from .encoding import jwk_set_document
 
 SCHEME = "spiffe://"
 MAX_ID_BYTES = 2048  # §2.3: implementations MUST support 2048 bytes and SHOULD NOT make longer ones
@@ -190,16 +190,10 @@ class TrustBundle:
         empty, then the entry MUST be ignored"; only its first value counts. Other keys
         (``jwt-svid``, unknown ``use``) are not X.509 authorities and are skipped."""
         where = f"bundle for {trust_domain}"
-        if isinstance(document, (bytes, str)):
-            try:
-                data: Mapping[str, Any] = json_object(document.encode() if isinstance(document, str) else document)
-            except ValueError as exc:
-                raise BundleError(f"{where}: {exc}") from None
-        else:
-            data = document
-        keys = data.get("keys") if isinstance(data, Mapping) else None
-        if not isinstance(keys, list):
-            raise BundleError(f"{where}: no 'keys' array")
+        try:
+            _, keys = jwk_set_document(document)
+        except ValueError as exc:
+            raise BundleError(f"{where}: {exc}") from None
         if len(keys) > MAX_BUNDLE_KEYS:
             raise BundleError(f"{where}: {len(keys)} keys is more than {MAX_BUNDLE_KEYS}")
         authorities: list[x509.Certificate] = []

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ..identity.encoding import json_object
+from ..identity.encoding import jwk_set_document
 from ..identity.jwk import JwkError, JwkSet, parse_jwk, public_jwk
 
 X509_SVID_USE = "x509-svid"
@@ -82,16 +82,10 @@ class TrustBundle:
 
 def parse_spiffe_bundle(trust_domain: str, document: bytes | str | Mapping[str, Any]) -> TrustBundle:
     """A SPIFFE bundle document → ``TrustBundle``; raises ``BundleError``."""
-    if isinstance(document, (bytes, str)):
-        try:
-            data: Mapping[str, Any] = json_object(document.encode() if isinstance(document, str) else document)
-        except ValueError as exc:
-            raise BundleError(f"bundle for {trust_domain}: {exc}") from None
-    else:
-        data = document
-    keys = data.get("keys") if isinstance(data, Mapping) else None
-    if not isinstance(keys, list):
-        raise BundleError(f"bundle for {trust_domain}: no 'keys' array")
+    try:
+        data, keys = jwk_set_document(document)
+    except ValueError as exc:
+        raise BundleError(f"bundle for {trust_domain}: {exc}") from None
     if len(keys) > MAX_BUNDLE_KEYS:
         raise BundleError(f"bundle for {trust_domain}: {len(keys)} keys is more than {MAX_BUNDLE_KEYS}")
     sequence = data.get("spiffe_sequence", 0)

@@ -95,6 +95,19 @@ strong_enough(rule) if {
 	listed_caller(rule)
 	session != null
 	session.bound_to.spiffe_id == caller
+	not bare_user_token
+}
+
+# A user's own token presented by a workload (not exchanged for it: no `act` naming the
+# caller) is not enough for a high route, even though a session now binds it to the caller.
+bare_user_token if {
+	object.get(identity, "method", "") == "jwt"
+	object.get(object.get(user, "claims", {}), "act", {}).sub != caller
+}
+
+bare_user_token if {
+	object.get(identity, "method", "") == "jwt"
+	not object.get(object.get(user, "claims", {}), "act", null)
 }
 
 granted if {

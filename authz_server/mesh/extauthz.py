@@ -57,6 +57,28 @@ def cluster_type(address: str) -> str:
         return "STRICT_DNS"
 
 
+def static_cluster(name: str, address: str, *, http2: bool = False) -> dict[str, Any]:
+    """A cluster of one fixed endpoint (HTTP/2 when asked: gRPC services such as SDS)."""
+    cluster: dict[str, Any] = {
+        "name": name, "type": cluster_type(address), "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": socket_address(address)}}]}]},
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = http_protocol_options({"http2_protocol_options": {}})
+    return cluster
+
+
+def http_protocol_options(explicit: dict[str, Any], **common: Any) -> dict[str, Any]:
+    """A cluster's ``typed_extension_protocol_options``: the HTTP version (``explicit_http_config``)
+    and, optionally, ``common_http_protocol_options``."""
+    options: dict[str, Any] = {"@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"}
+    if common:
+        options["common_http_protocol_options"] = common
+    options["explicit_http_config"] = explicit
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options}
+
+
 def ext_authz_filter(target: AuthzTarget) -> dict[str, Any]:
     config: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
@@ -96,24 +118,14 @@ def ext_authz_filter(target: AuthzTarget) -> dict[str, Any]:
 
 
 def authz_cluster(target: AuthzTarget) -> dict[str, Any]:
-    cluster: dict[str, Any] = {
-        "name": target.cluster,
-        "type": cluster_type(target.address),
-        "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": target.cluster, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": socket_address(target.address)}}]}]},
-    }
+    cluster = static_cluster(target.cluster, target.address)
     if target.mode == "grpc":
         http2: dict[str, Any] = {}
         if target.connections > 1:
             # One stream per connection at most max_concurrent_streams: Envoy opens more connections
             # once the limit is reached, and the kernel spreads those across the workers.
             http2["max_concurrent_streams"] = 16
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": http2},
-            }}
+        cluster["typed_extension_protocol_options"] = http_protocol_options({"http2_protocol_options": http2})
     return cluster
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .extauthz import (ROUTER, AuthzTarget, authz_cluster, cluster_type, ext_authz_filter, hcm_path_safety,
-                       per_route_context, socket_address)
+from .extauthz import (ROUTER, AuthzTarget, authz_cluster, ext_authz_filter, hcm_path_safety, per_route_context,
+                       socket_address, static_cluster)
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,7 @@ def render_front_proxy(proxy: FrontProxy) -> dict[str, Any]:
     }
     clusters = []
     if proxy.upstream:
-        clusters.append({
-            "name": "upstream", "type": cluster_type(proxy.upstream), "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": socket_address(proxy.upstream)}}]}]},
-        })
+        clusters.append(static_cluster("upstream", proxy.upstream))
     if proxy.authz is not None:
         clusters.append(authz_cluster(proxy.authz))
     return {"static_resources": {

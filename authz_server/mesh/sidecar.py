@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .extauthz import ROUTER, AuthzTarget, authz_cluster, cluster_type, ext_authz_filter, hcm_path_safety, \
-    per_route_context, socket_address
+from .extauthz import ROUTER, AuthzTarget, authz_cluster, ext_authz_filter, hcm_path_safety, per_route_context, \
+    http_protocol_options, socket_address, static_cluster
 
 SDS_CLUSTER = "spiffe_workload_api"
 ALL_BUNDLES = "ALL"  # SPIRE's default_all_bundles_name: own and federated trust domains
@@ -168,19 +168,6 @@ def _listener(name: str, address: str, hcm: dict[str, Any], transport: dict[str,
     return {"name": name, "address": socket_address(address), "filter_chains": [chain]}
 
 
-def _static_cluster(name: str, address: str, *, http2: bool = False) -> dict[str, Any]:
-    cluster: dict[str, Any] = {
-        "name": name, "type": cluster_type(address), "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": socket_address(address)}}]}]},
-    }
-    if http2:
-        cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}}}}
-    return cluster
-
-
 def render_sidecar(sidecar: Sidecar) -> dict[str, Any]:
     checked_filters = [_tls_version_header(), ext_authz_filter(sidecar.authz)] if sidecar.authz else []
     listeners = []
@@ -192,9 +179,9 @@ def render_sidecar(sidecar: Sidecar) -> dict[str, Any]:
     if sidecar.public:
         listeners.append(_listener("public", sidecar.public,
                                    _hcm("public", _checked_routes(sidecar), checked_filters, forward_client_cert=True)))
-    clusters = [_static_cluster("app", sidecar.app)]
+    clusters = [static_cluster("app", sidecar.app)]
     if sidecar.mtls:
-        clusters.append(_static_cluster(SDS_CLUSTER, "unix:" + sidecar.sds_socket, http2=True))
+        clusters.append(static_cluster(SDS_CLUSTER, "unix:" + sidecar.sds_socket, http2=True))
     if sidecar.authz is not None:
         authz = authz_cluster(sidecar.authz)
         if sidecar.authz_spiffe_id:
@@ -205,11 +192,9 @@ def render_sidecar(sidecar: Sidecar) -> dict[str, Any]:
         route = {"match": {"prefix": "/"}, "route": {"cluster": cluster_name, "timeout": "10s"}}
         listeners.append(_listener(f"outbound_{peer.service}", peer.listen,
                                    _hcm(f"outbound_{peer.service}", [route], [], forward_client_cert=False)))
-        cluster = _static_cluster(cluster_name, peer.address)
-        cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "common_http_protocol_options": {"max_connection_duration": sidecar.max_connection_duration},
-            "explicit_http_config": {"http_protocol_options": {}}}}
+        cluster = static_cluster(cluster_name, peer.address)
+        cluster["typed_extension_protocol_options"] = http_protocol_options(
+            {"http_protocol_options": {}}, max_connection_duration=sidecar.max_connection_duration)
         if sidecar.mtls:
             cluster["transport_socket"] = _upstream_tls(sidecar, peer.spiffe_id)
         clusters.append(cluster)

@@ -17,6 +17,11 @@ def _utc(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc)
 
 
+# Certificates start an hour back: a test module may fix its "now" when it is imported, and
+# in the whole suite that can be minutes before its fixtures issue the certificates.
+BACKDATE = dt.timedelta(hours=1)
+
+
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -40,7 +45,7 @@ class ScratchCA:
         subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name)])
         now = dt.datetime.now(dt.timezone.utc)
         cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+                .serial_number(x509.random_serial_number()).not_valid_before(now - BACKDATE)
                 .not_valid_after(now + dt.timedelta(days=1))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                 .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
@@ -58,7 +63,7 @@ class ScratchCA:
         now = dt.datetime.now(dt.timezone.utc)
         cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.cert.subject)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=12))
+                .not_valid_before(now - BACKDATE).not_valid_after(now + dt.timedelta(hours=12))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                 .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -84,7 +89,7 @@ class ScratchCA:
         names += [x509.UniformResourceIdentifier(u) for u in extra_uris]
         names += [x509.DNSName(d) for d in dns]
         names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        start = _utc(not_before) if not_before is not None else now - dt.timedelta(minutes=1)
+        start = _utc(not_before) if not_before is not None else now - BACKDATE
         end = _utc(not_after) if not_after is not None else now + dt.timedelta(hours=hours)
         cert = (x509.CertificateBuilder().subject_name(x509.Name([]))
                 .issuer_name(self.cert.subject).public_key(key.public_key())

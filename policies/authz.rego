@@ -98,16 +98,17 @@ strong_enough(rule) if {
 	not bare_user_token
 }
 
-# A user's own token presented by a workload (not exchanged for it: no `act` naming the
-# caller) is not enough for a high route, even though a session now binds it to the caller.
+# A user's own token presented by a workload is not enough for a high route, even though a
+# session now binds it to the caller: only a token exchanged for that caller (RFC 8693, its
+# `act` names the caller, the last hop of input.identity.delegation) is.
 bare_user_token if {
 	object.get(identity, "method", "") == "jwt"
-	object.get(object.get(user, "claims", {}), "act", {}).sub != caller
+	not exchanged_for_caller
 }
 
-bare_user_token if {
-	object.get(identity, "method", "") == "jwt"
-	not object.get(object.get(user, "claims", {}), "act", null)
+exchanged_for_caller if {
+	count(delegation) > 0
+	delegation[count(delegation) - 1].actor == caller
 }
 
 granted if {

@@ -76,7 +76,6 @@ def test_every_attack_is_blocked_and_identified_under_zero_trust(quick_run) -> N
     assert sum(a["baseline_blocked"] for a in results["attacks"]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="known policy gap (issue 8 note): a bare user JWT presented by orders on the high payments route is allowed; the oracle says deny")
 def test_the_real_pipeline_agrees_with_the_oracle(quick_run) -> None:  # type: ignore[no-untyped-def]
     _run, out = quick_run
     results = json.loads((out / "results.json").read_text())

@@ -116,7 +116,8 @@ def identity_config(options: MeshOptions) -> dict[str, Any]:
     run = options.workdir / "run"
     workloads = [{"name": s, "spiffe_id": spiffe_id(s), "socket": str(run / f"{s}.sock")} for s in SERVICES]
     workloads += [
-        {"name": "authz-server", "spiffe_id": AUTHZ_ID, "socket": str(run / "authz-server.sock")},
+        {"name": "authz-server", "spiffe_id": AUTHZ_ID, "socket": str(run / "authz-server.sock"),
+         "dns_names": ["authz-server"]},  # the host name gRPC clients (the tour's operator) verify
         {"name": "operator", "spiffe_id": OPERATOR_ID, "socket": str(run / "operator.sock")},
         {"name": "partner", "spiffe_id": spiffe_id("auditor", PARTNER_DOMAIN), "socket": str(run / "partner.sock")},
         {"name": "intruder", "spiffe_id": spiffe_id("frontend", UNTRUSTED_DOMAIN),

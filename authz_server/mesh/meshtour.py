@@ -253,6 +253,7 @@ class MeshTour:
             Step("orders pays with a token exchanged for alice: allowed", self.orders_exchanges_and_pays),
             Step("a replayed token from another client: refused", self.replayed_token),
             Step("a session id presented by a client it is not bound to: refused", self.stolen_session),
+            Step("a revoked session stops working at once", self.revoke),
             Step("a policy edited on disk takes effect without a restart", self.policy_edit),
             Step("an SVID rotation passes unnoticed", self.rotation),
         ]

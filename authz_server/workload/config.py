@@ -18,6 +18,7 @@
       - name: frontend
         spiffe_id: spiffe://example.org/frontend
         socket: run/frontend.sock
+        dns_names: [frontend]         # optional, as SPIRE's entry -dns: DNS SANs (the first is the CN)
 
 Relative paths are read relative to the config file's directory (the working directory for
 ``IdentityConfig.from_mapping``/``from_dict`` without ``base_dir``). Every error names the key it is about.
@@ -26,6 +27,7 @@ Relative paths are read relative to the config file's directory (the working dir
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -64,6 +66,7 @@ class WorkloadConfig:
     name: str
     spiffe_id: str
     socket: str
+    dns_names: tuple[str, ...] = ()  # extra DNS SANs, for clients that verify a host name (gRPC)
 
     @property
     def trust_domain(self) -> str:
@@ -202,6 +205,16 @@ def _domain_name(value: Any, key: str) -> str:
     return domain
 
 
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def _dns_name(value: Any, key: str) -> str:
+    name = _text(value, key).lower()
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ConfigError(f"{value!r} is not a DNS name (letters, digits and hyphens, dot-separated)", key=key)
+    return name
+
+
 def _trust_domains(value: Any) -> tuple[TrustDomainConfig, ...]:
     entries = _list(value, "trust_domains")
     names: list[str] = []
@@ -242,7 +255,7 @@ def _workloads(value: Any, domains: set[str], base: Path) -> tuple[WorkloadConfi
         key = f"workloads[{i}]"
         if not isinstance(entry, Mapping):
             raise ConfigError(f"expected a mapping with name, spiffe_id and socket, got {entry!r}", key=key)
-        _only(entry, {"name", "spiffe_id", "socket"}, key)
+        _only(entry, {"name", "spiffe_id", "socket", "dns_names"}, key)
         name = _text(entry.get("name"), f"{key}.name")
         spiffe_id = _text(entry.get("spiffe_id"), f"{key}.spiffe_id")
         try:
@@ -265,5 +278,7 @@ def _workloads(value: Any, domains: set[str], base: Path) -> tuple[WorkloadConfi
                 raise ConfigError(f"{name!r} is listed twice", key=f"{key}.name")
             if other.socket == socket:
                 raise ConfigError(f"{socket!r} is already the socket of {other.name!r}", key=f"{key}.socket")
-        workloads.append(WorkloadConfig(name, spiffe_id, socket))
+        listed = _list(entry["dns_names"], f"{key}.dns_names") if "dns_names" in entry else []
+        dns_names = tuple(_dns_name(v, f"{key}.dns_names[{j}]") for j, v in enumerate(listed))
+        workloads.append(WorkloadConfig(name, spiffe_id, socket, dns_names))
     return tuple(workloads)

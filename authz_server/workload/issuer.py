@@ -171,7 +171,8 @@ class Issuer:
     def _issue(self, workload: WorkloadConfig, now: float) -> X509Svid:
         authority = self._cas[workload.trust_domain].active
         return issue_x509_svid(workload.spiffe_id, ca_certificate=authority.certificate, ca_key=authority.private_key,
-                               authority_id=authority.id, ttl=self.config.svid_ttl, now=now)
+                               authority_id=authority.id, ttl=self.config.svid_ttl, now=now,
+                               dns_names=workload.dns_names)
 
     def _refresh_bundles(self, domains: Iterable[str]) -> None:
         for name in domains:

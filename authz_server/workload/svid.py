@@ -88,9 +88,10 @@ class X509Svid:
 
 
 def issue_x509_svid(spiffe_id: str, *, ca_certificate: x509.Certificate, ca_key: Any, authority_id: str,
-                    ttl: float, now: float) -> X509Svid:
+                    ttl: float, now: float, dns_names: tuple[str, ...] = ()) -> X509Svid:
     """A new key pair and a leaf certificate for ``spiffe_id``, valid until ``now + ttl`` (never
-    past the CA's own notAfter)."""
+    past the CA's own notAfter). ``dns_names`` become DNS SANs, the first also the subject's
+    common name, as SPIRE does for an entry's DNS names; the SPIFFE ID stays the one URI SAN."""
     split_spiffe_id(spiffe_id)  # raises WorkloadError on a malformed ID
     key = ec.generate_private_key(ec.SECP256R1())
     ca_not_after = ca_certificate.not_valid_after_utc.timestamp()
@@ -99,7 +100,8 @@ def issue_x509_svid(spiffe_id: str, *, ca_certificate: x509.Certificate, ca_key:
     ca_ski = ca_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]
+                                + [x509.NameAttribute(NameOID.COMMON_NAME, name) for name in dns_names[:1]]))
         .issuer_name(ca_certificate.subject)
         .public_key(key.public_key())
         .serial_number(int.from_bytes(os.urandom(16), "big") >> 1)
@@ -111,7 +113,8 @@ def issue_x509_svid(spiffe_id: str, *, ca_certificate: x509.Certificate, ca_key:
                                      crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]
+                                                   + [x509.DNSName(name) for name in dns_names]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         .sign(ca_key, hashes.SHA256())

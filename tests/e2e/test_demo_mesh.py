@@ -38,7 +38,7 @@ async def test_the_tour_turns_out_as_it_says_and_leaves_nothing_behind(tmp_path:
     code = await mesh_demo(MeshOptions(tmp_path / "mesh"), keep=False, out=out)
     text = out.getvalue()
     assert code == 0, text
-    assert "✘" not in text and "all 9 steps turned out as the tour said" in text, text
+    assert "✘" not in text and "all 10 steps turned out as the tour said" in text, text
     for promise in ("frontend calls payments directly: denied", "a replayed token from another client: refused",
                     "an SVID rotation passes unnoticed"):
         assert promise in text

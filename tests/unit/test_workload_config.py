@@ -50,6 +50,14 @@ workloads:
     assert config.workload("frontend").trust_domain == "example.org"
 
 
+def test_dns_names_are_optional_and_lowercased(tmp_path: Path) -> None:
+    workload = {"name": "f", "spiffe_id": "spiffe://example.org/f", "socket": "f.sock",
+                "dns_names": ["Authz-Server", "authz.mesh.local"]}
+    config = IdentityConfig.from_dict(base(workloads=[workload]), base_dir=tmp_path)
+    assert config.workload("f").dns_names == ("authz-server", "authz.mesh.local")
+    assert IdentityConfig.from_dict(base(), base_dir=tmp_path).workload("frontend").dns_names == ()
+
+
 def test_short_ttls_are_accepted(tmp_path: Path) -> None:
     assert IdentityConfig.from_mapping(base(svid_ttl="20s"), base_dir=tmp_path).svid_ttl == 20.0
     config = IdentityConfig.from_dict(base(svid_ttl="20s", ca_ttl="10m", ca_publish_ahead="5s"), base_dir=tmp_path)
@@ -96,6 +104,12 @@ def test_short_ttls_are_accepted(tmp_path: Path) -> None:
      "workloads[1].socket", "already the socket of 'f'"),
     ({"workloads": [{"name": "f", "spiffe_id": "spiffe://example.org/f", "socket": "a.sock", "uid": 0}]},
      "workloads[0].uid", "unknown key"),
+    ({"workloads": [{"name": "f", "spiffe_id": "spiffe://example.org/f", "socket": "a.sock", "dns_names": "f"}]},
+     "workloads[0].dns_names", "list"),
+    ({"workloads": [{"name": "f", "spiffe_id": "spiffe://example.org/f", "socket": "a.sock",
+                     "dns_names": ["ok", "bad_name"]}]}, "workloads[0].dns_names[1]", "not a DNS name"),
+    ({"workloads": [{"name": "f", "spiffe_id": "spiffe://example.org/f", "socket": "a.sock",
+                     "dns_names": ["-f.example"]}]}, "workloads[0].dns_names[0]", "not a DNS name"),
 ])
 def test_errors_name_the_key(tmp_path: Path, overrides: dict[str, Any], key: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as caught:

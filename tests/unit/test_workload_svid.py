@@ -64,6 +64,17 @@ def test_x509_svid_follows_the_spec(authority) -> None:  # type: ignore[no-untyp
     assert svid.private_key.public_key().public_numbers() == cert.public_key().public_numbers()
 
 
+def test_dns_names_are_extra_sans_and_the_spiffe_id_stays_the_one_uri(authority) -> None:  # type: ignore[no-untyped-def]
+    svid = issue_x509_svid(ID, ca_certificate=authority.certificate, ca_key=authority.private_key,
+                           authority_id=authority.id, ttl=60, now=NOW, dns_names=("orders", "orders.mesh"))
+    sans = svid.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [ID]
+    assert sans.get_values_for_type(x509.DNSName) == ["orders", "orders.mesh"]
+    common_names = svid.certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    assert [attribute.value for attribute in common_names] == ["orders"]
+    assert str(PySpiffeX509Svid.parse_raw(svid.chain_der(), svid.key_der()).spiffe_id) == ID
+
+
 def test_pyspiffe_accepts_the_svid_and_the_ca(authority) -> None:  # type: ignore[no-untyped-def]
     svid = issue(authority)
     parsed = PySpiffeX509Svid.parse_raw(svid.chain_der(), svid.key_der())

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
 
 from .decision import DecisionSettings
 from .identity.exchange import ExchangeConfig, ExchangeRule
@@ -27,6 +26,7 @@ from .policy.engine import ISOLATION_MODES, validate_query
 from .signals import SignalsConfig
 from .durations import parse_duration
 from .errors import ConfigError, PolicyError
+from .yamlfile import read_yaml_file
 
 DEFAULT_QUERY = "data.envoy.authz.allow"
 
@@ -419,14 +419,4 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     if path is None:
         return Config()
     file = Path(path)
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {str(file)!r}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{file}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return config_from_mapping(data or {}, base_dir=str(file.parent), source=str(file))
+    return config_from_mapping(read_yaml_file(file), base_dir=str(file.parent), source=str(file))

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-import yaml
 
 from ..durations import parse_duration
 from ..errors import ConfigError
+from ..yamlfile import read_yaml_file
 
 SIGNING_ALGORITHMS = ("RS256", "ES256")
 GRANTS = ("client_credentials", "password")
@@ -128,15 +127,7 @@ class DevIdPConfig:
 
 
 def load_devidp_config(path: str | os.PathLike[str]) -> DevIdPConfig:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {str(path)!r}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return DevIdPConfig.from_mapping(data or {})
+    return DevIdPConfig.from_mapping(read_yaml_file(path))
 
 
 def _only(data: Mapping[str, Any], allowed: set[str], prefix: str) -> None:

@@ -119,7 +119,6 @@ class AnomalyDetector:
             state.errors += ALPHA * ((1.0 if denied else 0.0) - state.errors)
 
     def _score(self, state: _State) -> float:
-        settings = self.settings
         rate_term = 0.0
         if not self._warming(state, state.last):
             spread = math.sqrt(state.var + (0.1 * state.mean + 1.0) ** 2)

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from ..durations import parse_duration
 from ..errors import ConfigError, WorkloadError
 from ..identity.spiffe import split_spiffe_id
+from ..yamlfile import read_yaml_file
 
 JWT_ALGORITHMS = ("ES256", "RS256")
 MIN_SVID_TTL = 2.0  # seconds; rotation at half of it must still leave time to push
@@ -149,16 +149,7 @@ class IdentityConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> "IdentityConfig":
         """Read a YAML file; relative paths in it are relative to the file's directory."""
-        file = Path(path)
-        try:
-            text = file.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {str(path)!r}: {exc.strerror}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        return cls.from_mapping(data or {}, base_dir=file.resolve().parent)
+        return cls.from_mapping(read_yaml_file(path), base_dir=Path(path).resolve().parent)
 
 
 def _duration(value: Any, key: str) -> float:

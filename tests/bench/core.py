@@ -8,7 +8,6 @@ is itself an Envoy answering 200 (so the upstream costs next to nothing):
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Any

@@ -19,7 +19,6 @@ from typing import Any
 from authz_server.mesh.envoy import start_envoy
 from authz_server.mesh.extauthz import AuthzTarget
 from authz_server.mesh.front import FrontProxy, Route, render_front_proxy
-from authz_server.mesh.processes import unix_ready
 
 from .core import REQUEST_HEADERS, ROUTE_RULE
 from .harness import Settings, bench_supervisor, load_with_cpu, run_wrk, start_authz_server, table

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError, Message
 
 from .decision import DECISION_ID_HEADER, Decision
 from .errors import RequestError
-from .facts import VOLATILE_HEADERS, Facts
+from .facts import VOLATILE_HEADERS, Facts, Volatile, with_volatile
 from .policy.inputs import project
 
 CheckRequest = external_auth_pb2.CheckRequest
@@ -159,10 +159,9 @@ def facts_from_check_request(request: CheckRequest) -> Facts:
     volatile: dict[str, str]
     if http.HasField("header_map"):
         headers: Mapping[str, str] = _joined_raw_headers(http)
-        volatile = {}
         # Nothing is removed from the request, so nothing is put back into the attributes
         # (the facts still carry the request id and port, for the audit record).
-        attributes_factory = _AttributesAsSent(attributes, "", 0, None, volatile)
+        attributes_factory = _AttributesAsSent(attributes, None)
         fingerprint = hashlib.blake2b(_without_volatile(request), digest_size=20).digest()
     else:
         headers = http.headers
@@ -182,7 +181,7 @@ def facts_from_check_request(request: CheckRequest) -> Facts:
         # deletion history (which volatile headers came and went), and an unsorted digest
         # then misses the cache for requests that differ only in those (~0.4 µs).
         fingerprint = hashlib.blake2b(request.SerializeToString(deterministic=True), digest_size=20).digest()
-        attributes_factory = _AttributesAsSent(attributes, request_id, port, time_value, volatile)
+        attributes_factory = _AttributesAsSent(attributes, Volatile(request_id, time_value, port, volatile))
     return Facts(
         http.method, http.path, headers, http.body, http.raw_body, http.host, socket.address, port,
         source.principal, source.certificate, attributes.context_extensions, request_id, fingerprint, "grpc",
@@ -191,17 +190,25 @@ def facts_from_check_request(request: CheckRequest) -> Facts:
 
 
 class _AttributesAsSent:
-    """``Facts.attributes_factory`` for gRPC: cheaper to build per request than a closure."""
+    """``Facts.attributes_factory`` for gRPC: cheaper to build per request than a closure.
+    ``volatile`` is None in the raw-headers form, where the request keeps its volatile
+    values (so the attributes are not a function of the fingerprint alone)."""
 
-    __slots__ = ("attributes", "request_id", "port", "time_value", "volatile")
+    __slots__ = ("attributes", "volatile")
 
-    def __init__(self, attributes: Any, request_id: str, port: int, time_value: tuple[int, int] | None,
-                 volatile: Mapping[str, str]) -> None:
-        self.attributes, self.request_id, self.port = attributes, request_id, port
-        self.time_value, self.volatile = time_value, volatile
+    def __init__(self, attributes: Any, volatile: Volatile | None) -> None:
+        self.attributes, self.volatile = attributes, volatile
 
     def __call__(self, tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        return _attributes_as_sent(self.attributes, self.request_id, self.port, self.time_value, self.volatile, tree)
+        """``input.attributes`` exactly as OPA-Envoy builds it, volatile values put back
+        (only the parts ``tree`` names, when given)."""
+        document = protomap(self.attributes, tree)
+        if self.volatile is not None:
+            document = with_volatile(document, self.volatile)
+        return document if tree is None else project(document, dict(tree))
+
+    def stable_attributes(self) -> dict[str, Any]:
+        return protomap(self.attributes)
 
 
 def _without_volatile(request: CheckRequest) -> bytes:
@@ -216,26 +223,6 @@ def _without_volatile(request: CheckRequest) -> bytes:
     del http.header_map.headers[:]
     http.header_map.headers.extend(kept)
     return copy.SerializeToString(deterministic=True)
-
-
-def _attributes_as_sent(attributes: attribute_context_pb2.AttributeContext, request_id: str, port: int,
-                        time_value: tuple[int, int] | None, volatile: Mapping[str, str],
-                        tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``input.attributes`` exactly as OPA-Envoy builds it, volatile fields put back (only
-    the parts ``tree`` names, when given)."""
-    document = protomap(attributes, tree)
-    if request_id or time_value is not None or volatile:
-        request = document.setdefault("request", {})
-        http = request.setdefault("http", {})
-        if request_id:
-            http["id"] = request_id
-        if volatile:
-            http.setdefault("headers", {}).update(volatile)
-        if time_value is not None:
-            request["time"] = {k: v for k, v in (("seconds", time_value[0]), ("nanos", time_value[1])) if v}
-    if port:
-        document.setdefault("source", {}).setdefault("address", {}).setdefault("socketAddress", {})["portValue"] = port
-    return document if tree is None else project(document, dict(tree))
 
 
 # -- Decision → CheckResponse

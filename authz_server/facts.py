@@ -37,6 +37,41 @@ VOLATILE_ATTRIBUTES: dict[str, Any] = {
     "source": {"address": {"socketAddress": {"portValue": True}}},
 }
 
+
+
+@dataclass(frozen=True, slots=True)
+class Volatile:
+    """The per-request values of ``input.attributes`` that ``Facts.fingerprint`` leaves out."""
+
+    request_id: str = ""
+    time_value: tuple[int, int] | None = None  # (seconds, nanos)
+    port: int = 0
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def with_volatile(document: dict[str, Any], volatile: Volatile) -> dict[str, Any]:
+    """``document`` (attributes without their volatile values) with ``volatile`` put where
+    OPA-Envoy has them. ``document`` is left as it is: the dicts on the way are copies."""
+    request_id, time_value, headers, port = volatile.request_id, volatile.time_value, volatile.headers, volatile.port
+    if not (request_id or time_value is not None or headers or port):
+        return document
+    document = dict(document)
+    if request_id or time_value is not None or headers:
+        request = document["request"] = dict(document.get("request", {}))
+        http = request["http"] = dict(request.get("http", {}))
+        if request_id:
+            http["id"] = request_id
+        if headers:
+            http["headers"] = {**http.get("headers", {}), **headers}
+        if time_value is not None:
+            request["time"] = {k: v for k, v in (("seconds", time_value[0]), ("nanos", time_value[1])) if v}
+    if port:
+        source = document["source"] = dict(document.get("source", {}))
+        address = source["address"] = dict(source.get("address", {}))
+        address["socketAddress"] = {**address.get("socketAddress", {}), "portValue": port}
+    return document
+
+
 # Parsing a body is work done on untrusted input: bounded. Envoy's own max_request_bytes
 # normally keeps bodies far smaller; this is the line we hold if it is misconfigured.
 MAX_PARSED_BODY_BYTES = 1024 * 1024
@@ -49,7 +84,10 @@ _DECIMAL = re.compile(r"[+-]?[0-9]+\Z")
 @dataclass(slots=True, eq=False)
 class Facts:
     """One request to authorize. ``attributes`` (the OPA-Envoy ``input.attributes``) is
-    built lazily: a cached decision never needs it."""
+    built lazily: a cached decision never needs it. An ``attributes_factory`` that can tell
+    the two apart also offers ``stable_attributes()`` (everything but the volatile values: a
+    function of ``fingerprint`` alone) and ``volatile`` (a ``Volatile``), so what depends
+    only on the fingerprint can be kept across requests (the audit log does)."""
 
     method: str
     path: str  # as Envoy routes it: path plus query
@@ -87,8 +125,7 @@ def build_input(facts: Facts, identity: Mapping[str, Any], signals: Mapping[str,
     OPA-Envoy plugin would answer 400 (bad escapes in path or query, unparsable body),
     whether or not the policy reads those parts. With ``tree`` (see ``policy.inputs``)
     ``attributes`` holds only the parts the policy reads; the caller projects the rest."""
-    parsed_path, parsed_query = parse_path_and_query(facts.path)
-    parsed_body, truncated = parse_body(facts.headers, facts.body, facts.raw_body)
+    parsed_path, parsed_query, parsed_body, truncated = _parsed(facts)
     attributes_tree = tree.get("attributes") if tree is not None else None
     document: dict[str, Any] = {
         "attributes": facts.attributes(attributes_tree if isinstance(attributes_tree, Mapping) else None)
@@ -104,6 +141,35 @@ def build_input(facts: Facts, identity: Mapping[str, Any], signals: Mapping[str,
     if facts.source_principal:
         document["source_principal"] = facts.source_principal
     return document
+
+
+def stable_input(facts: Facts) -> dict[str, Any] | None:
+    """The input document's members that depend on ``facts.fingerprint`` alone (attributes
+    without their volatile values, ``parsed_*``, ``truncated_body``, ``version``,
+    ``source_principal``); the factory's ``volatile`` completes them. None when the facts'
+    attributes factory cannot tell the two apart. Raises ``RequestError`` as ``build_input`` does."""
+    factory = facts.attributes_factory
+    volatile = getattr(factory, "volatile", None)
+    if not isinstance(volatile, Volatile) or not facts.fingerprint:
+        return None
+    parsed_path, parsed_query, parsed_body, truncated = _parsed(facts)
+    document: dict[str, Any] = {
+        "attributes": factory.stable_attributes(),  # type: ignore[union-attr]
+        "parsed_path": parsed_path,
+        "parsed_query": parsed_query,
+        "parsed_body": parsed_body,
+        "truncated_body": truncated,
+        "version": INPUT_VERSION,
+    }
+    if facts.source_principal:
+        document["source_principal"] = facts.source_principal
+    return document
+
+
+def _parsed(facts: Facts) -> tuple[list[str], dict[str, list[str]], Any, bool]:
+    parsed_path, parsed_query = parse_path_and_query(facts.path)
+    parsed_body, truncated = parse_body(facts.headers, facts.body, facts.raw_body)
+    return parsed_path, parsed_query, parsed_body, truncated
 
 
 # -- path and query, with Go's net/url semantics (what OPA-Envoy's policies were written against)

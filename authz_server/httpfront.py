@@ -25,6 +25,7 @@ connection's buffer, with no parsing (see ``ExactRequestCache``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 import time
@@ -36,7 +37,7 @@ import httptools
 
 from .decision import DECISION_ID_HEADER, Decision, Pipeline
 from .errors import RequestError
-from .facts import Facts
+from .facts import VOLATILE_HEADERS, Facts, Volatile, with_volatile
 from .policy.inputs import project
 from .http import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_HEADERS, HttpRequest, HttpResponse, bind_socket
 
@@ -46,13 +47,6 @@ CONTEXT_HEADER_PREFIX = "x-authz-ctx-"
 XFCC = "x-forwarded-client-cert"
 # Added by Envoy to the authorization request itself, not sent by the client.
 _AUTHZ_REQUEST_ONLY = frozenset({"x-envoy-internal", "x-envoy-expected-rq-timeout-ms", "content-length"})
-# Left out of the cache fingerprint (they change on every request), as in gRPC mode.
-_VOLATILE = frozenset({
-    "x-request-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
-    "x-b3-sampled", "x-b3-flags", "x-ot-span-context", "uber-trace-id", "x-amzn-trace-id",
-    "x-cloud-trace-context", "x-datadog-trace-id", "x-datadog-parent-id", "x-datadog-sampling-priority",
-    "x-envoy-expected-rq-timeout-ms", "x-envoy-attempt-count",
-})
 IDENTITY_HEADERS = ("x-authz-subject", "x-authz-spiffe-id")
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 
@@ -142,43 +136,66 @@ def facts_from_http(request: HttpRequest, path_prefix: str) -> Facts:
     digest = hashlib.blake2b(digest_size=20)
     digest.update(f"{method}\0{target}\0{principal}\0{certificate}\0".encode("utf-8", "surrogateescape"))
     for name in sorted(request.headers):
-        if name not in _VOLATILE and name != XFCC:
+        if name not in VOLATILE_HEADERS and name != XFCC:  # as in gRPC mode
             digest.update(f"{name}\0{request.headers[name]}\0".encode("utf-8", "surrogateescape"))
     digest.update(body_bytes)
-
-    def attributes(tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        http: dict[str, Any] = {"method": method, "headers": dict(headers), "path": target, "host": host,
-                                "protocol": "HTTP/1.1"}
-        if "x-request-id" in headers:
-            http["id"] = headers["x-request-id"]
-        if body:
-            http["body"] = body
-        if raw_body:
-            import base64
-
-            http["rawBody"] = base64.b64encode(raw_body).decode("ascii")
-        if body_bytes:
-            http["size"] = len(body_bytes)
-        source: dict[str, Any] = {}
-        if address:
-            source["address"] = {"socketAddress": {"address": address}}
-        if principal:
-            source["principal"] = principal
-        if certificate:
-            source["certificate"] = certificate
-        document: dict[str, Any] = {"request": {"http": http}}
-        if source:
-            document["source"] = source
-        if context:
-            document["contextExtensions"] = dict(context)
-        return document if tree is None else project(document, dict(tree))
 
     return Facts(
         method=method, path=target, headers=headers, body=body, raw_body=raw_body, host=host,
         source_address=address, source_principal=principal, source_certificate=certificate,
         context_extensions=context, request_id=headers.get("x-request-id", ""), fingerprint=digest.digest(),
-        transport="http", attributes_factory=attributes,
+        transport="http", attributes_factory=_HttpAttributes(
+            method, target, host, headers, body, raw_body, len(body_bytes), address, principal, certificate, context),
     )
+
+
+class _HttpAttributes:
+    """``Facts.attributes_factory`` for the HTTP front: the gRPC mode's attributes, as far as
+    Envoy's HTTP ext_authz request carries them. Built only when asked for (a cached
+    decision never asks)."""
+
+    __slots__ = ("method", "path", "host", "headers", "body", "raw_body", "size", "address", "principal",
+                 "certificate", "context")
+
+    def __init__(self, method: str, path: str, host: str, headers: Mapping[str, str], body: str, raw_body: bytes,
+                 size: int, address: str, principal: str, certificate: str, context: Mapping[str, str]) -> None:
+        self.method, self.path, self.host, self.headers = method, path, host, headers
+        self.body, self.raw_body, self.size, self.address = body, raw_body, size, address
+        self.principal, self.certificate, self.context = principal, certificate, context
+
+    def __call__(self, tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        document = with_volatile(self.stable_attributes(), self.volatile)
+        return document if tree is None else project(document, dict(tree))
+
+    @property
+    def volatile(self) -> Volatile:
+        return Volatile(request_id=self.headers.get("x-request-id", ""),
+                        headers={name: value for name, value in self.headers.items() if name in VOLATILE_HEADERS})
+
+    def stable_attributes(self) -> dict[str, Any]:
+        http: dict[str, Any] = {
+            "method": self.method, "path": self.path, "host": self.host, "protocol": "HTTP/1.1",
+            "headers": {name: value for name, value in self.headers.items() if name not in VOLATILE_HEADERS},
+        }
+        if self.body:
+            http["body"] = self.body
+        if self.raw_body:
+            http["rawBody"] = base64.b64encode(self.raw_body).decode("ascii")
+        if self.size:
+            http["size"] = self.size
+        source: dict[str, Any] = {}
+        if self.address:
+            source["address"] = {"socketAddress": {"address": self.address}}
+        if self.principal:
+            source["principal"] = self.principal
+        if self.certificate:
+            source["certificate"] = self.certificate
+        document: dict[str, Any] = {"request": {"http": http}}
+        if source:
+            document["source"] = source
+        if self.context:
+            document["contextExtensions"] = dict(self.context)
+        return document
 
 
 # -- decision → response

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .record import AuditRecord, make_record, query_path
+from .record import AuditRecord, RecordBuilder, query_path
 from .redact import Redactor
 from .sinks import open_sink
 from .sinks.base import Sink
@@ -54,9 +54,8 @@ class AuditLog:
         self.queue: asyncio.Queue[tuple[Decision, Facts | None, float, float]] = asyncio.Queue(queue_size)
         self.writers = [SinkWriter(sink, backlog=sink_backlog, batch_size=batch_size, backoff=backoff)
                         for sink in sinks]
-        self.path = query_path(query)
         self.labels = dict(labels) if labels is not None else default_labels()
-        self.redactor = redactor or Redactor()
+        self.records = RecordBuilder(path=query_path(query), labels=self.labels, redactor=redactor or Redactor())
         self.batch_size = batch_size
         self.flush_timeout = flush_timeout
         self.stats = WriterStats()  # before the fan-out: queue_full, render_failed, shutdown
@@ -152,8 +151,8 @@ class AuditLog:
         records = []
         for decision, facts, now, observed in items:
             try:
-                records.append(make_record(decision, facts, now, handler_ns=max(int((observed - now) * 1e9), 0),
-                                           path=self.path, labels=self.labels, redactor=self.redactor))
+                records.append(self.records.build(decision, facts, now,
+                                                  handler_ns=max(int((observed - now) * 1e9), 0)))
             except Exception:  # a bug here must cost one record, not the audit log
                 self.stats.drop("render_failed", 1)
                 self._log.warning("could not build the audit record of decision %s", decision.decision_id,

@@ -10,7 +10,11 @@ Ours, beside them: ``allowed``, ``reason`` (the stable code), ``message``, ``htt
 ``transport`` and ``request_id`` (Envoy's ``x-request-id``).
 
 Built by the writer, off the request path: a cache hit carries no input document, so it
-is built here from the facts.
+is built here from the facts. Most of it (the attributes, ``parsed_*``) depends only on the
+request's fingerprint, the decision cache's key, and ``identity`` only on the identity's
+fingerprint: ``RecordBuilder`` keeps both, redacted, for the next request that repeats them,
+and redacts only what differs per request (the volatile attribute values, ``signals``, the
+result, the message).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import AuthzError
-from ..facts import Facts, build_input
-from .redact import Redactor
+from ..facts import Facts, build_input, stable_input, with_volatile
+from .redact import Redacted, Redactor
 
 if TYPE_CHECKING:
     from ..decision import Decision
@@ -84,8 +88,9 @@ def _input_for(decision: "Decision", facts: Facts | None) -> dict[str, Any] | No
 
 
 def build_document(decision: "Decision", facts: Facts | None, now: float, *, handler_ns: int, path: str,
-                   labels: Mapping[str, str]) -> dict[str, Any]:
-    """The unredacted record (pass it to ``Redactor.redact`` before anything else sees it)."""
+                   labels: Mapping[str, str], input_document: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The unredacted record (pass it to ``Redactor.redact`` before anything else sees it);
+    ``input_document`` when the caller has it already."""
     subject, spiffe_id = who(decision.identity.document)
     document: dict[str, Any] = {
         "decision_id": decision.decision_id,
@@ -94,7 +99,8 @@ def build_document(decision: "Decision", facts: Facts | None, now: float, *, han
         "labels": dict(labels),
         "bundles": {BUNDLE_NAME: {"revision": decision.policy_version}},
     }
-    input_document = _input_for(decision, facts)
+    if input_document is None:
+        input_document = _input_for(decision, facts)
     if input_document is not None:
         document["input"] = input_document
     if decision.result is not None:
@@ -123,13 +129,67 @@ def build_document(decision: "Decision", facts: Facts | None, now: float, *, han
     return document
 
 
-def make_record(decision: "Decision", facts: Facts | None, now: float, *, handler_ns: int, path: str,
-                labels: Mapping[str, str], redactor: Redactor) -> AuditRecord:
-    document = redactor.redact(build_document(decision, facts, now, handler_ns=handler_ns, path=path,
-                                              labels=labels))
-    return AuditRecord(
-        decision_id=decision.decision_id, timestamp=now, subject=document["subject"],
-        spiffe_id=document["spiffe_id"], allowed=decision.allowed, code=decision.code,
-        policy_version=decision.policy_version, document=document,
-        line=json.dumps(document, separators=(",", ":"), default=str),
-    )
+_UNSPLIT = object()  # a fingerprint whose input cannot be split (or built): the whole path each time
+
+
+class RecordBuilder:
+    """Decisions → redacted ``AuditRecord``s, keeping the redacted fingerprint-only parts of
+    the input documents for the requests that repeat them (``memo_size`` of each kind)."""
+
+    def __init__(self, *, path: str, labels: Mapping[str, str], redactor: Redactor, memo_size: int = 4096) -> None:
+        self.path = path
+        self.labels = labels
+        self.redactor = redactor
+        self.memo_size = memo_size
+        self._requests: dict[bytes, Any] = {}  # Facts.fingerprint -> Redacted stable members, or _UNSPLIT
+        self._identities: dict[bytes, Redacted] = {}  # Identity.fingerprint -> Redacted {"identity": ...}
+
+    def build(self, decision: "Decision", facts: Facts | None, now: float, *, handler_ns: int) -> AuditRecord:
+        clean: tuple[Redacted, ...] = ()
+        input_document = None
+        if decision.input is None and facts is not None:
+            stable = self._stable(facts)
+            if stable is not None:
+                volatile, volatile_masked = self.redactor.redact_volatile(
+                    facts.attributes_factory.volatile)  # type: ignore[union-attr]
+                identity = self._identity(decision)
+                input_document = {**stable.members,
+                                  "attributes": with_volatile(stable.members["attributes"], volatile),
+                                  **identity.members, "signals": dict(decision.signals)}
+                clean = (stable, identity, Redacted({}, volatile_masked))
+        document = build_document(decision, facts, now, handler_ns=handler_ns, path=self.path, labels=self.labels,
+                                  input_document=input_document)
+        document = self.redactor.redact(document, clean=clean)
+        return AuditRecord(
+            decision_id=decision.decision_id, timestamp=now, subject=document["subject"],
+            spiffe_id=document["spiffe_id"], allowed=decision.allowed, code=decision.code,
+            policy_version=decision.policy_version, document=document,
+            line=json.dumps(document, separators=(",", ":"), default=str),
+        )
+
+    def _stable(self, facts: Facts) -> Redacted | None:
+        key = facts.fingerprint
+        entry = self._requests.get(key) if key else _UNSPLIT
+        if entry is None:
+            try:
+                split = stable_input(facts)
+            except AuthzError:  # the whole path builds what it can of such a request
+                split = None
+            entry = _UNSPLIT if split is None else self.redactor.redact_input_parts(split)
+            self._remember(self._requests, key, entry)
+        return None if entry is _UNSPLIT else entry
+
+    def _identity(self, decision: "Decision") -> Redacted:
+        identity = decision.identity
+        key = identity.fingerprint
+        entry = self._identities.get(key) if key else None
+        if entry is None:
+            entry = self.redactor.redact_input_parts({"identity": dict(identity.document)})
+            if key:
+                self._remember(self._identities, key, entry)
+        return entry
+
+    def _remember(self, memo: dict[bytes, Any], key: bytes, entry: Any) -> None:
+        if len(memo) >= self.memo_size:
+            memo.clear()
+        memo[key] = entry

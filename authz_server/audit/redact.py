@@ -29,7 +29,10 @@ import base64
 import binascii
 import re
 from collections.abc import Mapping
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from ..facts import Volatile
 
 REDACTED = "[REDACTED]"
 
@@ -45,6 +48,10 @@ _SESSION_KEYS = frozenset({"id_sha256", "created", "expires", "bound_to"})
 _COOKIE_ATTRIBUTES = frozenset({"path", "domain", "expires", "max-age", "samesite", "priority"})
 _FLAG_ATTRIBUTES = frozenset({"secure", "httponly", "partitioned"})
 _RESULT_HEADER_KEYS = frozenset({"headers", "response_headers_to_add", "request_headers_to_add"})
+# Record members the server writes itself from values no request controls (ids it made,
+# times, the query path, its labels, the policy revision, booleans and codes): not scanned.
+_OWN_MEMBERS = frozenset({"decision_id", "timestamp", "path", "labels", "bundles", "metrics", "allowed",
+                          "http_status", "phase", "cached", "dry_run", "would_allow", "transport"})
 
 _B64URL = r"[A-Za-z0-9_-]"
 # A JOSE header is a base64url JSON object, so it starts with "ey" ('{' then '"', ' ', or a newline).
@@ -307,14 +314,16 @@ class _Pass:
                 self.erased.append(_pointer((where, key)))
         return out
 
-    def input(self, document: Any) -> Any:
+    def input(self, document: Any, clean: frozenset[str] = frozenset()) -> Any:
         root = (None, "input")
         if not _is_mapping(document):
             return self.any(document, root)
         out = {}
         for key, item in document.items():
             at = (root, key)
-            if key == "attributes":
+            if key in clean:
+                out[key] = item
+            elif key == "attributes":
                 out[key] = self.attributes(item, at)
             elif key in ("parsed_query", "parsed_body"):
                 out[key] = self.params(item, at)
@@ -324,6 +333,15 @@ class _Pass:
             else:
                 out[key] = self.any(item, at)
         return out
+
+    def volatile(self, value: Volatile) -> Volatile:
+        """The per-request attribute values, redacted where ``input.attributes`` has them."""
+        http = (((None, "input"), "attributes"), "request"), "http"
+        headers = (http, "headers")
+        return Volatile(
+            request_id=self.any(value.request_id, (http, "id")), time_value=value.time_value, port=value.port,
+            headers={name: self.text(item, (headers, name), lambda v, n=name: redact_header(n, v))
+                     for name, item in value.headers.items()})
 
     def result(self, value: Any) -> Any:
         root = (None, "result")
@@ -347,20 +365,39 @@ def _through_base64(rule: Callable[[str], str]) -> Callable[[str], str]:
     return apply
 
 
+@dataclass(frozen=True, slots=True)
+class Redacted:
+    """Members of an input document as ``Redactor.redact`` would leave them, and where it
+    masked and erased (JSON pointers into the record)."""
+
+    members: Mapping[str, Any]
+    masked: tuple[str, ...] = ()
+    erased: tuple[str, ...] = ()
+
+
 class Redactor:
     """``redact(record)`` → a new record with secrets replaced and ``masked``/``erased``
     listing where. The record is the OPA decision-log shape (``input``, ``result``, ...)."""
 
-    def redact(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    def redact(self, record: Mapping[str, Any], *, clean: Sequence[Redacted] = ()) -> dict[str, Any]:
+        """``clean``: members of ``record["input"]`` that are redacted already (by
+        ``redact_input_parts``, ``redact_volatile``); they are taken as they are."""
         run = _Pass()
+        clean_members: frozenset[str] = frozenset()
+        for part in clean:
+            clean_members |= part.members.keys()
+            run.masked.extend(part.masked)
+            run.erased.extend(part.erased)
         out: dict[str, Any] = {}
         for key, value in record.items():
             if key == "input":
-                out[key] = run.input(value)
+                out[key] = run.input(value, clean_members)
             elif key == "result":
                 out[key] = run.result(value)
             elif key in ("masked", "erased"):
                 continue
+            elif key in _OWN_MEMBERS:
+                out[key] = value
             else:
                 out[key] = run.any(value, (None, key))
         if run.erased:
@@ -368,3 +405,13 @@ class Redactor:
         if run.masked:
             out["masked"] = run.masked
         return out
+
+    def redact_input_parts(self, parts: Mapping[str, Any]) -> Redacted:
+        """Members of an input document, redacted as ``redact`` would."""
+        run = _Pass()
+        return Redacted(run.input(parts), tuple(run.masked), tuple(run.erased))
+
+    def redact_volatile(self, value: Volatile) -> tuple[Volatile, tuple[str, ...]]:
+        """The per-request attribute values redacted, and where they were masked."""
+        run = _Pass()
+        return run.volatile(value), tuple(run.masked)

@@ -38,7 +38,6 @@ VOLATILE_ATTRIBUTES: dict[str, Any] = {
 }
 
 
-
 @dataclass(frozen=True, slots=True)
 class Volatile:
     """The per-request values of ``input.attributes`` that ``Facts.fingerprint`` leaves out."""

@@ -114,6 +114,10 @@ def _upstream_tls(sidecar: Sidecar, peer_id: str, *, alpn: tuple[str, ...] = ())
     return {"name": "envoy.transport_sockets.tls", "typed_config": {
         "@type": f"{TLS_PARAMS}.UpstreamTlsContext",
         "common_tls_context": common,
+        # TLS 1.3 tickets are single-use: with Envoy's default of one kept key, new connections
+        # opened together mostly find none (17 % resumed); 64 resume all of them, for 40 % less
+        # handshake CPU (docs/benchmarks.md, "TLS handshakes between sidecars").
+        "max_session_keys": 64,
     }}
 
 

@@ -93,6 +93,8 @@ def test_outbound_pins_the_peer_identity_and_authz_is_asked_over_mtls() -> None:
     assert authz["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"][0][
         "matcher"]["exact"] == "spiffe://example.org/authz-server"
     assert hcm(listener(config, "outbound_orders"))["http_filters"][-1]["name"] == "envoy.filters.http.router"
+    # enough TLS 1.3 session keys that connections opened together all resume (see the handshake bench)
+    assert cluster(config, "peer_orders")["transport_socket"]["typed_config"]["max_session_keys"] == 64
 
 
 @pytest.mark.parametrize("service", ["frontend", "payments"])

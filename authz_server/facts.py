@@ -38,9 +38,10 @@ VOLATILE_ATTRIBUTES: dict[str, Any] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Volatile:
-    """The per-request values of ``input.attributes`` that ``Facts.fingerprint`` leaves out."""
+    """The per-request values of ``input.attributes`` that ``Facts.fingerprint`` leaves out.
+    Never changed once made; not ``frozen``, whose ``__init__`` costs every check 0.4 µs more."""
 
     request_id: str = ""
     time_value: tuple[int, int] | None = None  # (seconds, nanos)

@@ -125,21 +125,12 @@ def build_input(facts: Facts, identity: Mapping[str, Any], signals: Mapping[str,
     OPA-Envoy plugin would answer 400 (bad escapes in path or query, unparsable body),
     whether or not the policy reads those parts. With ``tree`` (see ``policy.inputs``)
     ``attributes`` holds only the parts the policy reads; the caller projects the rest."""
-    parsed_path, parsed_query, parsed_body, truncated = _parsed(facts)
     attributes_tree = tree.get("attributes") if tree is not None else None
-    document: dict[str, Any] = {
-        "attributes": facts.attributes(attributes_tree if isinstance(attributes_tree, Mapping) else None)
-        if tree is None or "attributes" in tree else {},
-        "parsed_path": parsed_path,
-        "parsed_query": parsed_query,
-        "parsed_body": parsed_body,
-        "truncated_body": truncated,
-        "version": INPUT_VERSION,
-        "identity": dict(identity),
-        "signals": dict(signals),
-    }
-    if facts.source_principal:
-        document["source_principal"] = facts.source_principal
+    attributes = (facts.attributes(attributes_tree if isinstance(attributes_tree, Mapping) else None)
+                  if tree is None or "attributes" in tree else {})
+    document = _request_members(facts, attributes)
+    document["identity"] = dict(identity)
+    document["signals"] = dict(signals)
     return document
 
 
@@ -152,9 +143,15 @@ def stable_input(facts: Facts) -> dict[str, Any] | None:
     volatile = getattr(factory, "volatile", None)
     if not isinstance(volatile, Volatile) or not facts.fingerprint:
         return None
-    parsed_path, parsed_query, parsed_body, truncated = _parsed(facts)
+    return _request_members(facts, factory.stable_attributes())  # type: ignore[union-attr]
+
+
+def _request_members(facts: Facts, attributes: dict[str, Any]) -> dict[str, Any]:
+    """Every member of the input document that comes from the request itself."""
+    parsed_path, parsed_query = parse_path_and_query(facts.path)
+    parsed_body, truncated = parse_body(facts.headers, facts.body, facts.raw_body)
     document: dict[str, Any] = {
-        "attributes": factory.stable_attributes(),  # type: ignore[union-attr]
+        "attributes": attributes,
         "parsed_path": parsed_path,
         "parsed_query": parsed_query,
         "parsed_body": parsed_body,
@@ -164,12 +161,6 @@ def stable_input(facts: Facts) -> dict[str, Any] | None:
     if facts.source_principal:
         document["source_principal"] = facts.source_principal
     return document
-
-
-def _parsed(facts: Facts) -> tuple[list[str], dict[str, list[str]], Any, bool]:
-    parsed_path, parsed_query = parse_path_and_query(facts.path)
-    parsed_body, truncated = parse_body(facts.headers, facts.body, facts.raw_body)
-    return parsed_path, parsed_query, parsed_body, truncated
 
 
 # -- path and query, with Go's net/url semantics (what OPA-Envoy's policies were written against)

@@ -5,7 +5,8 @@ its facts, the time); when the queue is full the record is dropped and counted, 
 decision never waits for the audit log. The dispatcher task lets decisions gather for
 ``linger`` seconds (50 ms; not when a batch is full already): a sink's write costs
 about the same for one record as for hundreds, and at a few thousand decisions a second
-one write per record would cost more CPU than the records. It then takes them in batches, builds each record (the input document too, for cache hits), redacts it (the
+one write per record would cost more CPU than the records. It then takes them in batches,
+builds each record (the input document too, for cache hits), redacts it (the
 one choke point: nothing reaches a sink unredacted), renders its JSON once, and hands the
 batch to every sink's writer (see ``writer.py``). ``stop`` flushes what is queued, within a
 time bound, and counts whatever it could not write.

@@ -276,6 +276,8 @@ class Pipeline:
                 return decision
         if document is None:
             document = build_input(facts, identity.document, signals, active.input_tree)
+        elif active.input_tree is not None:
+            document = project(document, active.input_tree)
         result = await active.evaluate(document, timeout=self.settings.policy_timeout)
         if active.input_tree is not None:
             document = None  # partial: the audit log builds the full input from the facts

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .errors import RequestError
+from .policy.inputs import project
 
 INPUT_VERSION = {"ext_authz": "v3", "encoding": "protojson"}
 
@@ -123,15 +124,22 @@ def build_input(facts: Facts, identity: Mapping[str, Any], signals: Mapping[str,
                 tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The OPA-Envoy v3 input document for ``facts``; raises ``RequestError`` where the
     OPA-Envoy plugin would answer 400 (bad escapes in path or query, unparsable body),
-    whether or not the policy reads those parts. With ``tree`` (see ``policy.inputs``)
-    ``attributes`` holds only the parts the policy reads; the caller projects the rest."""
+    whether or not the policy reads those parts. With ``tree`` (see ``policy.inputs``) the
+    document holds only the parts the policy reads."""
     attributes_tree = tree.get("attributes") if tree is not None else None
     attributes = (facts.attributes(attributes_tree if isinstance(attributes_tree, Mapping) else None)
                   if tree is None or "attributes" in tree else {})
     document = _request_members(facts, attributes)
     document["identity"] = dict(identity)
     document["signals"] = dict(signals)
-    return document
+    if tree is None:
+        return document
+    # attributes came out projected already; the other members are small
+    return {key: value if key == "attributes" or sub is True or not isinstance(value, dict) else project(value, sub)
+            for key, sub in tree.items() if (value := document.get(key, _ABSENT)) is not _ABSENT}
+
+
+_ABSENT = object()
 
 
 def stable_input(facts: Facts) -> dict[str, Any] | None:

@@ -245,7 +245,7 @@ async def in_process_breakdown(world: InProcessWorld, token: str) -> dict[str, f
     document = build_input(facts(), identity.document, {})
 
     async def evaluate() -> Any:
-        return await active.evaluate(build_input(facts(), identity.document, {}), timeout=1.0)
+        return await active.evaluate(build_input(facts(), identity.document, {}, active.input_tree), timeout=1.0)
 
     async def render() -> Any:
         return check_response_bytes(decision)

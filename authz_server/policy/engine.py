@@ -2,9 +2,11 @@
 
 A ``CompiledPolicy`` validates a ``PolicySet`` by building its bundle (parse and compile
 errors surface here, with file:line). Each ``Evaluator`` owns one interpreter with the
-compiled bundle loaded, because an interpreter is not thread-safe. The query binds its value
-(``result := data.envoy.authz.allow``) because a bare query whose value is ``false`` comes
-back undefined.
+compiled bundle loaded, because an interpreter is not thread-safe. A query that names a
+rule by plain identifiers (``data.envoy.authz.allow``) is compiled as a bundle entrypoint
+(``envoy/authz/allow``), which evaluates about 35 µs faster than a query; any other reference
+is compiled as a query that binds its value (``result := data["a-b"].allow``), because a bare
+query whose value is ``false`` comes back undefined.
 
 regopy calls go through ctypes, which releases the GIL, so the ``EvaluatorPool`` can run
 them on worker threads: the event loop keeps answering cached decisions while a policy
@@ -125,15 +127,28 @@ class CompiledPolicy:
         return interpreter
 
     def new_evaluator(self, query: str | None = None) -> "Evaluator":
+        query = query or self.query
         interpreter = self.new_interpreter()
+        entrypoint = _entrypoint(query)
         try:
-            bundle = interpreter.build(f"result := {query or self.query}")
+            if entrypoint is not None:
+                bundle = interpreter.build(None, [entrypoint])
+            else:
+                bundle = interpreter.build(f"result := {query}")
         except regopy.RegoError as exc:
             raise PolicyError(format_rego_error(str(exc), dict(self.policy_set.modules)),
                               code="policy_compile_error") from None
         if not bundle.ok():
             raise PolicyError("policy bundle failed to build", code="policy_compile_error")
-        return Evaluator(interpreter, bundle)
+        return Evaluator(interpreter, bundle, entrypoint)
+
+
+_RULE_PATH = re.compile(r"^data((?:\.[A-Za-z_][A-Za-z0-9_]*)+)$")
+
+
+def _entrypoint(query: str) -> str | None:
+    match = _RULE_PATH.match(query)
+    return match.group(1)[1:].replace(".", "/") if match else None
 
 
 def _input_builder() -> Callable[[Any], regopy.Input]:
@@ -198,34 +213,56 @@ def _input_builder() -> Callable[[Any], regopy.Input]:
 _to_input = _input_builder()
 
 
+_rego = regopy.rego_shared.rego
+
+
 class Evaluator:
     """One interpreter with the compiled bundle; call from one thread at a time."""
 
-    __slots__ = ("_interpreter", "_bundle")
+    __slots__ = ("_interpreter", "_bundle", "_entrypoint")
 
-    def __init__(self, interpreter: regopy.Interpreter, bundle: regopy.Bundle) -> None:
+    def __init__(self, interpreter: regopy.Interpreter, bundle: regopy.Bundle, entrypoint: str | None) -> None:
         self._interpreter = interpreter
         self._bundle = bundle
+        self._entrypoint = entrypoint.encode() if entrypoint is not None else None
 
     def evaluate(self, document: Any) -> Any:
         """The query's value for ``document`` as ``input``, or ``UNDEFINED``."""
         interpreter = self._interpreter
         try:
             interpreter.set_input(_to_input(document))
-            output = interpreter.query_bundle(self._bundle)
         except regopy.RegoError as exc:
             raise PolicyError(format_rego_error(str(exc)), code="policy_eval_error") from None
         except (TypeError, ValueError, OverflowError, ctypes.ArgumentError) as exc:  # not JSON-shaped
             raise RequestError(f"the request cannot be given to the policy: {exc}", code="bad_request") from None
-        if not output.ok():
+        # The output is read once, as JSON, straight through the C API: regopy's Output reads
+        # it twice and wraps every result in objects we do not use.
+        if self._entrypoint is not None:
+            impl = _rego.regoBundleQueryEntrypoint(interpreter._impl, self._bundle._impl, self._entrypoint)
+        else:
+            impl = _rego.regoBundleQuery(interpreter._impl, self._bundle._impl)
+        if not impl:
+            raise PolicyError(format_rego_error(regopy.rego_shared.rego_get_error(interpreter._impl)),
+                              code="policy_eval_error")
+        output = regopy.Output.__new__(regopy.Output)
+        output._impl = impl  # owned from here on: freed by Output.__del__
+        if not _rego.regoOutputOk(impl):
             raise PolicyError(_output_error(output), code="policy_eval_error")
-        for result in output.results:
-            if "result" in result.bindings:
-                return result.bindings["result"]
+        text = regopy.rego_shared.rego_output_string(impl)
+        if text == "undefined":
+            return UNDEFINED
+        value = json.loads(text)
+        if self._entrypoint is not None:
+            return value["expressions"][0]
+        for result in value if isinstance(value, list) else (value,):
+            bindings = result.get("bindings", {})
+            if "result" in bindings:
+                return bindings["result"]
         return UNDEFINED
 
 
 ISOLATION_MODES = ("adaptive", "thread", "inline")
+PROBATION = 200  # evaluations a policy version runs on threads before it may run inline
 
 
 class EvaluatorPool:
@@ -243,7 +280,7 @@ class EvaluatorPool:
 
     def __init__(self, compiled: CompiledPolicy, *, size: int = 2, spare: int = 4,
                  on_timeout: Callable[[], None] | None = None, isolation: str = "adaptive",
-                 probation: int = 200) -> None:
+                 probation: int = PROBATION) -> None:
         if isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")
         self.compiled = compiled

@@ -56,7 +56,8 @@ class ActivePolicy:
         return self.policy_set.cache
 
     async def evaluate(self, document: Any, *, timeout: float) -> Any:
-        return await self.pool.evaluate(project(document, self.input_tree), timeout=timeout)
+        """``document`` built for this policy: ``build_input(..., self.input_tree)``."""
+        return await self.pool.evaluate(document, timeout=timeout)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from ..errors import PolicyError
 from ..facts import VOLATILE_ATTRIBUTES
 from .engine import CompiledPolicy, EvaluatorPool, validate_query
-from .inputs import Tree, input_paths, leaf_paths, named_within, project
+from .inputs import Tree, input_paths, leaf_paths, named_within
 from .preflight import preflight, preflight_async
 from .source import CacheSettings, PolicySet, load_policy_set, snapshot
 

@@ -100,13 +100,21 @@ class IdentityService:
 
     async def resolve(self, facts: Facts, now: float) -> Identity:
         workload = self.workloads.verify(facts, now) if self.workloads is not None else None
+        token = bearer_token(facts) if self.tokens is not None else None
+        presented = session_id(facts, self.settings.cookie) if self.store is not None else None
+        if presented is None and token is None:  # the common case of a plain workload call
+            plain = self._plain.get(workload)
+            if plain is None or (plain.expires_at is not None and plain.expires_at <= now):
+                plain = self._identity("mtls" if workload else "none", workload, None, (), facts, now)
+                if len(self._plain) > 10_000:
+                    self._plain.clear()
+                self._plain[workload] = plain
+            return plain
         client = Binding(
             spiffe_id=workload.spiffe_id if workload else "",
             cert_sha256=workload.cert_sha256 if workload else "",
             user_agent_sha256=sha256_hex(user_agent(facts)) if self.settings.bind_user_agent else "",
         )
-        token = bearer_token(facts) if self.tokens is not None else None
-        presented = session_id(facts, self.settings.cookie) if self.store is not None else None
         if presented is not None and self.store is not None:
             self.stats.session_lookups += 1
             key = self._keys.get(presented)
@@ -127,15 +135,8 @@ class IdentityService:
                 self._by_session.clear()
             self._by_session[cache_key] = built
             return built
-        if token is not None and self.tokens is not None:
-            return await self._from_token(token, workload, client, facts, now)
-        plain = self._plain.get(workload)
-        if plain is None or (plain.expires_at is not None and plain.expires_at <= now):
-            plain = self._identity("mtls" if workload else "none", workload, None, (), facts, now)
-            if len(self._plain) > 10_000:
-                self._plain.clear()
-            self._plain[workload] = plain
-        return plain
+        assert token is not None and self.tokens is not None
+        return await self._from_token(token, workload, client, facts, now)
 
     def still_valid(self, identity: Identity, now: float) -> bool:
         """For a byte-identical repeat request: is the identity behind a cached decision

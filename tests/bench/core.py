@@ -4,6 +4,8 @@ Set-ups measured in one run, each a front Envoy (one worker) proxying to an upst
 is itself an Envoy answering 200 (so the upstream costs next to nothing):
   envoy alone · envoy + native RBAC · envoy + bare Python ext_authz (yardstick) ·
   envoy + authz-server (full pipeline, cached decision) with 1 and 2 worker processes.
+The yardstick and authz-server with one process, the pair the target compares, are measured
+YARDSTICK_ROUNDS times each, interleaved, and each keeps its best run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from authz_server.mesh.front import FrontProxy, Route, render_front_proxy
 from authz_server.policy.engine import PROBATION
 from authz_server.policy.loader import PolicyRuntime
 
-from .harness import Settings, bench_supervisor, load_with_cpu, start_authz_server, start_bare_authz, table, timed
+from .harness import (LoadResult, Settings, bench_supervisor, load_with_cpu, start_authz_server, start_bare_authz,
+                      table, timed)
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
@@ -35,6 +38,7 @@ RBAC_RULE = {"rules": {"action": "ALLOW", "policies": {"guests-read-people": {
     "principals": [{"header": {"name": "x-role", "string_match": {"exact": "guest"}}}],
 }}}}
 REQUEST_HEADERS = {"x-role": "guest", "user-agent": "wrk", "accept": "*/*"}
+YARDSTICK_ROUNDS = 3
 
 
 def _tutorial_request(token: str) -> Any:
@@ -122,16 +126,31 @@ def through_envoy(settings: Settings) -> dict[str, Any]:
         results["hop_ceiling"] = load_with_cpu(url, settings, None, name="Envoy + ext_authz HTTP to an Envoy answering "
                                                "200 (extra-hop ceiling)", headers=REQUEST_HEADERS)
         bare_pid, bare_addr = start_bare_authz(sup)
-        url = front("envoy-bare", authz=AuthzTarget(bare_addr))
-        results["bare_grpc"] = load_with_cpu(url, settings, bare_pid, name="Envoy + bare Python gRPC (always allow)",
-                                             headers=REQUEST_HEADERS)
+        bare_url = front("envoy-bare", authz=AuthzTarget(bare_addr))
+
+        def bare() -> LoadResult:
+            return load_with_cpu(bare_url, settings, bare_pid, name="Envoy + bare Python gRPC (always allow)",
+                                 headers=REQUEST_HEADERS)
+
+        results["bare_grpc"] = bare()
         for workers in (1, 2):
             pid, bound = start_authz_server(sup, f"authz-{workers}w", [
                 "--policies", str(ROUTE_RULE), "--addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
                 "--metrics-addr", "", "--workers", str(workers), "--log-level", "warning"])
             url = front(f"envoy-authz-{workers}w", authz=AuthzTarget(bound["addr"], connections=workers))
-            results[f"authz_grpc_{workers}w"] = load_with_cpu(
-                url, settings, pid, name=f"Envoy + authz-server gRPC, {workers} process(es)", headers=REQUEST_HEADERS)
+
+            def ours(url: str = url, pid: int = pid, workers: int = workers) -> LoadResult:
+                return load_with_cpu(url, settings, pid, name=f"Envoy + authz-server gRPC, {workers} process(es)",
+                                     headers=REQUEST_HEADERS)
+
+            key = f"authz_grpc_{workers}w"
+            results[key] = ours()
+            if workers == 1:
+                # The target compares these two, and on a small VM req/s moves ±15 % from one run to
+                # the next (more than the gap): each gets the best of YARDSTICK_ROUNDS runs, interleaved.
+                for _ in range(YARDSTICK_ROUNDS - 1):
+                    results["bare_grpc"] = max(results["bare_grpc"], bare(), key=lambda r: r.rps)
+                    results[key] = max(results[key], ours(), key=lambda r: r.rps)
             url = front(f"envoy-authz-http-{workers}w", authz=AuthzTarget(bound["http_addr"], mode="http"))
             results[f"authz_http_{workers}w"] = load_with_cpu(
                 url, settings, pid, name=f"Envoy + authz-server HTTP, {workers} process(es)", headers=REQUEST_HEADERS)

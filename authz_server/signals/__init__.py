@@ -151,8 +151,9 @@ class Signals:
         if config.per_identity or config.per_route:
             self.limiter = (MemoryRateLimiter() if config.rate_store == "memory"
                             else RedisRateLimiter(config.rate_store))
-        self.observed = ObservedRate()
         self.anomaly = AnomalyDetector(config.anomaly) if config.anomaly is not None else None
+        # The anomaly detector tracks the same decaying rate; without it, this does.
+        self.observed = ObservedRate() if self.anomaly is None else None
         self.threats = ThreatIntel(config.threat_lists)
         self.routes = RouteNormalizer()
         self.stats = SignalStats()
@@ -176,15 +177,25 @@ class Signals:
         route = self.routes(facts.path)
         method = facts.method
         rate: dict[str, Any]
-        observed = self.observed.observe(key, now)
-        if self.limiter is not None:
+        anomaly: dict[str, Any] = {"score": 0.0, "level": "normal"}
+        if self.anomaly is not None:
+            anomaly, observed = self.anomaly.observe_request(key, method, route, now)
+            if anomaly["level"] == "anomalous":
+                self.stats.anomalous += 1
+        else:
+            assert self.observed is not None
+            observed = self.observed.observe(key, now)
+        limiter = self.limiter
+        if limiter is not None:
+            config = self.config
             buckets = []
-            if self.config.per_identity is not None:
-                buckets.append((f"id|{key}", self.config.per_identity))
-            if self.config.per_route is not None:
-                buckets.append((f"rt|{key}|{method} {route}", self.config.per_route))
-            result = await self.limiter.take(buckets, now)
-            spec = self.config.per_identity or self.config.per_route
+            if config.per_identity is not None:
+                buckets.append((f"id|{key}", config.per_identity))
+            if config.per_route is not None:
+                buckets.append((f"rt|{key}|{method} {route}", config.per_route))
+            result = (limiter.take_now(buckets, now) if isinstance(limiter, MemoryRateLimiter)
+                      else await limiter.take(buckets, now))
+            spec = config.per_identity or config.per_route
             assert spec is not None
             rate = {"rate": round(observed, 2), "limit": spec.rate, "remaining": int(result.remaining),
                     "limited": result.limited, "retry_after": int(result.retry_after + 0.999) if result.limited else 0}
@@ -192,12 +203,6 @@ class Signals:
                 self.stats.throttled += 1
         else:
             rate = {**self._unlimited, "rate": round(observed, 2)}
-        anomaly: dict[str, Any] = {"score": 0.0, "level": "normal"}
-        if self.anomaly is not None:
-            self.anomaly.observe(key, method, route, now)
-            anomaly = self.anomaly.to_input(key)
-            if anomaly["level"] == "anomalous":
-                self.stats.anomalous += 1
         document = identity.document or {}
         user = document.get("user") or {}
         workload = document.get("workload") or {}

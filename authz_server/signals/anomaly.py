@@ -74,6 +74,15 @@ class AnomalyDetector:
 
     def observe(self, identity: str, method: str, route: str, now: float) -> float:
         """Account for one request and return the identity's score."""
+        return self._observe(identity, method, route, now).score
+
+    def observe_request(self, identity: str, method: str, route: str, now: float) -> tuple[dict[str, Any], float]:
+        """Account for one request; ``input.signals.anomaly`` after it (``to_input``) and the
+        identity's current rate ``r``, which is what ``ratelimit.ObservedRate`` would say."""
+        state = self._observe(identity, method, route, now)
+        return self._input(state), state.rate
+
+    def _observe(self, identity: str, method: str, route: str, now: float) -> _State:
         settings = self.settings
         states = self._states
         state = states.get(identity)
@@ -107,7 +116,8 @@ class AnomalyDetector:
                 routes.popitem(last=False)
             if state.requests > 1 and len(routes) > settings.learning_routes:
                 state.news += 1.0
-        return self._score(state)
+        self._score(state)
+        return state
 
     def _warming(self, state: _State, now: float) -> bool:
         return state.requests < self.settings.warmup or now - state.first < WARMUP_SECONDS
@@ -118,7 +128,7 @@ class AnomalyDetector:
             # The score follows at the identity's next request; nothing reads it before.
             state.errors += ALPHA * ((1.0 if denied else 0.0) - state.errors)
 
-    def _score(self, state: _State) -> float:
+    def _score(self, state: _State) -> None:
         rate_term = 0.0
         if not self._warming(state, state.last):
             spread = math.sqrt(state.var + (0.1 * state.mean + 1.0) ** 2)
@@ -127,7 +137,6 @@ class AnomalyDetector:
         error_term = 10.0 * max(0.0, state.errors - 0.3)
         state.terms = (rate_term, news_term, error_term)
         state.score = 1.0 - math.exp(-(0.5 * rate_term + 0.4 * news_term + error_term))
-        return state.score
 
     def level(self, score: float) -> str:
         threshold = self.settings.threshold
@@ -138,9 +147,16 @@ class AnomalyDetector:
         if state is None:
             return {"score": 0.0, "level": "normal", "rate_z": 0.0, "new_routes": 0.0, "error_ratio": 0.0,
                     "reasons": []}
+        return self._input(state)
+
+    def _input(self, state: _State) -> dict[str, Any]:
+        score = state.score
         rate_term, news_term, error_term = state.terms
+        if not (rate_term or news_term or error_term):  # normal life, the common case on the hot path
+            return {"score": 0.0, "level": "normal", "rate_z": 0.0, "new_routes": round(state.news, 2),
+                    "error_ratio": round(state.errors, 3), "reasons": []}
         reasons = [name for name, term in (("rate", rate_term), ("new_routes", news_term), ("denials", error_term))
                    if term > 0]
-        return {"score": round(state.score, 4), "level": self.level(state.score),
+        return {"score": round(score, 4), "level": self.level(score),
                 "rate_z": round(rate_term + 3.0 if rate_term else 0.0, 2), "new_routes": round(state.news, 2),
                 "error_ratio": round(state.errors, 3), "reasons": reasons}

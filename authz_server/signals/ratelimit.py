@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Iterable, NamedTuple, Protocol, Sequence
 
 from ..errors import UnavailableError
 
@@ -33,8 +33,7 @@ class BucketSpec:
             raise ValueError("rate must be > 0 and burst >= 1")
 
 
-@dataclass(frozen=True, slots=True)
-class RateResult:
+class RateResult(NamedTuple):  # a tuple: built on every request, cheaper than a frozen dataclass
     limited: bool
     remaining: float  # tokens left in the emptiest bucket
     retry_after: float  # seconds until that bucket has a token again (0 when not limited)
@@ -46,12 +45,15 @@ class RateLimiter(Protocol):
     async def close(self) -> None: ...
 
 
-def _result(outcomes: list[tuple[bool, float, BucketSpec]]) -> RateResult:
-    limited = any(not allowed for allowed, _, _ in outcomes)
-    remaining = min(tokens for _, tokens, _ in outcomes)
+def _result(outcomes: Iterable[tuple[bool, float, BucketSpec]]) -> RateResult:
+    limited = False
+    remaining = math.inf
     retry = 0.0
-    if limited:
-        retry = max((1.0 - tokens) / spec.rate for allowed, tokens, spec in outcomes if not allowed)
+    for allowed, tokens, spec in outcomes:
+        remaining = min(remaining, tokens)
+        if not allowed:
+            limited = True
+            retry = max(retry, (1.0 - tokens) / spec.rate)
     return RateResult(limited, remaining, retry)
 
 
@@ -79,7 +81,11 @@ class MemoryRateLimiter:
         return False, bucket[0], spec
 
     async def take(self, buckets: Sequence[tuple[str, BucketSpec]], now: float) -> RateResult:
-        return _result([self._take_one(key, spec, now) for key, spec in buckets])
+        return self.take_now(buckets, now)
+
+    def take_now(self, buckets: Sequence[tuple[str, BucketSpec]], now: float) -> RateResult:
+        """``take`` without a coroutine: nothing here waits."""
+        return _result(self._take_one(key, spec, now) for key, spec in buckets)
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -400,11 +400,21 @@ def _bearer_expiry(facts: Facts) -> float | None:
     parts = header[7:].strip().split(".")
     if len(parts) != 3 or len(parts[1]) > 16384:
         return None
+    encoded = parts[1]
+    if encoded in _expiry_by_payload:  # a client sends the same token many times
+        return _expiry_by_payload[encoded]
     try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        payload = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
         exp = payload.get("exp") if isinstance(payload, dict) else None
         # The token is the caller's: an exp of 10**400 or a payload nested thousands deep must
         # not turn into an internal error (float() overflows, json.loads recurses).
-        return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+        expiry = float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
     except (ValueError, TypeError, OverflowError, RecursionError):
-        return None
+        expiry = None
+    if len(_expiry_by_payload) >= 4096:
+        _expiry_by_payload.clear()
+    _expiry_by_payload[encoded] = expiry
+    return expiry
+
+
+_expiry_by_payload: dict[str, float | None] = {}

@@ -25,8 +25,8 @@ from google.protobuf.message import DecodeError, Message
 
 from .decision import DECISION_ID_HEADER, Decision
 from .errors import RequestError
-from .facts import VOLATILE_HEADERS, Facts, Volatile, with_volatile
-from .policy.inputs import project
+from .facts import VOLATILE_ATTRIBUTES, VOLATILE_HEADERS, Facts, Volatile, with_volatile
+from .policy.inputs import overlaps, project
 
 CheckRequest = external_auth_pb2.CheckRequest
 CheckResponse = external_auth_pb2.CheckResponse
@@ -203,8 +203,9 @@ class _AttributesAsSent:
         """``input.attributes`` exactly as OPA-Envoy builds it, volatile values put back
         (only the parts ``tree`` names, when given)."""
         document = protomap(self.attributes, tree)
-        if self.volatile is not None:
-            document = with_volatile(document, self.volatile)
+        if self.volatile is None or (tree is not None and not overlaps(tree, VOLATILE_ATTRIBUTES)):
+            return document  # nothing to put back that the tree keeps
+        document = with_volatile(document, self.volatile)
         return document if tree is None else project(document, dict(tree))
 
     def stable_attributes(self) -> dict[str, Any]:

@@ -149,6 +149,15 @@ def project(document: Any, tree: Tree | None) -> Any:
     return out
 
 
+def overlaps(tree: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
+    """Does ``tree`` keep any part of what ``other`` keeps?"""
+    for key, sub in tree.items():
+        limit = other.get(key)
+        if limit is not None and (sub is True or limit is True or overlaps(sub, limit)):
+            return True
+    return False
+
+
 def named_within(tree: Tree, within: Tree) -> Tree:
     """The parts of ``within`` that ``tree`` names down to one of its leaves (or below it).
     A subtree ``tree`` keeps whole above those leaves does not count: it reads something

@@ -13,12 +13,13 @@ from pathlib import Path
 from .harness import Settings, save, wrk_binary
 
 SECTIONS = ["core", "sessions", "transport", "signals", "handshake", "workload"]
+OPT_IN = ["ladder"]  # only with --only: explains a figure above, adds minutes
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="make bench")
     parser.add_argument("--quick", action="store_true", help="short runs (3 s each) for a first look")
-    parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS + OPT_IN)}")
     parser.add_argument("--json", default="bench-results.json", help="where to save the raw numbers")
     args = parser.parse_args()
     settings = Settings.quick() if args.quick else Settings()
@@ -53,6 +54,11 @@ def main() -> int:
         from . import handshake
 
         results["handshake"], text = handshake.run(settings)
+        print(text)
+    if "ladder" in chosen and wrk_binary():
+        from . import ladder
+
+        results["ladder"], text = ladder.run(settings)
         print(text)
     if "workload" in chosen:
         from . import workload

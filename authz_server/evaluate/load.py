@@ -186,6 +186,17 @@ def load_with_cpu(url: str, settings: Settings, authz_pid: int | None, *, name: 
     return best
 
 
+def start_upstream(supervisor: Supervisor) -> tuple[str, int]:
+    """An Envoy answering 200 at once, an upstream that costs next to nothing: its
+    ``host:port`` and pid."""
+    from authz_server.mesh.envoy import start_envoy
+    from authz_server.mesh.front import FrontProxy, Route, render_front_proxy
+
+    upstream = start_envoy(supervisor, "upstream", render_front_proxy(FrontProxy(
+        routes=(Route("/", direct_response="ok"),), listener_name="upstream")))
+    return f"127.0.0.1:{upstream.port('upstream')}", upstream.child.popen.pid
+
+
 def start_authz_server(supervisor: Supervisor, name: str, args: list[str], *, timeout: float = 60) -> tuple[int, dict]:
     ready = supervisor.log_dir / f"{name}.ready.json"
     ready.unlink(missing_ok=True)

@@ -46,7 +46,8 @@ from ..mesh.extauthz import AuthzTarget
 from ..mesh.front import FrontProxy, Route, render_front_proxy
 from ..mesh.processes import Supervisor
 from .inprocess import IDP_ISSUER, InProcessTarget, InProcessWorld, copy_policies
-from .load import LoadResult, Settings, load_with_cpu, run_wrk, start_authz_server, start_bare_authz, wrk_binary
+from .load import (LoadResult, Settings, load_with_cpu, run_wrk, start_authz_server, start_bare_authz, start_upstream,
+                   wrk_binary)
 from .model import AUDIENCE, Request
 from .world import authz_settings
 
@@ -129,10 +130,8 @@ def _through_envoy(policies: Path, folder: Path, settings: Settings, token: str,
     bearer = {"authorization": f"Bearer {token}", "user-agent": "wrk"}
     results: dict[str, LoadResult] = {}
     with Supervisor(folder / "logs") as sup:
-        upstream = start_envoy(sup, "upstream", render_front_proxy(FrontProxy(
-            routes=(Route("/", direct_response="ok"),), listener_name="upstream")))
-        upstream_addr = f"127.0.0.1:{upstream.port('upstream')}"
-        pids = {"upstream_envoy": upstream.child.popen.pid}
+        upstream_addr, upstream_pid = start_upstream(sup)
+        pids = {"upstream_envoy": upstream_pid}
 
         def front(name: str, config: dict[str, Any]) -> tuple[str, int]:
             envoy = start_envoy(sup, name, config)

@@ -25,7 +25,7 @@ from authz_server.policy.engine import PROBATION
 from authz_server.policy.loader import PolicyRuntime
 
 from .harness import (LoadResult, Settings, bench_supervisor, load_with_cpu, start_authz_server, start_bare_authz,
-                      table, timed)
+                      start_upstream, table, timed)
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
@@ -107,9 +107,7 @@ async def in_process() -> dict[str, float]:
 def through_envoy(settings: Settings) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with bench_supervisor("core") as sup:
-        upstream = start_envoy(sup, "upstream", render_front_proxy(FrontProxy(
-            routes=(Route("/", direct_response="ok"),), listener_name="upstream")))
-        upstream_addr = f"127.0.0.1:{upstream.port('upstream')}"
+        upstream_addr, _ = start_upstream(sup)
 
         def front(name: str, **kwargs: Any) -> str:
             envoy = start_envoy(sup, name, render_front_proxy(FrontProxy(upstream=upstream_addr, **kwargs)))

@@ -3,7 +3,8 @@
 
 from authz_server.evaluate.load import (CLOCK_TICKS, LoadResult, Settings, bench_supervisor, cpu_seconds,
                                         load_with_cpu, rss_mb, run_wrk, save, start_authz_server, start_bare_authz,
-                                        table, timed, wait_port, wrk_binary)
+                                        start_upstream, table, timed, wait_port, wrk_binary)
 
 __all__ = ["CLOCK_TICKS", "LoadResult", "Settings", "bench_supervisor", "cpu_seconds", "load_with_cpu", "rss_mb",
-           "run_wrk", "save", "start_authz_server", "start_bare_authz", "table", "timed", "wait_port", "wrk_binary"]
+           "run_wrk", "save", "start_authz_server", "start_bare_authz", "start_upstream", "table", "timed", "wait_port",
+           "wrk_binary"]

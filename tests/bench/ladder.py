@@ -17,10 +17,10 @@ from typing import Any
 
 from authz_server.mesh.envoy import start_envoy
 from authz_server.mesh.extauthz import AuthzTarget
-from authz_server.mesh.front import FrontProxy, Route, render_front_proxy
+from authz_server.mesh.front import FrontProxy, render_front_proxy
 
 from .core import REQUEST_HEADERS, ROUTE_RULE
-from .harness import LoadResult, Settings, bench_supervisor, load_with_cpu, table
+from .harness import LoadResult, Settings, bench_supervisor, load_with_cpu, start_upstream, table
 
 STEPS = {
     "bytes": "answer fixed bytes, request left as bytes",
@@ -70,9 +70,7 @@ async def _serve(step: str, ready: Path) -> None:
 def measure(settings: Settings) -> dict[str, LoadResult]:
     results: dict[str, LoadResult] = {}
     with bench_supervisor("ladder") as sup:
-        upstream = start_envoy(sup, "upstream", render_front_proxy(FrontProxy(
-            routes=(Route("/", direct_response="ok"),), listener_name="upstream")))
-        upstream_addr = f"127.0.0.1:{upstream.port('upstream')}"
+        upstream_addr, _ = start_upstream(sup)
         targets: dict[str, tuple[str, int]] = {}
         for step in STEPS:
             ready = sup.log_dir / f"ladder-{step}.ready"

@@ -22,10 +22,10 @@ from authz_server.identity.oidc import IssuerConfig
 from authz_server.identity.resolver import SessionSettings
 from authz_server.mesh.envoy import start_envoy
 from authz_server.mesh.extauthz import AuthzTarget
-from authz_server.mesh.front import FrontProxy, Route, render_front_proxy
+from authz_server.mesh.front import FrontProxy, render_front_proxy
 from authz_server.server import build_app
 
-from .harness import Settings, bench_supervisor, load_with_cpu, start_authz_server, table
+from .harness import Settings, bench_supervisor, load_with_cpu, start_authz_server, start_upstream, table
 
 ISSUER = "https://idp.bench.test"
 POLICY = 'package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if input.identity.user.sub == "alice"\n'
@@ -107,9 +107,7 @@ def through_envoy(settings: Settings, folder: Path) -> dict[str, Any]:
     jwks, token = _issuer_files(folder)
     out: dict[str, Any] = {}
     with bench_supervisor("sessions") as sup:
-        upstream = start_envoy(sup, "upstream", render_front_proxy(FrontProxy(
-            routes=(Route("/", direct_response="ok"),), listener_name="upstream")))
-        upstream_addr = f"127.0.0.1:{upstream.port('upstream')}"
+        upstream_addr, _ = start_upstream(sup)
         for sessions in (True, False):
             name = "session" if sessions else "jwt_each_request"
             config_file = folder / f"{name}.yaml"

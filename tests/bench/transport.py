@@ -21,7 +21,8 @@ from authz_server.mesh.extauthz import AuthzTarget
 from authz_server.mesh.front import FrontProxy, Route, render_front_proxy
 
 from .core import REQUEST_HEADERS, ROUTE_RULE
-from .harness import Settings, bench_supervisor, load_with_cpu, run_wrk, start_authz_server, table
+from .harness import (Settings, bench_supervisor, load_with_cpu, run_wrk, start_authz_server, start_upstream,
+                      table)
 
 
 def _bare_on(sup: Any, address: str) -> int:
@@ -37,9 +38,7 @@ def measure(settings: Settings) -> dict[str, Any]:
     results: dict[str, Any] = {}
     folder = Path(tempfile.mkdtemp(prefix="authz-bench-transport-"))
     with bench_supervisor("transport") as sup:
-        upstream = start_envoy(sup, "upstream", render_front_proxy(FrontProxy(
-            routes=(Route("/", direct_response="ok"),), listener_name="upstream")))
-        upstream_addr = f"127.0.0.1:{upstream.port('upstream')}"
+        upstream_addr, _ = start_upstream(sup)
 
         def front(name: str, target: AuthzTarget) -> str:
             envoy = start_envoy(sup, name, render_front_proxy(FrontProxy(upstream=upstream_addr, authz=target)))

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import regopy
 
 from ..errors import AuthzError
-from .engine import UNDEFINED, format_rego_error
+from .engine import UNDEFINED, engine_input, format_rego_error
 from .source import PolicySet
 
 _PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.M)
@@ -132,8 +132,10 @@ def _run_rule(interpreter: regopy.Interpreter, module: "_RewrittenModule", locat
 
 def _query(interpreter: regopy.Interpreter, ref: str, document: Any) -> Any:
     try:
-        interpreter.set_input(regopy.Input(document))
+        interpreter.set_input(engine_input(document))
         output = interpreter.query(f"result := {ref}")
+    except (ValueError, TypeError) as exc:  # a document the engine cannot take, or output it cannot read
+        raise AuthzError(f"cannot evaluate: {exc}", code="policy_eval_error") from None
     except regopy.RegoError as exc:
         raise AuthzError(format_rego_error(str(exc)), code="policy_eval_error") from None
     if not output.ok():

@@ -4,6 +4,7 @@ bad inputs translated into our errors, and the evaluator pool's deadline and iso
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -64,6 +65,20 @@ def test_values_and_undefined(tmp_path: Path) -> None:
     assert evaluator.evaluate({"n": 1}) is False  # a bound query: false is a value, not undefined
     assert evaluator.evaluate({"n": 0}) is UNDEFINED
     assert evaluator.evaluate({}) is UNDEFINED
+
+
+# Characters JSON escapes: the policy must see (and hand back) exactly the string that was sent.
+AWKWARD_STRINGS = ['say "hi"', "back\\slash", "a\\nb", "x\\My", "line\nbreak", "tab\there", "ctl\x01",
+                   "é✓ 日本", '\\"', "\\"]
+
+
+@pytest.mark.parametrize("text", AWKWARD_STRINGS)
+def test_strings_reach_the_policy_unchanged(tmp_path: Path, text: str) -> None:
+    expected = json.dumps(text, ensure_ascii=False)  # as a Rego literal: the same escapes as JSON
+    evaluator = compiled(tmp_path, "package envoy.authz\nimport rego.v1\n"
+                                   f"allow := {{\"same\": input.s == {expected}, \"back\": input.s, "
+                                   f"\"key\": object.keys(input.o)}}\n").new_evaluator()
+    assert evaluator.evaluate({"s": text, "o": {text: 1}}) == {"same": True, "back": text, "key": [text]}
 
 
 def test_a_conflict_at_evaluation_is_a_policy_error(tmp_path: Path) -> None:

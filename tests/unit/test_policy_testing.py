@@ -265,3 +265,12 @@ def test_a_malformed_case_is_an_error_not_a_crash() -> None:
     assert found["x_test.yaml#identity as a list"][1].startswith("invalid case: ")
     assert found["x_test.yaml#not a CheckRequest"][1].startswith("malformed CheckRequest JSON")
     assert [r.outcome for r in report.results] == ["error", "error", "error", "pass"]
+
+
+def test_inputs_with_quotes_and_backslashes_reach_the_rule_unchanged() -> None:
+    policy = 'package t\nimport rego.v1\nsame if input.s == "say \\"hi\\" \\\\ \\n"\n'
+    tests = ('package t_test\nimport rego.v1\nimport data.t\n'
+             'test_same if t.same with input as {"s": "say \\"hi\\" \\\\ \\n"}\n'
+             'test_other if not t.same with input as {"s": "say \\"hi\\" \\\\n"}\n')
+    report = run_policy_tests(policy_set({"t.rego": policy, "t_test.rego": tests}), "data.t.same")
+    assert outcomes(report) == {"test_same": ("pass", ""), "test_other": ("pass", "")}

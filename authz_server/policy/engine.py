@@ -120,7 +120,9 @@ class CompiledPolicy:
             for name, source in self.policy_set.serving_modules.items():
                 interpreter.add_module(name, source)
             if self.policy_set.data:
-                interpreter.add_data_json(json.dumps(self.policy_set.data))
+                # Non-ASCII kept as UTF-8: rego-cpp compares strings by their escaped text, so
+                # "\u00e9" in data would not equal "é" in the input.
+                interpreter.add_data_json(json.dumps(self.policy_set.data, ensure_ascii=False))
         except regopy.RegoError as exc:
             raise PolicyError(format_rego_error(str(exc), dict(self.policy_set.modules)),
                               code="policy_compile_error") from None

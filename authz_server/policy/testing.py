@@ -99,7 +99,7 @@ def _run_rego_tests(policy_set: PolicySet) -> Iterator[TestResult]:
                 interpreter.add_module(name, source)
             interpreter.add_module(location, module.source)
             if policy_set.data:
-                interpreter.add_data_json(json.dumps(policy_set.data))
+                interpreter.add_data_json(json.dumps(policy_set.data, ensure_ascii=False))
         except regopy.RegoError as exc:
             yield TestResult(location, location, "error",
                              format_rego_error(str(exc), {**base, location: module.source}))

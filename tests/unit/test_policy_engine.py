@@ -203,3 +203,12 @@ async def test_inline_isolation_never_uses_threads_and_many_callers_share_the_po
 def test_an_unknown_isolation_mode_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         EvaluatorPool(compiled(tmp_path, SLOW), isolation="fast")
+
+
+def test_data_strings_match_input_strings(tmp_path: Path) -> None:
+    write_policy(tmp_path, "package envoy.authz\nimport rego.v1\nallow if input.name in data.names\n")
+    (tmp_path / "data.json").write_text(json.dumps({"names": ["José", 'say "hi"']}), encoding="utf-8")
+    evaluator = CompiledPolicy.compile(load_policy_set(tmp_path), QUERY).new_evaluator()
+    assert evaluator.evaluate({"name": "José"}) is True
+    assert evaluator.evaluate({"name": 'say "hi"'}) is True
+    assert evaluator.evaluate({"name": "Jose"}) is UNDEFINED

@@ -27,7 +27,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import regopy
 
@@ -102,6 +102,19 @@ def _output_error(output: regopy.Output) -> str:
         return "policy evaluation failed"
 
 
+def load_interpreter(modules: Mapping[str, str], data: Mapping[str, Any]) -> regopy.Interpreter:
+    """A quiet interpreter holding ``modules`` and ``data``; raises ``regopy.RegoError``."""
+    interpreter = regopy.Interpreter()
+    interpreter.log_level = regopy.LogLevel.NONE
+    for name, source in modules.items():
+        interpreter.add_module(name, source)
+    if data:
+        # Non-ASCII kept as UTF-8: rego-cpp compares strings by their escaped text, so
+        # "\u00e9" in data would not equal "é" in the input.
+        interpreter.add_data_json(json.dumps(data, ensure_ascii=False))
+    return interpreter
+
+
 @dataclass(frozen=True)
 class CompiledPolicy:
     policy_set: PolicySet
@@ -114,19 +127,11 @@ class CompiledPolicy:
         return compiled
 
     def new_interpreter(self) -> regopy.Interpreter:
-        interpreter = regopy.Interpreter()
-        interpreter.log_level = regopy.LogLevel.NONE
         try:
-            for name, source in self.policy_set.serving_modules.items():
-                interpreter.add_module(name, source)
-            if self.policy_set.data:
-                # Non-ASCII kept as UTF-8: rego-cpp compares strings by their escaped text, so
-                # "\u00e9" in data would not equal "é" in the input.
-                interpreter.add_data_json(json.dumps(self.policy_set.data, ensure_ascii=False))
+            return load_interpreter(self.policy_set.serving_modules, self.policy_set.data)
         except regopy.RegoError as exc:
             raise PolicyError(format_rego_error(str(exc), dict(self.policy_set.modules)),
                               code="policy_compile_error") from None
-        return interpreter
 
     def new_evaluator(self, query: str | None = None) -> "Evaluator":
         query = query or self.query

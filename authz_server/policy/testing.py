@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import regopy
 
 from ..errors import AuthzError
-from .engine import UNDEFINED, engine_input, format_rego_error
+from .engine import UNDEFINED, engine_input, format_rego_error, load_interpreter
 from .source import PolicySet
 
 _PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.M)
@@ -92,14 +92,8 @@ def _run_rego_tests(policy_set: PolicySet) -> Iterator[TestResult]:
     base = {name: src for name, src in policy_set.modules.items() if name not in rewritten}
     for location, module in rewritten.items():
         # One interpreter per test module: a module the engine rejects fails its own tests only.
-        interpreter = regopy.Interpreter()
-        interpreter.log_level = regopy.LogLevel.NONE
         try:
-            for name, source in base.items():
-                interpreter.add_module(name, source)
-            interpreter.add_module(location, module.source)
-            if policy_set.data:
-                interpreter.add_data_json(json.dumps(policy_set.data, ensure_ascii=False))
+            interpreter = load_interpreter({**base, location: module.source}, policy_set.data)
         except regopy.RegoError as exc:
             yield TestResult(location, location, "error",
                              format_rego_error(str(exc), {**base, location: module.source}))

@@ -19,7 +19,8 @@ Those transport headers, and the ones Envoy adds only to the authorization reque
 not part of ``input.attributes.request.http.headers``.
 
 Fast path: a cached allow for the very same request bytes is answered straight from the
-connection's buffer, with no parsing (see ``ExactRequestCache``).
+connection's buffer, with no parsing (see ``repeats``). Configure Envoy not to send volatile
+headers (``disallowed_headers`` in the rendered configs) and most repeat requests hit there.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ import base64
 import hashlib
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping
 
 import httptools
@@ -39,6 +38,7 @@ from .decision import DECISION_ID_HEADER, Decision, Pipeline
 from .errors import RequestError
 from .facts import VOLATILE_HEADERS, Facts, Volatile, with_volatile
 from .policy.inputs import project
+from .repeats import RepeatCache
 from .http import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_HEADERS, HttpRequest, HttpResponse, bind_socket
 
 log = logging.getLogger("authz_server.httpfront")
@@ -233,50 +233,6 @@ def http_response_bytes(decision: Decision) -> bytes:
                      template[split:]))
 
 
-# -- the exact-request cache
-
-@dataclass(slots=True)
-class _Exact:
-    decision: Decision  # the cached allow it came from (its memo holds the rendering)
-    facts: Facts  # of the first such request, for the observers (audit) of every repeat
-    expires_at: float
-    version: str
-
-
-class ExactRequestCache:
-    """Request bytes → a cached allow, for requests Envoy sends byte-for-byte again.
-
-    Only allows whose verdict came from the decision cache are kept, with the same deadline;
-    a policy change empties it. Configure Envoy not to send volatile headers
-    (``disallowed_headers`` in the rendered configs) and most repeat requests hit here.
-    """
-
-    def __init__(self, max_entries: int = 20_000) -> None:
-        self.max_entries = max_entries
-        self._entries: OrderedDict[bytes, _Exact] = OrderedDict()
-        self.hits = 0
-
-    def get(self, raw: bytes, now: float, version: str) -> _Exact | None:
-        if not self._entries:
-            return None
-        entry = self._entries.get(hashlib.blake2b(raw, digest_size=20).digest())
-        if entry is None or entry.expires_at <= now or entry.version != version:
-            return None
-        self.hits += 1
-        return entry
-
-    def put(self, raw: bytes, decision: Decision, facts: Facts, expires_at: float) -> None:
-        if self.max_entries <= 0:
-            return
-        key = hashlib.blake2b(raw, digest_size=20).digest()
-        self._entries[key] = _Exact(decision, facts, expires_at, decision.policy_version)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-
 # -- the protocol
 
 _Respond = Callable[[bytes], None]
@@ -326,14 +282,14 @@ class HttpFront:
         self.pipeline = pipeline
         self.path_prefix = path_prefix
         self.clock = clock
-        self.exact = ExactRequestCache(exact_cache_entries)
+        self.exact = RepeatCache(exact_cache_entries)  # keyed by a digest of the request bytes
         self.on_latency = on_latency
 
     def answer_cached(self, raw: bytes, now: float) -> bytes | None:
         active = self.pipeline.policies.active
         if active is None:
             return None
-        cached = self.exact.get(raw, now, active.version)
+        cached = self.exact.get(hashlib.blake2b(raw, digest_size=20).digest(), now, active.version)
         if cached is None:
             return None
         decision = self.pipeline.replay(cached.decision, cached.facts, now=now)
@@ -359,8 +315,7 @@ class HttpFront:
             decision = self.pipeline.refuse(error, now=now)
         else:
             decision = await self.pipeline.decide(facts, now=now)
-            if decision.cached and decision.memo is not None and decision.allowed and decision.valid_until:
-                self.exact.put(raw, decision, facts, decision.valid_until)
+            self.exact.put(hashlib.blake2b(raw, digest_size=20).digest(), decision, facts)
         response = http_response_bytes(decision)
         if self.on_latency is not None:
             self.on_latency(time.perf_counter() - started, "http")

@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from .audit import AuditLog
 from .config import Config
 from .decision import Decision, Pipeline
-from .envoy import check_response_bytes, facts_from_check_request, parse_check_request
+from .envoy import (StrippedRequest, check_response_bytes, facts_from_stripped, parse_check_request,
+                    repeat_facts, strip_volatile)
 from .errors import AuthzError, RequestError, WorkloadError
 from .http import serve_http
 from .identity.redis_store import RedisStore
@@ -34,6 +35,7 @@ from .httpfront import HttpFront, serve_http_front
 from .metrics import Metrics, identity_collector, pipeline_collector, signals_collector
 from .signals import Signals
 from .policy.loader import PolicyRuntime
+from .repeats import RepeatCache
 from .identity.exchange import ExchangeSigner, TokenExchange
 from .tls import ServerSslContext, SpiffeIdCheck, TlsSource, server_credentials, tls_source_from
 
@@ -47,11 +49,13 @@ POLICY_HEALTH_SERVICE = "authz_server.PolicyReload"
 
 class AuthorizationServicer:
     def __init__(self, pipeline: Pipeline, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.time, clients: SpiffeIdCheck | None = None) -> None:
+                 clock: Callable[[], float] = time.time, clients: SpiffeIdCheck | None = None,
+                 repeat_entries: int = 20_000) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
         self._clock = clock
         self._clients = clients  # mTLS: which sidecars may ask
+        self.repeats = RepeatCache(repeat_entries)  # fingerprint → a cached allow to replay
 
     async def check(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
@@ -61,7 +65,7 @@ class AuthorizationServicer:
                 f"{context.peer()} is not an allowed ext_authz client", code="ext_authz_client_not_allowed"), now=now)
             return check_response_bytes(decision)
         try:
-            facts = facts_from_check_request(parse_check_request(raw))
+            stripped = strip_volatile(parse_check_request(raw))
         except RequestError as exc:
             decision = self._pipeline.refuse(exc, now=now)
         except Exception as exc:  # never let a surprise reach Envoy as a gRPC error
@@ -69,11 +73,29 @@ class AuthorizationServicer:
             decision = self._pipeline.refuse(AuthzError(f"internal error: {type(exc).__name__}",
                                                         code="internal_error"), now=now)
         else:
-            decision = await self._pipeline.decide(facts, now=now)
+            repeated = self._repeat(stripped, now)
+            if repeated is not None:
+                decision = repeated
+            else:
+                facts = facts_from_stripped(stripped)
+                decision = await self._pipeline.decide(facts, now=now)
+                if stripped.volatile is not None:
+                    self.repeats.put(stripped.fingerprint, decision, facts)
         response = check_response_bytes(decision)
         if self._metrics is not None:
             self._metrics.observe_latency(time.perf_counter() - started, "grpc")
         return response
+
+    def _repeat(self, stripped: StrippedRequest, now: float) -> Decision | None:
+        """A repeat of a cached allow, replayed without reading the request into facts
+        again or deciding again (``Pipeline.replay`` re-checks what can change)."""
+        active = self._pipeline.policies.active
+        if active is None or stripped.volatile is None:
+            return None
+        entry = self.repeats.get(stripped.fingerprint, now, active.version)
+        if entry is None:
+            return None
+        return self._pipeline.replay(entry.decision, repeat_facts(entry.facts, stripped), now=now)
 
     def register(self, server: grpc.aio.Server) -> None:
         handlers = {"Check": grpc.unary_unary_rpc_method_handler(

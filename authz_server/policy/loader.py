@@ -22,6 +22,8 @@ from .inputs import Tree, input_paths, leaf_paths, named_within
 from .preflight import preflight, preflight_async
 from .source import CacheSettings, PolicySet, load_policy_set, snapshot
 
+INLINE_POLL_SECONDS = 0.002
+
 log = logging.getLogger("authz_server.policy")
 
 
@@ -151,11 +153,22 @@ class PolicyRuntime:
         return candidate.version
 
     async def watch(self, interval: float = 0.25) -> None:
-        """Poll the folder and reload on change; runs until cancelled."""
+        """Poll the folder and reload on change; runs until cancelled.
+
+        A small folder is polled on the event loop: its stat calls cost less than handing
+        the poll to a thread and back, which under load took about 2 % of the serving
+        thread's time. A folder that takes longer than ``INLINE_POLL_SECONDS`` to poll is
+        polled on a thread from then on, so that it never stalls the checks."""
+        inline = True
         while True:
             await asyncio.sleep(interval)
             try:
-                current = await asyncio.to_thread(snapshot, self.root)
+                if inline:
+                    started = time.perf_counter()
+                    current = snapshot(self.root)
+                    inline = time.perf_counter() - started < INLINE_POLL_SECONDS
+                else:
+                    current = await asyncio.to_thread(snapshot, self.root)
             except OSError:
                 current = ()
             if current != self._snapshot:

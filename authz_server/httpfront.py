@@ -315,7 +315,7 @@ class HttpFront:
             decision = self.pipeline.refuse(error, now=now)
         else:
             decision = await self.pipeline.decide(facts, now=now)
-            self.exact.put(hashlib.blake2b(raw, digest_size=20).digest(), decision, facts)
+            self.exact.put(hashlib.blake2b(raw, digest_size=20).digest(), decision, facts, len(raw))
         response = http_response_bytes(decision)
         if self.on_latency is not None:
             self.on_latency(time.perf_counter() - started, "http")

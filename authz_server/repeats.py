@@ -31,10 +31,14 @@ def replayable(decision: Decision) -> bool:
 
 
 class RepeatCache:
-    """Digest → the ``Repeat`` behind it; oldest out first, emptied by a policy change."""
+    """Digest → the ``Repeat`` behind it; oldest out first, emptied by a policy change.
 
-    def __init__(self, max_entries: int = 20_000) -> None:
+    An entry keeps the first request's facts, body included: only requests of up to
+    ``max_request_bytes`` are kept, so the cache holds at most ``max_entries`` times that."""
+
+    def __init__(self, max_entries: int = 20_000, max_request_bytes: int = 16 * 1024) -> None:
         self.max_entries = max_entries
+        self.max_request_bytes = max_request_bytes
         self._entries: OrderedDict[bytes, Repeat] = OrderedDict()
         self.hits = 0
 
@@ -45,9 +49,9 @@ class RepeatCache:
         self.hits += 1
         return entry
 
-    def put(self, key: bytes, decision: Decision, facts: Facts) -> None:
-        """Keep ``decision`` if it is ``replayable``."""
-        if self.max_entries <= 0 or not replayable(decision):
+    def put(self, key: bytes, decision: Decision, facts: Facts, request_bytes: int) -> None:
+        """Keep ``decision`` if it is ``replayable`` and its request was small enough."""
+        if self.max_entries <= 0 or request_bytes > self.max_request_bytes or not replayable(decision):
             return
         assert decision.valid_until is not None
         self._entries[key] = Repeat(decision, facts, decision.valid_until, decision.policy_version)

@@ -53,12 +53,12 @@ class Server:
         self.servicer = AuthorizationServicer(self.pipeline, clock=self.clock)
         self.calls = 0
 
-    def check(self, path: str = "/public/a", *, raw_headers: bool = False) -> CheckResponse:
+    def check(self, path: str = "/public/a", *, raw_headers: bool = False, body: str = "") -> CheckResponse:
         self.calls += 1
         n = self.calls
         headers = {":path": path, "x-request-id": f"req-{n}", "traceparent": f"00-{n:032x}-{n:016x}-01",
                    "user-agent": "test"}
-        http: dict[str, Any] = {"id": str(1000 + n), "method": "GET", "path": path, "host": "svc"}
+        http: dict[str, Any] = {"id": str(1000 + n), "method": "GET", "path": path, "host": "svc", "body": body}
         if raw_headers:
             http["headerMap"] = {"headers": [{"key": k, "rawValue": base64.b64encode(v.encode()).decode()}
                                              for k, v in headers.items()]}
@@ -133,3 +133,11 @@ def test_raw_header_requests_are_never_replayed(server: Server) -> None:
     assert all(a.status.code == OK for a in answers)
     assert server.servicer.repeats.hits == 0
     assert [facts.request_id for _, facts in server.seen if facts] == ["1001", "1002", "1003", "1004"]
+
+
+def test_big_requests_are_not_kept_as_repeats(server: Server) -> None:
+    """A repeat keeps the first request's facts, body included: the cache's size is bounded."""
+    big = "x" * (server.servicer.repeats.max_request_bytes + 1)
+    assert all(server.check(body=big).status.code == OK for _ in range(4))
+    assert server.servicer.repeats.hits == 0 and len(server.servicer.repeats) == 0
+    assert [d.cached for d, _ in server.seen] == [False, True, True, True]  # still the decision cache

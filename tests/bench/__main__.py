@@ -32,9 +32,9 @@ def main() -> int:
         from . import core
 
         inproc = asyncio.run(core.in_process())
-        envoy = core.through_envoy(settings) if wrk_binary() else {}
-        results["core"] = {"in_process": inproc, "envoy": envoy}
-        print(core.report(inproc, envoy) if envoy else inproc)
+        envoy, rounds = core.through_envoy(settings) if wrk_binary() else ({}, [])
+        results["core"] = {"in_process": inproc, "envoy": envoy, "authz_over_bare_by_round": rounds}
+        print(core.report(inproc, envoy, rounds) if envoy else inproc)
     if "sessions" in chosen:
         from . import sessions
 

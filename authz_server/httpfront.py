@@ -286,13 +286,7 @@ class HttpFront:
         self.on_latency = on_latency
 
     def answer_cached(self, raw: bytes, now: float) -> bytes | None:
-        active = self.pipeline.policies.active
-        if active is None:
-            return None
-        cached = self.exact.get(hashlib.blake2b(raw, digest_size=20).digest(), now, active.version)
-        if cached is None:
-            return None
-        decision = self.pipeline.replay(cached.decision, cached.facts, now=now)
+        decision = self.exact.replay(hashlib.blake2b(raw, digest_size=20).digest(), self.pipeline, now)
         return None if decision is None else http_response_bytes(decision)
 
     async def answer(self, raw: bytes, now: float) -> bytes:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
-from .decision import Decision
+from .decision import Decision, Pipeline
 from .facts import Facts
 
 
@@ -21,8 +22,6 @@ from .facts import Facts
 class Repeat:
     decision: Decision  # the cached allow it came from (its memo holds the rendering)
     facts: Facts  # of the first such request (the HTTP front replays it to the observers)
-    expires_at: float
-    version: str
 
 
 def replayable(decision: Decision) -> bool:
@@ -31,7 +30,8 @@ def replayable(decision: Decision) -> bool:
 
 
 class RepeatCache:
-    """Digest → the ``Repeat`` behind it; oldest out first, emptied by a policy change.
+    """Digest → the ``Repeat`` behind it, oldest out first. Whether a repeat still holds is
+    ``Pipeline.replay``'s to judge: ``replay`` asks it, and counts the repeats it answers.
 
     An entry keeps the first request's facts, body included: only requests of up to
     ``max_request_bytes`` are kept, so the cache holds at most ``max_entries`` times that."""
@@ -42,24 +42,25 @@ class RepeatCache:
         self._entries: OrderedDict[bytes, Repeat] = OrderedDict()
         self.hits = 0
 
-    def get(self, key: bytes, now: float, version: str) -> Repeat | None:
+    def replay(self, key: bytes, pipeline: Pipeline, now: float,
+               facts_of: Callable[[Facts], Facts] = lambda first: first) -> Decision | None:
+        """The decision kept under ``key`` again, through ``pipeline.replay``, with the facts
+        ``facts_of`` makes from the first request's; None when there is none or it no longer holds."""
         entry = self._entries.get(key) if self._entries else None
-        if entry is None or entry.expires_at <= now or entry.version != version:
+        if entry is None:
             return None
-        self.hits += 1
-        return entry
+        decision = pipeline.replay(entry.decision, facts_of(entry.facts), now=now)
+        if decision is not None:
+            self.hits += 1
+        return decision
 
     def put(self, key: bytes, decision: Decision, facts: Facts, request_bytes: int) -> None:
         """Keep ``decision`` if it is ``replayable`` and its request was small enough."""
         if self.max_entries <= 0 or request_bytes > self.max_request_bytes or not replayable(decision):
             return
-        assert decision.valid_until is not None
-        self._entries[key] = Repeat(decision, facts, decision.valid_until, decision.policy_version)
+        self._entries[key] = Repeat(decision, facts)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -89,13 +89,10 @@ class AuthorizationServicer:
     def _repeat(self, stripped: StrippedRequest, now: float) -> Decision | None:
         """A repeat of a cached allow, replayed without reading the request into facts
         again or deciding again (``Pipeline.replay`` re-checks what can change)."""
-        active = self._pipeline.policies.active
-        if active is None or stripped.volatile is None:
+        if stripped.volatile is None:
             return None
-        entry = self.repeats.get(stripped.fingerprint, now, active.version)
-        if entry is None:
-            return None
-        return self._pipeline.replay(entry.decision, repeat_facts(entry.facts, stripped), now=now)
+        return self.repeats.replay(stripped.fingerprint, self._pipeline, now,
+                                   lambda first: repeat_facts(first, stripped))
 
     def register(self, server: grpc.aio.Server) -> None:
         handlers = {"Check": grpc.unary_unary_rpc_method_handler(

@@ -64,8 +64,12 @@ class AuthorizationServicer:
             decision = self._pipeline.refuse(WorkloadError(
                 f"{context.peer()} is not an allowed ext_authz client", code="ext_authz_client_not_allowed"), now=now)
             return check_response_bytes(decision)
+        facts = None
         try:
             stripped = strip_volatile(parse_check_request(raw))
+            repeated = self._repeat(stripped, now)
+            if repeated is None:
+                facts = facts_from_stripped(stripped)
         except RequestError as exc:
             decision = self._pipeline.refuse(exc, now=now)
         except Exception as exc:  # never let a surprise reach Envoy as a gRPC error
@@ -73,11 +77,9 @@ class AuthorizationServicer:
             decision = self._pipeline.refuse(AuthzError(f"internal error: {type(exc).__name__}",
                                                         code="internal_error"), now=now)
         else:
-            repeated = self._repeat(stripped, now)
-            if repeated is not None:
+            if facts is None:
                 decision = repeated
             else:
-                facts = facts_from_stripped(stripped)
                 decision = await self._pipeline.decide(facts, now=now)
                 if stripped.volatile is not None:
                     self.repeats.put(stripped.fingerprint, decision, facts, len(raw))

@@ -141,3 +141,18 @@ def test_big_requests_are_not_kept_as_repeats(server: Server) -> None:
     assert all(server.check(body=big).status.code == OK for _ in range(4))
     assert server.servicer.repeats.hits == 0 and len(server.servicer.repeats) == 0
     assert [d.cached for d, _ in server.seen] == [False, True, True, True]  # still the decision cache
+
+
+@pytest.mark.parametrize(("step", "path"), [("facts_from_stripped", "/public/new"), ("repeat_facts", "/public/a")])
+def test_a_surprise_while_reading_the_request_denies_and_never_escapes(server: Server, step: str, path: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    for _ in range(2):
+        server.check("/public/a")  # the second one is kept as a repeat
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(f"authz_server.server.{step}", broken)
+    answer = server.check(path)
+    assert answer.status.code != OK and answer.denied_response.status.code == 403
+    assert server.seen[-1][0].code == "internal_error"

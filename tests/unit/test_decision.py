@@ -491,7 +491,7 @@ def property_pipelines(tmp_path_factory: pytest.TempPathFactory):  # type: ignor
     runtime.close()
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(run=runs)
 def test_cached_and_uncached_decisions_are_always_equal(property_pipelines, run) -> None:  # type: ignore[no-untyped-def]

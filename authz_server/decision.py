@@ -233,12 +233,15 @@ class Pipeline:
         return decision
 
     def replay(self, previous: Decision, facts: Facts, *, now: float) -> Decision | None:
-        """The same answer again for a byte-identical request (the HTTP front's fast path),
-        or None when anything could have changed it: the cached verdict expired, the policy
-        changed, signals must see every request, or the identity cannot be re-checked."""
+        """The same answer again for a request that differs from ``previous``'s at most in its
+        per-request values (see ``repeats``), or None when anything could have changed it: the
+        cached verdict expired, the policy changed, the policy reads per-request values (request
+        id, time, source port: then its answers are keyed on them), signals must see every
+        request, or the identity cannot be re-checked."""
         active = self.policies.active
         if (previous.valid_until is None or previous.valid_until <= now or active is None
-                or previous.policy_version != active.version or self.signals is not None):
+                or previous.policy_version != active.version or active.volatile_tree is not None
+                or self.signals is not None):
             return None
         if self.identity is not None:
             still_valid = getattr(self.identity, "still_valid", None)

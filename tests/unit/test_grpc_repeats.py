@@ -53,7 +53,8 @@ class Server:
         self.servicer = AuthorizationServicer(self.pipeline, clock=self.clock)
         self.calls = 0
 
-    def check(self, path: str = "/public/a", *, raw_headers: bool = False, body: str = "") -> CheckResponse:
+    def check(self, path: str = "/public/a", *, raw_headers: bool = False, body: str = "",
+              port: int | None = None) -> CheckResponse:
         self.calls += 1
         n = self.calls
         headers = {":path": path, "x-request-id": f"req-{n}", "traceparent": f"00-{n:032x}-{n:016x}-01",
@@ -65,7 +66,7 @@ class Server:
         else:
             http["headers"] = headers
         request = check_request_from_json({"attributes": {
-            "source": {"address": {"socketAddress": {"address": "10.0.0.7", "portValue": 40000 + n}}},
+            "source": {"address": {"socketAddress": {"address": "10.0.0.7", "portValue": port or 40000 + n}}},
             "request": {"time": f"2027-01-15T08:00:{n % 60:02d}Z", "http": http}}})
         raw = asyncio.run(self.servicer.check(request.SerializeToString(), None))  # type: ignore[arg-type]
         response = CheckResponse()
@@ -156,3 +157,23 @@ def test_a_surprise_while_reading_the_request_denies_and_never_escapes(server: S
     answer = server.check(path)
     assert answer.status.code != OK and answer.denied_response.status.code == 403
     assert server.seen[-1][0].code == "internal_error"
+
+
+EVEN_PORTS_ONLY = """
+package envoy.authz
+import rego.v1
+
+default allow := false
+
+allow if input.attributes.source.address.socketAddress.portValue % 2 == 0
+"""
+
+
+def test_a_policy_that_reads_a_per_request_value_is_never_replayed(server: Server, tmp_path: Path) -> None:
+    """The fingerprint leaves out the source port; a policy that reads it has its decisions
+    keyed on it, so the answer for one port must never be replayed for another."""
+    write_policy(tmp_path / "policies", EVEN_PORTS_ONLY)
+    asyncio.run(server.runtime.reload())
+    answers = [server.check(port=port).status.code for port in (40002, 40002, 40003, 40004, 40005)]
+    assert answers == [OK, OK, PERMISSION_DENIED, OK, PERMISSION_DENIED]
+    assert server.servicer.repeats.hits == 0

@@ -233,6 +233,11 @@ def http_response_bytes(decision: Decision) -> bytes:
                      template[split:]))
 
 
+def repeat_key(raw: bytes) -> bytes:
+    """The ``RepeatCache`` key of a request: a digest of its bytes, exactly as they came."""
+    return hashlib.blake2b(raw, digest_size=20).digest()
+
+
 # -- the protocol
 
 _Respond = Callable[[bytes], None]
@@ -286,7 +291,7 @@ class HttpFront:
         self.on_latency = on_latency
 
     def answer_cached(self, raw: bytes, now: float) -> bytes | None:
-        decision = self.exact.replay(hashlib.blake2b(raw, digest_size=20).digest(), self.pipeline, now)
+        decision = self.exact.replay(repeat_key(raw), self.pipeline, now)
         return None if decision is None else http_response_bytes(decision)
 
     async def answer(self, raw: bytes, now: float) -> bytes:
@@ -309,7 +314,7 @@ class HttpFront:
             decision = self.pipeline.refuse(error, now=now)
         else:
             decision = await self.pipeline.decide(facts, now=now)
-            self.exact.put(hashlib.blake2b(raw, digest_size=20).digest(), decision, facts, len(raw))
+            self.exact.put(repeat_key(raw), decision, facts, len(raw))
         response = http_response_bytes(decision)
         if self.on_latency is not None:
             self.on_latency(time.perf_counter() - started, "http")

@@ -1,7 +1,8 @@
 """The gRPC servicer's repeat path: a request that differs from an earlier one only in its
 per-request values (request id, time, source port, tracing headers) gets the earlier cached
 allow again, with its own decision id and its own values in what the observers (audit) see,
-and only while nothing that could change the answer has changed."""
+and only while nothing that could change the answer has changed. The HTTP front's repeats
+(byte-identical requests) go through the same ``RepeatCache`` and ``Pipeline.replay``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from authz_server.decision import Decision, DecisionSettings, Pipeline
 from authz_server.envoy import CheckResponse, check_request_from_json
 from authz_server.facts import Facts
+from authz_server.httpfront import HttpFront
 from authz_server.policy.loader import PolicyRuntime
 from authz_server.server import AuthorizationServicer
 from tests.support.authz import write_policy
@@ -177,3 +179,21 @@ def test_a_policy_that_reads_a_per_request_value_is_never_replayed(server: Serve
     answers = [server.check(port=port).status.code for port in (40002, 40002, 40003, 40004, 40005)]
     assert answers == [OK, OK, PERMISSION_DENIED, OK, PERMISSION_DENIED]
     assert server.servicer.repeats.hits == 0
+
+
+def test_the_http_front_replays_byte_identical_requests(server: Server) -> None:
+    """The HTTP front keeps a cached allow by the request's bytes and answers the same bytes
+    from it, each time with a new decision id; other bytes are decided on their own."""
+    front = HttpFront(server.pipeline, clock=server.clock)
+
+    def request(path: str) -> bytes:
+        return f"GET /check{path} HTTP/1.1\r\nhost: svc\r\nuser-agent: test\r\n\r\n".encode()
+
+    now = server.clock()
+    for _ in range(2):  # the policy decides, then a decision-cache hit is kept as a repeat
+        assert front.answer_cached(request("/public/a"), now) is None
+        assert asyncio.run(front.answer(request("/public/a"), now)).startswith(b"HTTP/1.1 200")
+    answers = [front.answer_cached(request("/public/a"), now) for _ in range(2)]
+    assert all(a is not None and a.startswith(b"HTTP/1.1 200") for a in answers)
+    assert front.exact.hits == 2 and answers[0] != answers[1]  # their decision ids differ
+    assert front.answer_cached(request("/public/b"), now) is None

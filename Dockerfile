@@ -4,8 +4,10 @@
 #   docker run --rm authz-server:dev --help
 #
 # Stage 1 builds a wheel (protos/ are compiled by setup.py with grpcio-tools, a build-time
-# requirement only); stage 2 installs it with its runtime dependencies and nothing else.
+# requirement only, and the C extension of the gRPC repeat key with gcc); stage 2 installs it
+# with its runtime dependencies and nothing else.
 FROM python:3.11-slim AS build
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 COPY pyproject.toml setup.py README.md ./

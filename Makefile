@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench evaluate install clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard protos/*.proto)
+$(STAMP): pyproject.toml setup.py $(wildcard protos/*.proto) $(wildcard authz_server/*.c)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,demo,evaluate]'

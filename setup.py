@@ -1,4 +1,5 @@
-"""Compiles protos/*.proto into authz_server/_proto/ with grpcio-tools at build time.
+"""Compiles protos/*.proto into authz_server/_proto/ with grpcio-tools at build time, and the
+one C extension (``authz_server._volatile_cut``: the gRPC front's repeat key).
 
 Everything else about the package is in pyproject.toml. The generated modules are written
 into the source tree (and ignored by git) so editable and regular installs both see them.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -47,4 +48,8 @@ class BuildWithProtos(build_py):
 
 # Before setup(): package discovery must already see authz_server._proto.
 compile_protos()
-setup(cmdclass={"build_py": BuildWithProtos})
+# Optional: without a C compiler the server still works, it only never replays gRPC repeats
+# (``authz_server.envoy.cut_volatile`` is then None).
+setup(cmdclass={"build_py": BuildWithProtos},
+      ext_modules=[Extension("authz_server._volatile_cut", ["authz_server/_volatile_cut.c"], optional=True,
+                             extra_compile_args=["-O2", "-Wall", "-Wextra"])])

@@ -29,6 +29,13 @@ from .errors import RequestError
 from .facts import VOLATILE_ATTRIBUTES, VOLATILE_HEADERS, Facts, Volatile, with_volatile
 from .policy.inputs import overlaps, project
 
+try:
+    from . import _volatile_cut
+except ImportError:  # built without a C compiler: the gRPC front then never replays repeats
+    _volatile_cut = None  # type: ignore[assignment]
+else:
+    _volatile_cut.configure(sorted(name.encode() for name in VOLATILE_HEADERS))
+
 CheckRequest = external_auth_pb2.CheckRequest
 CheckResponse = external_auth_pb2.CheckResponse
 
@@ -211,17 +218,32 @@ def facts_from_check_request(request: CheckRequest) -> Facts:
     return facts_from_stripped(strip_volatile(request))
 
 
-def repeat_facts(first: Facts, stripped: StrippedRequest) -> Facts:
-    """The facts of a request whose fingerprint equals that of ``first``: the same but for the
-    volatile values, without reading the request again. Not for the raw-headers form, whose
-    headers still hold the volatile values."""
-    if stripped.volatile is None:
-        raise ValueError("a raw-headers request cannot be read as a repeat")
+def cut_volatile(raw: bytes) -> tuple[bytes, Volatile] | None:
+    """A serialized request's exact repeat key and its volatile values, read from the bytes
+    without parsing them (C, ``_volatile_cut.c``): the key is the bytes minus the volatile
+    fields, plus where they were cut. Two requests with the same key parse to the same request
+    but for their volatile values. None when the bytes are not in the form Envoy writes (the
+    raw-headers form included), or when the extension was not built: such a request is
+    read with ``parse_check_request`` and never replayed."""
+    if _volatile_cut is None:
+        return None
+    cut = _volatile_cut.cut(raw)
+    if cut is None:
+        return None
+    key, request_id, port, time_value, headers = cut
+    return key, Volatile(request_id, time_value, port, headers)
+
+
+def repeat_facts(first: Facts, volatile: Volatile) -> Facts:
+    """The facts of a request with the same repeat key as ``first`` (see ``cut_volatile``):
+    ``first``'s, with ``volatile``'s values, and without reading the request at all."""
+    factory = first.attributes_factory
+    if not isinstance(factory, _AttributesAsSent) or factory.volatile is None:
+        raise ValueError("only a gRPC request read without its volatile values can be repeated")
     return Facts(
         first.method, first.path, first.headers, first.body, first.raw_body, first.host, first.source_address,
-        stripped.port, first.source_principal, first.source_certificate, first.context_extensions,
-        stripped.request_id, stripped.fingerprint, "grpc",
-        _AttributesAsSent(stripped.request.attributes, stripped.volatile),
+        volatile.port, first.source_principal, first.source_certificate, first.context_extensions,
+        volatile.request_id, first.fingerprint, "grpc", _AttributesAsSent(factory.attributes, volatile),
     )
 
 
@@ -345,6 +367,6 @@ def check_response_bytes(decision: Decision) -> bytes:
 
 __all__ = [
     "CheckRequest", "CheckResponse", "check_request_from_json", "check_response", "check_response_bytes",
-    "facts_from_check_request", "facts_from_stripped", "parse_check_request", "protomap", "repeat_facts",
+    "cut_volatile", "facts_from_check_request", "facts_from_stripped", "parse_check_request", "protomap", "repeat_facts",
     "strip_volatile",
 ]

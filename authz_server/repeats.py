@@ -4,8 +4,8 @@ Clients repeat themselves: the same call from the same workload, again and again
 request's digest matches one whose allow came from the decision cache, the front hands the
 earlier decision to ``Pipeline.replay``, which re-checks everything that can change (the
 cached verdict's deadline, the policy version, the identity) and gives it a new decision id.
-The HTTP front keys by the request bytes themselves; the gRPC front by ``Facts.fingerprint``
-(the request minus its per-request values).
+The HTTP front keys by the request bytes themselves; the gRPC front by the request bytes
+minus its per-request values (``envoy.cut_volatile``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ class RepeatCache:
     """Digest → the ``Repeat`` behind it, oldest out first. Whether a repeat still holds is
     ``Pipeline.replay``'s to judge: ``replay`` asks it, and counts the repeats it answers.
 
-    An entry keeps the first request's facts, body included: only requests of up to
-    ``max_request_bytes`` are kept, so the cache holds at most ``max_entries`` times that."""
+    An entry keeps the first request's facts, body included, and its key (at most the request's
+    size): only requests of up to ``max_request_bytes`` are kept, so the cache holds at most
+    ``max_entries`` times twice that."""
 
     def __init__(self, max_entries: int = 20_000, max_request_bytes: int = 16 * 1024) -> None:
         self.max_entries = max_entries

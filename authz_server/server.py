@@ -22,8 +22,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from .audit import AuditLog
 from .config import Config
 from .decision import Decision, Pipeline
-from .envoy import (StrippedRequest, check_response_bytes, facts_from_stripped, parse_check_request,
-                    repeat_facts, strip_volatile)
+from .envoy import (check_response_bytes, cut_volatile, facts_from_stripped, parse_check_request, repeat_facts,
+                    strip_volatile)
 from .errors import AuthzError, RequestError, WorkloadError
 from .http import serve_http
 from .identity.redis_store import RedisStore
@@ -55,7 +55,7 @@ class AuthorizationServicer:
         self._metrics = metrics
         self._clock = clock
         self._clients = clients  # mTLS: which sidecars may ask
-        self.repeats = RepeatCache(repeat_entries)  # fingerprint → a cached allow to replay
+        self.repeats = RepeatCache(repeat_entries)  # repeat key (cut_volatile) → a cached allow to replay
 
     async def check(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
@@ -64,12 +64,14 @@ class AuthorizationServicer:
             decision = self._pipeline.refuse(WorkloadError(
                 f"{context.peer()} is not an allowed ext_authz client", code="ext_authz_client_not_allowed"), now=now)
             return check_response_bytes(decision)
-        facts = None
+        facts = cut = repeated = None
         try:
-            stripped = strip_volatile(parse_check_request(raw))
-            repeated = self._repeat(stripped, now)
+            cut = cut_volatile(raw) if len(raw) <= self.repeats.max_request_bytes else None
+            if cut is not None:
+                key, volatile = cut
+                repeated = self.repeats.replay(key, self._pipeline, now, lambda first: repeat_facts(first, volatile))
             if repeated is None:
-                facts = facts_from_stripped(stripped)
+                facts = facts_from_stripped(strip_volatile(parse_check_request(raw)))
         except RequestError as exc:
             decision = self._pipeline.refuse(exc, now=now)
         except Exception as exc:  # never let a surprise reach Envoy as a gRPC error
@@ -81,20 +83,12 @@ class AuthorizationServicer:
                 decision = repeated
             else:
                 decision = await self._pipeline.decide(facts, now=now)
-                if stripped.volatile is not None:
-                    self.repeats.put(stripped.fingerprint, decision, facts, len(raw))
+                if cut is not None:
+                    self.repeats.put(cut[0], decision, facts, len(raw))
         response = check_response_bytes(decision)
         if self._metrics is not None:
             self._metrics.observe_latency(time.perf_counter() - started, "grpc")
         return response
-
-    def _repeat(self, stripped: StrippedRequest, now: float) -> Decision | None:
-        """A repeat of a cached allow, replayed without reading the request into facts
-        again or deciding again (``Pipeline.replay`` re-checks what can change)."""
-        if stripped.volatile is None:
-            return None
-        return self.repeats.replay(stripped.fingerprint, self._pipeline, now,
-                                   lambda first: repeat_facts(first, stripped))
 
     def register(self, server: grpc.aio.Server) -> None:
         handlers = {"Check": grpc.unary_unary_rpc_method_handler(

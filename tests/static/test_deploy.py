@@ -513,6 +513,8 @@ def test_dockerfile_builds_from_sources_that_exist_and_runs_unprivileged() -> No
     for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.MULTILINE):
         for item in source.split():
             assert (REPO / item).exists(), f"COPY {item}: missing"
+    build_stage = text.split("\nFROM ")[1]
+    assert re.search(r"apt-get install .*\bgcc\b", build_stage), "the wheel would lack the C extension (gRPC repeats)"
     users = re.findall(r"^USER (\S+)", text, flags=re.MULTILINE)
     assert users and users[-1].split(":")[0] not in {"0", "root"}
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()

@@ -1,0 +1,363 @@
+/* The exact repeat key of an Envoy CheckRequest, read straight from its wire bytes.
+ *
+ * cut(raw) walks the protobuf encoding down the few paths where the per-request values live
+ * (attributes.source.address.socket_address.port_value, attributes.request.time,
+ * attributes.request.http.id and the volatile entries of attributes.request.http.headers) and
+ * returns
+ *
+ *     (key, request_id, port, (seconds, nanos) | None, {volatile header: value})
+ *
+ * The key is the request without those fields: every other field's bytes as they came, and the
+ * messages on those paths with their lengths rewritten (as 4 bytes, little-endian) to what is
+ * left of them. So two requests have the same key exactly when they are the same request but for
+ * their per-request values, whatever the lengths of those values; each brings its own.
+ *
+ * Anything the walk does not read exactly as upb would (a path field repeated, so that upb would
+ * merge; a wire type it does not expect; a oneof sibling that would clear the port; an unusual
+ * header entry; bad UTF-8; Envoy's raw-headers form) returns None: the caller then reads the
+ * request the slow way, which decides exactly. So None is always safe, and a key is given only
+ * when it is exact. This is the hot path of every repeated check: one C call instead of a parse
+ * and a deterministic re-serialization in Python.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PATH_MESSAGES 6 /* attributes, source, address, socket_address, request, http */
+#define MAX_VOLATILE_NAMES 64
+
+typedef struct {
+    const unsigned char *buf;
+    unsigned char *out;  /* the key, written as the walk goes: at most the input plus 4 bytes per path message */
+    Py_ssize_t out_len;
+    /* what was cut */
+    Py_ssize_t id_start, id_len;
+    int have_id;
+    uint32_t port;
+    int have_port;
+    int64_t seconds;
+    int32_t nanos;
+    int have_time;
+    Py_ssize_t header_key[MAX_VOLATILE_NAMES], header_key_len[MAX_VOLATILE_NAMES];
+    Py_ssize_t header_value[MAX_VOLATILE_NAMES], header_value_len[MAX_VOLATILE_NAMES];
+    int headers;
+} Walk;
+
+static PyObject *volatile_names = NULL; /* tuple of bytes, set by configure() */
+
+enum { VARINT = 0, I64 = 1, LEN = 2, I32 = 5 };
+
+static int read_varint(const unsigned char *buf, Py_ssize_t *pos, Py_ssize_t end, uint64_t *out) {
+    uint64_t value = 0;
+    for (int shift = 0; shift < 70; shift += 7) {
+        if (*pos >= end) return 0;
+        unsigned char byte = buf[(*pos)++];
+        if (shift == 63 && byte > 1) return 0; /* more than 64 bits */
+        value |= (uint64_t)(byte & 0x7f) << shift;
+        if (!(byte & 0x80)) { *out = value; return 1; }
+    }
+    return 0;
+}
+
+/* One field's tag; for LEN fields also where its payload starts and ends. */
+typedef struct {
+    uint32_t number;
+    int wire;
+    Py_ssize_t start;          /* first byte of the tag */
+    Py_ssize_t tag_end;
+    Py_ssize_t payload, end;   /* LEN: payload span; others: end of the value */
+    uint64_t varint;           /* VARINT: the value */
+} Field;
+
+static int next_field(const unsigned char *buf, Py_ssize_t *pos, Py_ssize_t end, Field *field) {
+    uint64_t tag, length;
+    field->start = *pos;
+    if (!read_varint(buf, pos, end, &tag)) return 0;
+    field->tag_end = *pos;
+    field->number = (uint32_t)(tag >> 3);
+    field->wire = (int)(tag & 7);
+    if (field->number == 0 || tag >> 32) return 0;
+    switch (field->wire) {
+    case VARINT:
+        if (!read_varint(buf, pos, end, &field->varint)) return 0;
+        break;
+    case I64:
+        if (end - *pos < 8) return 0;
+        *pos += 8;
+        break;
+    case I32:
+        if (end - *pos < 4) return 0;
+        *pos += 4;
+        break;
+    case LEN:
+        if (!read_varint(buf, pos, end, &length) || length > (uint64_t)(end - *pos)) return 0;
+        field->payload = *pos;
+        *pos += (Py_ssize_t)length;
+        break;
+    default: /* groups: never in these messages */
+        return 0;
+    }
+    field->end = *pos;
+    return 1;
+}
+
+/* What a message's walker does with each field. */
+enum { GIVE_UP = 0, KEEP, CUT, WRITTEN };
+
+typedef int (*FieldHandler)(Walk *, const Field *, int *seen);
+
+static int walk_message(Walk *walk, Py_ssize_t start, Py_ssize_t end, FieldHandler on_field) {
+    int seen[2] = {0, 0};
+    Py_ssize_t pos = start;
+    Field field;
+    while (pos < end) {
+        if (!next_field(walk->buf, &pos, end, &field)) return 0;
+        switch (on_field(walk, &field, seen)) {
+        case KEEP:
+            memcpy(walk->out + walk->out_len, walk->buf + field.start, (size_t)(field.end - field.start));
+            walk->out_len += field.end - field.start;
+            break;
+        case CUT:
+        case WRITTEN:
+            break;
+        default:
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* A message on the path to a per-request value: its tag, the length of what is kept of it, then that. */
+static int descend(Walk *walk, const Field *field, FieldHandler on_field) {
+    Py_ssize_t tag_length = field->tag_end - field->start;
+    memcpy(walk->out + walk->out_len, walk->buf + field->start, (size_t)tag_length);
+    walk->out_len += tag_length;
+    Py_ssize_t length_at = walk->out_len;
+    walk->out_len += 4;
+    if (!walk_message(walk, field->payload, field->end, on_field)) return GIVE_UP;
+    uint32_t length = (uint32_t)(walk->out_len - length_at - 4);
+    for (int i = 0; i < 4; i++) walk->out[length_at + i] = (unsigned char)(length >> (8 * i));
+    return WRITTEN;
+}
+
+/* A field on the path to a per-request value: once at most (no upb merging), and a message. */
+static int path_field(const Field *field, int *seen, int slot) {
+    return field->wire == LEN && seen[slot]++ == 0;
+}
+
+static int path(Walk *walk, const Field *field, int *seen, int slot, FieldHandler on_field) {
+    return path_field(field, seen, slot) ? descend(walk, field, on_field) : GIVE_UP;
+}
+
+static int socket_address_field(Walk *walk, const Field *field, int *seen) {
+    (void)seen;
+    if (field->number == 4) return GIVE_UP; /* named_port: the oneof sibling that clears port_value */
+    if (field->number != 3) return KEEP;
+    if (field->wire != VARINT || walk->have_port) return GIVE_UP;
+    walk->port = (uint32_t)field->varint;
+    walk->have_port = 1;
+    return CUT;
+}
+
+static int address_field(Walk *walk, const Field *field, int *seen) {
+    if (field->number == 2 || field->number == 3) { /* pipe, envoy_internal_address: oneof siblings */
+        seen[1]++;
+        return seen[0] == 0 ? KEEP : GIVE_UP;
+    }
+    if (field->number != 1) return KEEP;
+    return seen[1] == 0 ? path(walk, field, seen, 0, socket_address_field) : GIVE_UP;
+}
+
+static int peer_field(Walk *walk, const Field *field, int *seen) {
+    return field->number == 1 ? path(walk, field, seen, 0, address_field) : KEEP;
+}
+
+static int read_timestamp(Walk *walk, const Field *field) {
+    Py_ssize_t pos = field->payload;
+    Field inner;
+    int64_t seconds = 0;
+    int32_t nanos = 0;
+    while (pos < field->end) {
+        if (!next_field(walk->buf, &pos, field->end, &inner) || inner.wire != VARINT) return GIVE_UP;
+        if (inner.number == 1) seconds = (int64_t)inner.varint;
+        else if (inner.number == 2) nanos = (int32_t)(uint32_t)inner.varint;
+        else return GIVE_UP;
+    }
+    walk->seconds = seconds;
+    walk->nanos = nanos;
+    walk->have_time = 1;
+    return CUT;
+}
+
+static int is_volatile_name(const unsigned char *name, Py_ssize_t length) {
+    Py_ssize_t count = PyTuple_GET_SIZE(volatile_names);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *candidate = PyTuple_GET_ITEM(volatile_names, i);
+        if (PyBytes_GET_SIZE(candidate) == length && memcmp(PyBytes_AS_STRING(candidate), name, (size_t)length) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* A headers map entry in the one form Envoy writes: key (1), then value (2) unless empty. */
+static int header_entry(Walk *walk, const Field *field) {
+    const unsigned char *buf = walk->buf;
+    Py_ssize_t pos = field->payload;
+    Field key, value;
+    if (field->wire != LEN || !next_field(buf, &pos, field->end, &key) || key.number != 1 || key.wire != LEN)
+        return GIVE_UP;
+    Py_ssize_t value_start = pos, value_len = 0;
+    if (pos < field->end) {
+        if (!next_field(buf, &pos, field->end, &value) || value.number != 2 || value.wire != LEN
+            || pos != field->end)
+            return GIVE_UP;
+        value_start = value.payload;
+        value_len = value.end - value.payload;
+    }
+    Py_ssize_t key_len = key.end - key.payload;
+    if (!is_volatile_name(buf + key.payload, key_len)) return KEEP;
+    for (int i = 0; i < walk->headers; i++) /* a repeated key: upb keeps the last; give up instead */
+        if (walk->header_key_len[i] == key_len
+            && memcmp(buf + walk->header_key[i], buf + key.payload, (size_t)key_len) == 0)
+            return GIVE_UP;
+    if (walk->headers == MAX_VOLATILE_NAMES) return GIVE_UP;
+    walk->header_key[walk->headers] = key.payload;
+    walk->header_key_len[walk->headers] = key_len;
+    walk->header_value[walk->headers] = value_start;
+    walk->header_value_len[walk->headers] = value_len;
+    walk->headers++;
+    return CUT;
+}
+
+static int http_field(Walk *walk, const Field *field, int *seen) {
+    (void)seen;
+    switch (field->number) {
+    case 1: /* id */
+        if (field->wire != LEN || walk->have_id) return GIVE_UP;
+        walk->id_start = field->payload;
+        walk->id_len = field->end - field->payload;
+        walk->have_id = 1;
+        return CUT;
+    case 3: /* headers */
+        return header_entry(walk, field);
+    case 13: /* header_map: the raw-headers form keeps its volatile values; not a repeat */
+        return GIVE_UP;
+    default:
+        return KEEP;
+    }
+}
+
+static int request_field(Walk *walk, const Field *field, int *seen) {
+    if (field->number == 1) return path_field(field, seen, 0) ? read_timestamp(walk, field) : GIVE_UP;
+    if (field->number == 2) return path(walk, field, seen, 1, http_field);
+    return KEEP;
+}
+
+static int attributes_field(Walk *walk, const Field *field, int *seen) {
+    if (field->number == 1) return path(walk, field, seen, 0, peer_field);
+    if (field->number == 4) return path(walk, field, seen, 1, request_field);
+    return KEEP;
+}
+
+static int check_request_field(Walk *walk, const Field *field, int *seen) {
+    return field->number == 1 ? path(walk, field, seen, 0, attributes_field) : KEEP;
+}
+
+/* NULL with no exception set: a string that is not UTF-8 (the caller answers None). */
+static PyObject *utf8(const Walk *walk, Py_ssize_t start, Py_ssize_t length) {
+    PyObject *text = PyUnicode_DecodeUTF8((const char *)walk->buf + start, length, NULL);
+    if (text == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) PyErr_Clear();
+    return text;
+}
+
+static PyObject *cut(PyObject *module, PyObject *arg) {
+    (void)module;
+    if (volatile_names == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "configure() the volatile header names first");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) != 0) return NULL;
+    if (view.len > 0x7fffffff) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    Walk walk;
+    memset(&walk, 0, sizeof walk);
+    walk.buf = (const unsigned char *)view.buf;
+    walk.out = PyMem_Malloc((size_t)view.len + 4 * PATH_MESSAGES);
+    if (walk.out == NULL) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    PyObject *result = NULL, *key = NULL, *request_id = NULL, *time_value = NULL, *headers = NULL;
+    if (!walk_message(&walk, 0, view.len, check_request_field)) {
+        PyMem_Free(walk.out);
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    headers = PyDict_New();
+    if (headers == NULL) goto done;
+    for (int i = 0; i < walk.headers; i++) {
+        PyObject *name = utf8(&walk, walk.header_key[i], walk.header_key_len[i]);
+        PyObject *value = name ? utf8(&walk, walk.header_value[i], walk.header_value_len[i]) : NULL;
+        int failed = value == NULL || PyDict_SetItem(headers, name, value) != 0;
+        Py_XDECREF(name);
+        Py_XDECREF(value);
+        if (failed) goto done;
+    }
+    request_id = walk.have_id ? utf8(&walk, walk.id_start, walk.id_len) : PyUnicode_New(0, 0);
+    if (request_id == NULL) goto done;
+    if (walk.have_time) {
+        time_value = Py_BuildValue("(Li)", (long long)walk.seconds, (int)walk.nanos);
+        if (time_value == NULL) goto done;
+    } else {
+        time_value = Py_NewRef(Py_None);
+    }
+    key = PyBytes_FromStringAndSize((const char *)walk.out, walk.out_len);
+    if (key == NULL) goto done;
+    result = Py_BuildValue("(OOkOO)", key, request_id, (unsigned long)walk.port, time_value, headers);
+done:
+    PyMem_Free(walk.out);
+    PyBuffer_Release(&view);
+    Py_XDECREF(key);
+    Py_XDECREF(request_id);
+    Py_XDECREF(time_value);
+    Py_XDECREF(headers);
+    if (result == NULL && !PyErr_Occurred()) Py_RETURN_NONE; /* bad UTF-8 */
+    return result;
+}
+
+static PyObject *configure(PyObject *module, PyObject *names) {
+    (void)module;
+    PyObject *tuple = PySequence_Tuple(names);
+    if (tuple == NULL) return NULL;
+    Py_ssize_t count = PyTuple_GET_SIZE(tuple);
+    if (count > MAX_VOLATILE_NAMES) {
+        Py_DECREF(tuple);
+        return PyErr_Format(PyExc_ValueError, "at most %d volatile header names", MAX_VOLATILE_NAMES);
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (!PyBytes_Check(PyTuple_GET_ITEM(tuple, i))) {
+            Py_DECREF(tuple);
+            return PyErr_Format(PyExc_TypeError, "volatile header names must be bytes");
+        }
+    }
+    Py_XSETREF(volatile_names, tuple);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"cut", cut, METH_O,
+     "cut(raw) -> (key, request_id, port, (seconds, nanos) | None, {header: value}) | None"},
+    {"configure", configure, METH_O, "configure(names): the header names (bytes) whose entries are cut"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_volatile_cut", "The exact repeat key of a CheckRequest, cut from its wire bytes.",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__volatile_cut(void) { return PyModule_Create(&module_def); }

@@ -52,12 +52,12 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self.decisions: dict[tuple[str, str, bool], int] = {}
+        self.decisions: dict[tuple[bool, str, bool], int] = {}  # (allowed, code, cached) -> count
         self.latency = {"grpc": LatencyHistogram(), "http": LatencyHistogram()}
         self.registry.register(_FunctionCollector(self._collect))
 
     def observe_decision(self, decision: "Decision", facts: "Facts | None", now: float) -> None:
-        key = ("allow" if decision.allowed else "deny", decision.code, decision.cached)
+        key = (decision.allowed, decision.code, decision.cached)
         decisions = self.decisions
         decisions[key] = decisions.get(key, 0) + 1
 
@@ -67,8 +67,8 @@ class Metrics:
     def _collect(self) -> Iterable[object]:
         decisions = CounterMetricFamily("authz_decisions", "Decisions made, by result and code",
                                         labels=["result", "code", "cached"])
-        for (result, code, cached), count in sorted(self.decisions.items()):
-            decisions.add_metric([result, code, "true" if cached else "false"], count)
+        for (allowed, code, cached), count in sorted(self.decisions.items()):
+            decisions.add_metric(["allow" if allowed else "deny", code, "true" if cached else "false"], count)
         yield decisions
         latency = HistogramMetricFamily("authz_decision_duration_seconds",
                                         "Time to decide, from request to response", labels=["transport"])

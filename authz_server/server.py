@@ -116,12 +116,19 @@ class _GenericHandlersOnly:
         pass  # on purpose: see the class docstring
 
 
-def _log_decision(decision: Decision, facts: Any, now: float) -> None:
-    if decision.allowed or decision.verdict is not None:  # the policy answered: nothing went wrong
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("decision %s: %s (%s)", decision.decision_id, decision.code, decision.reason)
-        return
-    log.warning("deny %s: %s: %s", decision.decision_id, decision.code, decision.reason)
+def _log_failure(decision: Decision, facts: Any, now: float) -> None:
+    """A deny the policy did not give (bad request, error, timeout): always a warning."""
+    if not decision.allowed and decision.verdict is None:
+        log.warning("deny %s: %s: %s", decision.decision_id, decision.code, decision.reason)
+
+
+def _log_every_decision(decision: Decision, facts: Any, now: float) -> None:
+    """With --log-level debug: every decision the policy gave too. Chosen once at start, so
+    the usual levels do not pay a level check on every request."""
+    if decision.allowed or decision.verdict is not None:
+        log.debug("decision %s: %s (%s)", decision.decision_id, decision.code, decision.reason)
+    else:
+        _log_failure(decision, facts, now)
 
 
 @dataclass
@@ -361,7 +368,9 @@ def build_app(config: Config, *, reuse_port: bool = False) -> App:
     audit = AuditLog.from_specs(config.audit, query=config.query) if config.audit else None
     signals = Signals(config.signals) if config.signals is not None else None
     pipeline = Pipeline(runtime, settings=config.decision, identity=identity, signals=signals,
-                        observers=[metrics.observe_decision, _log_decision, *([audit.observe] if audit else [])])
+                        observers=[metrics.observe_decision,
+                                   _log_every_decision if log.isEnabledFor(logging.DEBUG) else _log_failure,
+                                   *([audit.observe] if audit else [])])
     metrics.watch(pipeline_collector(pipeline, runtime))
     metrics.watch(identity_collector(identity))
     if signals is not None:

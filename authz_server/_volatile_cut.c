@@ -5,8 +5,9 @@
  * attributes.request.http.id and the volatile entries of attributes.request.http.headers) and
  * returns
  *
- *     (key, request_id, port, (seconds, nanos) | None, {volatile header: value})
+ *     (key, Volatile(request_id, (seconds, nanos) | None, port, {volatile header: value}))
  *
+ * (``Volatile`` is the class given to configure(): authz_server.facts.Volatile).
  * The key is the request without those fields: every other field's bytes as they came, and the
  * messages on those paths with their lengths rewritten (as 4 bytes, little-endian) to what is
  * left of them. So two requests have the same key exactly when they are the same request but for
@@ -45,6 +46,7 @@ typedef struct {
 } Walk;
 
 static PyObject *volatile_names = NULL; /* tuple of bytes, set by configure() */
+static PyObject *volatile_type = NULL;  /* what the values are returned in, set by configure() */
 
 enum { VARINT = 0, I64 = 1, LEN = 2, I32 = 5 };
 
@@ -273,8 +275,8 @@ static PyObject *utf8(const Walk *walk, Py_ssize_t start, Py_ssize_t length) {
 
 static PyObject *cut(PyObject *module, PyObject *arg) {
     (void)module;
-    if (volatile_names == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "configure() the volatile header names first");
+    if (volatile_names == NULL || volatile_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "configure() the volatile header names and the values' type first");
         return NULL;
     }
     Py_buffer view;
@@ -291,7 +293,8 @@ static PyObject *cut(PyObject *module, PyObject *arg) {
         PyBuffer_Release(&view);
         return PyErr_NoMemory();
     }
-    PyObject *result = NULL, *key = NULL, *request_id = NULL, *time_value = NULL, *headers = NULL;
+    PyObject *result = NULL, *key = NULL, *request_id = NULL, *time_value = NULL, *headers = NULL, *port = NULL;
+    PyObject *values = NULL;
     if (!walk_message(&walk, 0, view.len, check_request_field)) {
         PyMem_Free(walk.out);
         PyBuffer_Release(&view);
@@ -317,7 +320,11 @@ static PyObject *cut(PyObject *module, PyObject *arg) {
     }
     key = PyBytes_FromStringAndSize((const char *)walk.out, walk.out_len);
     if (key == NULL) goto done;
-    result = Py_BuildValue("(OOkOO)", key, request_id, (unsigned long)walk.port, time_value, headers);
+    port = PyLong_FromUnsignedLong(walk.port);
+    if (port == NULL) goto done;
+    values = PyObject_CallFunctionObjArgs(volatile_type, request_id, time_value, port, headers, NULL);
+    if (values == NULL) goto done;
+    result = PyTuple_Pack(2, key, values);
 done:
     PyMem_Free(walk.out);
     PyBuffer_Release(&view);
@@ -325,12 +332,17 @@ done:
     Py_XDECREF(request_id);
     Py_XDECREF(time_value);
     Py_XDECREF(headers);
+    Py_XDECREF(port);
+    Py_XDECREF(values);
     if (result == NULL && !PyErr_Occurred()) Py_RETURN_NONE; /* bad UTF-8 */
     return result;
 }
 
-static PyObject *configure(PyObject *module, PyObject *names) {
+static PyObject *configure(PyObject *module, PyObject *args) {
     (void)module;
+    PyObject *names, *type;
+    if (!PyArg_ParseTuple(args, "OO:configure", &names, &type)) return NULL;
+    if (!PyCallable_Check(type)) return PyErr_Format(PyExc_TypeError, "the values' type must be callable");
     PyObject *tuple = PySequence_Tuple(names);
     if (tuple == NULL) return NULL;
     Py_ssize_t count = PyTuple_GET_SIZE(tuple);
@@ -345,13 +357,14 @@ static PyObject *configure(PyObject *module, PyObject *names) {
         }
     }
     Py_XSETREF(volatile_names, tuple);
+    Py_XSETREF(volatile_type, Py_NewRef(type));
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"cut", cut, METH_O,
-     "cut(raw) -> (key, request_id, port, (seconds, nanos) | None, {header: value}) | None"},
-    {"configure", configure, METH_O, "configure(names): the header names (bytes) whose entries are cut"},
+    {"cut", cut, METH_O, "cut(raw) -> (key, Volatile(request_id, (seconds, nanos) | None, port, {header: value})) | None"},
+    {"configure", configure, METH_VARARGS,
+     "configure(names, volatile_type): the header names (bytes) whose entries are cut, and the values' type"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -33,8 +33,6 @@ try:
     from . import _volatile_cut
 except ImportError:  # built without a C compiler: the gRPC front then never replays repeats
     _volatile_cut = None  # type: ignore[assignment]
-else:
-    _volatile_cut.configure(sorted(name.encode() for name in VOLATILE_HEADERS))
 
 CheckRequest = external_auth_pb2.CheckRequest
 CheckResponse = external_auth_pb2.CheckResponse
@@ -218,20 +216,21 @@ def facts_from_check_request(request: CheckRequest) -> Facts:
     return facts_from_stripped(strip_volatile(request))
 
 
-def cut_volatile(raw: bytes) -> tuple[bytes, Volatile] | None:
-    """A serialized request's exact repeat key and its volatile values, read from the bytes
-    without parsing them (C, ``_volatile_cut.c``): the key is the bytes minus the volatile
-    fields, plus where they were cut. Two requests with the same key parse to the same request
-    but for their volatile values. None when the bytes are not in the form Envoy writes (the
-    raw-headers form included), or when the extension was not built: such a request is
-    read with ``parse_check_request`` and never replayed."""
-    if _volatile_cut is None:
-        return None
-    cut = _volatile_cut.cut(raw)
-    if cut is None:
-        return None
-    key, request_id, port, time_value, headers = cut
-    return key, Volatile(request_id, time_value, port, headers)
+def _no_cut(raw: bytes) -> tuple[bytes, Volatile] | None:
+    return None
+
+
+# cut_volatile(raw): a serialized request's exact repeat key and its volatile values, read from
+# the bytes without parsing them (C, ``_volatile_cut.c``): the key is the request minus its
+# volatile fields. Two requests with the same key parse to the same request but for their
+# volatile values. None when the bytes are not in the form Envoy writes (the raw-headers form
+# included), or when the extension was not built: such a request is read with
+# ``parse_check_request`` and never replayed. The C function itself, no Python wrapper: this
+# runs on every check.
+cut_volatile: Callable[[bytes], tuple[bytes, Volatile] | None] = _no_cut
+if _volatile_cut is not None:
+    _volatile_cut.configure(sorted(name.encode() for name in VOLATILE_HEADERS), Volatile)
+    cut_volatile = _volatile_cut.cut
 
 
 def repeat_facts(first: Facts, volatile: Volatile) -> Facts:

@@ -10,8 +10,9 @@
  * (``Volatile`` is the class given to configure(): authz_server.facts.Volatile).
  * The key is the request without those fields: every other field's bytes as they came, and the
  * messages on those paths with their lengths rewritten (as 4 bytes, little-endian) to what is
- * left of them. So two requests have the same key exactly when they are the same request but for
- * their per-request values, whatever the lengths of those values; each brings its own.
+ * left of them. So two requests have the same key only when they are the same request but for
+ * their per-request values (each brings its own), and two such requests from Envoy, which writes
+ * a request the same way each time, have the same key whatever the lengths of those values.
  *
  * Anything the walk does not read exactly as upb would (a path field repeated, so that upb would
  * merge; a wire type it does not expect; a oneof sibling that would clear the port; an unusual

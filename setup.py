@@ -49,7 +49,7 @@ class BuildWithProtos(build_py):
 # Before setup(): package discovery must already see authz_server._proto.
 compile_protos()
 # Optional: without a C compiler the server still works, it only never replays gRPC repeats
-# (``authz_server.envoy.cut_volatile`` is then None).
+# (``authz_server.envoy.cut_volatile`` then always answers None).
 setup(cmdclass={"build_py": BuildWithProtos},
       ext_modules=[Extension("authz_server._volatile_cut", ["authz_server/_volatile_cut.c"], optional=True,
                              extra_compile_args=["-O2", "-Wall", "-Wextra"])])

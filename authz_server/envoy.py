@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from envoy.config.core.v3 import base_pb2
@@ -149,71 +148,50 @@ def _joined_raw_headers(http: attribute_context_pb2.AttributeContext.HttpRequest
     return headers
 
 
-@dataclass(slots=True)
-class StrippedRequest:
-    """A parsed request with its volatile values taken out, and its fingerprint: all that a
-    repeat of an earlier request needs (see ``repeat_facts``); ``facts_from_stripped`` reads
-    the rest."""
+def facts_from_check_request(request: CheckRequest) -> Facts:
+    """Read a parsed request into ``Facts`` (the request is consumed: its volatile fields
+    are moved into the facts so the rest can be digested as the cache fingerprint).
 
-    request: CheckRequest
-    fingerprint: bytes
-    request_id: str
-    port: int
-    volatile: Volatile | None  # None in Envoy's raw-headers form, where nothing is taken out
-
-
-def strip_volatile(request: CheckRequest) -> StrippedRequest:
-    """Move the volatile values out of ``request`` (consumed) and digest the rest."""
+    On the hot path of every check: field reads are kept to what the facts hold."""
     attributes = request.attributes
     req = attributes.request
     http = req.http
-    socket = attributes.source.address.socket_address
+    source = attributes.source
+    socket = source.address.socket_address
     request_id = http.id
     port = socket.port_value
+    time_value = (req.time.seconds, req.time.nanos) if req.HasField("time") else None
+    volatile: dict[str, str]
     if http.HasField("header_map"):
+        headers: Mapping[str, str] = _joined_raw_headers(http)
         # Nothing is removed from the request, so nothing is put back into the attributes
         # (the facts still carry the request id and port, for the audit record).
-        return StrippedRequest(request, hashlib.blake2b(_without_volatile(request), digest_size=20).digest(),
-                               request_id, port, None)
-    time_value = (req.time.seconds, req.time.nanos) if req.HasField("time") else None
-    headers = http.headers
-    volatile: dict[str, str] = {}
-    for name in headers:
-        if name in VOLATILE_HEADERS:
-            volatile[name] = headers[name]
-    for name in volatile:
-        del headers[name]
-    if request_id:
-        http.id = ""
-    if time_value is not None:
-        req.ClearField("time")
-    if port:
-        socket.port_value = 0
-    # Sorted map keys: the headers map's iteration order depends on its insertion and
-    # deletion history (which volatile headers came and went), and an unsorted digest
-    # then misses the cache for requests that differ only in those (~0.4 µs).
-    fingerprint = hashlib.blake2b(request.SerializeToString(deterministic=True), digest_size=20).digest()
-    return StrippedRequest(request, fingerprint, request_id, port, Volatile(request_id, time_value, port, volatile))
-
-
-def facts_from_stripped(stripped: StrippedRequest) -> Facts:
-    """On the hot path of every check that is not a repeat: field reads are kept to what the
-    facts hold."""
-    attributes = stripped.request.attributes
-    http = attributes.request.http
-    source = attributes.source
-    headers: Mapping[str, str] = http.headers if stripped.volatile is not None else _joined_raw_headers(http)
+        attributes_factory = _AttributesAsSent(attributes, None)
+        fingerprint = hashlib.blake2b(_without_volatile(request), digest_size=20).digest()
+    else:
+        headers = http.headers
+        volatile = {}
+        for name in headers:
+            if name in VOLATILE_HEADERS:
+                volatile[name] = headers[name]
+        for name in volatile:
+            del headers[name]
+        if request_id:
+            http.id = ""
+        if time_value is not None:
+            req.ClearField("time")
+        if port:
+            socket.port_value = 0
+        # Sorted map keys: the headers map's iteration order depends on its insertion and
+        # deletion history (which volatile headers came and went), and an unsorted digest
+        # then misses the cache for requests that differ only in those (~0.4 µs).
+        fingerprint = hashlib.blake2b(request.SerializeToString(deterministic=True), digest_size=20).digest()
+        attributes_factory = _AttributesAsSent(attributes, Volatile(request_id, time_value, port, volatile))
     return Facts(
-        http.method, http.path, headers, http.body, http.raw_body, http.host, source.address.socket_address.address,
-        stripped.port, source.principal, source.certificate, attributes.context_extensions, stripped.request_id,
-        stripped.fingerprint, "grpc", _AttributesAsSent(attributes, stripped.volatile),
+        http.method, http.path, headers, http.body, http.raw_body, http.host, socket.address, port,
+        source.principal, source.certificate, attributes.context_extensions, request_id, fingerprint, "grpc",
+        attributes_factory,
     )
-
-
-def facts_from_check_request(request: CheckRequest) -> Facts:
-    """Read a parsed request into ``Facts`` (the request is consumed: its volatile fields
-    are moved into the facts so the rest can be digested as the cache fingerprint)."""
-    return facts_from_stripped(strip_volatile(request))
 
 
 def _no_cut(raw: bytes) -> tuple[bytes, Volatile] | None:
@@ -366,6 +344,5 @@ def check_response_bytes(decision: Decision) -> bytes:
 
 __all__ = [
     "CheckRequest", "CheckResponse", "check_request_from_json", "check_response", "check_response_bytes",
-    "cut_volatile", "facts_from_check_request", "facts_from_stripped", "parse_check_request", "protomap", "repeat_facts",
-    "strip_volatile",
+    "cut_volatile", "facts_from_check_request", "parse_check_request", "protomap", "repeat_facts",
 ]

@@ -1,7 +1,7 @@
 """Requests seen before, answered without deciding again.
 
 Clients repeat themselves: the same call from the same workload, again and again. When a
-request's digest matches one whose allow came from the decision cache, the front hands the
+request's key matches one whose allow came from the decision cache, the front hands the
 earlier decision to ``Pipeline.replay``, which re-checks everything that can change (the
 cached verdict's deadline, the policy version, the identity) and gives it a new decision id.
 The HTTP front keys by the request bytes themselves; the gRPC front by the request bytes
@@ -21,7 +21,7 @@ from .facts import Facts
 @dataclass(slots=True)
 class Repeat:
     decision: Decision  # the cached allow it came from (its memo holds the rendering)
-    facts: Facts  # of the first such request (the HTTP front replays it to the observers)
+    facts: Facts  # of the first such request: what the observers (audit) of every repeat get, or start from
 
 
 def replayable(decision: Decision) -> bool:
@@ -30,7 +30,7 @@ def replayable(decision: Decision) -> bool:
 
 
 class RepeatCache:
-    """Digest → the ``Repeat`` behind it, oldest out first. Whether a repeat still holds is
+    """Key → the ``Repeat`` behind it, oldest out first. Whether a repeat still holds is
     ``Pipeline.replay``'s to judge: ``replay`` asks it, and counts the repeats it answers.
 
     An entry keeps the first request's facts, body included, and its key (at most the request's

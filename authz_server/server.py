@@ -22,8 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from .audit import AuditLog
 from .config import Config
 from .decision import Decision, Pipeline
-from .envoy import (check_response_bytes, cut_volatile, facts_from_stripped, parse_check_request, repeat_facts,
-                    strip_volatile)
+from .envoy import check_response_bytes, cut_volatile, facts_from_check_request, parse_check_request, repeat_facts
 from .errors import AuthzError, RequestError, WorkloadError
 from .http import serve_http
 from .identity.redis_store import RedisStore
@@ -71,7 +70,7 @@ class AuthorizationServicer:
                 key, volatile = cut
                 repeated = self.repeats.replay(key, self._pipeline, now, lambda first: repeat_facts(first, volatile))
             if repeated is None:
-                facts = facts_from_stripped(strip_volatile(parse_check_request(raw)))
+                facts = facts_from_check_request(parse_check_request(raw))
         except RequestError as exc:
             decision = self._pipeline.refuse(exc, now=now)
         except Exception as exc:  # never let a surprise reach Envoy as a gRPC error

@@ -146,7 +146,7 @@ def test_big_requests_are_not_kept_as_repeats(server: Server) -> None:
     assert [d.cached for d, _ in server.seen] == [False, True, True, True]  # still the decision cache
 
 
-@pytest.mark.parametrize(("step", "path"), [("facts_from_stripped", "/public/new"), ("repeat_facts", "/public/a")])
+@pytest.mark.parametrize(("step", "path"), [("facts_from_check_request", "/public/new"), ("repeat_facts", "/public/a")])
 def test_a_surprise_while_reading_the_request_denies_and_never_escapes(server: Server, step: str, path: str,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     for _ in range(2):

@@ -2,7 +2,7 @@
 
 What it must never do is give two requests the same key when they differ in anything but their
 per-request values (that would replay one request's allow for another), or report volatile
-values other than the ones the real parse (``strip_volatile``) finds. It may give up (None)
+values other than the ones the real parse (``facts_from_check_request``) finds. It may give up (None)
 whenever a request is not in the form Envoy writes; the server then reads it the slow way.
 The properties are checked against the real protobuf parser, on generated requests and on
 byte-level mutations of them.
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from authz_server.envoy import CheckRequest, check_request_from_json, cut_volatile, strip_volatile
+from authz_server.envoy import CheckRequest, check_request_from_json, cut_volatile, facts_from_check_request
 from authz_server.facts import VOLATILE_HEADERS, Volatile
 
 RECORDED = Path(__file__).parents[1] / "vectors" / "opa_envoy_input" / "envoy_get_mtls.json"
@@ -33,8 +33,9 @@ def stripped_values(raw: bytes) -> tuple[bytes, Volatile] | None:
     """What the real parse finds: the fingerprint of the rest, and the volatile values."""
     request = CheckRequest()
     request.ParseFromString(raw)
-    stripped = strip_volatile(request)
-    return (stripped.fingerprint, stripped.volatile) if stripped.volatile is not None else None
+    facts = facts_from_check_request(request)
+    volatile = facts.attributes_factory.volatile  # type: ignore[union-attr]
+    return (facts.fingerprint, volatile) if volatile is not None else None
 
 
 def cut(raw: bytes) -> tuple[bytes, Volatile]:

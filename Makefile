@@ -1,15 +1,21 @@
-# The two set-up commands: `make demo` and `make test`. Both create .venv when missing.
+# The two set-up commands: `make demo` and `make test`. Both create .venv when missing and
+# install exactly what requirements/dev.lock pins (with hashes), so a fresh machine gets what CI got.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LOCK   := requirements/dev.lock
+# --ignore-requires-python: opa-golib-python-bindings claims Python 3.14 and runs on 3.11 (requirements/lock.py).
+PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: demo test bench evaluate install clean
+.PHONY: demo test bench evaluate install lock clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard protos/*.proto) $(wildcard authz_server/*.c)
+$(STAMP): $(LOCK) pyproject.toml setup.py $(wildcard protos/*.proto) $(wildcard authz_server/*.c)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,demo,evaluate]'
+	$(PIP) install --quiet --require-hashes --ignore-requires-python -r $(LOCK)
+	# setuptools warns on every editable install about same-named folders in the working directory; it is how
+	# this checkout is meant to be used (tests import the tree), so that one warning is silenced here.
+	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,5 +32,11 @@ bench: $(STAMP)
 evaluate: $(STAMP)
 	$(BIN)/authz-server evaluate --out evaluation
 
+# Re-resolve pyproject.toml into requirements/*.lock (needs PyPI) and print what changed.
+lock:
+	test -x .venv-lock/bin/python || $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check 'pip-tools==7.7.0'
+	.venv-lock/bin/python requirements/lock.py
+
 clean:
-	rm -rf $(VENV) .authz build *.egg-info
+	rm -rf $(VENV) .venv-lock .authz build *.egg-info

@@ -83,9 +83,9 @@ async def test_two_processes_one_redis(supervisor: Supervisor, redis_server, tmp
             await admin.RevokeSession(admin_pb.SessionRef(id=session))  # on one
             started = time.monotonic()
             while (await ask_two(check(session=session))).status.code == 0:
-                assert time.monotonic() - started < 0.1, "revocation on one not enforced on two within 100 ms"
-            elapsed = time.monotonic() - started
-            assert elapsed < 0.1
+                # Pushed by pub/sub, not waited out: the near-cache keeps entries 5 s, so 2 s tells the two
+                # apart with room for a busy machine (how fast it really is: make bench).
+                assert time.monotonic() - started < 2.0, "revocation on one not enforced on two by pub/sub"
 
             # Redis goes away: sessions two holds in its near-cache keep working, new ones fail closed.
             second = await ask_one(check(token=idp.issue("shop", username="alice").access_token))

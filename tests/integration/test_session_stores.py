@@ -101,7 +101,7 @@ async def test_redis_replicas_share_sessions_and_revocations_reach_every_replica
         started = time.monotonic()
         assert await one.revoke(stored.key, now=now)
         while two.lookup_cached(session.key, now=time.time()) is not None:
-            assert time.monotonic() - started < 0.1, "revocation not seen by the other replica within 100 ms"
+            assert time.monotonic() - started < 2.0, "revocation not pushed to the other replica"  # near-cache: 5 s
             await asyncio.sleep(0.002)
         with pytest.raises(SessionError) as revoked:
             await two.lookup(session.key, now=time.time())
@@ -113,7 +113,7 @@ async def test_redis_replicas_share_sessions_and_revocations_reach_every_replica
         started = time.monotonic()
         await one.revoke_subject("carol")
         while two.lookup_cached(a.key, now=time.time()) is not None:
-            assert time.monotonic() - started < 0.1, "subject revocation not seen within 100 ms"
+            assert time.monotonic() - started < 2.0, "subject revocation not pushed to the other replica"
             await asyncio.sleep(0.002)
 
         assert await one.claim_jti("iss", "t9", "client-a", until=now + 60, now=now) is None

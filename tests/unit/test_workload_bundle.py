@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import time
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -15,7 +14,7 @@ from spiffe import JwtBundle, TrustDomain, X509Bundle
 from authz_server.workload.bundle import BundleError, TrustBundle, parse_spiffe_bundle
 from authz_server.workload.ca import create_authority
 
-NOW = time.time()
+NOW = 1_700_000_000.0  # a fixed clock: every check here takes `now`
 
 
 @pytest.fixture(scope="module")

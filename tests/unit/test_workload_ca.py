@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from authz_server.errors import ConfigError
 from authz_server.workload.ca import CertificateAuthority
 
-NOW = time.time()
+NOW = 1_700_000_000.0  # a fixed clock: every check here takes `now`
 TTL = 1000.0
 AHEAD = 30.0
 

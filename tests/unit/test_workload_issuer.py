@@ -4,14 +4,13 @@ half-life, CA rotation reaching every workload that trusts the domain."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from authz_server.workload import IdentityConfig, Issuer, SvidError, parse_spiffe_bundle
 
-NOW = time.time()
+NOW = 1_700_000_000.0  # a fixed clock: every check here takes `now`
 
 
 def config(tmp_path: Path, **overrides: object) -> IdentityConfig:

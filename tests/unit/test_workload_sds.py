@@ -4,7 +4,6 @@ ACK, NACK, stale nonces, and pushes only when a secret really changed."""
 from __future__ import annotations
 
 import itertools
-import time
 from pathlib import Path
 
 import grpc
@@ -20,7 +19,7 @@ from google.rpc import status_pb2
 from authz_server.workload import IdentityConfig, Issuer
 from authz_server.workload.sds import SECRET_TYPE_URL, SdsError, SecretStream, build_secrets
 
-NOW = time.time()
+NOW = 1_700_000_000.0  # a fixed clock: every check here takes `now`
 A = "spiffe://example.org/a"
 
 

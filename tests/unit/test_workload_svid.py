@@ -18,7 +18,7 @@ from authz_server.identity.jwa import sign
 from authz_server.workload.ca import create_authority
 from authz_server.workload.svid import BACKDATE, SvidError, issue_jwt_svid, issue_x509_svid, validate_jwt_svid
 
-NOW = time.time()
+NOW = 1_700_000_000.0  # a fixed clock: every check here takes `now`
 ID = "spiffe://example.org/orders"
 
 
@@ -134,9 +134,10 @@ def test_jwt_svid_claims_and_header(authority) -> None:  # type: ignore[no-untyp
 
 @pytest.mark.parametrize("algorithm", ["ES256", "RS256"])
 def test_jwt_svid_validates_here_and_in_pyspiffe(algorithm: str) -> None:
-    authority = create_authority("example.org", ttl=86400, jwt_algorithm=algorithm, now=NOW)
-    svid = jwt(authority)
-    validated = validate_jwt_svid(svid.token, "orders", keys_of(authority), now=NOW + 10)
+    now = time.time()  # py-spiffe checks expiry against the real clock
+    authority = create_authority("example.org", ttl=86400, jwt_algorithm=algorithm, now=now)
+    svid = jwt(authority, now=now)
+    validated = validate_jwt_svid(svid.token, "orders", keys_of(authority), now=now + 10)
     assert validated.spiffe_id == ID and validated.trust_domain == "example.org"
     assert validated.claims["aud"] == ["orders"]
     # py-spiffe, with the JWT bundle as the Workload API serves it

@@ -92,9 +92,13 @@ def effective_config(args: argparse.Namespace) -> Config:
 
 def resolve_workers(config: Config) -> int:
     """``--workers`` if given; else one per core, except that sessions kept in process
-    memory cannot be shared, so then one process (use a redis:// store to scale out)."""
+    memory cannot be shared, so then one process (use a redis:// store to scale out), and
+    a unix: address cannot be shared by several processes either."""
     if config.workers:
         return config.workers
+    if config.addr.startswith("unix:") or config.http_addr.startswith("unix:"):
+        log.info("one worker: a unix: address is served by one process (use host:port for more)")
+        return 1
     if config.issuers and config.sessions.settings.enabled and config.sessions.store == "memory":
         log.info("one worker: sessions live in process memory (set sessions.store to redis:// for more)")
         return 1
@@ -104,6 +108,10 @@ def resolve_workers(config: Config) -> int:
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO (the supervisor's metric scrapes, JWKS fetches): noise a
+    # user cannot act on; their failures reach our own log as errors.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
         return _run_loop(_supervise(config, workers, args))
     except _WorkerExplained as exc:
         return exc.returncode
+    except ConfigError as exc:
+        print(f"authz-server: config error: {exc.message}", file=sys.stderr)
+        return 2
     except AuthzError as exc:
         print(f"authz-server: {exc.code}: {exc.message}", file=sys.stderr)
         return 2

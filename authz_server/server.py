@@ -146,19 +146,19 @@ class App:
     signer: ExchangeSigner | None = None
     exchange: TokenExchange | None = None
     bound: dict[str, str] = field(default_factory=dict)
+    _loop: asyncio.AbstractEventLoop | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _http_servers: list[asyncio.Server] = field(default_factory=list)
 
     async def start(self) -> dict[str, str]:
         """Load policies, bind every configured port; returns name → bound address.
 
-        A policy folder that does not load yet is not fatal: the server answers deny
-        (``policy_not_loaded``) and reports NOT_SERVING until a good set appears."""
+        The first policy set must load, compile and pass its tests: a server that could only
+        deny is a mistake to report at once (``PolicyError``), not a process to keep running.
+        Later reloads keep the last good set instead."""
+        self._loop = asyncio.get_running_loop()
         if self.runtime.active is None:
-            try:
-                await asyncio.to_thread(self.runtime.load)
-            except AuthzError:
-                pass  # logged by the runtime; the watcher keeps trying
+            await asyncio.to_thread(self.runtime.load)
         await self._follow_bundles()
         if self.config.addr:
             self.server = grpc.aio.server(options=[
@@ -279,11 +279,12 @@ class App:
                               else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def on_policy_change(self, _runtime: PolicyRuntime) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        # Called wherever the runtime swapped the set, a worker thread included (reloads
+        # activate off the loop): health is updated on the server's own loop either way.
+        loop = self._loop
+        if loop is None or loop.is_closed():
             return
-        loop.create_task(self._update_health())
+        asyncio.run_coroutine_threadsafe(self._update_health(), loop)
 
     async def stop(self, grace: float = 1.0) -> None:
         for task in self._tasks:

@@ -95,10 +95,15 @@ class WorkloadApiTls:
     """The SVID and bundles of this process's workload, from the SPIFFE Workload API."""
 
     def __init__(self, socket: str, *, timeout: float = 30.0) -> None:
+        from spiffe.errors import PySpiffeError
         from spiffe.workloadapi.x509_source import X509Source
 
         path = socket if socket.startswith("unix:") else f"unix:{socket}"
-        self._source = X509Source(socket_path=path, timeout_in_seconds=timeout)
+        try:
+            self._source = X509Source(socket_path=path, timeout_in_seconds=timeout)
+        except PySpiffeError as exc:  # no socket, no agent behind it, or no SVID for us in time
+            reason = _first_line(exc).removeprefix("Invalid WorkloadApiClient configuration: ")
+            raise ConfigError(f"no X.509-SVID from the Workload API: {reason}", key="tls.spiffe_socket") from None
         self._lock = threading.Lock()
         self._cache: tuple[Any, TlsMaterial] | None = None
 
@@ -125,6 +130,10 @@ class WorkloadApiTls:
 
     def close(self) -> None:
         self._source.close()
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def server_credentials(source: TlsSource, *, require_client_auth: bool = True) -> grpc.ServerCredentials:

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import base64
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -48,16 +49,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="authz-demo-"))
+    code = 1
     try:
         if args.quickstart:
-            return asyncio.run(_demo(workdir, keep=args.keep))
-        from .launcher import MeshOptions
+            code = asyncio.run(_demo(workdir, keep=args.keep))
+        else:
+            from .launcher import MeshOptions
 
-        options = MeshOptions(workdir) if not args.policies else MeshOptions(workdir, policies=Path(args.policies))
-        return asyncio.run(mesh_demo(options, keep=args.keep))
+            options = MeshOptions(workdir) if not args.policies else MeshOptions(workdir, policies=Path(args.policies))
+            code = asyncio.run(mesh_demo(options, keep=args.keep))
     except KeyboardInterrupt:
         print("\nstopped; every process the demo started is gone.")
-        return 130
+        code = 130
+    finally:
+        if args.workdir is None and code in (0, 130):
+            shutil.rmtree(workdir, ignore_errors=True)  # a folder we made, for a run that went as promised
+        elif code != 0:
+            print(f"logs, configs and the decision log are kept in {workdir}", file=sys.stderr)
+    return code
 
 
 async def mesh_demo(options: MeshOptions, *, keep: bool, out: TextIO = sys.stdout) -> int:

@@ -4,21 +4,26 @@
 #   docker run --rm authz-server:dev --help
 #
 # Stage 1 builds a wheel (protos/ are compiled by setup.py with grpcio-tools, a build-time
-# requirement only, and the C extension of the gRPC repeat key with gcc); stage 2 installs it
-# with its runtime dependencies and nothing else.
+# requirement only, and the C extension of the gRPC repeat key with gcc) with the tools pinned in
+# requirements/build.lock; stage 2 installs it with exactly the runtime dependencies pinned in
+# requirements/runtime.lock, and nothing else. --ignore-requires-python: see requirements/lock.py.
 FROM python:3.11-slim AS build
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+COPY requirements/build.lock ./requirements/
+RUN pip install --require-hashes -r requirements/build.lock
 COPY pyproject.toml setup.py README.md ./
 COPY protos ./protos
 COPY authz_server ./authz_server
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
 FROM python:3.11-slim
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+COPY requirements/runtime.lock /tmp/runtime.lock
 COPY --from=build /wheels /wheels
-RUN pip install /wheels/*.whl && rm -rf /wheels \
+RUN pip install --require-hashes --ignore-requires-python -r /tmp/runtime.lock \
+    && pip install --no-deps /wheels/*.whl && rm -rf /wheels /tmp/runtime.lock \
     && groupadd --system --gid 10001 authz \
     && useradd --system --uid 10001 --gid authz --home-dir /var/lib/authz --create-home --shell /usr/sbin/nologin authz \
     && mkdir -p /etc/authz \

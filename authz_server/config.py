@@ -22,7 +22,8 @@ from .decision import DecisionSettings
 from .identity.exchange import ExchangeConfig, ExchangeRule
 from .identity.oidc import parse_issuers
 from .identity.resolver import SessionSettings
-from .policy.engine import ISOLATION_MODES, validate_query
+from .policy.engine import validate_query
+from .policy.pool import ISOLATION_MODES
 from .signals import SignalsConfig
 from .durations import parse_duration
 from .errors import ConfigError, PolicyError
@@ -65,7 +66,9 @@ class Config:
     metrics_addr: str = "127.0.0.1:9464"
     workers: int = 0  # 0: decide at start (see serve.resolve_workers)
     log_level: str = "info"
-    policy_isolation: str = "adaptive"  # adaptive | thread | inline (see policy.engine.EvaluatorPool)
+    policy_isolation: str = "thread"  # thread | inline (see policy.pool); "adaptive" is read as thread
+    policy_threads: int = 0  # evaluation threads per process; 0: one per core
+    strict_builtin_errors: bool = False  # OPA's default: a failing built-in makes its expression undefined
     decision: DecisionSettings = field(default_factory=DecisionSettings)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     trust_domains: tuple[str, ...] = ()
@@ -196,6 +199,9 @@ def _decision_settings(data: Mapping[str, Any], defaults: DecisionSettings) -> D
         settings = replace(settings, deny_status=_int(data["deny_status"], "deny_status", minimum=400, maximum=599))
     if "dry_run" in data:
         settings = replace(settings, dry_run=_bool(data["dry_run"], "dry_run"))
+    if "deny_body" in data:
+        explain = _choice(data["deny_body"], "deny_body", ("policy", "explain")) == "explain"
+        settings = replace(settings, explain_policy_denies=explain)
     return settings
 
 
@@ -212,7 +218,10 @@ _READERS: dict[str, _Reader] = {
     "metrics_addr": lambda v, _b: {"metrics_addr": _address(v, "metrics_addr")},
     "workers": lambda v, _b: {"workers": _int(v, "workers", minimum=1, maximum=1024)} if v != "auto" else {},
     "log_level": lambda v, _b: {"log_level": _log_level(v)},
-    "policy_isolation": lambda v, _b: {"policy_isolation": _choice(v, "policy_isolation", ISOLATION_MODES)},
+    "policy_isolation": lambda v, _b: {"policy_isolation": _isolation(v)},
+    "policy_threads": lambda v, _b: {"policy_threads": _int(v, "policy_threads", minimum=1, maximum=256)}
+    if v != "auto" else {},
+    "strict_builtin_errors": lambda v, _b: {"strict_builtin_errors": _bool(v, "strict_builtin_errors")},
     "audit": lambda v, b: {"audit": _audit_sinks(v, b)},
     "sessions": lambda v, _b: {"sessions": _sessions(v)},
     "tls": lambda v, b: {"tls": _tls(v, b)},
@@ -222,7 +231,7 @@ _READERS: dict[str, _Reader] = {
     "admin": lambda v, _b: {"admin": _admin(v)},
     "trust_domains": lambda v, _b: {"trust_domains": _trust_domains(v)},
 }
-_DECISION_KEYS = {"decision_cache", "policy_timeout", "deny_status", "dry_run"}
+_DECISION_KEYS = {"decision_cache", "policy_timeout", "deny_status", "dry_run", "deny_body"}
 
 
 def _string_list(value: Any, key: str) -> tuple[str, ...]:
@@ -365,6 +374,13 @@ def _path_prefix(value: Any) -> str:
         raise ConfigError(f"expected a path like /check (leading slash, no trailing slash), got {text!r}",
                           key="http_path_prefix")
     return text
+
+
+def _isolation(value: Any) -> str:
+    # "adaptive" (evaluate inline once a policy proved fast) was dropped with regopy: a policy
+    # that once ran long must never run on the event loop, and threads now cost little. Configs
+    # that name it keep working, on threads.
+    return "thread" if value == "adaptive" else _choice(value, "policy_isolation", ISOLATION_MODES)
 
 
 def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:

@@ -16,7 +16,7 @@ error sits on decides the answer Envoy gets (see ``status``)::
     └── ConfigError              the configuration is invalid; never raised per request
 
 Verifiers raise these; only the decision pipeline turns them into a denied ``Decision``.
-Third-party exceptions (pyjwt, regopy, redis) are translated where they are caught.
+Third-party exceptions (pyjwt, the OPA bindings, redis) are translated where they are caught.
 """
 
 from __future__ import annotations

@@ -361,7 +361,9 @@ def _exchange_issuer(config: Config, signer: ExchangeSigner) -> Any:
 
 def build_app(config: Config, *, reuse_port: bool = False) -> App:
     """Wire one server from one config; nothing global is touched."""
-    runtime = PolicyRuntime(config.policies, query=config.query, isolation=config.policy_isolation)
+    runtime = PolicyRuntime(config.policies, query=config.query, isolation=config.policy_isolation,
+                            strict=config.strict_builtin_errors,
+                            **({"pool_size": config.policy_threads} if config.policy_threads else {}))
     metrics = Metrics()
     signer = ExchangeSigner.load_or_create(config.exchange.key_file) if config.exchange is not None else None
     identity = build_identity(config, signer)

@@ -41,6 +41,7 @@ import yaml
 
 from ..envoy import check_response_bytes, facts_from_check_request, parse_check_request
 from ..facts import build_input
+from ..policy.engine import encode_input
 from ..mesh.envoy import start_envoy
 from ..mesh.extauthz import AuthzTarget
 from ..mesh.front import FrontProxy, Route, render_front_proxy
@@ -244,7 +245,8 @@ async def in_process_breakdown(world: InProcessWorld, token: str) -> dict[str, f
     document = build_input(facts(), identity.document, {})
 
     async def evaluate() -> Any:
-        return await active.evaluate(build_input(facts(), identity.document, {}, active.input_tree), timeout=1.0)
+        return await active.evaluate(encode_input(build_input(facts(), identity.document, {}, active.input_tree)),
+                                     timeout=1.0)
 
     async def render() -> Any:
         return check_response_bytes(decision)

@@ -1,39 +1,51 @@
-"""The Rego engine: regopy (Microsoft rego-cpp), compiled once, queried many times.
+"""The Rego engine: OPA itself (v1.20), in process, through ``opa-golib-python-bindings``.
 
-A ``CompiledPolicy`` validates a ``PolicySet`` by building its bundle (parse and compile
-errors surface here, with file:line). Each ``Evaluator`` owns one interpreter with the
-compiled bundle loaded, because an interpreter is not thread-safe. A query that names a
-rule by plain identifiers (``data.envoy.authz.allow``) is compiled as a bundle entrypoint
-(``envoy/authz/allow``), which evaluates about 35 µs faster than a query; any other reference
-is compiled as a query that binds its value (``result := data["a-b"].allow``), because a bare
-query whose value is ``false`` comes back undefined.
+The one seam between authz-server and its engine; nothing else imports the bindings.
 
-regopy calls go through ctypes, which releases the GIL, so the ``EvaluatorPool`` can run
-them on worker threads: the event loop keeps answering cached decisions while a policy
-evaluates, and a policy that runs too long is answered with a deny at the deadline. A
-stuck evaluator is replaced by a fresh one (up to a bound) and retired when it finally
-returns, so one pathological input cannot starve the pool. Fast, well-behaved policies
-graduate to inline evaluation (see ``EvaluatorPool``).
+* ``CompiledPolicy.compile(policy_set, query)`` parses and compiles a set (errors name
+  ``file:line``) and keeps what every evaluator needs.
+* ``Evaluator``: one OPA engine holding the compiled set. ``evaluate(input_json)`` gives the
+  query's value (or ``UNDEFINED``); ``query(text, input_json)`` gives a query's full result
+  set, as ``opa eval`` prints it. An OPA engine serializes its own calls, so each thread owns
+  its evaluator (``policy.pool``).
+* Built-in errors follow OPA's default: the expression is undefined, not an error, unless
+  ``strict`` (``strict_builtin_errors``). The bindings always evaluate strictly; see
+  ``policy.nonstrict`` for how the default is kept.
+
+The input is handed over as the JSON bytes the caller already made (the same bytes key the
+decision cache), and the raw result set is read, rather than the bindings' ``eval_document``,
+which would encode the input again and keep only part of the result.
+
+Edges of the embedded engine: an evaluation cannot be cancelled (a runaway keeps its thread:
+the pool answers at the deadline and replaces the thread), and it carries the Go runtime,
+which must not be loaded in a process that forks afterwards: every engine is made in the
+process that uses it (``serve`` starts its workers with exec, never fork), and an engine
+found in a forked child refuses to run.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import json
 import logging
+import os
 import re
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
-import regopy
+# Go reads GOGC when the runtime starts, at the first engine. An evaluation allocates a lot of
+# short-lived values (data read from the store becomes AST terms on every read); collecting at
+# 4x the live heap instead of 2x costs a few MB and takes about a fifth off each evaluation.
+os.environ.setdefault("GOGC", "400")
 
-from ..errors import PolicyError, RequestError
-from .source import PolicySet
+from opa_bindings import OpaEngine, OpaError  # noqa: E402  (after GOGC)
 
+from ..errors import PolicyError, RequestError  # noqa: E402
+from . import nonstrict  # noqa: E402
+from .source import PolicySet  # noqa: E402
+
+log = logging.getLogger("authz_server.policy")
+prints = logging.getLogger("authz_server.policy.print")
 
 
 class _Undefined:
@@ -48,9 +60,8 @@ class _Undefined:
 
 UNDEFINED: Any = _Undefined()
 
-log = logging.getLogger("authz_server.policy")
-
 _QUERY_PATH = re.compile(r"^data(\.[A-Za-z_][A-Za-z0-9_]*|\[\"[^\"]+\"\])+$")
+_ENGINE_PID = os.getpid()
 
 
 def validate_query(query: str) -> str:
@@ -61,344 +72,180 @@ def validate_query(query: str) -> str:
     return query
 
 
-_SPAN = re.compile(r"\|\d+\|\d+")
-
-
-def format_rego_error(text: str, modules: dict[str, str] | None = None) -> str:
-    """Turn rego-cpp's error s-expression into ``file:line:col: message`` lines."""
-    messages = []
-    for match in re.finditer(r"\(error (\d+):", text):
-        pos = match.end()
-        length = int(match.group(1))
-        location = text[pos:pos + length]
-        # The length prefix covers the file name only; the byte offset and length follow it
-        # as "|offset|length" (rego-cpp 1.x: "(error 10:authz.rego|59|2").
-        span = _SPAN.match(text, pos + length)
-        if span is not None and "|" not in location:
-            location += span.group(0)
-        where = location
-        parts = location.split("|")
-        if len(parts) == 3 and modules and parts[0] in modules and parts[1].isdigit():
-            source = modules[parts[0]].encode()[: int(parts[1])].decode(errors="replace")
-            line = source.count("\n") + 1
-            col = len(source) - (source.rfind("\n") + 1) + 1
-            where = f"{parts[0]}:{line}:{col}"
-        elif len(parts) == 3:
-            where = parts[0]  # a file we do not have, or none (a query): no line to give
-        msg = re.compile(r"\(errormsg (\d+):").search(text, pos)
-        message = text[msg.end(): msg.end() + int(msg.group(1))] if msg else "error"
-        messages.append(f"{where}: {message}" if where else message)
-    if not messages:  # evaluation errors come as "(error (errormsg N:...) ...)", without a location
-        messages = [text[m.end(): m.end() + int(m.group(1))] for m in re.finditer(r"\(errormsg (\d+):", text)]
-    return "; ".join(dict.fromkeys(messages)) or text.strip()[:500]
-
-
-def _output_error(output: regopy.Output) -> str:
-    # str(output) of a failed query can crash the process; the error node's JSON is safe.
+def encode_input(document: Any) -> bytes:
+    """The input as the engine takes it: UTF-8 JSON. What JSON cannot carry (a lone surrogate,
+    NaN, a non-string key) is the request's fault: ``bad_request``."""
     try:
-        node = output.node()
-        return format_rego_error("\n".join(node.at(i).json() for i in range(len(node))))
-    except Exception:  # the message is a courtesy; the deny does not depend on it
-        return "policy evaluation failed"
+        return json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    except (TypeError, ValueError, UnicodeEncodeError, RecursionError) as exc:
+        raise RequestError(f"the request cannot be given to the policy: {exc}", code="bad_request") from None
 
 
-def load_interpreter(modules: Mapping[str, str], data: Mapping[str, Any]) -> regopy.Interpreter:
-    """A quiet interpreter holding ``modules`` and ``data``; raises ``regopy.RegoError``."""
-    interpreter = regopy.Interpreter()
-    interpreter.log_level = regopy.LogLevel.NONE
-    for name, source in modules.items():
-        interpreter.add_module(name, source)
-    if data:
-        # Non-ASCII kept as UTF-8: rego-cpp compares strings by their escaped text, so
-        # "\u00e9" in data would not equal "é" in the input.
-        interpreter.add_data_json(json.dumps(data, ensure_ascii=False))
-    return interpreter
+def format_opa_error(message: str) -> str:
+    """OPA's error text on one line: the count line and the source excerpts dropped."""
+    lines = []
+    for line in message.splitlines():
+        if not line.strip() or line.startswith(("\t", " ")):
+            continue  # the excerpt and caret OPA prints under a compile error
+        line = re.sub(r"^bundle activation failed:\s*", "", line.strip())
+        lines.append(re.sub(r"^\d+ errors? occurred:\s*", "", line).strip())
+    return "; ".join(dict.fromkeys(line for line in lines if line)) or message.strip()[:500]
 
 
-@dataclass(frozen=True)
+def _policy_error(exc: OpaError, *, during: str) -> PolicyError:
+    text = format_opa_error(exc.message)
+    if exc.code in ("parse_error", "prepare_error", "compile_error"):
+        return PolicyError(text, code="policy_compile_error")
+    if exc.code == "merge_conflict":
+        return PolicyError(f"data does not merge: {text}", code="policy_data_invalid")
+    if exc.code == "panic":
+        return PolicyError(f"the OPA engine panicked {during}: {text}", code="policy_engine_panic")
+    return PolicyError(text, code="policy_eval_error")
+
+
+def new_engine() -> OpaEngine:
+    if os.getpid() != _ENGINE_PID:
+        raise PolicyError("the OPA engine cannot run in a process forked after it was loaded (start it with exec)",
+                          code="policy_engine_fork")
+    return OpaEngine()
+
+
+def load_engine(modules: Mapping[str, str], data: Mapping[str, Any], *, builtins: nonstrict.Builtins | None = None,
+                on_print: Any = None) -> OpaEngine:
+    """An engine holding ``modules`` and ``data``, compiled (compile errors raise here)."""
+    engine = new_engine()
+    engine.print_handler = on_print or _log_print
+    try:
+        if builtins is not None:
+            builtins.register(engine)
+        for name, source in modules.items():
+            engine.add_policy(name, source)
+        if data:
+            engine.add_data(dict(data))
+        engine.eval_query("true")  # compiles every module, evaluates none of them
+    except OpaError as exc:
+        engine.close()
+        raise _policy_error(exc, during="while compiling") from None
+    return engine
+
+
+def _log_print(message: str, location: str) -> None:
+    prints.debug("%s: %s", location, message)
+
+
+@dataclass
 class CompiledPolicy:
+    """A policy set compiled for one query; ``new_evaluator`` makes an engine per thread."""
+
     policy_set: PolicySet
     query: str
+    strict: bool = False  # strict_builtin_errors
+    modules: Mapping[str, str] = field(default_factory=dict)
+    sites: nonstrict.CallSites = field(default_factory=nonstrict.CallSites)
 
     @classmethod
-    def compile(cls, policy_set: PolicySet, query: str) -> "CompiledPolicy":
-        compiled = cls(policy_set, validate_query(query))
-        compiled.new_evaluator()  # compile errors surface now, not on the first request
+    def compile(cls, policy_set: PolicySet, query: str, *, strict: bool = False,
+                modules: Mapping[str, str] | None = None) -> "CompiledPolicy":
+        """``modules`` defaults to the set's serving modules (tests use all of them)."""
+        compiled = cls(policy_set, validate_query(query), strict,
+                       dict(modules) if modules is not None else policy_set.serving_modules)
+        compiled.new_evaluator().close()  # compile errors surface now, not on the first request
         return compiled
 
-    def new_interpreter(self) -> regopy.Interpreter:
-        try:
-            return load_interpreter(self.policy_set.serving_modules, self.policy_set.data)
-        except regopy.RegoError as exc:
-            raise PolicyError(format_rego_error(str(exc), dict(self.policy_set.modules)),
-                              code="policy_compile_error") from None
-
-    def new_evaluator(self, query: str | None = None) -> "Evaluator":
-        query = query or self.query
-        interpreter = self.new_interpreter()
-        entrypoint = _entrypoint(query)
-        try:
-            if entrypoint is not None:
-                bundle = interpreter.build(None, [entrypoint])
-            else:
-                bundle = interpreter.build(f"result := {query}")
-        except regopy.RegoError as exc:
-            raise PolicyError(format_rego_error(str(exc), dict(self.policy_set.modules)),
-                              code="policy_compile_error") from None
-        if not bundle.ok():
-            raise PolicyError("policy bundle failed to build", code="policy_compile_error")
-        return Evaluator(interpreter, bundle, entrypoint)
-
-
-_RULE_PATH = re.compile(r"^data((?:\.[A-Za-z_][A-Za-z0-9_]*)+)$")
-
-
-def _entrypoint(query: str) -> str | None:
-    match = _RULE_PATH.match(query)
-    return match.group(1)[1:].replace(".", "/") if match else None
-
-
-def _input_builder() -> Callable[[Any], regopy.Input]:
-    """Give a JSON-shaped document to the engine through rego-cpp's input API.
-
-    regopy's own converter walks the value with ``isinstance`` chains and copies every
-    string into a fresh buffer; this one dispatches on the exact type and passes bytes
-    straight through: about 40% less time for a typical ext_authz input. Strings with a NUL
-    byte are refused, since C would silently cut them short.
-
-    rego-cpp keeps a string as the text between the quotes of its JSON form: a value given
-    through this API must be JSON-escaped, or a ``"`` or ``\\`` in a header changes what the
-    policy compares (``a\\nb`` would equal ``"a\\nb"`` in Rego, a newline) and breaks the
-    engine's output. Only strings that hold such a character pay for the escaping.
-    """
-    lib = regopy.rego_shared.rego
-    new_input = lib.regoNewInput
-    put_str, put_int, put_float = lib.regoInputString, lib.regoInputInt, lib.regoInputFloat
-    put_bool, put_null = lib.regoInputBoolean, lib.regoInputNull
-    make_item, make_object, make_array = lib.regoInputObjectItem, lib.regoInputObject, lib.regoInputArray
-    needs_escape = re.compile(rb'["\\\x00-\x1f]').search
-
-    def put_text(handle: Any, text: str) -> int:
-        raw = text.encode("utf-8")
-        if needs_escape(raw) is not None:
-            if b"\x00" in raw:
-                raise ValueError("a string in the input contains a NUL byte")
-            raw = json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8")
-        return put_str(handle, raw)
-
-    def add(handle: Any, value: Any) -> int:
-        kind = type(value)
-        if kind is str:
-            return put_text(handle, value)
-        if kind is dict:
-            for key, item in value.items():
-                if type(key) is not str:
-                    raise ValueError(f"object key {key!r} is not a string")
-                if put_text(handle, key) or add(handle, item) or make_item(handle):
-                    return 1
-            return make_object(handle, len(value))
-        if kind is list or kind is tuple:
-            for item in value:
-                if add(handle, item):
-                    return 1
-            return make_array(handle, len(value))
-        if kind is bool:
-            return put_bool(handle, value)
-        if kind is int:
-            if not -(2**63) <= value < 2**63:
-                raise ValueError(f"integer {value} does not fit the engine")
-            return put_int(handle, value)
-        if kind is float:
-            return put_float(handle, value)
-        if value is None:
-            return put_null(handle)
-        raise ValueError(f"cannot give a {kind.__name__} to the policy")
-
-    def build(document: Any) -> regopy.Input:
-        handle = new_input()
-        wrapper = regopy.Input.__new__(regopy.Input)
-        wrapper._impl = handle  # owned from here on: freed by Input.__del__
-        if add(handle, document):
-            raise ValueError("the engine refused the input document")
-        return wrapper
-
-    return build
-
-
-engine_input = _input_builder()
-
-
-_rego = regopy.rego_shared.rego
+    def new_evaluator(self) -> "Evaluator":
+        return Evaluator(self)
 
 
 class Evaluator:
-    """One interpreter with the compiled bundle; call from one thread at a time."""
+    """One OPA engine with the compiled set; call from one thread at a time."""
 
-    __slots__ = ("_interpreter", "_bundle", "_entrypoint")
-
-    def __init__(self, interpreter: regopy.Interpreter, bundle: regopy.Bundle, entrypoint: str | None) -> None:
-        self._interpreter = interpreter
-        self._bundle = bundle
-        self._entrypoint = entrypoint.encode() if entrypoint is not None else None
-
-    def evaluate(self, document: Any) -> Any:
-        """The query's value for ``document`` as ``input``, or ``UNDEFINED``."""
-        interpreter = self._interpreter
-        try:
-            interpreter.set_input(engine_input(document))
-        except regopy.RegoError as exc:
-            raise PolicyError(format_rego_error(str(exc)), code="policy_eval_error") from None
-        except (TypeError, ValueError, OverflowError, ctypes.ArgumentError) as exc:  # not JSON-shaped
-            raise RequestError(f"the request cannot be given to the policy: {exc}", code="bad_request") from None
-        # The output is read once, as JSON, straight through the C API: regopy's Output reads
-        # it twice and wraps every result in objects we do not use.
-        if self._entrypoint is not None:
-            impl = _rego.regoBundleQueryEntrypoint(interpreter._impl, self._bundle._impl, self._entrypoint)
-        else:
-            impl = _rego.regoBundleQuery(interpreter._impl, self._bundle._impl)
-        if not impl:
-            raise PolicyError(format_rego_error(regopy.rego_shared.rego_get_error(interpreter._impl)),
-                              code="policy_eval_error")
-        output = regopy.Output.__new__(regopy.Output)
-        output._impl = impl  # owned from here on: freed by Output.__del__
-        if not _rego.regoOutputOk(impl):
-            raise PolicyError(_output_error(output), code="policy_eval_error")
-        text = regopy.rego_shared.rego_output_string(impl)
-        if text == "undefined":
-            return UNDEFINED
-        try:
-            value = json.loads(text)
-        except ValueError:  # rego-cpp reports some failures as an error tree in the output
-            raise PolicyError(f"the engine returned no readable result: {text[:200]}",
-                              code="policy_eval_error") from None
-        if self._entrypoint is not None:
-            return value["expressions"][0]
-        for result in value if isinstance(value, list) else (value,):
-            bindings = result.get("bindings", {})
-            if "result" in bindings:
-                return bindings["result"]
-        return UNDEFINED
-
-
-ISOLATION_MODES = ("adaptive", "thread", "inline")
-PROBATION = 200  # evaluations a policy version runs on threads before it may run inline
-
-
-class EvaluatorPool:
-    """Evaluate with a deadline; see the module docstring.
-
-    Handing an evaluation to a worker thread and back costs two cross-thread wake-ups,
-    about 200 µs on a small VM, half again the policy itself. So in ``adaptive`` mode a
-    policy version starts on worker threads (the deadline enforced) and, once its first
-    ``probation`` evaluations all finished within a tenth of the deadline, runs inline on
-    the event loop. An inline evaluation that overruns the deadline is answered with a
-    deny and sends this version back to worker threads for good. ``thread`` never runs
-    inline (a pathological input can then never stall the loop); ``inline`` never uses
-    threads (no deadline: for tools and benchmarks).
-    """
-
-    def __init__(self, compiled: CompiledPolicy, *, size: int = 2, spare: int = 4,
-                 on_timeout: Callable[[], None] | None = None, isolation: str = "adaptive",
-                 probation: int = PROBATION) -> None:
-        if isolation not in ISOLATION_MODES:
-            raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")
+    def __init__(self, compiled: CompiledPolicy, *, on_print: Any = None) -> None:
         self.compiled = compiled
-        self._on_timeout = on_timeout
-        self._idle: list[Evaluator] = [compiled.new_evaluator() for _ in range(size)]
-        self._spare = spare  # replacements allowed for evaluators stuck past their deadline
-        self._lock = threading.Lock()
-        self._available = asyncio.Semaphore(size)
-        self._executor = ThreadPoolExecutor(max_workers=size + spare, thread_name_prefix="rego")
-        self.isolation = isolation
-        self._probation_left = probation if isolation == "adaptive" else 0
-        self.inline = isolation == "inline"
-        self._inline_evaluator = compiled.new_evaluator() if isolation != "thread" else None
+        self._on_print = on_print
+        self._engine = load_engine(compiled.modules, compiled.policy_set.data, on_print=on_print)
+        self._query = compiled.query.encode()
+        self._fallback: tuple[int, OpaEngine, nonstrict.Builtins] | None = None  # (sites version, engine, helper)
+        self._lock = threading.Lock()  # guards against two threads sharing one evaluator by mistake
 
-    def evaluate_now(self, document: Any) -> Any:
-        """Synchronous evaluation on the caller's thread (tools and tests: no deadline)."""
-        with self._lock:
-            evaluator = self._idle.pop() if self._idle else self.compiled.new_evaluator()
+    def evaluate(self, input_json: bytes) -> Any:
+        """The query's value with ``input_json`` as ``input``, or ``UNDEFINED``."""
+        result = self._result_set(self._query, input_json)
+        if not result:
+            return UNDEFINED
+        return result[0]["expressions"][0]["value"]
+
+    def query(self, text: str, input_json: bytes | None) -> list[dict[str, Any]]:
+        """A query's full result set (``[]`` when undefined), as ``opa eval --format json`` shows it."""
         try:
-            return evaluator.evaluate(document)
+            encoded = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PolicyError(f"the query is not valid UTF-8: {exc}", code="policy_query_invalid") from None
+        if b"\0" in encoded:
+            raise PolicyError("the query contains a NUL character", code="policy_query_invalid")
+        return self._result_set(encoded, input_json, query_text=text)
+
+    def _result_set(self, query: bytes, input_json: bytes | None, *, query_text: str | None = None) -> list[Any]:
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("an Evaluator is used by one thread at a time")
+        try:
+            try:
+                return _run(self._engine, query, input_json)
+            except OpaError as exc:
+                site = None if self.compiled.strict else nonstrict.builtin_error_site(exc)
+                if site is None:
+                    raise _policy_error(exc, during="while evaluating") from None
+            return self._nonstrict(query, input_json, site, query_text)
         finally:
-            with self._lock:
-                self._idle.append(evaluator)
+            self._lock.release()
 
-    async def evaluate(self, document: Any, *, timeout: float) -> Any:
-        if self.inline and self._inline_evaluator is not None:
-            return self._evaluate_inline(document, timeout)
-        started = time.perf_counter()
-        result = await self._evaluate_threaded(document, timeout)
-        if self._probation_left > 0:
-            if time.perf_counter() - started > timeout / 10:
-                self._probation_left = 0  # too slow to trust inline: stays on threads
-                self.isolation = "thread"
-            else:
-                self._probation_left -= 1
-                if self._probation_left == 0:
-                    self.inline = True
-        return result
+    def _nonstrict(self, query: bytes, input_json: bytes | None, site: nonstrict.Site,
+                   query_text: str | None) -> list[Any]:
+        """OPA's default for a built-in error: that expression is undefined. The call sites
+        that ever failed are wrapped (``policy.nonstrict``) in a second engine, and the
+        evaluation runs there; a new failing site is added and the evaluation tried again."""
+        sites = self.compiled.sites
+        for _ in range(nonstrict.MAX_SITES):
+            if not sites.add(site):
+                raise PolicyError(f"too many built-in call sites failed ({nonstrict.MAX_SITES}); the last: "
+                                  f"{site.describe()}", code="policy_eval_error")
+            engine = self._fallback_engine(sites)
+            wrapped_query = nonstrict.rewrite_query(query_text, sites) if query_text is not None else None
+            try:
+                return _run(engine, wrapped_query.encode() if wrapped_query is not None else query, input_json)
+            except OpaError as exc:
+                next_site = nonstrict.builtin_error_site(exc)
+                if next_site is None or next_site in sites:
+                    raise _policy_error(exc, during="while evaluating") from None
+                site = next_site
+        raise PolicyError("built-in errors kept appearing", code="policy_eval_error")
 
-    def _evaluate_inline(self, document: Any, timeout: float) -> Any:
-        assert self._inline_evaluator is not None
-        started = time.perf_counter()
-        result = self._inline_evaluator.evaluate(document)
-        elapsed = time.perf_counter() - started
-        if elapsed > timeout and self.isolation == "adaptive":
-            self.inline = False
-            self.isolation = "thread"
-            log.error("a policy evaluation took %.3fs inline, over the %.3fs deadline: evaluating policy %s on "
-                      "worker threads from now on", elapsed, timeout, self.compiled.policy_set.version)
-            if self._on_timeout is not None:
-                self._on_timeout()
-            raise PolicyError(f"policy evaluation took {elapsed:.3f}s, over {timeout:.3f}s", code="policy_timeout")
-        return result
+    def _fallback_engine(self, sites: nonstrict.CallSites) -> OpaEngine:
+        version, modules = sites.snapshot(self.compiled.modules)
+        if self._fallback is not None and self._fallback[0] == version:
+            return self._fallback[1]
+        self.close_fallback()
+        helper = nonstrict.Builtins()
+        engine = load_engine(modules, self.compiled.policy_set.data, builtins=helper, on_print=self._on_print)
+        self._fallback = (version, engine, helper)
+        return engine
 
-    async def _evaluate_threaded(self, document: Any, timeout: float) -> Any:
-        loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(self._available.acquire(), timeout)
-        except TimeoutError:
-            raise PolicyError(f"no policy evaluator free within {timeout:.3f}s", code="policy_timeout") from None
-        with self._lock:
-            evaluator = self._idle.pop()
-        future = loop.run_in_executor(self._executor, evaluator.evaluate, document)
-        try:
-            result = await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            if self._on_timeout is not None:
-                self._on_timeout()
-            self._replace_stuck(future, evaluator)
-            raise PolicyError(f"policy evaluation exceeded {timeout:.3f}s", code="policy_timeout") from None
-        except BaseException:
-            self._release(evaluator)
-            raise
-        self._release(evaluator)
-        return result
-
-    def _release(self, evaluator: Evaluator) -> None:
-        with self._lock:
-            self._idle.append(evaluator)
-        self._available.release()
-
-    def _replace_stuck(self, future: asyncio.Future[Any], evaluator: Evaluator) -> None:
-        if self._spare <= 0:
-            # No replacement left: the slot comes back when the stuck evaluation ends.
-            future.add_done_callback(lambda _f: self._release(evaluator))
-            return
-        self._spare -= 1
-        try:
-            replacement = self.compiled.new_evaluator()
-        except PolicyError:  # compiled fine before; keep the slot tied to the stuck one
-            self._spare += 1
-            future.add_done_callback(lambda _f: self._release(evaluator))
-            return
-        self._release(replacement)
-
-        def retire(_f: asyncio.Future[Any]) -> None:
-            self._spare += 1  # the stuck one is dropped; its thread is free again
-
-        future.add_done_callback(retire)
+    def close_fallback(self) -> None:
+        if self._fallback is not None:
+            self._fallback[1].close()
+            self._fallback[2].close()
+            self._fallback = None
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.close_fallback()
+        self._engine.close()
+
+
+def _run(engine: OpaEngine, query: bytes, input_json: bytes | None) -> list[Any]:
+    """One evaluation through the bindings' C entry point, with JSON we already made."""
+    with engine._eval_lock:
+        envelope = engine._call(engine._lib.OpaEvalQuery, query, input_json or b"", 0, 0)
+    printed = envelope.get("prints")
+    if printed:
+        for entry in printed:
+            engine.print_handler(entry.get("message", ""), entry.get("location", ""))
+    return envelope.get("result") or []

@@ -1,9 +1,15 @@
 """The policy the server decides with, and its hot reload that keeps the last good set.
 
 ``PolicyRuntime.active`` is swapped atomically (one attribute assignment) and only to a set
-that loaded, compiled and passed its own tests in a preflight process. A folder that
-vanishes, a file that fails to parse, a failing test: each is logged, counted and shown in
-``status()``, and the previous set keeps answering.
+that loaded, compiled and passed its own tests (the gate), with its evaluators' engines
+already loaded. A folder that vanishes, a file that fails to parse, a failing test, a gate
+that runs past ``GATE_TIMEOUT``: each is logged, counted and shown in ``status()``, and the
+previous set keeps answering. The first load is stricter: without a good set there is
+nothing to serve, so it raises and ``serve`` stops with that one line.
+
+The gate runs on a thread of this process: OPA reports a panic as an error, so the separate
+process regopy needed (it could abort) is gone. An evaluation cannot be cancelled, so a gate
+past its timeout is rejected and its thread left to finish; what it built is then dropped.
 """
 
 from __future__ import annotations
@@ -11,20 +17,29 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import PolicyError
 from ..facts import VOLATILE_ATTRIBUTES
-from .engine import CompiledPolicy, EvaluatorPool, validate_query
-from .inputs import Tree, input_paths, leaf_paths, named_within
-from .preflight import preflight, preflight_async
+from .engine import CompiledPolicy, validate_query
+from .inputs import Tree, input_paths, leaf_paths, named_within, overlaps, subtract
+from .pool import EvaluatorPool
 from .source import CacheSettings, PolicySet, load_policy_set, snapshot
+from .testing import check_tests
 
 INLINE_POLL_SECONDS = 0.002
+GATE_TIMEOUT = 60.0
+RETIRE_AFTER = 30.0  # seconds a replaced set's evaluators stay for requests already on their way
 
 log = logging.getLogger("authz_server.policy")
+
+
+def default_pool_size() -> int:
+    """One evaluation thread per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass
@@ -38,6 +53,9 @@ class ActivePolicy:
     input_tree: Tree | None = None  # the parts of input the policy reads (None: all of it)
     signal_paths: tuple[tuple[str, ...], ...] | None = None  # the signal fields it reads (None: all)
     volatile_tree: Tree | None = None  # the per-request attributes it names (request id, port...), if any
+    # per-request attributes it reads only as part of a larger subtree (`http := input...http`):
+    # left out of its cache key, as they would make every request a miss
+    unnamed_volatile: Tree | None = None
 
     def __post_init__(self) -> None:
         self.key_prefix = hashlib.blake2b(f"{self.version}\0{self.query}".encode(), digest_size=16).digest()
@@ -48,6 +66,8 @@ class ActivePolicy:
         attributes = self.input_tree.get("attributes") if self.input_tree is not None else None
         if isinstance(attributes, dict):
             self.volatile_tree = named_within(attributes, VOLATILE_ATTRIBUTES) or None
+            if overlaps(attributes, VOLATILE_ATTRIBUTES):
+                self.unnamed_volatile = subtract(VOLATILE_ATTRIBUTES, self.volatile_tree or {}) or None
 
     @property
     def version(self) -> str:
@@ -57,9 +77,9 @@ class ActivePolicy:
     def cache(self) -> CacheSettings:
         return self.policy_set.cache
 
-    async def evaluate(self, document: Any, *, timeout: float) -> Any:
-        """``document`` built for this policy: ``build_input(..., self.input_tree)``."""
-        return await self.pool.evaluate(document, timeout=timeout)
+    async def evaluate(self, input_json: bytes, *, timeout: float) -> Any:
+        """The query's value for this input (``build_input(..., self.input_tree)``, encoded)."""
+        return await self.pool.evaluate(input_json, timeout=timeout)
 
 
 @dataclass
@@ -81,8 +101,9 @@ class ReloadStatus:
 class PolicyRuntime:
     root: str
     query: str = "data.envoy.authz.allow"
-    pool_size: int = 2
-    isolation: str = "adaptive"  # see EvaluatorPool
+    pool_size: int = field(default_factory=default_pool_size)  # evaluation threads
+    isolation: str = "thread"  # see policy.pool
+    strict: bool = False  # strict_builtin_errors
     run_tests: bool = True
     active: ActivePolicy | None = None
     status: ReloadStatus = field(default_factory=ReloadStatus)
@@ -90,41 +111,43 @@ class PolicyRuntime:
     data_overlay: dict[str, Any] = field(default_factory=dict)  # runtime data: path -> value
     _snapshot: tuple[Any, ...] = ()
     _files: PolicySet | None = None  # the last good set as read from disk, before the overlay
+    _swap: asyncio.Lock | None = None
 
     def __post_init__(self) -> None:
         validate_query(self.query)
 
     # -- loading
     def load(self) -> ActivePolicy:
-        """Blocking first load (start-up); raises ``PolicyError`` if there is no good set."""
+        """Blocking first load (start-up); raises ``PolicyError`` if there is no good set. The
+        caller reports it (``serve`` stops with that line), so it is counted, not logged."""
         self._snapshot = snapshot(self.root)
         try:
             files = load_policy_set(self.root)
-            policy_set = files.with_overlay(self.data_overlay)
-            preflight(policy_set, self.query, run_tests=self.run_tests)
-            self._files = files
-            self._activate(policy_set)
+            candidate = self._prepare(files.with_overlay(self.data_overlay))
         except PolicyError as exc:
-            self._failed(exc)
+            self._failed(exc, logged=False)
             raise
+        self._files = files
+        self._activate(candidate)
         assert self.active is not None
         return self.active
 
     async def reload(self) -> bool:
         """Load the folder again; True when a new set is now serving."""
         self._snapshot = await asyncio.to_thread(snapshot, self.root)
-        try:
-            files = await asyncio.to_thread(load_policy_set, self.root)
-            policy_set = files.with_overlay(self.data_overlay)
-            if self.active is not None and policy_set.version == self.active.version:
-                self.status.last_error = self.status.last_error_code = ""
+        async with self._lock():
+            try:
+                files = await asyncio.to_thread(load_policy_set, self.root)
+                policy_set = files.with_overlay(self.data_overlay)
+                if self.active is not None and policy_set.version == self.active.version:
+                    self.status.last_error = self.status.last_error_code = ""
+                    return False
+                candidate = await self._prepare_async(policy_set)
+            except PolicyError as exc:
+                self._failed(exc)
                 return False
-            await preflight_async(policy_set, self.query, run_tests=self.run_tests)
             self._files = files
-            await asyncio.to_thread(self._activate, policy_set)
-        except PolicyError as exc:
-            self._failed(exc)
-            return False
+            self._activate(candidate)
         return True
 
     async def set_data(self, path: str, value: Any | None) -> str:
@@ -135,21 +158,21 @@ class PolicyRuntime:
         if not key or any(not part.replace("_", "").replace("-", "").isalnum() for part in key.split("/")):
             raise PolicyError(f"data path {path!r} must be segments of letters, digits, _ and -",
                               code="policy_data_invalid")
-        if self._files is None:
-            raise PolicyError("no policy set is loaded yet", code="policy_not_loaded")
-        overlay = dict(self.data_overlay)
-        if value is None:
-            overlay.pop(key, None)
-        else:
-            overlay[key] = value
-        candidate = self._files.with_overlay(overlay)
-        try:
-            await preflight_async(candidate, self.query, run_tests=self.run_tests)
-        except PolicyError as exc:
-            self._failed(exc)
-            raise
-        self.data_overlay = overlay
-        await asyncio.to_thread(self._activate, candidate)
+        async with self._lock():
+            if self._files is None:
+                raise PolicyError("no policy set is loaded yet", code="policy_not_loaded")
+            overlay = dict(self.data_overlay)
+            if value is None:
+                overlay.pop(key, None)
+            else:
+                overlay[key] = value
+            try:
+                candidate = await self._prepare_async(self._files.with_overlay(overlay))
+            except PolicyError as exc:
+                self._failed(exc)
+                raise
+            self.data_overlay = overlay
+            self._activate(candidate)
         return candidate.version
 
     async def watch(self, interval: float = 0.25) -> None:
@@ -174,30 +197,58 @@ class PolicyRuntime:
             if current != self._snapshot:
                 await self.reload()
 
-    def _activate(self, policy_set: PolicySet) -> None:
-        compiled = CompiledPolicy(policy_set, self.query)
+    def _lock(self) -> asyncio.Lock:
+        if self._swap is None:
+            self._swap = asyncio.Lock()
+        return self._swap
+
+    def _prepare(self, policy_set: PolicySet) -> ActivePolicy:
+        """The gate, then the engines: compile, run the set's own tests, load the evaluators."""
+        compiled = CompiledPolicy.compile(policy_set, self.query, strict=self.strict)
+        if self.run_tests:
+            check_tests(policy_set, self.query, strict=self.strict)
         pool = EvaluatorPool(compiled, size=self.pool_size, on_timeout=self._count_timeout, isolation=self.isolation)
+        return ActivePolicy(policy_set, self.query, pool, loaded_at=time.time())
+
+    async def _prepare_async(self, policy_set: PolicySet) -> ActivePolicy:
+        work = asyncio.ensure_future(asyncio.to_thread(self._prepare, policy_set))
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), GATE_TIMEOUT)
+        except TimeoutError:
+            # The thread cannot be stopped; whatever it builds when it ends is thrown away.
+            work.add_done_callback(lambda done: done.exception() is None and done.result().pool.close())
+            raise PolicyError(f"compiling and testing the policy set took longer than {GATE_TIMEOUT:.0f}s",
+                              code="policy_timeout") from None
+
+    def _activate(self, candidate: ActivePolicy) -> None:
         previous = self.active
-        self.active = ActivePolicy(policy_set, self.query, pool, loaded_at=time.time())
+        self.active = candidate
         self.status.reloads_ok += 1
         self.status.last_error = self.status.last_error_code = ""
         self.status.last_attempt = time.time()
+        policy_set = candidate.policy_set
         log.info("policy set %s loaded from %s (%d modules, %d data keys)", policy_set.version, self.root,
                  len(policy_set.serving_modules), len(policy_set.data))
         if previous is not None:
-            previous.pool.close()
+            try:
+                # A request that took the previous set just before the swap may still queue an
+                # evaluation on its pool: the pool stays until that cannot happen any more.
+                asyncio.get_running_loop().call_later(RETIRE_AFTER, previous.pool.close)
+            except RuntimeError:
+                previous.pool.close()
         self._notify()
 
     def _count_timeout(self) -> None:
         self.status.timeouts += 1
 
-    def _failed(self, exc: PolicyError) -> None:
+    def _failed(self, exc: PolicyError, *, logged: bool = True) -> None:
         self.status.reloads_failed += 1
         self.status.last_error = exc.message
         self.status.last_error_code = exc.code
         self.status.last_attempt = time.time()
-        serving = f"; still serving {self.active.version}" if self.active else "; no policy is serving"
-        log.error("policy load from %s rejected (%s): %s%s", self.root, exc.code, exc.message, serving)
+        if logged:
+            serving = f"; still serving {self.active.version}" if self.active else "; no policy is serving"
+            log.error("policy load from %s rejected (%s): %s%s", self.root, exc.code, exc.message, serving)
         self._notify()
 
     def _notify(self) -> None:

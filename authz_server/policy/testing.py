@@ -1,15 +1,12 @@
-"""Run a policy set's own tests, as ``opa test`` does, on regopy.
+"""Run a policy set's own tests, as ``opa test`` does, on the OPA engine.
 
 Two kinds of tests are found in a policy folder:
 
-* Rego rules named ``test_*`` (``todo_test_*`` are skipped), in any ``.rego`` file. A test
-  passes when it evaluates to ``true``. regopy 1.5.2 aborts the whole process when it
-  compiles ``E with input as X`` where ``E`` reaches a built-in, so this runner does not
-  hand it that: in each test rule, the ``with input as X`` clauses (all naming the same
-  ``X``) are lifted out; ``X`` is evaluated on its own and given to the engine with
-  ``set_input``, then the rule is queried. That is what the clause means, and the common
-  OPA test idiom runs unchanged. Other ``with`` targets are passed to the engine as they
-  are.
+* Rego rules named ``test_*`` (``todo_test_*`` are skipped), in any ``.rego`` file, run
+  natively by OPA with every module loaded (``with input as``, ``with data.x as`` and
+  function mocks included). A test passes when it evaluates to ``true``; a parametrized test
+  (``test_x[name] := ...``) passes when every one of its values is ``true``. Built-in errors
+  follow the server's setting (OPA's default: undefined).
 * Case files ``*_test.yaml`` / ``*_test.json``: a list of cases as data, each with an
   ``input`` document (or an ext_authz ``request`` in protobuf JSON, turned into the input
   exactly as the server does) and the expected value of the ``query``. An ``expect``
@@ -27,28 +24,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import regopy
-
-from ..errors import AuthzError
-from .engine import UNDEFINED, engine_input, format_rego_error, load_interpreter
+from ..errors import AuthzError, PolicyError
+from .engine import UNDEFINED, CompiledPolicy, encode_input, load_engine, validate_query
 from .source import PolicySet
 
-_PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.M)
-_TEST_RULE = re.compile(r"^(test_[A-Za-z0-9_]*)\b", re.M)
-_WITH_INPUT = re.compile(r"\bwith\s+input\s+as\s+")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True, slots=True)
 class TestResult:
     name: str  # data.pkg.test_x or file.yaml#case name
     location: str  # file the test lives in
-    outcome: str  # "pass", "fail", "error"
+    outcome: str  # "pass", "fail", "error", "skip"
     detail: str = ""
     seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
-        return self.outcome == "pass"
+        """Not a failure: passed, or skipped (``todo_test_``) as ``opa test`` counts it."""
+        return self.outcome in ("pass", "skip")
 
 
 @dataclass
@@ -70,208 +64,122 @@ class TestReport:
         ]}
 
 
-def run_policy_tests(policy_set: PolicySet, query: str) -> TestReport:
+def run_policy_tests(policy_set: PolicySet, query: str, *, strict: bool = False) -> TestReport:
     report = TestReport()
-    report.results.extend(_run_rego_tests(policy_set))
-    report.results.extend(_run_case_files(policy_set, query))
+    report.results.extend(_run_rego_tests(policy_set, query, strict))
+    report.results.extend(_run_case_files(policy_set, query, strict))
+    return report
+
+
+def check_tests(policy_set: PolicySet, query: str, *, strict: bool = False) -> TestReport:
+    """The reload gate: raises ``PolicyError(policy_tests_failed)`` (with ``.report``) on a failure."""
+    report = run_policy_tests(policy_set, query, strict=strict)
+    failures = report.failures
+    if failures:
+        shown = "; ".join(f"{r.name}: {r.outcome.upper()} {r.detail}".strip() for r in failures[:5])
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        error = PolicyError(f"{len(failures)} policy test(s) failed: {shown}{more}", code="policy_tests_failed")
+        error.report = report  # type: ignore[attr-defined]
+        raise error
     return report
 
 
 # -- Rego test rules
 
-@dataclass
-class _RewrittenModule:
-    package: str
-    source: str
-    tests: list[tuple[str, bool]]  # (rule name, takes a lifted input)
-    problems: dict[str, str]
+@dataclass(frozen=True, slots=True)
+class _TestRule:
+    location: str
+    query: str  # data.pkg.test_x
+    partial: bool  # test_x[name] := ...: every value must be true
+    skip: bool  # todo_test_*
 
 
-def _run_rego_tests(policy_set: PolicySet) -> Iterator[TestResult]:
-    rewritten = {name: _rewrite(src) for name, src in policy_set.modules.items() if _TEST_RULE.search(src)}
-    base = {name: src for name, src in policy_set.modules.items() if name not in rewritten}
-    for location, module in rewritten.items():
-        # One interpreter per test module: a module the engine rejects fails its own tests only.
-        try:
-            interpreter = load_interpreter({**base, location: module.source}, policy_set.data)
-        except regopy.RegoError as exc:
-            yield TestResult(location, location, "error",
-                             format_rego_error(str(exc), {**base, location: module.source}))
-            continue
-        for rule, lifted in module.tests:
-            yield _run_rule(interpreter, module, location, rule, lifted)
+def _run_rego_tests(policy_set: PolicySet, query: str, strict: bool) -> Iterator[TestResult]:
+    try:
+        # Every module, tests included, as `opa test` loads them; an error stops the run as there.
+        evaluator = CompiledPolicy(policy_set, query, strict, dict(policy_set.modules)).new_evaluator()
+        rules = list(_test_rules(policy_set))
+    except AuthzError as exc:
+        yield TestResult("compile", exc.message.split(":", 1)[0], "error", exc.message)
+        return
+    try:
+        for rule in rules:
+            yield _run_rule(evaluator, rule)
+    finally:
+        evaluator.close()
 
 
-def _run_rule(interpreter: regopy.Interpreter, module: "_RewrittenModule", location: str,
-              rule: str, lifted: bool) -> TestResult:
-    name = f"data.{module.package}.{rule}"
-    if rule in module.problems:
-        return TestResult(name, location, "error", module.problems[rule])
+def _run_rule(evaluator: Any, rule: _TestRule) -> TestResult:
+    if rule.skip:
+        return TestResult(rule.query, rule.location, "skip", "todo_test_ rule")
     started = time.perf_counter()
     try:
-        document: Any = {}
-        if lifted:
-            document = _query(interpreter, f"data.{module.package}.__authz_input_{rule}", {})
-            if document is UNDEFINED:
-                raise AuthzError("the value after 'with input as' is undefined", code="test_input_undefined")
-        value = _query(interpreter, name, document)
+        result = evaluator.query(rule.query, None)
     except AuthzError as exc:
-        return TestResult(name, location, "error", exc.message, time.perf_counter() - started)
+        return TestResult(rule.query, rule.location, "error", exc.message, time.perf_counter() - started)
     elapsed = time.perf_counter() - started
+    value = result[0]["expressions"][0]["value"] if result else UNDEFINED
+    if rule.partial and isinstance(value, dict) and value:
+        failed = sorted(str(k) for k, v in value.items() if v is not True)
+        if not failed:
+            return TestResult(rule.query, rule.location, "pass", "", elapsed)
+        return TestResult(rule.query, rule.location, "fail", f"not true for {', '.join(failed)}", elapsed)
     if value is True:
-        return TestResult(name, location, "pass", "", elapsed)
+        return TestResult(rule.query, rule.location, "pass", "", elapsed)
     shown = "undefined" if value is UNDEFINED else json.dumps(value)
-    return TestResult(name, location, "fail", f"evaluated to {shown}", elapsed)
+    return TestResult(rule.query, rule.location, "fail", f"evaluated to {shown}", elapsed)
 
 
-def _query(interpreter: regopy.Interpreter, ref: str, document: Any) -> Any:
+def _test_rules(policy_set: PolicySet) -> Iterator[_TestRule]:
+    """Every test rule, found by OPA's own parser (``rego.parse_module``), once per rule."""
+    seen: set[str] = set()
+    parser = load_engine({}, {})
     try:
-        interpreter.set_input(engine_input(document))
-        output = interpreter.query(f"result := {ref}")
-    except (ValueError, TypeError) as exc:  # a document the engine cannot take, or output it cannot read
-        raise AuthzError(f"cannot evaluate: {exc}", code="policy_eval_error") from None
-    except regopy.RegoError as exc:
-        raise AuthzError(format_rego_error(str(exc)), code="policy_eval_error") from None
-    if not output.ok():
-        node = output.node()
-        text = "\n".join(node.at(i).json() for i in range(len(node)))
-        raise AuthzError(format_rego_error(text), code="policy_eval_error")
-    for result in output.results:
-        if "result" in result.bindings:
-            return result.bindings["result"]
-    return UNDEFINED
-
-
-def _rewrite(source: str) -> _RewrittenModule:
-    """Lift ``with input as X`` out of each ``test_*`` rule (see the module docstring)."""
-    package_match = _PACKAGE.search(source)
-    package = package_match.group(1) if package_match else ""
-    tests: list[tuple[str, bool]] = []
-    problems: dict[str, str] = {}
-    seen: dict[str, int] = {}
-    out: list[str] = []
-    extra: list[str] = []
-    pos = 0
-    for match in _TEST_RULE.finditer(source):
-        if match.start() < pos:
-            continue
-        rule = match.group(1)
-        end = _rule_end(source, match.end())
-        text = source[match.start():end]
-        count = seen.get(rule, 0)
-        seen[rule] = count + 1
-        if count:
-            problems[rule] = "test rule defined more than once; give each test its own name"
-        stripped, inputs = _strip_with_input(text)
-        distinct = list(dict.fromkeys(i.strip() for i in inputs))
-        if len(distinct) > 1:
-            problems[rule] = "one test uses several 'with input as' values; split it into one test per input"
-        if not count:
-            tests.append((rule, bool(distinct)))
-        if rule in problems:
-            # Left out of the module: its `with input as` clauses would still be compiled (and
-            # regopy aborts on some), and a second lifted input would conflict with the first;
-            # either would take the module's other tests down with it. It reports its problem.
-            text = ""
-        elif len(distinct) == 1:
-            extra.append(f"\n__authz_input_{rule} := {distinct[0]}\n")
-            text = stripped
-        out.append(source[pos:match.start()])
-        out.append(text)
-        pos = end
-    out.append(source[pos:])
-    return _RewrittenModule(package, "".join(out) + "".join(extra), tests, problems)
-
-
-def _scan(source: str, start: int) -> Iterator[tuple[int, str, int]]:
-    """Yield ``(index, char, depth)`` outside strings and comments."""
-    depth = 0
-    i = start
-    n = len(source)
-    while i < n:
-        c = source[i]
-        if c == "#":
-            while i < n and source[i] != "\n":
-                i += 1
-            continue
-        if c == '"':
-            i += 1
-            while i < n and source[i] != '"':
-                i += 2 if source[i] == "\\" else 1
-            i += 1
-            continue
-        if c == "`":
-            close = source.find("`", i + 1)
-            i = n if close < 0 else close + 1
-            continue
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        yield i, c, depth
-        i += 1
-
-
-def _rule_end(source: str, start: int) -> int:
-    """End of a rule definition: its body's closing brace, or the end of a one-line rule."""
-    opened = False
-    for i, c, depth in _scan(source, start):
-        if c == "{" and depth == 1:
-            opened = True
-        elif c == "}" and depth == 0 and opened:
-            j = i + 1
-            rest = source[j:].lstrip(" \t")
-            if rest.startswith(("else", "{")):
-                opened = False
+        for location, source in policy_set.modules.items():
+            if "test_" not in source:
                 continue
-            return j
-        elif c == "\n" and depth == 0 and not opened:
-            nxt = source[i + 1:].lstrip(" \t")
-            if not nxt.startswith(("{", "else")):
-                return i
-    return len(source)
+            # Every module compiled already, so it parses.
+            module = parser.eval_query("m := rego.parse_module(input.f, input.s)", {"f": location, "s": source})[0]["m"]
+            package = _ref_text(module["package"]["path"])
+            for rule in module.get("rules") or []:
+                found = _test_ref(rule["head"])
+                if found is None:
+                    continue
+                ref, partial = found
+                name = package + ref
+                if name in seen:
+                    continue
+                seen.add(name)
+                yield _TestRule(location, name, partial, ref.rsplit(".", 1)[-1].startswith("todo_test_"))
+    finally:
+        parser.close()
 
 
-def _strip_with_input(text: str) -> tuple[str, list[str]]:
-    """Remove each ``with input as X`` clause; return the new text and the ``X`` terms."""
-    inputs: list[str] = []
-    result = text
-    while True:
-        match = None
-        for m in _WITH_INPUT.finditer(result):
-            if _outside_strings(result, m.start()):
-                match = m
-                break
-        if match is None:
-            return result, inputs
-        term_end = _term_end(result, match.end())
-        inputs.append(result[match.end():term_end])
-        result = result[:match.start()].rstrip(" \t") + result[term_end:]
+def _test_ref(head: dict[str, Any]) -> tuple[str, bool] | None:
+    """The ref a test rule is queried by (up to its ``test_`` part, as ``opa test`` does)."""
+    parts = head.get("ref") or [{"type": "var", "value": head.get("name", "")}]
+    names = []
+    for index, part in enumerate(parts):
+        if part.get("type") not in ("var", "string"):
+            return None
+        names.append(str(part["value"]))
+        if names[-1].startswith(("test_", "todo_test_")):
+            return _ref_text(parts[:index + 1], head=False), index < len(parts) - 1
+    return None
 
 
-def _outside_strings(text: str, index: int) -> bool:
-    return any(i == index for i, _c, _d in _scan(text, 0))
-
-
-def _term_end(text: str, start: int) -> int:
-    base = None
-    for i, c, depth in _scan(text, start):
-        if base is None:
-            base = depth - (1 if c in "([{" else 0)
-        if depth < base or (depth == base and c in "\n;"):
-            return i
-        if depth == base and text.startswith(" with ", i):
-            return i
-    return len(text)
+def _ref_text(path: list[dict[str, Any]], *, head: bool = True) -> str:
+    """``data.a["b-c"].d`` from OPA's JSON ref: identifiers dotted, anything else quoted."""
+    text = str(path[0]["value"]) if head else ""
+    for part in path[1:] if head else path:
+        value = str(part["value"])
+        text += f".{value}" if _IDENTIFIER.match(value) else f"[{json.dumps(value)}]"
+    return text
 
 
 # -- case files
 
-def _run_case_files(policy_set: PolicySet, query: str) -> Iterator[TestResult]:
-    if not policy_set.test_cases:
-        return
-    from .engine import CompiledPolicy, validate_query  # the serving path: same bundle, same query binding
-
+def _run_case_files(policy_set: PolicySet, query: str, strict: bool) -> Iterator[TestResult]:
     for location, document in policy_set.test_cases.items():
         file_query = document.get("query", query)
         cases = document.get("cases")
@@ -283,12 +191,15 @@ def _run_case_files(policy_set: PolicySet, query: str) -> Iterator[TestResult]:
             # `allow`, or a number) would compile as an expression and fail every case obscurely.
             if not isinstance(file_query, str):
                 raise AuthzError(f"'query' must be a string, got {file_query!r}", code="test_case_invalid")
-            evaluator = CompiledPolicy(policy_set, validate_query(file_query)).new_evaluator()
+            evaluator = CompiledPolicy.compile(policy_set, validate_query(file_query), strict=strict).new_evaluator()
         except AuthzError as exc:
             yield TestResult(location, location, "error", exc.message)
             continue
-        for index, case in enumerate(cases):
-            yield _run_case(evaluator, location, index, case)
+        try:
+            for index, case in enumerate(cases):
+                yield _run_case(evaluator, location, index, case)
+        finally:
+            evaluator.close()
 
 
 def _run_case(evaluator: Any, location: str, index: int, case: Any) -> TestResult:
@@ -297,8 +208,7 @@ def _run_case(evaluator: Any, location: str, index: int, case: Any) -> TestResul
     name = f"{location}#{case.get('name', index)}"
     started = time.perf_counter()
     try:
-        document = case_input(case)
-        value = evaluator.evaluate(document)
+        value = evaluator.evaluate(encode_input(case_input(case)))
     except AuthzError as exc:
         return TestResult(name, location, "error", exc.message, time.perf_counter() - started)
     except (TypeError, ValueError) as exc:  # e.g. `request: text` or `identity: [..]`: a bad case, not a crash

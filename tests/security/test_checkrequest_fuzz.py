@@ -22,6 +22,7 @@ import logging
 import string
 import threading
 import urllib.parse
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -119,7 +120,7 @@ def decision_of(raw: bytes) -> CheckResponse:
         assert response.status.message, "a deny names its reason"
         assert response.status.message != "internal_error", response.status.message
     ids = [h.header.value for h in part.headers if h.header.key == "x-authz-decision-id"]
-    assert len(ids) == 1 and len(ids[0]) == 32 and all(c in string.hexdigits for c in ids[0]), ids
+    assert len(ids) == 1 and uuid.UUID(ids[0]).version == 4, ids
     assert response.dynamic_metadata["decision_id"] == ids[0]
     for option in [*part.headers, *getattr(part, "response_headers_to_add", [])]:
         for text in (option.header.key, option.header.value):
@@ -379,7 +380,6 @@ MALFORMED: dict[str, dict[str, Any]] = {
     "multipart part that is not its JSON": {
         "body": "--xyz\r\ncontent-disposition: form-data; name=\"a\"\r\ncontent-type: application/json\r\n\r\n{\r\n"
                 "--xyz--\r\n", "content-type": "multipart/form-data; boundary=xyz"},
-    "NUL in a value the policy reads": {"method": "GET\x00"},
 }
 
 

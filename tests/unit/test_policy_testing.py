@@ -1,5 +1,5 @@
-"""The policy test runner: Rego ``test_*`` rules (with ``with input as X`` lifted into the
-engine's input) and ``*_test.yaml`` case files, as ``opa test`` would report them."""
+"""The policy test runner: Rego ``test_*`` rules, run natively by OPA, and ``*_test.yaml``
+case files, as ``opa test`` would report them."""
 
 from __future__ import annotations
 
@@ -132,10 +132,10 @@ def test_failures_say_what_the_rule_evaluated_to(report: Report) -> None:
 
 def test_names_locations_and_skips(report: Report) -> None:
     assert all(r.location == "policy_test.rego" for r in report.results)
-    assert "todo_test_later" not in outcomes(report)
-    assert len(report.results) == 11
+    assert outcomes(report)["todo_test_later"] == ("skip", "todo_test_ rule")  # reported, never a failure
+    assert len(report.results) == 12
     as_json = report.to_json()
-    assert as_json["ok"] is False and len(as_json["results"]) == 11
+    assert as_json["ok"] is False and len(as_json["results"]) == 12
     json.dumps(as_json)
 
 
@@ -161,27 +161,36 @@ test_local_input if {
 '''
 
 
-def test_a_rule_the_runner_cannot_take_is_an_error_and_the_others_still_run() -> None:
+def test_every_with_form_runs_as_opa_runs_it() -> None:
+    """Several inputs in one test, a rule defined twice, an input bound to a local: OPA takes them all."""
     report = run_policy_tests(policy_set({"policy.rego": POLICY, "several_test.rego": SEVERAL}),
                               "data.envoy.authz.allow")
-    found = outcomes(report)
-    assert found["test_several_inputs"] == (
-        "error", "one test uses several 'with input as' values; split it into one test per input")
-    assert found["test_twice"] == ("error", "test rule defined more than once; give each test its own name")
-    assert found["test_after_it"] == ("pass", "")
-    # A local variable cannot be lifted out of the rule's body: said, not crashed on.
-    assert found["test_local_input"] == ("error", "the value after 'with input as' is undefined")
+    assert outcomes(report) == {name: ("pass", "") for name in
+                                ("test_several_inputs", "test_after_it", "test_twice", "test_local_input")}
 
 
-def test_a_module_that_does_not_compile_fails_only_its_own_tests() -> None:
+PARAMETRIZED = '''package params_test
+import rego.v1
+
+test_paths[path] := result if {
+    some path in ["/public", "/public/a", "/private"]
+    result := startswith(path, "/public")
+}
+'''
+
+
+def test_a_parametrized_test_fails_naming_the_cases_that_are_not_true() -> None:
+    report = run_policy_tests(policy_set({"policy.rego": POLICY, "p_test.rego": PARAMETRIZED}), "data.envoy.authz.allow")
+    assert outcomes(report)["test_paths"] == ("fail", "not true for /private")
+
+
+def test_a_module_that_does_not_compile_fails_the_run_naming_its_line() -> None:
     broken = "package broken_test\nimport rego.v1\ntest_x if {\n    input.a ==\n}\n"
     report = run_policy_tests(policy_set({"policy.rego": POLICY, "a_test.rego": broken,
                                           "b_test.rego": "package b_test\nimport rego.v1\ntest_ok if true\n"}),
                               "data.envoy.authz.allow")
-    found = {r.location: (r.outcome, r.detail) for r in report.results}
-    assert found["b_test.rego"] == ("pass", "")
-    outcome, detail = found["a_test.rego"]
-    assert outcome == "error" and "a_test.rego:" in detail
+    assert [(r.outcome, r.detail.split(": ")[0]) for r in report.results] == [("error", "a_test.rego:5")]
+    assert not report.ok
 
 
 # -- case files

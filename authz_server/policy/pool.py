@@ -1,0 +1,199 @@
+"""Policy evaluations on worker threads, each with its own engine, answered by a deadline.
+
+The OPA engine releases the GIL while it evaluates, so threads are how one process puts more
+than one core to policy work; and an engine serializes its own calls, so each thread owns an
+``Evaluator``. The event loop only queues a job and, later, receives its answer.
+
+An evaluation cannot be cancelled. When one overruns the deadline, the request is denied at
+the deadline (``policy_timeout``), the worker evaluating it is marked stuck and a replacement
+starts (at most ``spare`` at a time), so the rest of the traffic keeps ``size`` workers and is
+decided on time; the stuck worker exits when its evaluation finally returns. A job whose
+deadline passed while it waited is dropped unevaluated. With every spare used, new work waits
+for the live workers and denies at its deadline: bounded threads, never an accidental allow.
+Nothing is evaluated on the event loop unless ``isolation`` is ``inline`` (tools, benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+from ..errors import PolicyError
+from .engine import CompiledPolicy, Evaluator
+
+log = logging.getLogger("authz_server.policy")
+
+ISOLATION_MODES = ("thread", "inline")
+
+
+class _Job:
+    __slots__ = ("input_json", "future", "loop", "deadline", "started", "abandoned", "timer")
+
+    def __init__(self, input_json: bytes, future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop,
+                 deadline: float) -> None:
+        self.input_json = input_json
+        self.future = future
+        self.loop = loop
+        self.deadline = deadline
+        self.started = False
+        self.abandoned = False
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Worker:
+    __slots__ = ("evaluator", "job", "retire")
+
+    def __init__(self, evaluator: Evaluator) -> None:
+        self.evaluator = evaluator
+        self.job: _Job | None = None
+        self.retire = False  # replaced while stuck: exits once its evaluation returns
+
+
+_STOP: Any = object()
+
+
+class EvaluatorPool:
+    """See the module docstring. ``evaluate`` is called on the event loop."""
+
+    def __init__(self, compiled: CompiledPolicy, *, size: int = 2, spare: int = 4,
+                 on_timeout: Callable[[], None] | None = None, isolation: str = "thread") -> None:
+        if isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")
+        self.compiled = compiled
+        self.isolation = isolation
+        self.size = max(1, size)
+        self._spare = spare
+        self._on_timeout = on_timeout
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._closed = False
+        self._direct: Evaluator | None = None  # evaluate_now and inline: the caller's thread
+        self._direct_lock = threading.Lock()
+        if isolation == "thread":
+            # Engines are loaded here (a reload's thread), so the first request after a swap
+            # never waits for a policy or its data to load.
+            for evaluator in [compiled.new_evaluator() for _ in range(self.size)]:
+                self._start(evaluator)
+
+    # -- the event loop's side
+
+    async def evaluate(self, input_json: bytes, *, timeout: float) -> Any:
+        if self.isolation == "inline":
+            return self.evaluate_now(input_json)
+        loop = asyncio.get_running_loop()
+        job = _Job(input_json, loop.create_future(), loop, time.monotonic() + timeout)
+        job.timer = loop.call_later(timeout, self._expire, job, timeout)
+        self._queue.put(job)
+        try:
+            return await job.future
+        finally:
+            job.timer.cancel()
+
+    def _expire(self, job: _Job, timeout: float) -> None:
+        if job.future.done():
+            return
+        job.abandoned = True
+        if self._on_timeout is not None:
+            self._on_timeout()
+        if job.started:
+            self._replace_stuck(job)
+            message = f"policy evaluation exceeded {timeout:.3f}s"
+        else:
+            message = f"no policy evaluator free within {timeout:.3f}s"
+        job.future.set_exception(PolicyError(message, code="policy_timeout"))
+
+    def _replace_stuck(self, job: _Job) -> None:
+        with self._lock:
+            worker = next((w for w in self._workers if w.job is job and not w.retire), None)
+            if worker is None or self._closed:
+                return
+            retiring = sum(w.retire for w in self._workers)
+            if retiring >= self._spare:
+                log.error("%d policy evaluations are stuck past their deadline and no spare worker is left: "
+                          "new evaluations wait for the %d others", retiring + 1, len(self._workers) - retiring - 1)
+                return
+            worker.retire = True
+        threading.Thread(target=self._replace, name="rego-replace", daemon=True).start()
+
+    def _replace(self) -> None:
+        try:
+            evaluator = self.compiled.new_evaluator()
+        except PolicyError as exc:  # it compiled before; a failure here is the machine's
+            log.error("could not start a replacement policy evaluator: %s", exc.message)
+            return
+        self._start(evaluator)
+
+    # -- the workers' side
+
+    def _start(self, evaluator: Evaluator) -> None:
+        worker = _Worker(evaluator)
+        with self._lock:
+            if self._closed:
+                evaluator.close()
+                return
+            self._workers.append(worker)
+        threading.Thread(target=self._work, args=(worker,), name="rego", daemon=True).start()
+
+    def _work(self, worker: _Worker) -> None:
+        try:
+            while True:
+                job = self._queue.get()
+                if job is _STOP:
+                    return
+                if job.abandoned or time.monotonic() >= job.deadline:
+                    continue  # already denied at its deadline
+                worker.job = job
+                job.started = True
+                try:
+                    result: Any = worker.evaluator.evaluate(job.input_json)
+                    failed = False
+                except BaseException as exc:  # delivered to the request, which denies
+                    result, failed = exc, True
+                worker.job = None
+                if not job.abandoned:
+                    job.loop.call_soon_threadsafe(_deliver, job.future, result, failed)
+                if worker.retire:
+                    return  # replaced while it was stuck: the pool has its workers
+        finally:
+            with self._lock:
+                if worker in self._workers:
+                    self._workers.remove(worker)
+            worker.evaluator.close()
+
+    # -- tools, tests, inline mode
+
+    def evaluate_now(self, input_json: bytes) -> Any:
+        """Synchronous evaluation on the caller's thread (no deadline)."""
+        with self._direct_lock:
+            if self._direct is None:
+                self._direct = self.compiled.new_evaluator()
+            return self._direct.evaluate(input_json)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"workers": len(self._workers), "stuck": sum(w.retire for w in self._workers)}
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            count = len(self._workers)
+        for _ in range(count):
+            self._queue.put(_STOP)
+        with self._direct_lock:
+            if self._direct is not None:
+                self._direct.close()
+                self._direct = None
+
+
+def _deliver(future: asyncio.Future[Any], result: Any, failed: bool) -> None:
+    if future.done():
+        return
+    if failed:
+        future.set_exception(result)
+    else:
+        future.set_result(result)

@@ -140,6 +140,33 @@ def load_policy_set(root: str | os.PathLike[str]) -> PolicySet:
     )
 
 
+def load_documents(paths: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """What ``opa eval -d PATH...`` loads: ``.rego`` modules and data, from files or folders.
+    In a folder, ``a/b/data.json`` (or ``.yaml``) lands at ``data.a.b``, as in a bundle; a data
+    file named on its own is merged at the root. Modules are named by the path as given."""
+    modules: dict[str, str] = {}
+    data: dict[str, Any] = {}
+    for given in paths:
+        base = Path(given)
+        if base.is_dir():
+            files = [(p, list(p.parent.relative_to(base).parts)) for p in _policy_files(base)
+                     if p.name.endswith(".rego") or p.name in DATA_FILES]
+        elif base.is_file():
+            if not base.name.endswith((".rego", ".json", ".yaml", ".yml")):
+                raise PolicyError(f"{given}: not a .rego, .json or .yaml file", code="policy_load_error")
+            files = [(base, [])]
+        else:
+            raise PolicyError(f"{given}: no such file or folder", code="policy_load_error")
+        for path, prefix in files:
+            name = str(path)
+            text = _decode(_read(path, name), name)
+            if name.endswith(".rego"):
+                modules[name] = text
+            else:
+                _merge_at(data, prefix, _parse_document(text, name), name)
+    return modules, data
+
+
 def _read(path: Path, rel: str) -> bytes:
     try:
         if path.stat().st_size > MAX_FILE_BYTES:

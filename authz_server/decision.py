@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping, Protocol
 from .errors import AuthzError, IdentityError, PolicyError, RequestError, UnavailableError
 from .facts import Facts, build_input
 from .policy.cache import DecisionCache
-from .policy.engine import UNDEFINED
-from .policy.inputs import project, values_at
+from .policy.engine import UNDEFINED, encode_input
+from .policy.inputs import project, values_at, without
 from .policy.loader import ActivePolicy, PolicyRuntime
 from .response import Headers, Verdict, read_result
 
@@ -69,6 +69,7 @@ class DecisionSettings:
     policy_timeout: float = 0.5
     deny_status: int = 403  # answer when no usable decision exists (undefined, error, timeout)
     dry_run: bool = False
+    explain_policy_denies: bool = False  # deny_body: explain (our JSON body on policy denies too)
 
 
 _JSON = (("content-type", "application/json"),)
@@ -96,6 +97,7 @@ class Decision:
     result: Any = None  # the raw policy value, for the audit log
     memo: dict[str, Any] | None = None  # renderings shared by decisions from the same cached allow
     valid_until: float | None = None  # when the cached verdict behind this decision stops holding
+    explain_denial: bool = True  # a deny the policy made carries only its own body, as OPA-Envoy's, unless this
 
     def _agreeing_verdict(self) -> Verdict | None:
         verdict = self.verdict
@@ -124,7 +126,7 @@ class Decision:
         if self.allowed:
             return self.identity.response_headers + (verdict.response_headers_to_add if verdict else ())
         if verdict is not None:
-            if verdict.body or any(name.lower() == "content-type" for name, _ in verdict.headers):
+            if not self.explain_denial or verdict.body or any(n.lower() == "content-type" for n, _ in verdict.headers):
                 return verdict.headers
             return verdict.headers + _JSON
         if self.phase == "identity":
@@ -138,7 +140,8 @@ class Decision:
         if self.allowed:
             return ""
         verdict = self._agreeing_verdict()
-        if verdict is not None and (verdict.body or any(n.lower() == "content-type" for n, _ in verdict.headers)):
+        if verdict is not None and (not self.explain_denial or verdict.body
+                                    or any(n.lower() == "content-type" for n, _ in verdict.headers)):
             return verdict.body
         return json.dumps({"error": self.code, "message": self.reason, "decision_id": self.decision_id},
                           separators=(",", ":"))
@@ -163,15 +166,23 @@ class Decision:
 class _CachedVerdict:
     verdict: Verdict
     result: Any
-    memo: dict[str, Any]  # what the fronts rendered for this allow, reused on every hit
+    memo: dict[str, Any]  # what the fronts rendered for this allow, reused on hits by the same identity
     valid_until: float
+    identity: bytes = b""  # the fingerprint of the identity the memo was rendered for
 
 
 def decision_ids() -> Callable[[], str]:
-    """Unique ids without a syscall per request: 64 random bits per pipeline, then a 64-bit
-    counter, as 32 hex digits (``bytes.hex``: a third cheaper than formatting the counter)."""
-    counter = itertools.count(int.from_bytes(os.urandom(8), "big") << 64)
-    return lambda: next(counter).to_bytes(16, "big").hex()
+    """Decision ids as OPA's: UUIDs (version 4, RFC 9562 layout), unique without a syscall
+    per request: 64 random bits per pipeline (the version nibble set), then the variant bits
+    and a 62-bit counter."""
+    prefix = (int.from_bytes(os.urandom(8), "big") & ~(0xF << 12)) | (0x4 << 12)
+    counter = itertools.count((prefix << 64) | (0b10 << 62))
+
+    def new_id() -> str:
+        h = next(counter).to_bytes(16, "big").hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+    return new_id
 
 
 class Pipeline:
@@ -263,25 +274,40 @@ class Pipeline:
             self.cache.clear()  # a new policy or data version: nothing cached still holds
             self._cached_version = active.version
         document: dict[str, Any] | None = None
+        input_json: bytes | None = None
         use_cache = active.cache.enabled and self.settings.cache_max_entries > 0
         key = b""
         if use_cache:
             if active.cache.key_paths:
                 document = build_input(facts, identity.document, signals)
                 key = _narrow_key(active, document)
+            elif active.input_tree is not None:
+                # Keyed on what the policy reads, as the engine gets it (one encoding serves both
+                # when it can), so a (user, route) pair repeats whatever else in the request varies.
+                document = build_input(facts, identity.document, signals, active.input_tree)
+                if active.unnamed_volatile is None:
+                    input_json = encode_input(document)
+                    key = _read_key(active, input_json)
+                else:
+                    key = _read_key(active, encode_input(
+                        {**document, "attributes": without(document["attributes"], active.unnamed_volatile)}))
             else:
                 key = _full_key(active, facts, identity, signals)
             cached = self.cache.get(key, now)
             if cached is not None:
+                # The rendering carries identity headers: shared only with the identity it was made for.
+                memo = cached.memo if cached.identity == identity.fingerprint else None
                 decision = self._render(cached.verdict, cached.result, decision_id, active, identity, signals,
-                                        None, cached=True, memo=cached.memo)
+                                        None, cached=True, memo=memo)
                 decision.valid_until = cached.valid_until
                 return decision
         if document is None:
             document = build_input(facts, identity.document, signals, active.input_tree)
-        elif active.input_tree is not None:
+        elif active.input_tree is not None and input_json is None:
             document = project(document, active.input_tree)
-        result = await active.evaluate(document, timeout=self.settings.policy_timeout)
+        if input_json is None:
+            input_json = encode_input(document)
+        result = await active.evaluate(input_json, timeout=self.settings.policy_timeout)
         if active.input_tree is not None:
             document = None  # partial: the audit log builds the full input from the facts
         if result is UNDEFINED:
@@ -290,7 +316,7 @@ class Pipeline:
         memo: dict[str, Any] = {}
         if use_cache:
             deadline = self._deadline(active, facts, identity, now)
-            self.cache.put(key, _CachedVerdict(verdict, result, memo, deadline), deadline, now)
+            self.cache.put(key, _CachedVerdict(verdict, result, memo, deadline, identity.fingerprint), deadline, now)
         return self._render(verdict, result, decision_id, active, identity, signals, document, cached=False,
                             memo=memo)
 
@@ -316,7 +342,7 @@ class Pipeline:
         code = verdict.reason or "policy_denied"
         return Decision(False, code, f"denied by policy ({code})" if verdict.reason else "denied by policy",
                         verdict.http_status, decision_id, "policy", active.version, cached, verdict, identity, signals,
-                        False, None, document, result)
+                        False, None, document, result, explain_denial=self.settings.explain_policy_denies)
 
     def _error_decision(self, error: AuthzError, decision_id: str, active: ActivePolicy | None,
                         identity: Identity, signals: Mapping[str, Any]) -> Decision:
@@ -371,6 +397,10 @@ def _full_key(active: ActivePolicy, facts: Facts, identity: Identity, signals: M
         elif paths:
             key += b"\x02" + repr(values_at(signals, paths)).encode()
     return key
+
+
+def _read_key(active: ActivePolicy, input_json: bytes) -> bytes:
+    return active.key_prefix + hashlib.blake2b(input_json, digest_size=20).digest()
 
 
 def _narrow_key(active: ActivePolicy, document: Mapping[str, Any]) -> bytes:

@@ -80,9 +80,12 @@ def protomap(message: Message, tree: Mapping[str, Any] | None = None) -> dict[st
                         kept[key] = protomap(item, None if wanted is True else wanted)
                     else:
                         kept[key] = _scalar(message_type.fields_by_name["value"])(item)
-            out[name] = kept
+            if kept:  # an empty remainder reads as undefined all the same, and keeps cache keys equal
+                out[name] = kept
         elif message_type is not None:
-            out[name] = protomap(value, sub)
+            inner = protomap(value, sub)
+            if inner:
+                out[name] = inner
         else:
             out[name] = _converter(field)(value)
     return out
@@ -315,7 +318,7 @@ def _add_decision_id(response: CheckResponse, decision: Decision) -> None:
 # A serialized CheckResponse that only carries a decision id. Protobuf merges concatenated
 # messages (repeated fields append, maps merge), so a cached allow's serialized response
 # plus this fragment is the full answer: one bytes concatenation per cache hit.
-_ID_PLACEHOLDER = "0" * 32
+_ID_PLACEHOLDER = "00000000-0000-4000-8000-000000000000"  # a decision id's shape
 
 
 def _id_fragment_template() -> bytes:
@@ -332,7 +335,7 @@ _ID_PLACEHOLDER_BYTES = _ID_PLACEHOLDER.encode()
 def check_response_bytes(decision: Decision) -> bytes:
     """The serialized answer; a cached allow reuses its rendering (see ``Decision.memo``)."""
     memo = decision.memo
-    if memo is None or not decision.allowed or len(decision.decision_id) != 32:
+    if memo is None or not decision.allowed or len(decision.decision_id) != len(_ID_PLACEHOLDER):
         return check_response(decision).SerializeToString()
     template = memo.get("grpc")
     if template is None:

@@ -139,6 +139,7 @@ def authz_config(options: MeshOptions, sockets: dict[str, Path], idp_issuer: str
         "policies": str(options.workdir / "policies"),
         "metrics_addr": "127.0.0.1:0",
         "workers": options.authz_workers,
+        "deny_body": "explain",  # the tour shows why each refusal happened
         "trust_domains": [TRUST_DOMAIN, PARTNER_DOMAIN],
         "issuers": [{"issuer": idp_issuer, "audiences": [AUDIENCE], "algorithms": ["RS256", "ES256"]}],
         "sessions": {"store": "memory", "idle_timeout": "15m", "max_lifetime": "8h",

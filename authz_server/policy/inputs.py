@@ -145,7 +145,42 @@ def project(document: Any, tree: Tree | None) -> Any:
         if key not in document:
             continue
         value = document[key]
-        out[key] = value if sub is True or not isinstance(value, dict) else project(value, sub)
+        if sub is True or not isinstance(value, dict):
+            out[key] = value
+        elif kept := project(value, sub):
+            # An object left empty by the projection reads as undefined all the same, below
+            # every path the policy names; leaving it out keeps equal inputs equal (cache keys).
+            out[key] = kept
+    return out
+
+
+def without(document: Any, tree: Tree) -> Any:
+    """``document`` with every path ``tree`` names taken out; parts it does not touch are
+    shared, not copied."""
+    if not isinstance(document, dict):
+        return document
+    out = dict(document)
+    for key, sub in tree.items():
+        if key not in out:
+            continue
+        if sub is True:
+            del out[key]
+        else:
+            out[key] = without(out[key], sub)
+    return out
+
+
+def subtract(tree: Tree, other: Tree) -> Tree:
+    """The leaves of ``tree`` that ``other`` names no part of."""
+    out: Tree = {}
+    for key, sub in tree.items():
+        limit = other.get(key)
+        if limit is True or (limit is not None and sub is True):
+            continue  # named, whole or in part
+        if limit is None:
+            out[key] = sub
+        elif inner := subtract(sub, limit):
+            out[key] = inner
     return out
 
 

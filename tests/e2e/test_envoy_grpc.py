@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -68,11 +69,11 @@ async def test_tutorial_policy_runs_unchanged_behind_envoy(supervisor, tmp_path:
             assert ok.status_code == 200
             echoed = ok.json()
             assert echoed["service"] == "people"
-            assert len(echoed["headers"]["x-authz-decision-id"]) == 32  # injected upstream by the OK response
+            assert uuid.UUID(echoed["headers"]["x-authz-decision-id"]).version == 4  # injected upstream by the OK response
 
             denied = await client.post("/people", headers=guest, json={"firstname": "Charlie"})
             assert denied.status_code == 403
-            assert denied.json()["error"] == "policy_denied"
+            assert denied.content == b""  # as OPA-Envoy answers a deny the policy gave no body
             assert denied.headers["x-authz-decision-id"]
 
             # Body-based rule: admins may create people, but not themselves (sub == alice).

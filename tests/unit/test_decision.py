@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -88,7 +89,7 @@ def test_what_the_policy_says_or_fails_to_say(outcomes: PolicyRuntime, path: str
     decision = decide(pipeline, request(path))
     assert (decision.allowed, decision.code, decision.http_status, decision.phase) == (allowed, code, status, "policy")
     assert decision.policy_version == outcomes.active.version
-    assert len(decision.decision_id) == 32
+    assert uuid.UUID(decision.decision_id).version == 4  # as OPA's decision ids
 
 
 def test_a_timeout_denies_and_the_next_request_is_decided(tmp_path: Path) -> None:
@@ -134,10 +135,13 @@ def test_a_repeat_is_a_hit_and_noise_does_not_matter(outcomes: PolicyRuntime) ->
 
     first = decide(pipeline, request("/yes", headers={"x-request-id": "1"}, source=peer(1234)))
     second = decide(pipeline, request("/yes", headers={"x-request-id": "2", "traceparent": "00-x"}, source=peer(4)))
-    other = decide(pipeline, request("/yes", headers={"x-role": "admin"}, source=peer(4)))
-    assert (first.cached, second.cached, other.cached) == (False, True, False)
+    # keyed on what the policy reads (the path, the query): other headers do not matter
+    unread = decide(pipeline, request("/yes?page=2", headers={"x-role": "admin"}, source=peer(4)))
+    other = decide(pipeline, request("/yes/1", headers={"x-role": "admin"}, source=peer(4)))
+    assert (first.cached, second.cached, unread.cached, other.cached) == (False, True, True, False)
+    assert decide(pipeline, request("/yes?value=x", source=peer(5))).cached is False  # it reads parsed_query.value
     assert second.allowed and second.decision_id != first.decision_id
-    assert (pipeline.cache.stats.hits, pipeline.cache.stats.misses) == (1, 2)
+    assert (pipeline.cache.stats.hits, pipeline.cache.stats.misses) == (2, 3)
     denied = [decide(pipeline, request("/legal")) for _ in range(2)]
     assert [d.cached for d in denied] == [False, True]
     assert denied[1].http_status == 410 and denied[1].body == "gone"  # a deny is cached with its answer
@@ -222,7 +226,10 @@ CLOCK = """
 package envoy.authz
 import rego.v1
 default allow := false
-allow if time.now_ns() > 0
+allow if {
+    time.now_ns() > 0
+    object.get(input.attributes.request.http.headers, "authorization", "") != "Bearer forbidden"
+}
 """
 
 

@@ -6,10 +6,10 @@ counter. Properties:
 
 * two requests that differ in anything the policy reads never share a decision, and every
   answer equals the one an uncached pipeline gives;
-* requests that differ only in per-request noise (request id, tracing headers, time,
-  source port), or in signal fields the policy does not read, share one; with a key
-  declared from the static input-path analysis (``policy.inputs``), so do requests that
-  differ only in fields the policy does not read;
+* requests that differ only in what the policy does not read (per-request noise such as
+  the request id, tracing headers, time and source port, other headers, signal fields)
+  share one: the key is the input the policy reads (``policy.inputs``), by default as with a
+  key declared in the manifest;
 * a policy that does name a per-request field is keyed on it;
 * an entry lives exactly its TTL; the cache never holds more than its bound and evicts
   the least recently used;
@@ -59,7 +59,6 @@ sub := input.identity.user.sub
 default limited := false
 limited := input.signals.rate.limited
 
-# (Lists are joined first: regopy 1.5.2 cannot json.marshal an array that came from input.)
 seen := [input.attributes.request.http.method, concat("/", input.parsed_path), concat(",", q), role, tier, sub,
          limited]
 
@@ -246,7 +245,7 @@ def test_a_request_shares_a_decision_only_when_it_differs_in_nothing_the_policy_
     loop, world, pipelines, _ = echo
     first, second = pair
     changed = {name for name in DOMAINS if first[name] != second[name]}
-    shares = {"default": changed <= VOLATILE | UNREAD_SIGNALS,
+    shares = {"default": changed <= VOLATILE | UNREAD_SIGNALS | UNREAD,
               "narrow": changed <= VOLATILE | UNREAD_SIGNALS | UNREAD}
     for name in ("default", "narrow"):
         pipelines[name].cache.clear()
@@ -315,11 +314,9 @@ def test_a_policy_that_names_a_per_request_field_is_keyed_on_it(
         assert seen_header(decision) == expected_noise(model)
         assert as_envoy_sees_it(decision) == as_envoy_sees_it(truth)
         assert decision.allowed == (model["port"] != 3000)
-    # Every field of the request is either in the default key or named by this policy;
-    # only the caller's identity and the signals live outside the request (and this
-    # pipeline has neither).
+    # This policy reads the per-request fields and nothing else: it is keyed on them alone.
     changed = {name for name in DOMAINS if first[name] != second[name]}
-    assert decision.cached == (changed <= {"user", "limited", "observed"}), changed
+    assert decision.cached == changed.isdisjoint(VOLATILE), changed
 
 
 # -- 2. time: an entry lives exactly its TTL

@@ -235,12 +235,13 @@ def test_a_policy_deny_carries_its_status_body_and_headers(runtime: PolicyRuntim
 @pytest.mark.parametrize(("path", "identity", "settings", "grpc_code", "http_status", "code"), [
     ("/nothing", None, None, PERMISSION_DENIED, 403, "policy_denied"),
     ("/nothing", None, DecisionSettings(deny_status=404), PERMISSION_DENIED, 403, "policy_denied"),
+    ("/nothing", None, DecisionSettings(explain_policy_denies=True), PERMISSION_DENIED, 403, "policy_denied"),
     ("/plain", TokenError("expired", code="expired_token"), None, UNAUTHENTICATED, 401, "expired_token"),
     ("/plain", UnavailableError("redis is down", code="session_store_unavailable"), None, UNAVAILABLE, 503,
      "session_store_unavailable"),
     ("/plain", RequestError("odd", code="bad_header"), None, INVALID_ARGUMENT, 400, "bad_header"),
     ("/plain", RuntimeError("a bug"), DecisionSettings(deny_status=500), PERMISSION_DENIED, 500, "internal_error"),
-], ids=["policy", "policy-ignores-deny_status", "identity", "unavailable", "request", "internal"])
+], ids=["policy", "policy-ignores-deny_status", "policy-explained", "identity", "unavailable", "request", "internal"])
 def test_the_phase_that_failed_sets_the_answer(runtime: PolicyRuntime, path, identity, settings, grpc_code,
                                                http_status, code) -> None:  # type: ignore[no-untyped-def]
     decision = decide(runtime, path, identity, settings)
@@ -248,8 +249,12 @@ def test_the_phase_that_failed_sets_the_answer(runtime: PolicyRuntime, path, ide
     assert (response.status.code, response.status.message) == (grpc_code, code)
     assert response.denied_response.status.code == http_status
     headers = {o.header.key: o.header.value for o in response.denied_response.headers}
-    assert headers["content-type"] == "application/json"
     assert headers[DECISION_ID_HEADER] == decision.decision_id
+    if code == "policy_denied" and not (settings and settings.explain_policy_denies):
+        # As OPA-Envoy answers a deny the policy made without a body: nothing but its status.
+        assert response.denied_response.body == "" and "content-type" not in headers
+        return
+    assert headers["content-type"] == "application/json"
     assert f'"error":"{code}"' in response.denied_response.body
     if isinstance(identity, IdentityError):
         assert headers["www-authenticate"] == f'Bearer error="invalid_token", error_description="{code}"'

@@ -89,10 +89,13 @@ def _percentiles_script() -> str:
 
 
 def run_wrk(url: str, settings: Settings, *, headers: dict[str, str] | None = None,
-            duration: float | None = None) -> LoadResult:
+            duration: float | None = None, script: str | None = None) -> LoadResult:
+    """wrk against ``url``. A ``script`` of one's own must print the ``PCT``/``MEAN`` lines of
+    ``PERCENTILES_LUA`` from its ``done``; any ``COUNT name value`` line it prints lands in
+    ``extra["counts"]``."""
     argv = [wrk_binary() or "wrk", "-t", str(settings.threads), "-c", str(settings.connections),
             "-d", f"{max(1, round(duration or settings.duration))}s", "--latency", "--timeout", "5s",
-            "-s", _percentiles_script()]
+            "-s", script or _percentiles_script()]
     for name, value in (headers or {}).items():
         argv += ["-H", f"{name}: {value}"]
     argv.append(url)
@@ -116,6 +119,9 @@ def run_wrk(url: str, settings: Settings, *, headers: dict[str, str] | None = No
         result.non_2xx = int(m.group(1))
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
         result.errors = sum(int(g) for g in m.groups())
+    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^COUNT (\S+) (\d+)$", out, re.MULTILINE)}
+    if counts:
+        result.extra["counts"] = counts
     return result
 
 
@@ -163,15 +169,16 @@ def rss_mb(pid: int) -> float:
 
 
 def load_with_cpu(url: str, settings: Settings, authz_pid: int | None, *, name: str,
-                  headers: dict[str, str] | None = None, others: dict[str, int] | None = None) -> LoadResult:
+                  headers: dict[str, str] | None = None, others: dict[str, int] | None = None,
+                  script: str | None = None) -> LoadResult:
     """wrk against ``url`` after a warm-up; the best of ``settings.repeats`` runs. CPU per request
     of ``authz_pid`` (and of each of ``others``, e.g. the Envoy in front, in ``extra["cpu_us_per_req"]``)."""
-    run_wrk(url, settings, headers=headers, duration=settings.warmup)
+    run_wrk(url, settings, headers=headers, duration=settings.warmup, script=script)
     best: LoadResult | None = None
     for _ in range(settings.repeats):
         before = cpu_seconds(authz_pid) if authz_pid else 0.0
         others_before = {label: cpu_seconds(pid) for label, pid in (others or {}).items()}
-        result = run_wrk(url, settings, headers=headers)
+        result = run_wrk(url, settings, headers=headers, script=script)
         if authz_pid and result.requests:
             result.authz_cpu_us_per_req = (cpu_seconds(authz_pid) - before) / result.requests * 1e6
             result.extra["authz_rss_mb"] = round(rss_mb(authz_pid), 1)

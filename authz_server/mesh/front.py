@@ -19,6 +19,7 @@ class Route:
     prefix: str = "/"
     context_extensions: dict[str, str] = field(default_factory=dict)
     direct_response: str | None = None  # answer here with this body instead of proxying
+    response_headers: tuple[tuple[str, str], ...] = ()  # added to every answer (Envoy's %REQ(...)% works)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ def _route(route: Route) -> dict[str, Any]:
         rendered["route"] = {"cluster": "upstream", "timeout": "10s"}
     if route.context_extensions:
         rendered["typed_per_filter_config"] = per_route_context(route.context_extensions)
+    if route.response_headers:
+        rendered["response_headers_to_add"] = [{"header": {"key": k, "value": v}} for k, v in route.response_headers]
     return rendered
 
 

@@ -2,8 +2,13 @@
 
 * a bearer token in ``Authorization: Bearer <jwt>``;
 * a session id in ``x-session-id``, or in the ``__Host-authz-session`` cookie on
-  browser-facing routes;
+  browser-facing routes (``context_extensions`` ``browser: "true"``) and nowhere else;
 * the user agent, when sessions are bound to it.
+
+A cookie travels with every request the browser makes, whoever made the page that sent it, and
+can be planted by a sibling subdomain (RFC 6265 §8.6, §8.3): it is the weakest credential here.
+So it counts only on the routes that said they serve browsers, and it never outranks a bearer
+token (see ``resolver``): a token replaces whatever cookie came with it.
 """
 
 from __future__ import annotations
@@ -32,10 +37,27 @@ def bearer_token(facts: Facts) -> str | None:
     return token
 
 
-def session_id(facts: Facts, cookie_name: str = SESSION_COOKIE) -> str | None:
-    value = facts.headers.get(SESSION_HEADER)
-    if value is None:
-        value = _cookie(facts.headers.get("cookie", ""), cookie_name)
+def is_browser_route(facts: Facts) -> bool:
+    return facts.context_extensions.get("browser") == "true"
+
+
+def session_header(facts: Facts) -> str | None:
+    """The session id an API client sent in ``x-session-id``."""
+    return _checked_id(facts.headers.get(SESSION_HEADER))
+
+
+def session_cookie(facts: Facts, cookie_name: str = SESSION_COOKIE) -> str | None:
+    """The session cookie, on browser routes only: elsewhere a cookie is not a credential."""
+    if not is_browser_route(facts):
+        return None
+    return _checked_id(cookie_value(facts, cookie_name))
+
+
+def cookie_value(facts: Facts, name: str) -> str | None:
+    return _cookie(facts.headers.get("cookie", ""), name)
+
+
+def _checked_id(value: str | None) -> str | None:
     if value is None:
         return None
     value = value.strip()

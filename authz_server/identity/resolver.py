@@ -3,7 +3,11 @@ who acts for whom. The result is ``input.identity`` for policies plus the header
 with it.
 
 Order of evidence for the user:
-1. a session id: a store lookup, no crypto. Presented by the client it is bound to, it is
+0. the session cookie counts only on browser routes, and a bearer token outranks it: with a
+   token, the cookie is not even looked up (a stale cookie must not lock the user out, and a
+   cookie planted by someone else must not replace the user's own token: session fixation).
+   The token is validated and starts a fresh session, whose cookie replaces the old one.
+1. a session id (``x-session-id``, or the cookie as above): a store lookup, no crypto. Presented by the client it is bound to, it is
    the user's own call. Presented by another workload that is allowed to act for users
    (``sessions.delegation.actors``), it is delegation: the policy sees
    ``input.identity.delegation`` and decides. Presented by anyone else it is a stolen
@@ -25,7 +29,8 @@ from typing import Any, Callable, Mapping, Protocol
 from ..decision import Identity
 from ..errors import ReplayError, SessionError
 from ..facts import Facts
-from .credentials import SESSION_COOKIE, SESSION_HEADER, bearer_token, session_id, user_agent
+from .credentials import (SESSION_COOKIE, SESSION_HEADER, bearer_token, is_browser_route, session_cookie,
+                          session_header, user_agent)
 from .sessions import Binding, Session, SessionStore, new_session_id, replay_error, session_key, sha256_hex
 from .workloads import WorkloadIdentity, WorkloadVerifier
 
@@ -101,7 +106,11 @@ class IdentityService:
     async def resolve(self, facts: Facts, now: float) -> Identity:
         workload = self.workloads.verify(facts, now) if self.workloads is not None else None
         token = bearer_token(facts) if self.tokens is not None else None
-        presented = session_id(facts, self.settings.cookie) if self.store is not None else None
+        presented = None
+        if self.store is not None:
+            presented = session_header(facts)
+            if presented is None and token is None:
+                presented = session_cookie(facts, self.settings.cookie)
         if presented is None and token is None:  # the common case of a plain workload call
             plain = self._plain.get(workload)
             if plain is None or (plain.expires_at is not None and plain.expires_at <= now):
@@ -244,7 +253,7 @@ class IdentityService:
         if new_session_id:
             upstream += ((SESSION_HEADER, new_session_id),)  # so the service can forward it on the user's behalf
             response += ((SESSION_HEADER, new_session_id),)
-            if facts.context_extensions.get("browser") == "true" and session is not None:
+            if is_browser_route(facts) and session is not None:
                 max_age = int(session.expires - now)
                 response += (("set-cookie", f"{self.settings.cookie}={new_session_id}; Path=/; Secure; HttpOnly; "
                                             f"SameSite=Lax; Max-Age={max_age}"),)

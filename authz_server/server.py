@@ -334,7 +334,7 @@ def build_identity(config: Config, signer: ExchangeSigner | None = None) -> Iden
         issuers.append(_exchange_issuer(config, signer))
     tokens = None
     if issuers:
-        from .identity.jwk import parse_jwks
+        from .identity.jose import parse_jwks
         from .identity.oidc import IssuerRegistry
 
         held = {config.exchange.issuer: parse_jwks(signer.jwks)} if config.exchange and signer else None

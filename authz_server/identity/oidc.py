@@ -46,8 +46,7 @@ from urllib.parse import urlsplit
 from ..durations import parse_duration
 from ..errors import ConfigError, TokenError
 from .encoding import b64url_decode, json_object
-from .jwa import ALGORITHMS, SYMMETRIC_ALGORITHMS
-from .jwk import JwkError, JwkSet, load_jwks, parse_jwks
+from .jose import ALGORITHMS, SYMMETRIC_ALGORITHMS, JwkError, JwkSet, load_jwks, parse_jwks
 from .jwks import FetchError, HttpxJwksFetcher, IssuerKeys, JwksFetcher, KeySetStatus, RefreshSettings
 from .tokens import (
     DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_TOKEN_BYTES, IssuerPolicy, VerifiedToken,

@@ -47,8 +47,7 @@ from typing import Any, Mapping
 
 from ..errors import TokenError
 from .encoding import b64url_decode, b64url_encode, json_object
-from .jwa import ALGORITHMS, JwsAlgorithm, verify
-from .jwk import MAX_KID_LENGTH, Jwk, JwkSet
+from .jose import ALGORITHMS, MAX_KID_LENGTH, Jwk, JwkSet, JwsAlgorithm
 
 DEFAULT_MAX_TOKEN_BYTES = 16 * 1024
 DEFAULT_MAX_HEADER_BYTES = 2 * 1024
@@ -280,7 +279,7 @@ def verify_jws(token: str, policy: IssuerPolicy, keys: JwkSet) -> VerifiedJws:
         raise _fail("malformed_token", f"payload: {exc}") from None
     # RFC 7515 §5.2 step 8: validate over ASCII(BASE64URL(header) || '.' || BASE64URL(payload))
     signing_input = token[: len(head) + 1 + len(body)].encode("ascii")
-    if not signature or not verify(alg, key.key, signing_input, signature):
+    if not alg.verify(key.key, signing_input, signature):
         raise _fail("bad_signature", f"{alg.name} signature does not verify")
     return VerifiedJws(MappingProxyType(header), payload, alg.name, key)
 

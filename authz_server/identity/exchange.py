@@ -252,6 +252,9 @@ class TokenExchange:
                 verified = await self.tokens.validate(token, now=now, client_cert_sha256=None)
             except AuthzError as exc:
                 raise ExchangeError("invalid_grant", f"subject token: {exc.code}: {exc.message}") from None
+            if getattr(verified, "cnf_jkt", None):
+                raise ExchangeError("invalid_grant", "a DPoP-bound subject token cannot be exchanged: its key "
+                                                     "stays with the client that holds it")
             claims = verified.claims
             return verified.subject, claims, verified.expires_at, claims.get("act")
         raise ExchangeError("invalid_request", f"unsupported subject_token_type {token_type!r}")

@@ -15,6 +15,12 @@ Config (``issuers:``, one entry per issuer; every key is checked, unknown keys a
         typ: at+jwt                                # enforce RFC 9068 explicit typing (default: off)
         max_token_bytes: 16384                     # also max_header_bytes, max_payload_bytes
         require_sender_constraint: false           # true: tokens must carry cnf x5t#S256 (RFC 8705)
+        dpop: off                                  # allowed | required: cnf.jkt tokens with a DPoP proof
+                                                   #   (RFC 9449); or {mode, algorithms, iat_window,
+                                                   #   nonce, nonce_lifetime, nonce_secret_file}
+        introspection:                             # opaque tokens (RFC 7662); see introspection.py
+          client_id: authz-server
+          client_secret_file: secrets/introspection
         ca_file: /etc/ssl/idp-ca.pem               # TLS trust for jwks_uri/discovery (default: system)
         tls_verify: true
         refresh:
@@ -27,7 +33,7 @@ Config (``issuers:``, one entry per issuer; every key is checked, unknown keys a
           timeout: 5s
           max_bytes: 524288                        # cap on a discovery or JWKS document
 
-This module and ``jwks.py`` are identity's only network code; validation itself is the pure
+This module, ``jwks.py`` and ``introspection.py`` are identity's network code; validation itself is the pure
 ``tokens.validate_jwt``.
 """
 
@@ -35,100 +41,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
-from urllib.parse import urlsplit
 
-from ..durations import parse_duration
+import httpx
+
 from ..errors import ConfigError, TokenError
 from .encoding import b64url_decode, json_object
+from .dpop import DpopSettings, NonceSource, ProofChecker, parse_dpop_setting
+from .introspection import IntrospectionConfig, TokenIntrospector
 from .jose import ALGORITHMS, SYMMETRIC_ALGORITHMS, JwkError, JwkSet, load_jwks, parse_jwks
-from .jwks import FetchError, HttpxJwksFetcher, IssuerKeys, JwksFetcher, KeySetStatus, RefreshSettings
+from .configread import int_between as _int, only as _only, path as _path, seconds as _seconds, strings as _strings
+from .configread import url as _url
+from .jwks import FetchedDocument, FetchError, HttpxJwksFetcher, IssuerKeys, JwksFetcher, KeySetStatus, RefreshSettings
 from .tokens import (
     DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_TOKEN_BYTES, IssuerPolicy, VerifiedToken,
     peek_issuer, validate_jwt,
 )
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
-_LOOPBACK_NAMES = {"localhost"}
 _KEYS = {
     "issuer", "audiences", "algorithms", "leeway", "required_claims", "typ", "max_token_bytes", "max_header_bytes",
     "max_payload_bytes", "require_sender_constraint", "jwks_file", "jwks_uri", "discovery", "shared_secret_file",
-    "ca_file", "tls_verify", "refresh",
+    "ca_file", "tls_verify", "refresh", "dpop", "introspection",
 }
 _REFRESH_KEYS = {"default_max_age", "min_max_age", "max_max_age", "unknown_kid_interval", "max_stale",
                  "retry_interval", "timeout", "max_bytes"}
 
 
 # -- config -----------------------------------------------------------------------------
-
-def _is_loopback(host: str) -> bool:
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _url(value: Any, key: str, *, what: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"expected a URL, got {value!r}", key=key)
-    parts = urlsplit(value)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigError(f"{what} must be an https URL, got {value!r}", key=key)
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        raise ConfigError(f"{what} must use https (plain http only to a loopback address), got {value!r}", key=key)
-    if parts.query or parts.fragment:
-        # OpenID Connect Discovery 1.0 §2: the issuer is a URL "with no query or fragment components"
-        raise ConfigError(f"{what} must not have a query or fragment, got {value!r}", key=key)
-    return value
-
-
-def _strings(value: Any, key: str, *, allow_empty: bool = False) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
-        raise ConfigError(f"expected a list of non-empty strings, got {value!r}", key=key)
-    if not items and not allow_empty:
-        raise ConfigError("must list at least one value", key=key)
-    return tuple(items)
-
-
-def _seconds(value: Any, key: str) -> float:
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise ConfigError(str(exc), key=key) from None
-
-
-def _int(value: Any, key: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"expected an integer between {low} and {high}, got {value!r}", key=key)
-    return value
-
-
-def _path(value: Any, key: str, base_dir: str | None) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"expected a file path, got {value!r}", key=key)
-    path = Path(os.path.expanduser(value))
-    if not path.is_absolute() and base_dir is not None:
-        beside = Path(base_dir) / path
-        if beside.exists() or not path.exists():
-            path = beside
-    return str(path)
-
-
-def _only(data: Mapping[str, Any], allowed: set[str], key: str) -> None:
-    for name in data:
-        if name not in allowed:
-            close = sorted(a for a in allowed if a[:3] == str(name)[:3])
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown key{hint}", key=f"{key}.{name}")
-
 
 def _refresh_settings(value: Any, key: str) -> RefreshSettings:
     if not isinstance(value, Mapping):
@@ -169,6 +112,9 @@ class IssuerConfig:
     ca_file: str | None = None
     tls_verify: bool = True
     refresh: RefreshSettings = field(default_factory=RefreshSettings)
+    dpop: DpopSettings = field(default_factory=DpopSettings)
+    dpop_nonce_secret_file: str | None = None
+    introspection: IntrospectionConfig | None = None
     key: str = "issuers[0]"  # where in the config this came from, for messages
 
     @classmethod
@@ -241,6 +187,12 @@ class IssuerConfig:
             values["ca_file"] = _path(data["ca_file"], f"{key}.ca_file", base_dir)
         if "refresh" in data:
             values["refresh"] = _refresh_settings(data["refresh"], f"{key}.refresh")
+        if "dpop" in data:
+            values["dpop"], values["dpop_nonce_secret_file"] = parse_dpop_setting(data["dpop"], f"{key}.dpop",
+                                                                                base_dir=base_dir)
+        if "introspection" in data:
+            values["introspection"] = IntrospectionConfig.from_mapping(data["introspection"], f"{key}.introspection",
+                                                                       base_dir=base_dir)
         config = cls(**values)
         try:
             config.policy()
@@ -253,7 +205,7 @@ class IssuerConfig:
             issuer=self.issuer, audiences=self.audiences, algorithms=self.algorithms, leeway=self.leeway,
             required_claims=self.required_claims, typ=self.typ, max_token_bytes=self.max_token_bytes,
             max_header_bytes=self.max_header_bytes, max_payload_bytes=self.max_payload_bytes,
-            require_sender_constraint=self.require_sender_constraint,
+            require_sender_constraint=self.require_sender_constraint, dpop=self.dpop.mode,
         )
 
 
@@ -351,20 +303,18 @@ class DiscoveryKeySource:
         self.issuer = issuer
         self.fetcher = fetcher
         self.jwks_uri: str | None = None
+        self.metadata: Mapping[str, Any] | None = None  # the last good provider metadata
         self.description = f"discovery {discovery_url}"
 
+    async def provider_metadata(self) -> Mapping[str, Any]:
+        """The provider's metadata (endpoints for introspection and browser sign-in): fetched
+        once, and again whenever the keys are discovered again."""
+        if self.metadata is None:
+            self.metadata = await fetch_metadata(self.fetcher, self.discovery_url, self.issuer)
+        return self.metadata
+
     async def _discover(self) -> str:
-        document = await self.fetcher.fetch(self.discovery_url)
-        try:
-            metadata = json_object(document.body)
-        except ValueError as exc:
-            raise FetchError(f"{self.discovery_url}: not a metadata document: {exc}") from None
-        if metadata.get("issuer") != self.issuer:
-            # Discovery §4.3: "The issuer value returned MUST be identical to the Issuer URL that
-            # was used as the prefix to /.well-known/openid-configuration to retrieve the
-            # configuration information."
-            raise FetchError(f"{self.discovery_url}: metadata issuer {str(metadata.get('issuer'))[:100]!r} "
-                             f"is not {self.issuer!r}")
+        metadata = self.metadata = await fetch_metadata(self.fetcher, self.discovery_url, self.issuer)
         jwks_uri = metadata.get("jwks_uri")
         try:
             return _url(jwks_uri, "jwks_uri", what="jwks_uri")
@@ -382,6 +332,58 @@ class DiscoveryKeySource:
             raise
 
 
+async def fetch_metadata(fetcher: JwksFetcher, discovery_url: str, issuer: str) -> Mapping[str, Any]:
+    """A provider's metadata document, whose ``issuer`` must be exactly ours, or ``FetchError``."""
+    document = await fetcher.fetch(discovery_url)
+    try:
+        metadata = json_object(document.body)
+    except ValueError as exc:
+        raise FetchError(f"{discovery_url}: not a metadata document: {exc}") from None
+    if metadata.get("issuer") != issuer:
+        # Discovery §4.3: "The issuer value returned MUST be identical to the Issuer URL that
+        # was used as the prefix to /.well-known/openid-configuration to retrieve the
+        # configuration information."
+        raise FetchError(f"{discovery_url}: metadata issuer {str(metadata.get('issuer'))[:100]!r} "
+                         f"is not {issuer!r}")
+    return metadata
+
+
+def _tls(config: IssuerConfig) -> Any:
+    if config.tls_verify and config.ca_file:
+        import ssl
+
+        return ssl.create_default_context(cafile=config.ca_file)
+    return config.tls_verify
+
+
+def _read_secret(file: str | None, key: str) -> bytes | None:
+    if file is None:
+        return None  # one process: a random key is enough
+    try:
+        secret = Path(file).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {file}: {exc.strerror}", key=key) from None
+    if len(secret) < 16:
+        raise ConfigError("needs at least 16 bytes of secret", key=key)
+    return secret
+
+
+class _ClientFetcher:
+    """``JwksFetcher`` over a shared client (metadata of issuers whose keys come from elsewhere)."""
+
+    def __init__(self, client: httpx.AsyncClient, max_bytes: int) -> None:
+        self._client, self._max_bytes = client, max_bytes
+
+    async def fetch(self, url: str) -> FetchedDocument:
+        try:
+            response = await self._client.get(url, headers={"accept": "application/json"})
+        except httpx.HTTPError as exc:
+            raise FetchError(f"GET {url}: {type(exc).__name__}") from None
+        if response.status_code != 200 or len(response.content) > self._max_bytes:
+            raise FetchError(f"GET {url}: HTTP {response.status_code}")
+        return FetchedDocument(response.content)
+
+
 # -- the registry ----------------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -389,6 +391,9 @@ class _Issuer:
     config: IssuerConfig
     policy: IssuerPolicy
     keys: IssuerKeys
+    proofs: ProofChecker | None = None  # DPoP on: checks this issuer's cnf.jkt tokens' proofs
+    introspector: TokenIntrospector | None = None
+    metadata: Mapping[str, Any] | None = None
 
 
 class IssuerRegistry:
@@ -406,6 +411,7 @@ class IssuerRegistry:
         self._issuers: dict[str, _Issuer] = {}
         self._owned: list[HttpxJwksFetcher] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._http: httpx.AsyncClient | None = None  # introspection and metadata, when needed
         now = clock()
         for config in configs:
             if config.issuer in self._issuers:
@@ -429,7 +435,20 @@ class IssuerRegistry:
                     keys.prime(source.read(), now)
                 except JwkError as exc:
                     raise ConfigError(str(exc), key=f"{config.key}.{where}") from None
-            self._issuers[config.issuer] = _Issuer(config, config.policy(), keys)
+            entry = self._issuers[config.issuer] = _Issuer(config, config.policy(), keys)
+            if config.dpop.mode != "off":
+                nonces = None
+                if config.dpop.nonce:
+                    secret = _read_secret(config.dpop_nonce_secret_file, f"{config.key}.dpop.nonce_secret_file")
+                    nonces = NonceSource(secret, config.dpop.nonce_lifetime)
+                entry.proofs = ProofChecker(config.dpop, nonces)
+            if config.introspection is not None:
+                if self._http is None:
+                    self._http = httpx.AsyncClient(verify=_tls(config), follow_redirects=False, trust_env=False)
+                entry.introspector = TokenIntrospector(
+                    config.issuer, config.introspection, entry.policy, client=self._http, keys=keys.current,
+                    metadata=lambda issuer=config.issuer: self.metadata(issuer))
+        self._introspecting = [e for e in self._issuers.values() if e.introspector is not None]
         self._max_token_bytes = max((c.max_token_bytes for c in configs), default=DEFAULT_MAX_TOKEN_BYTES)
         self._max_payload_bytes = max((c.max_payload_bytes for c in configs), default=DEFAULT_MAX_PAYLOAD_BYTES)
 
@@ -446,11 +465,36 @@ class IssuerRegistry:
     def keys(self, issuer: str) -> IssuerKeys:
         return self._issuers[issuer].keys
 
+    def proof_checker(self, issuer: str) -> ProofChecker | None:
+        """The DPoP proof checker of an issuer with ``dpop`` on, else None."""
+        entry = self._issuers.get(issuer)
+        return entry.proofs if entry is not None else None
+
+    def policy(self, issuer: str) -> IssuerPolicy:
+        return self._issuers[issuer].policy
+
+    async def metadata(self, issuer: str) -> Mapping[str, Any]:
+        """The provider's metadata (discovery), fetched once; ``FetchError`` when unavailable."""
+        entry = self._issuers[issuer]
+        source = entry.keys.source
+        if isinstance(source, DiscoveryKeySource):
+            return await source.provider_metadata()
+        if entry.metadata is None:
+            if self._http is None:
+                self._http = httpx.AsyncClient(verify=_tls(entry.config), follow_redirects=False, trust_env=False)
+            fetcher = _ClientFetcher(self._http, entry.config.refresh.max_bytes)
+            entry.metadata = await fetch_metadata(fetcher, entry.config.discovery or
+                                                  entry.config.issuer.rstrip("/") + DISCOVERY_PATH, entry.config.issuer)
+        return entry.metadata
+
     async def validate(self, token: str, *, now: float,
                        client_cert_sha256: str | bytes | None = None) -> VerifiedToken:
         """Route by the (unverified) ``iss`` to its issuer, then ``validate_jwt`` with that
         issuer's policy and keys. An unknown ``kid`` triggers one rate-limited key refresh and
-        a second attempt. Raises ``TokenError`` or ``UnavailableError("jwks_unavailable")``."""
+        a second attempt. A token that is not a JWT goes to the issuers that introspect
+        (RFC 7662), in order, until one knows it. Raises ``TokenError`` or ``UnavailableError``."""
+        if self._introspecting and token.count(".") != 2:
+            return await self._introspect(token, now, client_cert_sha256)
         issuer = peek_issuer(token, max_token_bytes=self._max_token_bytes, max_payload_bytes=self._max_payload_bytes)
         entry = self._issuers.get(issuer)
         if entry is None:
@@ -465,6 +509,21 @@ class IssuerRegistry:
             if fresh is None or fresh is keys:
                 raise
         return validate_jwt(token, entry.policy, fresh, now=now, client_cert_sha256=client_cert_sha256)
+
+    async def _introspect(self, token: str, now: float, client_cert_sha256: str | bytes | None) -> VerifiedToken:
+        if len(token) > self._max_token_bytes:
+            raise TokenError(f"token of {len(token)} bytes is over the limit", code="token_too_large")
+        last: TokenError | None = None
+        for entry in self._introspecting:
+            assert entry.introspector is not None
+            try:
+                return await entry.introspector.introspect(token, now=now, client_cert_sha256=client_cert_sha256)
+            except TokenError as exc:
+                if exc.code != "token_inactive":
+                    raise
+                last = exc
+        assert last is not None
+        raise last
 
     async def start(self) -> None:
         """Load every remote key set once (failures are reported in ``status``, not raised) and
@@ -504,6 +563,9 @@ class IssuerRegistry:
         for fetcher in self._owned:
             await fetcher.aclose()
         self._owned.clear()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
     async def __aenter__(self) -> "IssuerRegistry":
         await self.start()

@@ -12,9 +12,15 @@ Order of evidence for the user:
    (``sessions.delegation.actors``), it is delegation: the policy sees
    ``input.identity.delegation`` and decides. Presented by anyone else it is a stolen
    session: denied (``session_bound_elsewhere``) and logged with both identities.
-2. a bearer JWT from a trusted issuer: validated (signature, claims, RFC 8705 binding),
-   checked for replay by another client, and exchanged for a new session whose id is
-   returned to the client (``x-session-id``, plus a ``__Host-`` cookie on browser routes).
+2. an access token from a trusted issuer: a JWT validated (signature, claims, RFC 8705
+   binding) or an opaque token introspected (RFC 7662), checked for replay by another client,
+   and exchanged for a new session whose id is returned to the client (``x-session-id``,
+   plus a ``__Host-`` cookie on browser routes).
+
+DPoP (RFC 9449): a token bound to a key (``cnf.jkt``) counts only as ``Authorization: DPoP``
+with a valid proof of that key; the session made from it stays bound to the key, and every
+call with that session proves possession again (one signature check, no token). Proof
+``jti``s are claimed in the session store, shared by every replica: a proof is used once.
 Without issuers configured, a bearer token is left alone for the policy to read (the
 OPA-Envoy tutorial's way).
 """
@@ -29,9 +35,11 @@ from typing import Any, Callable, Mapping, Protocol
 from ..decision import Identity
 from ..errors import ReplayError, SessionError
 from ..facts import Facts
-from .credentials import (SESSION_COOKIE, SESSION_HEADER, bearer_token, is_browser_route, session_cookie,
-                          session_header, user_agent)
-from .sessions import Binding, Session, SessionStore, new_session_id, replay_error, session_key, sha256_hex
+from .credentials import (SESSION_COOKIE, SESSION_HEADER, access_token, dpop_proof, is_browser_route,
+                          request_uri, session_cookie, session_header, user_agent)
+from .dpop import DpopSettings, ProofChecker, dpop_error
+from .sessions import (Binding, MemoryStore, Session, SessionStore, new_session_id, replay_error, session_key,
+                       sha256_hex)
 from .workloads import WorkloadIdentity, WorkloadVerifier
 
 log = logging.getLogger("authz_server.identity")
@@ -96,6 +104,9 @@ class IdentityService:
 
     def __post_init__(self) -> None:
         self._accept_actor = accept_actor(self.settings.delegation_actors)
+        # DPoP proof ids are claimed where sessions live (shared by replicas), else in process.
+        self._proof_ids: SessionStore = self.store if self.store is not None else MemoryStore()
+        self._session_proofs = ProofChecker(DpopSettings(mode="allowed"))
         # Identities without a user depend on the workload alone: built once per workload.
         self._plain: dict[WorkloadIdentity | None, Identity] = {}
         # A session's identity changes only when the session is touched (its idle deadline
@@ -105,7 +116,8 @@ class IdentityService:
 
     async def resolve(self, facts: Facts, now: float) -> Identity:
         workload = self.workloads.verify(facts, now) if self.workloads is not None else None
-        token = bearer_token(facts) if self.tokens is not None else None
+        presented_token = access_token(facts) if self.tokens is not None else None
+        token = presented_token[1] if presented_token is not None else None
         presented = None
         if self.store is not None:
             presented = session_header(facts)
@@ -133,6 +145,8 @@ class IdentityService:
                     self._keys.clear()
                 self._keys[presented] = key
             session = await self.store.lookup(key, now=now)
+            if session.jkt:
+                await self._prove(facts, session.jkt, self._checker(session.issuer), now)
             cache_key = (session.key, session.last_seen, workload, client, token is not None)
             cached = self._by_session.get(cache_key)
             if cached is not None and (cached.expires_at is None or cached.expires_at > now):
@@ -144,14 +158,16 @@ class IdentityService:
                 self._by_session.clear()
             self._by_session[cache_key] = built
             return built
-        assert token is not None and self.tokens is not None
-        return await self._from_token(token, workload, client, facts, now)
+        assert presented_token is not None and self.tokens is not None
+        return await self._from_token(presented_token, workload, client, facts, now)
 
     def still_valid(self, identity: Identity, now: float) -> bool:
         """For a byte-identical repeat request: is the identity behind a cached decision
         still good, judged from in-process state only?"""
         if identity.expires_at is not None and identity.expires_at <= now:
             return False
+        if identity.document and ((identity.document.get("user") or {}).get("cnf") or {}).get("jkt"):
+            return False  # DPoP-bound: every request proves possession again, with a fresh proof
         key = identity.document.get("session", {}) if identity.document else {}
         if not key:
             return identity.document.get("method") in ("none", "mtls")
@@ -175,12 +191,41 @@ class IdentityService:
         log.warning("stolen session refused: %s", message)
         raise SessionError(message, code="session_bound_elsewhere")
 
-    async def _from_token(self, token: str, workload: WorkloadIdentity | None, client: Binding, facts: Facts,
-                          now: float) -> Identity:
+    # -- DPoP
+    def _checker(self, issuer: str) -> ProofChecker:
+        by_issuer = getattr(self.tokens, "proof_checker", None)
+        checker = by_issuer(issuer) if by_issuer is not None else None
+        return checker if checker is not None else self._session_proofs
+
+    async def _prove(self, facts: Facts, jkt: str, checker: ProofChecker, now: float,
+                     token: str | None = None) -> None:
+        proof = checker.check(dpop_proof(facts), method=facts.method, url=request_uri(facts), now=now,
+                              access_token=token, bound_jkt=jkt)
+        first = await self._proof_ids.claim_jti(f"dpop:{proof.jkt}", proof.jti, "proof", until=proof.remember_until,
+                                                now=now)
+        if first is not None:
+            self.stats.replays += 1
+            log.warning("DPoP proof replay refused (key %s)", proof.jkt[:12])
+            raise dpop_error("dpop_replay", "this DPoP proof was already used", checker.settings)
+
+    async def _from_token(self, presented: tuple[str, str], workload: WorkloadIdentity | None, client: Binding,
+                          facts: Facts, now: float) -> Identity:
         assert self.tokens is not None
+        scheme, token = presented
         verified = await self.tokens.validate(token, now=now,
                                               client_cert_sha256=workload.x5t_s256 if workload else None)
         self.stats.tokens_validated += 1
+        jkt = getattr(verified, "cnf_jkt", None) or ""
+        if jkt or scheme == "dpop":
+            checker = self._checker(verified.issuer)
+            if not jkt:
+                # RFC 9449 §7.1: under the DPoP scheme the token must be bound to the proof's key.
+                raise dpop_error("dpop_key_mismatch", "the token is not DPoP-bound", checker.settings)
+            if scheme != "dpop":
+                # RFC 9449 §7.2: a DPoP-bound token presented as a bearer token is refused.
+                raise dpop_error("dpop_required", "a DPoP-bound token must be sent as 'Authorization: DPoP'",
+                                 checker.settings)
+            await self._prove(facts, jkt, checker, now, token)
         replay_client = client.spiffe_id or client.cert_sha256 or (
             f"address={facts.source_address or '?'} ua={sha256_hex(user_agent(facts))[:16]}")
         jti = getattr(verified, "jti", None) or ""
@@ -207,7 +252,7 @@ class IdentityService:
         session = Session(
             key=session_key(new_id), subject=verified.subject, issuer=verified.issuer, claims=claims,
             created=now, expires=expires, idle_timeout=self.settings.idle_timeout, binding=client,
-            generation=0, jti=jti, last_seen=now, delegation=_act_chain(act, verified.subject),
+            generation=0, jti=jti, last_seen=now, delegation=_act_chain(act, verified.subject), jkt=jkt,
         )
         session = await self.store.create(session, now=now)
         self.stats.sessions_created += 1
@@ -221,9 +266,11 @@ class IdentityService:
                   token_fingerprint: bytes = b"", new_session_id: str = "") -> Identity:
         user: dict[str, Any] | None = None
         if session is not None:
-            user = {"sub": session.subject, "iss": session.issuer, "claims": dict(session.claims)}
+            user = {"sub": session.subject, "iss": session.issuer, "claims": dict(session.claims),
+                    "cnf": {"jkt": session.jkt} if session.jkt else session.claims.get("cnf")}
         elif token is not None:
-            user = {"sub": token.subject, "iss": token.issuer, "claims": dict(claims or {})}
+            user = {"sub": token.subject, "iss": token.issuer, "claims": dict(claims or {}),
+                    "cnf": token.claims.get("cnf")}
         document = {
             "method": method,
             "workload": workload.to_input() if workload else None,

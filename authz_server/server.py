@@ -308,7 +308,7 @@ class App:
         if self.pipeline.signals is not None:
             await self.pipeline.signals.close()
         if self.identity is not None:
-            for part in (self.identity.store, self.identity.tokens):
+            for part in (self.identity.store, self.identity.tokens, self.identity.browser):
                 close = getattr(part, "close", None)
                 if close is not None:
                     await close()
@@ -344,7 +344,21 @@ def build_identity(config: Config, signer: ExchangeSigner | None = None) -> Iden
     bundles = BundleSet() if config.tls is not None and config.tls.spiffe_socket else None
     workloads = PrincipalVerifier(accept_trust_domains(config.trust_domains),
                                   certificates=PeerCertificateCache(bundles=bundles))
-    return IdentityService(settings, store=store, tokens=tokens, workloads=workloads)
+    browser = _browser_login(config, tokens, store) if config.browser_login is not None else None
+    return IdentityService(settings, store=store, tokens=tokens, workloads=workloads, browser=browser)
+
+
+def _browser_login(config: Config, tokens: Any, store: Any) -> Any:
+    from .identity.browser import BrowserLogin
+
+    login = config.browser_login
+    assert login is not None and tokens is not None and store is not None
+
+    async def first_use(state: str, until: float, now: float) -> bool:
+        return await store.claim_jti("browser-login", state, "callback", until=until, now=now) is None
+
+    return BrowserLogin(login, metadata=lambda: tokens.metadata(login.issuer), keys=tokens.keys(login.issuer).current,
+                        policy=tokens.policy(login.issuer), claim_once=first_use)
 
 
 def _exchange_issuer(config: Config, signer: ExchangeSigner) -> Any:

@@ -27,16 +27,18 @@ OPA-Envoy tutorial's way).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from ..decision import Identity
-from ..errors import ReplayError, SessionError
+from ..errors import AuthzError, ReplayError, SessionError
 from ..facts import Facts
 from .credentials import (SESSION_COOKIE, SESSION_HEADER, access_token, dpop_proof, is_browser_route,
                           request_uri, session_cookie, session_header, user_agent)
+from .browser import BrowserLogin
 from .dpop import DpopSettings, ProofChecker, dpop_error
 from .sessions import (Binding, MemoryStore, Session, SessionStore, new_session_id, replay_error, session_key,
                        sha256_hex)
@@ -100,6 +102,7 @@ class IdentityService:
     store: SessionStore | None = None
     tokens: TokenValidator | None = None
     workloads: WorkloadVerifier | None = None
+    browser: BrowserLogin | None = None  # browser_login: sign-in on browser routes
     stats: IdentityStats = field(default_factory=IdentityStats)
 
     def __post_init__(self) -> None:
@@ -116,13 +119,20 @@ class IdentityService:
 
     async def resolve(self, facts: Facts, now: float) -> Identity:
         workload = self.workloads.verify(facts, now) if self.workloads is not None else None
+        browser = self.browser if self.browser is not None and is_browser_route(facts) else None
+        if browser is not None:
+            await self._browser_paths(browser, facts, workload, now)
         presented_token = access_token(facts) if self.tokens is not None else None
         token = presented_token[1] if presented_token is not None else None
         presented = None
+        from_cookie = False
         if self.store is not None:
             presented = session_header(facts)
             if presented is None and token is None:
                 presented = session_cookie(facts, self.settings.cookie)
+                from_cookie = presented is not None
+        if browser is not None and presented is None and token is None:
+            raise await self._sign_in_first(browser, facts, now)
         if presented is None and token is None:  # the common case of a plain workload call
             plain = self._plain.get(workload)
             if plain is None or (plain.expires_at is not None and plain.expires_at <= now):
@@ -131,11 +141,7 @@ class IdentityService:
                     self._plain.clear()
                 self._plain[workload] = plain
             return plain
-        client = Binding(
-            spiffe_id=workload.spiffe_id if workload else "",
-            cert_sha256=workload.cert_sha256 if workload else "",
-            user_agent_sha256=sha256_hex(user_agent(facts)) if self.settings.bind_user_agent else "",
-        )
+        client = self._binding(workload, facts)
         if presented is not None and self.store is not None:
             self.stats.session_lookups += 1
             key = self._keys.get(presented)
@@ -144,7 +150,12 @@ class IdentityService:
                 if len(self._keys) >= 100_000:
                     self._keys.clear()
                 self._keys[presented] = key
-            session = await self.store.lookup(key, now=now)
+            try:
+                session = await self.store.lookup(key, now=now)
+            except SessionError:
+                if browser is not None and from_cookie:  # expired or revoked: sign in again
+                    raise await self._sign_in_first(browser, facts, now) from None
+                raise
             if session.jkt:
                 await self._prove(facts, session.jkt, self._checker(session.issuer), now)
             cache_key = (session.key, session.last_seen, workload, client, token is not None)
@@ -190,6 +201,56 @@ class IdentityService:
                    f"{client.describe()} from {facts.source_address or 'unknown address'}")
         log.warning("stolen session refused: %s", message)
         raise SessionError(message, code="session_bound_elsewhere")
+
+    # -- browser sign-in
+    async def _browser_paths(self, browser: BrowserLogin, facts: Facts, workload: WorkloadIdentity | None,
+                             now: float) -> None:
+        """The callback and logout paths are answered here, with a redirect (or a refusal)."""
+        kind = browser.route(facts)
+        if kind == "callback":
+            if self.store is None:
+                raise SessionError("browser sign-in needs sessions", code="sessions_disabled")
+
+            async def open_session(subject: str, claims: Mapping[str, Any]) -> tuple[str, float]:
+                new_id, session = await self._new_session(
+                    subject, browser.config.issuer, claims, self._binding(workload, facts), now,
+                    expires=now + self.settings.max_lifetime)
+                return new_id, session.expires
+
+            raise await browser.finish(facts, now, open_session)
+        if kind == "logout":
+            presented = session_cookie(facts, self.settings.cookie)
+            if presented is not None and self.store is not None:
+                with contextlib.suppress(SessionError):
+                    await self.store.revoke(session_key(presented), now=now)
+            raise await browser.logout(facts, now)
+
+    async def _sign_in_first(self, browser: BrowserLogin, facts: Facts, now: float) -> AuthzError:
+        if browser.wants_redirect(facts):
+            return await browser.start(facts, now)
+        return SessionError("sign in first (this route signs browsers in)", code="session_required")
+
+    def _binding(self, workload: WorkloadIdentity | None, facts: Facts) -> Binding:
+        return Binding(
+            spiffe_id=workload.spiffe_id if workload else "",
+            cert_sha256=workload.cert_sha256 if workload else "",
+            user_agent_sha256=sha256_hex(user_agent(facts)) if self.settings.bind_user_agent else "",
+        )
+
+    async def _new_session(self, subject: str, issuer: str, claims: Mapping[str, Any], client: Binding, now: float,
+                           *, expires: float, jti: str = "", delegation: tuple[Mapping[str, str], ...] = (),
+                           jkt: str = "") -> tuple[str, Session]:
+        assert self.store is not None
+        new_id = new_session_id()
+        session = Session(
+            key=session_key(new_id), subject=subject, issuer=issuer,
+            claims={k: v for k, v in claims.items() if k in self.settings.claims}, created=now, expires=expires,
+            idle_timeout=self.settings.idle_timeout, binding=client, generation=0, jti=jti, last_seen=now,
+            delegation=delegation, jkt=jkt,
+        )
+        session = await self.store.create(session, now=now)
+        self.stats.sessions_created += 1
+        return new_id, session
 
     # -- DPoP
     def _checker(self, issuer: str) -> ProofChecker:
@@ -247,15 +308,9 @@ class IdentityService:
         expires = now + self.settings.max_lifetime
         if expires_at and not self.settings.outlive_token:
             expires = min(expires, expires_at)
-        new_id = new_session_id()
-        act = verified.claims.get("act")
-        session = Session(
-            key=session_key(new_id), subject=verified.subject, issuer=verified.issuer, claims=claims,
-            created=now, expires=expires, idle_timeout=self.settings.idle_timeout, binding=client,
-            generation=0, jti=jti, last_seen=now, delegation=_act_chain(act, verified.subject), jkt=jkt,
-        )
-        session = await self.store.create(session, now=now)
-        self.stats.sessions_created += 1
+        new_id, session = await self._new_session(
+            verified.subject, verified.issuer, claims, client, now, expires=expires, jti=jti,
+            delegation=_act_chain(verified.claims.get("act"), verified.subject), jkt=jkt)
         return self._identity("jwt", workload, session, session.delegation, facts, now, removes_token=True,
                               new_session_id=new_id)
 

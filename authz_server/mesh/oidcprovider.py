@@ -51,6 +51,7 @@ def signing_key(alg: str) -> dict[str, Any]:
     else:
         raise ValueError(f"the provider signs with ES256 or RS256, not {alg!r}")
     public = public_jwk(key.public_key(), alg=alg)
+    exported.pop("key_ops", None)  # pyjwt marks private exports "sign"; the published half verifies
     return {**exported, "kid": public["kid"], "alg": alg, "use": "sig"}
 
 

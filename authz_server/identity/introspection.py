@@ -214,6 +214,10 @@ class TokenIntrospector:
             return _Answer(None, ceiling)
         claims = dict(document)
         claims.setdefault("iss", self.issuer)
+        if "sub" not in claims and isinstance(claims.get("client_id"), str):
+            # A client's own token (client credentials) has no user: the client is the subject,
+            # as RFC 9068 §2.2 has it for JWT access tokens.
+            claims["sub"] = claims["client_id"]
         exp = claims.get("exp")
         if exp is None:
             claims["exp"] = ceiling  # the provider set no end: the cache ceiling is the end

@@ -21,7 +21,7 @@ from authz_server.mesh.processes import free_port
 from authz_server.mesh.upstream import serve_echo
 from authz_server.server import App
 from tests.support.authz import running_app, write_policy
-from tests.support.browser import ScriptedBrowser
+from authz_server.mesh.browser import ScriptedBrowser
 from tests.support.oidc import needs_oidc_provider, start_provider
 from tests.support.pki import ScratchCA
 
@@ -35,19 +35,6 @@ default allow := false
 
 allow if input.identity.user.sub == "alice"
 """
-
-
-def tls_listener(config: dict[str, Any], cert: Path, key: Path) -> dict[str, Any]:
-    listener = config["static_resources"]["listeners"][0]
-    listener["filter_chains"][0]["transport_socket"] = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-            "common_tls_context": {"tls_certificates": [{"certificate_chain": {"filename": str(cert)},
-                                                         "private_key": {"filename": str(key)}}]},
-        },
-    }
-    return config
 
 
 @contextlib.asynccontextmanager
@@ -74,9 +61,9 @@ async def site(supervisor: Any, tmp_path: Path, mode: str) -> AsyncIterator[tupl
             address = app.bound["addr" if mode == "grpc" else "http_addr"]
             target = AuthzTarget(address, mode=mode, http_headers_to_add=(("x-authz-ctx-browser", "true"),)
                                  if mode == "http" else ())
-            front = render_front_proxy(FrontProxy(upstream=upstream_addr, listen=f"127.0.0.1:{port}", authz=target,
-                                                  routes=(Route("/", {"browser": "true"}),)))
-            start_envoy(supervisor, f"front-{mode}", tls_listener(front, cert, key))
+            start_envoy(supervisor, f"front-{mode}", render_front_proxy(FrontProxy(
+                upstream=upstream_addr, listen=f"127.0.0.1:{port}", authz=target,
+                routes=(Route("/", {"browser": "true"}),), tls=(str(cert), str(key)))))
             yield app, origin, provider, str(ca_file)
     finally:
         upstream.close()

@@ -29,7 +29,7 @@ from authz_server.mesh.oidcprovider import OidcProvider
 from authz_server.mesh.upstream import serve_echo
 from authz_server.server import App
 from tests.support.authz import running_app, write_policy
-from tests.support.browser import ScriptedBrowser
+from authz_server.mesh.browser import ScriptedBrowser
 from tests.support.dpop import DpopClient
 from tests.support.oidc import LEDGER, ORDERS, needs_oidc_provider, start_provider
 

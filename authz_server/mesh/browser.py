@@ -1,5 +1,6 @@
 """A scripted browser: an HTTP client that follows redirects, keeps cookies (Secure ones only over
-https, as browsers do) and fills in the provider's sign-in form, counting every round trip."""
+https, as browsers do) and fills in the provider's sign-in form, counting every round trip.
+The sign-in demo and the end-to-end tests drive browser sign-in with it."""
 
 from __future__ import annotations
 

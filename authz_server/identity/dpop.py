@@ -14,8 +14,9 @@ A proof is a JWT the client signs, per request, with the key its access token is
 ``dpop_required``           a DPoP-bound token or session came without a proof, or as ``Bearer``
 ==========================  ================================================================
 
-The proof's key is parsed and thumbprinted once per distinct key (a small cache), so a
-client that proves possession on every call pays for one signature check, nothing more.
+A client's proofs share one header (``typ``, ``alg``, ``jwk``): it is checked, its key parsed
+and thumbprinted once per distinct header (a bounded cache), so a client that proves
+possession on every call pays for one signature check and the claims, nothing more.
 Errors carry the challenge RFC 9449 §7.1 asks for: ``WWW-Authenticate: DPoP error=...,
 algs=...``, plus ``DPoP-Nonce`` when a nonce is wanted.
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from ..errors import ReplayError, TokenError
 from .encoding import b64url_decode, b64url_encode
-from .jose import ALGORITHMS, Jwk, JwkError, parse_jwk, thumbprint
+from .jose import ALGORITHMS, Jwk, JwkError, JwsAlgorithm, parse_jwk, thumbprint
 from .tokens import decode_segment, normalize_typ, split_compact
 
 DPOP_MODES = ("off", "allowed", "required")
@@ -154,7 +154,7 @@ class ProofChecker:
         self.settings = settings
         self.nonces = nonces if nonces is not None or not settings.nonce else NonceSource(None,
                                                                                            settings.nonce_lifetime)
-        self._keys: dict[str, tuple[Jwk, str]] = {}
+        self._headers: dict[str, tuple[JwsAlgorithm, Jwk, str]] = {}
 
     def _fail(self, message: str, code: str = "invalid_dpop_proof", nonce: str | None = None) -> TokenError:
         return dpop_error(code, message, self.settings, nonce)
@@ -171,21 +171,16 @@ class ProofChecker:
             raise self._fail("more than one DPoP proof")
         try:
             head, body, sig = split_compact(proof.strip(), MAX_PROOF_BYTES)
-            header = decode_segment(head, 2048, "DPoP proof header")
         except TokenError as exc:
             raise self._fail(f"DPoP proof: {exc.message}") from None
-        typ = header.get("typ")
-        if not isinstance(typ, str) or normalize_typ(typ) != PROOF_TYP:
-            raise self._fail("the proof's typ is not dpop+jwt")
-        name = header.get("alg")
-        if not isinstance(name, str) or name not in settings.algorithms:
-            raise self._fail(f"alg {str(name)[:16]!r} is not allowed for DPoP proofs")
-        if "crit" in header:
-            raise self._fail("critical header parameters are not supported in DPoP proofs")
-        jwk, jkt = self._key(header.get("jwk"))
-        alg = ALGORITHMS[name]
-        if not jwk.fits(alg):
-            raise self._fail(f"the proof's key cannot make {name} signatures")
+        # A client's proofs share their header (typ, alg, jwk): it is read once per client.
+        known = self._headers.get(head)
+        if known is None:
+            known = self._header(head)
+            if len(self._headers) >= _KEY_CACHE_SIZE:
+                self._headers.clear()
+            self._headers[head] = known
+        alg, jwk, jkt = known
         try:
             signature = b64url_decode(sig)
         except ValueError:
@@ -202,9 +197,11 @@ class ProofChecker:
         if claims.get("htm") != method:
             raise self._fail(f"htm {str(claims.get('htm'))[:16]!r} is not the request's method {method}")
         htu = claims.get("htu")
-        expected = normalize_htu(url)
-        if not isinstance(htu, str) or expected is None or normalize_htu(htu) != expected:
-            raise self._fail(f"htu {str(htu)[:100]!r} is not the request's URI {expected}")
+        bare = url.partition("?")[0].partition("#")[0]
+        if htu != bare:  # the very text of the request's URI needs no normalizing (the usual case)
+            expected = normalize_htu(url)
+            if not isinstance(htu, str) or expected is None or normalize_htu(htu) != expected:
+                raise self._fail(f"htu {str(htu)[:100]!r} is not the request's URI {expected}")
         iat = claims.get("iat")
         if isinstance(iat, bool) or not isinstance(iat, (int, float)):
             raise self._fail("the proof has no numeric iat")
@@ -223,22 +220,32 @@ class ProofChecker:
                              "dpop_key_mismatch")
         return DpopProof(jkt, jti, iat, iat + settings.iat_window + 2 * settings.leeway)
 
-    def _key(self, member: Any) -> tuple[Jwk, str]:
+    def _header(self, head: str) -> tuple[JwsAlgorithm, Jwk, str]:
+        """§4.3 steps 4-7 on a proof's header: ``typ``, ``alg``, and a public ``jwk`` that fits it."""
+        try:
+            header = decode_segment(head, 2048, "DPoP proof header")
+        except TokenError as exc:
+            raise self._fail(f"DPoP proof: {exc.message}") from None
+        typ = header.get("typ")
+        if not isinstance(typ, str) or normalize_typ(typ) != PROOF_TYP:
+            raise self._fail("the proof's typ is not dpop+jwt")
+        name = header.get("alg")
+        if not isinstance(name, str) or name not in self.settings.algorithms:
+            raise self._fail(f"alg {str(name)[:16]!r} is not allowed for DPoP proofs")
+        if "crit" in header:
+            raise self._fail("critical header parameters are not supported in DPoP proofs")
+        member = header.get("jwk")
         if not isinstance(member, Mapping):
             raise self._fail("the proof carries no jwk header")
-        cache_key = json.dumps(member, sort_keys=True, separators=(",", ":"))
-        known = self._keys.get(cache_key)
-        if known is not None:
-            return known
         try:
             jwk = parse_jwk(member)  # refuses private members and symmetric keys (§4.3 step 7)
             jkt = thumbprint(member)
         except JwkError as exc:
             raise self._fail(f"the proof's jwk is not a usable public key: {exc}") from None
-        if len(self._keys) >= _KEY_CACHE_SIZE:
-            self._keys.clear()
-        self._keys[cache_key] = (jwk, jkt)
-        return jwk, jkt
+        alg = ALGORITHMS[name]
+        if not jwk.fits(alg):
+            raise self._fail(f"the proof's key cannot make {name} signatures")
+        return alg, jwk, jkt
 
 
 _SETTING_KEYS = {"mode", "algorithms", "iat_window", "nonce", "nonce_lifetime", "nonce_secret_file"}

@@ -113,7 +113,7 @@ class BrowserLoginConfig:
                     raise ConfigError(f"expected an absolute path like /_authz/callback, got {value!r}",
                                       key=f"{key}.{name}")
                 values[name] = value
-        if values.get("callback_path", cls.callback_path) == values.get("logout_path", cls.logout_path):
+        if values.get("callback_path", "/_authz/callback") == values.get("logout_path", "/_authz/logout"):
             raise ConfigError("must differ from callback_path", key=f"{key}.logout_path")
         if "scopes" in data:
             values["scopes"] = strings(data["scopes"], f"{key}.scopes")

@@ -161,3 +161,37 @@ async def test_the_honest_sign_in_beside_them_succeeds(world: World) -> None:
     done = await world.callback(query, cookies, now)
     headers = dict(done.headers)
     assert done.code == "signed_in" and headers["location"] == "/account"
+
+
+async def test_private_key_jwt_client_authentication(supervisor, tmp_path: Path) -> None:
+    """``browser_login.private_key_jwt``: the code is redeemed with an RFC 7523 assertion."""
+    from authz_server.mesh.oidcprovider import signing_key
+
+    private = signing_key("ES256")
+    public = {k: v for k, v in private.items() if k != "d"}
+    provider, _ = start_provider(supervisor, tmp_path / "op", redirect_origins=(ORIGIN,), extra_clients=({
+        "client_id": "pkjwt", "token_endpoint_auth_method": "private_key_jwt",
+        "token_endpoint_auth_signing_alg": "ES256", "jwks": {"keys": [public]},
+        "grant_types": ["authorization_code"], "response_types": ["code"],
+        "redirect_uris": [f"{ORIGIN}/_authz/callback"]},))
+    (tmp_path / "client.jwk").write_text(json.dumps(private))
+    registry = IssuerRegistry([IssuerConfig.from_mapping({"issuer": provider.issuer, "audiences": ["orders"]},
+                                                         "issuers[0]")])
+    store = MemoryStore()
+
+    async def first_use(state: str, until: float, now: float) -> bool:
+        return await store.claim_jti("browser-login", state, "callback", until=until, now=now) is None
+
+    login = BrowserLogin(BrowserLoginConfig.from_mapping({"issuer": provider.issuer, "client_id": "pkjwt",
+                                                          "private_key_jwt": str(tmp_path / "client.jwk")}),
+                         metadata=lambda: registry.metadata(provider.issuer), keys=registry.keys(provider.issuer).current,
+                         policy=registry.policy(provider.issuer), claim_once=first_use)
+    try:
+        world = World(provider, login, "")
+        now = time.time()
+        url, cookies = await world.begin(now)
+        done = await world.callback(await world.code_for(url), cookies, now)
+        assert done.code == "signed_in"
+    finally:
+        await login.close()
+        await registry.close()

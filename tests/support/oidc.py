@@ -25,7 +25,8 @@ def needs_oidc_provider() -> pytest.MarkDecorator:
 
 
 def start_provider(supervisor: Supervisor, workdir: Path, *, redirect_origins: tuple[str, ...] = (),
-                   client_secret: str | None = None, **overrides: object) -> tuple[OidcProvider, dict[str, str]]:
+                   client_secret: str | None = None, extra_clients: tuple[dict[str, object], ...] = (),
+                   **overrides: object) -> tuple[OidcProvider, dict[str, str]]:
     """A provider with three clients: ``authz-server`` (browser sign-in, introspection), ``shop``
     (client credentials, refresh tokens, DPoP) and ``bound`` (certificate-bound tokens).
     Returns it and the clients' secrets."""
@@ -43,6 +44,7 @@ def start_provider(supervisor: Supervisor, workdir: Path, *, redirect_origins: t
         {"client_id": "bound", "client_secret": secrets_by_client["bound"], "grant_types": ["client_credentials"],
          "response_types": [], "redirect_uris": [], "tls_client_certificate_bound_access_tokens": True, **common},
     ]
+    clients += list(extra_clients)
     resources = {ORDERS: {"audience": "orders", "scope": "orders:read orders:write", "format": "jwt"},
                  LEDGER: {"audience": "ledger", "scope": "ledger:read", "format": "opaque"}}
     provider = OidcProvider(supervisor, workdir, clients=clients, accounts=ACCOUNTS, resources=resources,

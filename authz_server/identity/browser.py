@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import ConfigError, IdentityError
 from ..facts import Facts
-from .configread import only, path, seconds, strings, url
+from .configread import path, seconds_between, section, strings, url
 from .credentials import SESSION_COOKIE, cookie_value, request_uri
 from .encoding import b64url_decode, b64url_encode, json_object
 from .jose import JwkSet, encode_jwt, parse_jwk
@@ -94,12 +94,7 @@ class BrowserLoginConfig:
 
     @classmethod
     def from_mapping(cls, data: Any, *, base_dir: str | None = None, key: str = "browser_login") -> "BrowserLoginConfig":
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"expected a mapping with issuer, client_id, ..., got {data!r}", key=key)
-        only(data, _KEYS, key)
-        for required in ("issuer", "client_id"):
-            if not isinstance(data.get(required), str) or not data[required]:
-                raise ConfigError("is required", key=f"{key}.{required}")
+        data = section(data, key, _KEYS, ("issuer", "client_id"), "issuer, client_id, ...")
         values: dict[str, Any] = {"issuer": url(data["issuer"], f"{key}.issuer", what="issuer"),
                                   "client_id": data["client_id"]}
         secrets_given = [name for name in ("client_secret_file", "private_key_jwt") if name in data]
@@ -130,9 +125,8 @@ class BrowserLoginConfig:
                 raise ConfigError("expected a resource indicator (an absolute URI)", key=f"{key}.resource")
             values["resource"] = data["resource"]
         if "login_timeout" in data:
-            values["login_timeout"] = seconds(data["login_timeout"], f"{key}.login_timeout")
-            if not 30 <= values["login_timeout"] <= 3600:
-                raise ConfigError("must be between 30s and 1h", key=f"{key}.login_timeout")
+            values["login_timeout"] = seconds_between(data["login_timeout"], f"{key}.login_timeout", 30, 3600,
+                                                      "30s and 1h")
         return cls(**values)
 
 

@@ -77,3 +77,21 @@ def only(data: Mapping[str, Any], allowed: set[str], key: str) -> None:
             close = sorted(a for a in allowed if a[:3] == str(name)[:3])
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown key{hint}", key=f"{key}.{name}")
+
+
+def section(data: Any, key: str, allowed: set[str], required: tuple[str, ...], what: str) -> Mapping[str, Any]:
+    """A config mapping with only ``allowed`` keys and each ``required`` one a non-empty string."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a mapping with {what}, got {data!r}", key=key)
+    only(data, allowed, key)
+    for name in required:
+        if not isinstance(data.get(name), str) or not data[name]:
+            raise ConfigError("is required", key=f"{key}.{name}")
+    return data
+
+
+def seconds_between(value: Any, key: str, low: float, high: float, text: str) -> float:
+    result = seconds(value, key)
+    if not low <= result <= high:
+        raise ConfigError(f"must be between {text}", key=key)
+    return result

@@ -257,7 +257,7 @@ def parse_dpop_setting(value: Any, key: str, *, base_dir: str | None = None) -> 
     ``nonce_lifetime``, ``nonce_secret_file`` (shared by replicas so each accepts the others'
     nonces). Returns the settings and the secret file's path."""
     from ..errors import ConfigError
-    from .configread import only, path, seconds, strings
+    from .configread import only, path, seconds_between, strings
 
     data: Mapping[str, Any] = {"mode": value} if isinstance(value, str) else value
     if not isinstance(data, Mapping):
@@ -270,9 +270,7 @@ def parse_dpop_setting(value: Any, key: str, *, base_dir: str | None = None) -> 
         changes["algorithms"] = strings(data["algorithms"], f"{key}.algorithms")
     for name in ("iat_window", "nonce_lifetime"):
         if name in data:
-            changes[name] = seconds(data[name], f"{key}.{name}")
-            if not 0 < changes[name] <= 3600:
-                raise ConfigError("must be between 1s and 1h", key=f"{key}.{name}")
+            changes[name] = seconds_between(data[name], f"{key}.{name}", 1, 3600, "1s and 1h")
     if "nonce" in data:
         if not isinstance(data["nonce"], bool):
             raise ConfigError(f"expected true or false, got {data['nonce']!r}", key=f"{key}.nonce")

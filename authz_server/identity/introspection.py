@@ -36,7 +36,7 @@ from urllib.parse import quote
 import httpx
 
 from ..errors import ConfigError, TokenError, UnavailableError
-from .configread import only, path, seconds, url
+from .configread import path, seconds_between, section, url
 from .encoding import json_object
 from .jose import JwkSet
 from .tokens import IssuerPolicy, VerifiedToken, check_claims, check_confirmation, verify_jws
@@ -61,12 +61,7 @@ class IntrospectionConfig:
 
     @classmethod
     def from_mapping(cls, data: Any, key: str, *, base_dir: str | None = None) -> "IntrospectionConfig":
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"expected a mapping with client_id and client_secret_file, got {data!r}", key=key)
-        only(data, _KEYS, key)
-        for required in ("client_id", "client_secret_file"):
-            if not isinstance(data.get(required), str) or not data[required]:
-                raise ConfigError("is required", key=f"{key}.{required}")
+        data = section(data, key, _KEYS, ("client_id", "client_secret_file"), "client_id and client_secret_file")
         values: dict[str, Any] = {"client_id": data["client_id"],
                                   "client_secret_file": path(data["client_secret_file"], f"{key}.client_secret_file",
                                                              base_dir)}
@@ -78,9 +73,7 @@ class IntrospectionConfig:
             values["auth_method"] = data["auth_method"]
         for name in ("cache_ttl", "timeout"):
             if name in data:
-                values[name] = seconds(data[name], f"{key}.{name}")
-                if not 0 < values[name] <= 3600:
-                    raise ConfigError("must be between 1s and 1h", key=f"{key}.{name}")
+                values[name] = seconds_between(data[name], f"{key}.{name}", 1, 3600, "1s and 1h")
         if "jwt_response" in data:
             if data["jwt_response"] not in ("auto", "always", "never"):
                 raise ConfigError("expected auto, always or never", key=f"{key}.jwt_response")

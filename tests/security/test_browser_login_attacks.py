@@ -67,22 +67,26 @@ class World:
         return await self.login.finish(facts(f"/_authz/callback?{urlencode(query)}", cookies), now, open_session)
 
 
-@pytest.fixture
-async def world(supervisor, tmp_path: Path):  # type: ignore[no-untyped-def]
-    provider, client_secrets = start_provider(supervisor, tmp_path / "op", redirect_origins=(ORIGIN,))
-    (tmp_path / "secret").write_text(client_secrets["authz-server"])
+def browser_login(provider: Any, **settings: str) -> tuple[BrowserLogin, IssuerRegistry]:
+    """``BrowserLogin`` wired as the server wires it: the issuer's registry, a session store."""
     registry = IssuerRegistry([IssuerConfig.from_mapping({"issuer": provider.issuer, "audiences": ["orders"]},
                                                          "issuers[0]")])
-    await registry.start()
     store = MemoryStore()
 
     async def first_use(state: str, until: float, now: float) -> bool:
         return await store.claim_jti("browser-login", state, "callback", until=until, now=now) is None
 
-    login = BrowserLogin(BrowserLoginConfig.from_mapping({"issuer": provider.issuer, "client_id": "authz-server",
-                                                          "client_secret_file": str(tmp_path / "secret")}),
+    login = BrowserLogin(BrowserLoginConfig.from_mapping({"issuer": provider.issuer, **settings}),
                          metadata=lambda: registry.metadata(provider.issuer), keys=registry.keys(provider.issuer).current,
                          policy=registry.policy(provider.issuer), claim_once=first_use)
+    return login, registry
+
+
+@pytest.fixture
+async def world(supervisor, tmp_path: Path):  # type: ignore[no-untyped-def]
+    provider, client_secrets = start_provider(supervisor, tmp_path / "op", redirect_origins=(ORIGIN,))
+    (tmp_path / "secret").write_text(client_secrets["authz-server"])
+    login, registry = browser_login(provider, client_id="authz-server", client_secret_file=str(tmp_path / "secret"))
     yield World(provider, login, client_secrets["authz-server"])
     await login.close()
     await registry.close()
@@ -175,17 +179,7 @@ async def test_private_key_jwt_client_authentication(supervisor, tmp_path: Path)
         "grant_types": ["authorization_code"], "response_types": ["code"],
         "redirect_uris": [f"{ORIGIN}/_authz/callback"]},))
     (tmp_path / "client.jwk").write_text(json.dumps(private))
-    registry = IssuerRegistry([IssuerConfig.from_mapping({"issuer": provider.issuer, "audiences": ["orders"]},
-                                                         "issuers[0]")])
-    store = MemoryStore()
-
-    async def first_use(state: str, until: float, now: float) -> bool:
-        return await store.claim_jti("browser-login", state, "callback", until=until, now=now) is None
-
-    login = BrowserLogin(BrowserLoginConfig.from_mapping({"issuer": provider.issuer, "client_id": "pkjwt",
-                                                          "private_key_jwt": str(tmp_path / "client.jwk")}),
-                         metadata=lambda: registry.metadata(provider.issuer), keys=registry.keys(provider.issuer).current,
-                         policy=registry.policy(provider.issuer), claim_once=first_use)
+    login, registry = browser_login(provider, client_id="pkjwt", private_key_jwt=str(tmp_path / "client.jwk"))
     try:
         world = World(provider, login, "")
         now = time.time()

@@ -116,8 +116,12 @@ class _GenericHandlersOnly:
 
 
 def _log_failure(decision: Decision, facts: Any, now: float) -> None:
-    """A deny the policy did not give (bad request, error, timeout): always a warning."""
+    """A deny the policy did not give (bad request, error, timeout): always a warning. A sign-in
+    redirect (a 3xx from browser_login) is the flow working, not a failure: info."""
     if not decision.allowed and decision.verdict is None:
+        if 300 <= decision.http_status < 400:
+            log.info("redirect %s: %s", decision.decision_id, decision.code)
+            return
         log.warning("deny %s: %s: %s", decision.decision_id, decision.code, decision.reason)
 
 

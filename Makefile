@@ -10,12 +10,15 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
 .PHONY: demo test bench evaluate install lock clean
 
-$(STAMP): $(LOCK) pyproject.toml setup.py $(wildcard protos/*.proto) $(wildcard authz_server/*.c)
+$(STAMP): $(LOCK) pyproject.toml setup.py $(wildcard protos/*.proto) $(wildcard authz_server/*.c) oidc-provider/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --require-hashes --ignore-requires-python -r $(LOCK)
 	# setuptools warns on every editable install about same-named folders in the working directory; it is how
 	# this checkout is meant to be used (tests import the tree), so that one warning is silenced here.
 	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install --quiet --no-deps --no-build-isolation -e .
+	# The real OpenID provider of the e2e tests and `demo --idp oidc-provider`, from its lock.
+	if command -v npm >/dev/null 2>&1; then cd oidc-provider && npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: tests that need oidc-provider will be skipped"; fi
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,4 +42,4 @@ lock:
 	.venv-lock/bin/python requirements/lock.py
 
 clean:
-	rm -rf $(VENV) .venv-lock .authz build *.egg-info
+	rm -rf $(VENV) .venv-lock .authz build *.egg-info oidc-provider/node_modules

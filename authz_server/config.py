@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 
 from .decision import DecisionSettings
+from .identity.browser import BrowserLoginConfig
 from .identity.exchange import ExchangeConfig, ExchangeRule
 from .identity.oidc import parse_issuers
 from .identity.resolver import SessionSettings
@@ -76,6 +77,7 @@ class Config:
     tls: TlsConfig | None = None
     admin: AdminConfig = field(default_factory=AdminConfig)
     exchange: ExchangeConfig | None = None
+    browser_login: BrowserLoginConfig | None = None
     signals: SignalsConfig | None = None
     audit: tuple[str, ...] = ()
     source: str = ""  # the file this came from, for messages
@@ -227,6 +229,7 @@ _READERS: dict[str, _Reader] = {
     "tls": lambda v, b: {"tls": _tls(v, b)},
     "issuers": lambda v, b: {"issuers": parse_issuers(v, base_dir=b)},
     "exchange": lambda v, b: {"exchange": _exchange(v, b)},
+    "browser_login": lambda v, b: {"browser_login": BrowserLoginConfig.from_mapping(v, base_dir=b)},
     "signals": lambda v, b: {"signals": SignalsConfig.from_mapping(v, base_dir=b)},
     "admin": lambda v, _b: {"admin": _admin(v)},
     "trust_domains": lambda v, _b: {"trust_domains": _trust_domains(v)},
@@ -424,6 +427,11 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: str | None = None,
     config = Config(**values)
     if config.admin.addr and config.tls is None:
         raise ConfigError("the admin API is served over mTLS only: configure tls", key="admin.addr")
+    if config.browser_login is not None:
+        if config.browser_login.issuer not in {issuer.issuer for issuer in config.issuers}:
+            raise ConfigError("must be one of the issuers (their keys verify the ID tokens)", key="browser_login.issuer")
+        if not config.sessions.settings.enabled:
+            raise ConfigError("browser sign-in makes sessions: sessions.enabled must be true", key="browser_login")
     if config.exchange is not None and config.tls is None and not config.exchange.trust_forwarded_client_cert:
         raise ConfigError("the actor is known by its client certificate: configure tls, or "
                           "trust_forwarded_client_cert behind a sidecar", key="exchange")

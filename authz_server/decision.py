@@ -98,6 +98,7 @@ class Decision:
     memo: dict[str, Any] | None = None  # renderings shared by decisions from the same cached allow
     valid_until: float | None = None  # when the cached verdict behind this decision stops holding
     explain_denial: bool = True  # a deny the policy made carries only its own body, as OPA-Envoy's, unless this
+    challenge: Headers = ()  # a deny's own headers from the error (DPoP challenge, sign-in redirect)
 
     def _agreeing_verdict(self) -> Verdict | None:
         verdict = self.verdict
@@ -129,6 +130,8 @@ class Decision:
             if not self.explain_denial or verdict.body or any(n.lower() == "content-type" for n, _ in verdict.headers):
                 return verdict.headers
             return verdict.headers + _JSON
+        if self.challenge:
+            return self.challenge if 300 <= self.http_status < 400 else _JSON + self.challenge
         if self.phase == "identity":
             return _JSON + (("www-authenticate",
                              f'Bearer error="invalid_token", error_description="{self.code}"'),)
@@ -137,7 +140,7 @@ class Decision:
     @property
     def body(self) -> str:
         """Deny: the response body (the policy's, or a JSON error naming the code)."""
-        if self.allowed:
+        if self.allowed or (self.challenge and 300 <= self.http_status < 400):
             return ""
         verdict = self._agreeing_verdict()
         if verdict is not None and (not self.explain_denial or verdict.body
@@ -351,7 +354,7 @@ class Pipeline:
         return Decision(allowed=False, code=error.code, reason=error.message, http_status=status,
                         decision_id=decision_id, phase=phase,
                         policy_version=active.version if active is not None else "",
-                        identity=identity, signals=signals)
+                        identity=identity, signals=signals, challenge=error.headers)
 
 
 def _phase(error: AuthzError) -> str:

@@ -305,7 +305,11 @@ def _fill(response: CheckResponse, decision: Decision) -> None:
     response.status.message = decision.code
     denied = response.denied_response
     denied.status.code = decision.http_status  # type: ignore[assignment]
-    denied.headers.extend(_header_options(decision.response_headers, overwrite=True))
+    seen: set[str] = set()
+    for name, value in decision.response_headers:
+        # A name set twice (two Set-Cookie lines of a sign-in redirect) is appended the second time.
+        denied.headers.extend(_header_options(((name, value),), overwrite=name.lower() not in seen))
+        seen.add(name.lower())
     denied.body = decision.body
 
 

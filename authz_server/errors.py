@@ -28,9 +28,15 @@ class AuthzError(Exception):
     status: int = 403
     default_code: str = "authz_error"
 
-    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+    def __init__(self, message: str = "", *, code: str | None = None,
+                 headers: tuple[tuple[str, str], ...] = (), status: int | None = None) -> None:
         self.code = code or self.default_code
         self.message = message or self.code.replace("_", " ")
+        # Sent with the denial: a challenge (``WWW-Authenticate: DPoP ...``) or, with a 3xx
+        # ``status``, a redirect (browser sign-in). Never request-supplied values.
+        self.headers = headers
+        if status is not None:
+            self.status = status
         super().__init__(self.message)
 
     def __str__(self) -> str:

@@ -116,8 +116,12 @@ class _GenericHandlersOnly:
 
 
 def _log_failure(decision: Decision, facts: Any, now: float) -> None:
-    """A deny the policy did not give (bad request, error, timeout): always a warning."""
+    """A deny the policy did not give (bad request, error, timeout): always a warning. A sign-in
+    redirect (a 3xx from browser_login) is the flow working, not a failure: info."""
     if not decision.allowed and decision.verdict is None:
+        if 300 <= decision.http_status < 400:
+            log.info("redirect %s: %s", decision.decision_id, decision.code)
+            return
         log.warning("deny %s: %s: %s", decision.decision_id, decision.code, decision.reason)
 
 
@@ -309,7 +313,7 @@ class App:
         if self.pipeline.signals is not None:
             await self.pipeline.signals.close()
         if self.identity is not None:
-            for part in (self.identity.store, self.identity.tokens):
+            for part in (self.identity.store, self.identity.tokens, self.identity.browser):
                 close = getattr(part, "close", None)
                 if close is not None:
                     await close()
@@ -335,7 +339,7 @@ def build_identity(config: Config, signer: ExchangeSigner | None = None) -> Iden
         issuers.append(_exchange_issuer(config, signer))
     tokens = None
     if issuers:
-        from .identity.jwk import parse_jwks
+        from .identity.jose import parse_jwks
         from .identity.oidc import IssuerRegistry
 
         held = {config.exchange.issuer: parse_jwks(signer.jwks)} if config.exchange and signer else None
@@ -345,7 +349,21 @@ def build_identity(config: Config, signer: ExchangeSigner | None = None) -> Iden
     bundles = BundleSet() if config.tls is not None and config.tls.spiffe_socket else None
     workloads = PrincipalVerifier(accept_trust_domains(config.trust_domains),
                                   certificates=PeerCertificateCache(bundles=bundles))
-    return IdentityService(settings, store=store, tokens=tokens, workloads=workloads)
+    browser = _browser_login(config, tokens, store) if config.browser_login is not None else None
+    return IdentityService(settings, store=store, tokens=tokens, workloads=workloads, browser=browser)
+
+
+def _browser_login(config: Config, tokens: Any, store: Any) -> Any:
+    from .identity.browser import BrowserLogin
+
+    login = config.browser_login
+    assert login is not None and tokens is not None and store is not None
+
+    async def first_use(state: str, until: float, now: float) -> bool:
+        return await store.claim_jti("browser-login", state, "callback", until=until, now=now) is None
+
+    return BrowserLogin(login, metadata=lambda: tokens.metadata(login.issuer), keys=tokens.keys(login.issuer).current,
+                        policy=tokens.policy(login.issuer), claim_once=first_use)
 
 
 def _exchange_issuer(config: Config, signer: ExchangeSigner) -> Any:

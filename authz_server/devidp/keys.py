@@ -13,9 +13,7 @@ from typing import Any, Mapping
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ..identity.encoding import b64url_encode, json_compact
-from ..identity.jwa import sign
-from ..identity.jwk import public_jwk
+from ..identity.jose import encode_jwt, public_jwk
 
 
 def generate_private_key(alg: str) -> Any:
@@ -101,6 +99,4 @@ class KeyRing:
 
 def sign_jwt(header: Mapping[str, Any], claims: Mapping[str, Any], key: SigningKey) -> str:
     """Compact JWS (RFC 7515 §7.1) of ``claims`` under ``key``; the header gets ``alg`` and ``kid``."""
-    full = {**header, "alg": key.alg, "kid": key.kid}
-    signing_input = f"{b64url_encode(json_compact(full))}.{b64url_encode(json_compact(claims))}"
-    return f"{signing_input}.{b64url_encode(sign(key.alg, key.private_key, signing_input.encode('ascii')))}"
+    return encode_jwt(claims, key.private_key, key.alg, {**header, "kid": key.kid})

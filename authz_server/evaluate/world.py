@@ -21,8 +21,7 @@ from ..devidp.config import DevIdPConfig
 from ..devidp.keys import sign_jwt
 from ..devidp.provider import DevIdP
 from ..identity.encoding import b64url_encode, json_compact
-from ..identity.jwa import sign
-from ..identity.jwk import public_jwk
+from ..identity.jose import public_jwk, sign
 from ..workload.ca import Authority, create_authority
 from ..workload.svid import X509Svid, issue_x509_svid
 from .model import (AUDIENCE, DELEGATION_ACTORS, EXCHANGE_ISSUER, EXCHANGE_RULES, PARTNER_DOMAIN, THREAT_NETWORK,

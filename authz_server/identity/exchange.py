@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import AuthzError, ConfigError
 from ..http import HttpRequest, HttpResponse, json_response
+from .jose import encode_jwt
 from .resolver import TokenValidator, accept_actor
 from .sessions import SessionStore, session_key
 from .workloads import split_spiffe_id
@@ -114,7 +114,7 @@ class ExchangeSigner:
         return {"keys": [dict(self._jwk)]}
 
     def sign(self, claims: Mapping[str, Any]) -> str:
-        return jwt.encode(dict(claims), self._key, algorithm="ES256", headers={"typ": "at+jwt", "kid": self.kid})
+        return encode_jwt(claims, self._key, "ES256", {"typ": "at+jwt", "kid": self.kid})
 
 
 def _b64(data: bytes) -> str:
@@ -252,6 +252,9 @@ class TokenExchange:
                 verified = await self.tokens.validate(token, now=now, client_cert_sha256=None)
             except AuthzError as exc:
                 raise ExchangeError("invalid_grant", f"subject token: {exc.code}: {exc.message}") from None
+            if getattr(verified, "cnf_jkt", None):
+                raise ExchangeError("invalid_grant", "a DPoP-bound subject token cannot be exchanged: its key "
+                                                     "stays with the client that holds it")
             claims = verified.claims
             return verified.subject, claims, verified.expires_at, claims.get("act")
         raise ExchangeError("invalid_request", f"unsupported subject_token_type {token_type!r}")

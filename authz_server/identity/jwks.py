@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol
 import httpx
 
 from ..errors import UnavailableError
-from .jwk import JwkSet
+from .jose import JwkSet
 
 log = logging.getLogger("authz_server.identity.jwks")
 

@@ -15,6 +15,12 @@ Config (``issuers:``, one entry per issuer; every key is checked, unknown keys a
         typ: at+jwt                                # enforce RFC 9068 explicit typing (default: off)
         max_token_bytes: 16384                     # also max_header_bytes, max_payload_bytes
         require_sender_constraint: false           # true: tokens must carry cnf x5t#S256 (RFC 8705)
+        dpop: off                                  # allowed | required: cnf.jkt tokens with a DPoP proof
+                                                   #   (RFC 9449); or {mode, algorithms, iat_window,
+                                                   #   nonce, nonce_lifetime, nonce_secret_file}
+        introspection:                             # opaque tokens (RFC 7662); see introspection.py
+          client_id: authz-server
+          client_secret_file: secrets/introspection
         ca_file: /etc/ssl/idp-ca.pem               # TLS trust for jwks_uri/discovery (default: system)
         tls_verify: true
         refresh:
@@ -27,109 +33,46 @@ Config (``issuers:``, one entry per issuer; every key is checked, unknown keys a
           timeout: 5s
           max_bytes: 524288                        # cap on a discovery or JWKS document
 
-This module and ``jwks.py`` are identity's only network code; validation itself is the pure
-``tokens.validate_jwt``.
+This module (the registry), ``keysources.py``, ``jwks.py`` and ``introspection.py`` are
+identity's network code; validation itself is the pure ``tokens.validate_jwt``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
-from urllib.parse import urlsplit
 
-from ..durations import parse_duration
+import httpx
+
 from ..errors import ConfigError, TokenError
-from .encoding import b64url_decode, json_object
-from .jwa import ALGORITHMS, SYMMETRIC_ALGORITHMS
-from .jwk import JwkError, JwkSet, load_jwks, parse_jwks
-from .jwks import FetchError, HttpxJwksFetcher, IssuerKeys, JwksFetcher, KeySetStatus, RefreshSettings
+from .configread import int_between as _int, only as _only, path as _path, seconds as _seconds, strings as _strings
+from .configread import url as _url
+from .dpop import DpopSettings, NonceSource, ProofChecker, parse_dpop_setting
+from .introspection import IntrospectionConfig, TokenIntrospector
+from .jose import ALGORITHMS, SYMMETRIC_ALGORITHMS, JwkError, JwkSet
+from .jwks import HttpxJwksFetcher, IssuerKeys, JwksFetcher, KeySetStatus, RefreshSettings
+from .keysources import (ClientFetcher, DiscoveryKeySource, FileKeySource, HeldKeySource, SecretKeySource,
+                         UriKeySource, fetch_metadata)
 from .tokens import (
     DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_TOKEN_BYTES, IssuerPolicy, VerifiedToken,
     peek_issuer, validate_jwt,
 )
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
-_LOOPBACK_NAMES = {"localhost"}
 _KEYS = {
     "issuer", "audiences", "algorithms", "leeway", "required_claims", "typ", "max_token_bytes", "max_header_bytes",
     "max_payload_bytes", "require_sender_constraint", "jwks_file", "jwks_uri", "discovery", "shared_secret_file",
-    "ca_file", "tls_verify", "refresh",
+    "ca_file", "tls_verify", "refresh", "dpop", "introspection",
 }
 _REFRESH_KEYS = {"default_max_age", "min_max_age", "max_max_age", "unknown_kid_interval", "max_stale",
                  "retry_interval", "timeout", "max_bytes"}
 
 
 # -- config -----------------------------------------------------------------------------
-
-def _is_loopback(host: str) -> bool:
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _url(value: Any, key: str, *, what: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"expected a URL, got {value!r}", key=key)
-    parts = urlsplit(value)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigError(f"{what} must be an https URL, got {value!r}", key=key)
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        raise ConfigError(f"{what} must use https (plain http only to a loopback address), got {value!r}", key=key)
-    if parts.query or parts.fragment:
-        # OpenID Connect Discovery 1.0 §2: the issuer is a URL "with no query or fragment components"
-        raise ConfigError(f"{what} must not have a query or fragment, got {value!r}", key=key)
-    return value
-
-
-def _strings(value: Any, key: str, *, allow_empty: bool = False) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
-        raise ConfigError(f"expected a list of non-empty strings, got {value!r}", key=key)
-    if not items and not allow_empty:
-        raise ConfigError("must list at least one value", key=key)
-    return tuple(items)
-
-
-def _seconds(value: Any, key: str) -> float:
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise ConfigError(str(exc), key=key) from None
-
-
-def _int(value: Any, key: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"expected an integer between {low} and {high}, got {value!r}", key=key)
-    return value
-
-
-def _path(value: Any, key: str, base_dir: str | None) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"expected a file path, got {value!r}", key=key)
-    path = Path(os.path.expanduser(value))
-    if not path.is_absolute() and base_dir is not None:
-        beside = Path(base_dir) / path
-        if beside.exists() or not path.exists():
-            path = beside
-    return str(path)
-
-
-def _only(data: Mapping[str, Any], allowed: set[str], key: str) -> None:
-    for name in data:
-        if name not in allowed:
-            close = sorted(a for a in allowed if a[:3] == str(name)[:3])
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown key{hint}", key=f"{key}.{name}")
-
 
 def _refresh_settings(value: Any, key: str) -> RefreshSettings:
     if not isinstance(value, Mapping):
@@ -170,6 +113,9 @@ class IssuerConfig:
     ca_file: str | None = None
     tls_verify: bool = True
     refresh: RefreshSettings = field(default_factory=RefreshSettings)
+    dpop: DpopSettings = field(default_factory=DpopSettings)
+    dpop_nonce_secret_file: str | None = None
+    introspection: IntrospectionConfig | None = None
     key: str = "issuers[0]"  # where in the config this came from, for messages
 
     @classmethod
@@ -242,6 +188,12 @@ class IssuerConfig:
             values["ca_file"] = _path(data["ca_file"], f"{key}.ca_file", base_dir)
         if "refresh" in data:
             values["refresh"] = _refresh_settings(data["refresh"], f"{key}.refresh")
+        if "dpop" in data:
+            values["dpop"], values["dpop_nonce_secret_file"] = parse_dpop_setting(data["dpop"], f"{key}.dpop",
+                                                                                base_dir=base_dir)
+        if "introspection" in data:
+            values["introspection"] = IntrospectionConfig.from_mapping(data["introspection"], f"{key}.introspection",
+                                                                       base_dir=base_dir)
         config = cls(**values)
         try:
             config.policy()
@@ -254,7 +206,7 @@ class IssuerConfig:
             issuer=self.issuer, audiences=self.audiences, algorithms=self.algorithms, leeway=self.leeway,
             required_claims=self.required_claims, typ=self.typ, max_token_bytes=self.max_token_bytes,
             max_header_bytes=self.max_header_bytes, max_payload_bytes=self.max_payload_bytes,
-            require_sender_constraint=self.require_sender_constraint,
+            require_sender_constraint=self.require_sender_constraint, dpop=self.dpop.mode,
         )
 
 
@@ -271,116 +223,24 @@ def parse_issuers(value: Any, *, base_dir: str | None = None, key: str = "issuer
     return configs
 
 
-# -- key sources ---------------------------------------------------------------------------
+def _tls(config: IssuerConfig) -> Any:
+    if config.tls_verify and config.ca_file:
+        import ssl
 
-class FileKeySource:
-    static = True
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.description = f"file {path}"
-
-    def read(self) -> JwkSet:
-        return load_jwks(self.path)
-
-    async def load(self) -> tuple[JwkSet, float | None]:
-        return self.read(), None
+        return ssl.create_default_context(cafile=config.ca_file)
+    return config.tls_verify
 
 
-class SecretKeySource:
-    static = True
-
-    def __init__(self, path: str, algorithms: tuple[str, ...]) -> None:
-        self.path = path
-        self.algorithms = algorithms
-        self.description = f"shared secret {path}"
-
-    def read(self) -> JwkSet:
-        """The file holds the secret base64url-encoded (as a JWK's ``k``), surrounding whitespace ignored."""
-        try:
-            text = Path(self.path).read_text().strip()
-        except OSError as exc:
-            raise JwkError(f"cannot read {self.path!r}: {exc.strerror}") from None
-        try:
-            secret = b64url_decode(text)
-        except ValueError as exc:
-            raise JwkError(f"{self.path}: the secret must be base64url text: {exc}") from None
-        alg = self.algorithms[0] if len(self.algorithms) == 1 else None
-        return JwkSet.shared_secret(secret, alg=alg)
-
-    async def load(self) -> tuple[JwkSet, float | None]:
-        return self.read(), None
-
-
-class HeldKeySource:
-    """A key set this process holds itself (e.g. its own token-exchange issuer's public keys)."""
-
-    static = True
-
-    def __init__(self, keys: JwkSet, description: str) -> None:
-        self.keys = keys
-        self.description = description
-
-    def read(self) -> JwkSet:
-        return self.keys
-
-    async def load(self) -> tuple[JwkSet, float | None]:
-        return self.keys, None
-
-
-class UriKeySource:
-    static = False
-
-    def __init__(self, jwks_uri: str, fetcher: JwksFetcher) -> None:
-        self.jwks_uri = jwks_uri
-        self.fetcher = fetcher
-        self.description = f"jwks_uri {jwks_uri}"
-
-    async def load(self) -> tuple[JwkSet, float | None]:
-        document = await self.fetcher.fetch(self.jwks_uri)
-        return parse_jwks(document.body), document.max_age
-
-
-class DiscoveryKeySource:
-    """OpenID Connect Discovery: the metadata names ``jwks_uri``; the metadata's ``issuer`` must
-    be exactly ours (Discovery §4.3), or the document is refused."""
-
-    static = False
-
-    def __init__(self, discovery_url: str, issuer: str, fetcher: JwksFetcher) -> None:
-        self.discovery_url = discovery_url
-        self.issuer = issuer
-        self.fetcher = fetcher
-        self.jwks_uri: str | None = None
-        self.description = f"discovery {discovery_url}"
-
-    async def _discover(self) -> str:
-        document = await self.fetcher.fetch(self.discovery_url)
-        try:
-            metadata = json_object(document.body)
-        except ValueError as exc:
-            raise FetchError(f"{self.discovery_url}: not a metadata document: {exc}") from None
-        if metadata.get("issuer") != self.issuer:
-            # Discovery §4.3: "The issuer value returned MUST be identical to the Issuer URL that
-            # was used as the prefix to /.well-known/openid-configuration to retrieve the
-            # configuration information."
-            raise FetchError(f"{self.discovery_url}: metadata issuer {str(metadata.get('issuer'))[:100]!r} "
-                             f"is not {self.issuer!r}")
-        jwks_uri = metadata.get("jwks_uri")
-        try:
-            return _url(jwks_uri, "jwks_uri", what="jwks_uri")
-        except ConfigError as exc:
-            raise FetchError(f"{self.discovery_url}: {exc.message}") from None
-
-    async def load(self) -> tuple[JwkSet, float | None]:
-        if self.jwks_uri is None:
-            self.jwks_uri = await self._discover()
-        try:
-            document = await self.fetcher.fetch(self.jwks_uri)
-            return parse_jwks(document.body), document.max_age
-        except (FetchError, JwkError):
-            self.jwks_uri = None  # the provider may have moved its keys: discover again next time
-            raise
+def _read_secret(file: str | None, key: str) -> bytes | None:
+    if file is None:
+        return None  # one process: a random key is enough
+    try:
+        secret = Path(file).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {file}: {exc.strerror}", key=key) from None
+    if len(secret) < 16:
+        raise ConfigError("needs at least 16 bytes of secret", key=key)
+    return secret
 
 
 # -- the registry ----------------------------------------------------------------------------
@@ -390,6 +250,9 @@ class _Issuer:
     config: IssuerConfig
     policy: IssuerPolicy
     keys: IssuerKeys
+    proofs: ProofChecker | None = None  # DPoP on: checks this issuer's cnf.jkt tokens' proofs
+    introspector: TokenIntrospector | None = None
+    metadata: Mapping[str, Any] | None = None
 
 
 class IssuerRegistry:
@@ -407,6 +270,7 @@ class IssuerRegistry:
         self._issuers: dict[str, _Issuer] = {}
         self._owned: list[HttpxJwksFetcher] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._http: httpx.AsyncClient | None = None  # introspection and metadata, when needed
         now = clock()
         for config in configs:
             if config.issuer in self._issuers:
@@ -430,7 +294,20 @@ class IssuerRegistry:
                     keys.prime(source.read(), now)
                 except JwkError as exc:
                     raise ConfigError(str(exc), key=f"{config.key}.{where}") from None
-            self._issuers[config.issuer] = _Issuer(config, config.policy(), keys)
+            entry = self._issuers[config.issuer] = _Issuer(config, config.policy(), keys)
+            if config.dpop.mode != "off":
+                nonces = None
+                if config.dpop.nonce:
+                    secret = _read_secret(config.dpop_nonce_secret_file, f"{config.key}.dpop.nonce_secret_file")
+                    nonces = NonceSource(secret, config.dpop.nonce_lifetime)
+                entry.proofs = ProofChecker(config.dpop, nonces)
+            if config.introspection is not None:
+                if self._http is None:
+                    self._http = httpx.AsyncClient(verify=_tls(config), follow_redirects=False, trust_env=False)
+                entry.introspector = TokenIntrospector(
+                    config.issuer, config.introspection, entry.policy, client=self._http, keys=keys.current,
+                    metadata=lambda issuer=config.issuer: self.metadata(issuer))
+        self._introspecting = [e for e in self._issuers.values() if e.introspector is not None]
         self._max_token_bytes = max((c.max_token_bytes for c in configs), default=DEFAULT_MAX_TOKEN_BYTES)
         self._max_payload_bytes = max((c.max_payload_bytes for c in configs), default=DEFAULT_MAX_PAYLOAD_BYTES)
 
@@ -447,11 +324,36 @@ class IssuerRegistry:
     def keys(self, issuer: str) -> IssuerKeys:
         return self._issuers[issuer].keys
 
+    def proof_checker(self, issuer: str) -> ProofChecker | None:
+        """The DPoP proof checker of an issuer with ``dpop`` on, else None."""
+        entry = self._issuers.get(issuer)
+        return entry.proofs if entry is not None else None
+
+    def policy(self, issuer: str) -> IssuerPolicy:
+        return self._issuers[issuer].policy
+
+    async def metadata(self, issuer: str) -> Mapping[str, Any]:
+        """The provider's metadata (discovery), fetched once; ``FetchError`` when unavailable."""
+        entry = self._issuers[issuer]
+        source = entry.keys.source
+        if isinstance(source, DiscoveryKeySource):
+            return await source.provider_metadata()
+        if entry.metadata is None:
+            if self._http is None:
+                self._http = httpx.AsyncClient(verify=_tls(entry.config), follow_redirects=False, trust_env=False)
+            fetcher = ClientFetcher(self._http, entry.config.refresh.max_bytes)
+            entry.metadata = await fetch_metadata(fetcher, entry.config.discovery or
+                                                  entry.config.issuer.rstrip("/") + DISCOVERY_PATH, entry.config.issuer)
+        return entry.metadata
+
     async def validate(self, token: str, *, now: float,
                        client_cert_sha256: str | bytes | None = None) -> VerifiedToken:
         """Route by the (unverified) ``iss`` to its issuer, then ``validate_jwt`` with that
         issuer's policy and keys. An unknown ``kid`` triggers one rate-limited key refresh and
-        a second attempt. Raises ``TokenError`` or ``UnavailableError("jwks_unavailable")``."""
+        a second attempt. A token that is not a JWT goes to the issuers that introspect
+        (RFC 7662), in order, until one knows it. Raises ``TokenError`` or ``UnavailableError``."""
+        if self._introspecting and token.count(".") != 2:
+            return await self._introspect(token, now, client_cert_sha256)
         issuer = peek_issuer(token, max_token_bytes=self._max_token_bytes, max_payload_bytes=self._max_payload_bytes)
         entry = self._issuers.get(issuer)
         if entry is None:
@@ -466,6 +368,21 @@ class IssuerRegistry:
             if fresh is None or fresh is keys:
                 raise
         return validate_jwt(token, entry.policy, fresh, now=now, client_cert_sha256=client_cert_sha256)
+
+    async def _introspect(self, token: str, now: float, client_cert_sha256: str | bytes | None) -> VerifiedToken:
+        if len(token) > self._max_token_bytes:
+            raise TokenError(f"token of {len(token)} bytes is over the limit", code="token_too_large")
+        last: TokenError | None = None
+        for entry in self._introspecting:
+            assert entry.introspector is not None
+            try:
+                return await entry.introspector.introspect(token, now=now, client_cert_sha256=client_cert_sha256)
+            except TokenError as exc:
+                if exc.code != "token_inactive":
+                    raise
+                last = exc
+        assert last is not None
+        raise last
 
     async def start(self) -> None:
         """Load every remote key set once (failures are reported in ``status``, not raised) and
@@ -505,6 +422,9 @@ class IssuerRegistry:
         for fetcher in self._owned:
             await fetcher.aclose()
         self._owned.clear()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
     async def __aenter__(self) -> "IssuerRegistry":
         await self.start()

@@ -3,30 +3,45 @@ who acts for whom. The result is ``input.identity`` for policies plus the header
 with it.
 
 Order of evidence for the user:
-1. a session id: a store lookup, no crypto. Presented by the client it is bound to, it is
+0. the session cookie counts only on browser routes, and a bearer token outranks it: with a
+   token, the cookie is not even looked up (a stale cookie must not lock the user out, and a
+   cookie planted by someone else must not replace the user's own token: session fixation).
+   The token is validated and starts a fresh session, whose cookie replaces the old one.
+1. a session id (``x-session-id``, or the cookie as above): a store lookup, no crypto. Presented by the client it is bound to, it is
    the user's own call. Presented by another workload that is allowed to act for users
    (``sessions.delegation.actors``), it is delegation: the policy sees
    ``input.identity.delegation`` and decides. Presented by anyone else it is a stolen
    session: denied (``session_bound_elsewhere``) and logged with both identities.
-2. a bearer JWT from a trusted issuer: validated (signature, claims, RFC 8705 binding),
-   checked for replay by another client, and exchanged for a new session whose id is
-   returned to the client (``x-session-id``, plus a ``__Host-`` cookie on browser routes).
+2. an access token from a trusted issuer: a JWT validated (signature, claims, RFC 8705
+   binding) or an opaque token introspected (RFC 7662), checked for replay by another client,
+   and exchanged for a new session whose id is returned to the client (``x-session-id``,
+   plus a ``__Host-`` cookie on browser routes).
+
+DPoP (RFC 9449): a token bound to a key (``cnf.jkt``) counts only as ``Authorization: DPoP``
+with a valid proof of that key; the session made from it stays bound to the key, and every
+call with that session proves possession again (one signature check, no token). Proof
+``jti``s are claimed in the session store, shared by every replica: a proof is used once.
 Without issuers configured, a bearer token is left alone for the policy to read (the
 OPA-Envoy tutorial's way).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from ..decision import Identity
-from ..errors import ReplayError, SessionError
+from ..errors import AuthzError, ReplayError, SessionError
 from ..facts import Facts
-from .credentials import SESSION_COOKIE, SESSION_HEADER, bearer_token, session_id, user_agent
-from .sessions import Binding, Session, SessionStore, new_session_id, replay_error, session_key, sha256_hex
+from .credentials import (SESSION_COOKIE, SESSION_HEADER, access_token, dpop_proof, is_browser_route,
+                          request_uri, session_cookie, session_header, user_agent)
+from .browser import BrowserLogin
+from .dpop import DpopSettings, ProofChecker, dpop_error
+from .sessions import (Binding, MemoryStore, Session, SessionStore, new_session_id, replay_error, session_key,
+                       sha256_hex)
 from .workloads import WorkloadIdentity, WorkloadVerifier
 
 log = logging.getLogger("authz_server.identity")
@@ -87,10 +102,14 @@ class IdentityService:
     store: SessionStore | None = None
     tokens: TokenValidator | None = None
     workloads: WorkloadVerifier | None = None
+    browser: BrowserLogin | None = None  # browser_login: sign-in on browser routes
     stats: IdentityStats = field(default_factory=IdentityStats)
 
     def __post_init__(self) -> None:
         self._accept_actor = accept_actor(self.settings.delegation_actors)
+        # DPoP proof ids are claimed where sessions live (shared by replicas), else in process.
+        self._proof_ids: SessionStore = self.store if self.store is not None else MemoryStore()
+        self._session_proofs = ProofChecker(DpopSettings(mode="allowed"))
         # Identities without a user depend on the workload alone: built once per workload.
         self._plain: dict[WorkloadIdentity | None, Identity] = {}
         # A session's identity changes only when the session is touched (its idle deadline
@@ -100,8 +119,20 @@ class IdentityService:
 
     async def resolve(self, facts: Facts, now: float) -> Identity:
         workload = self.workloads.verify(facts, now) if self.workloads is not None else None
-        token = bearer_token(facts) if self.tokens is not None else None
-        presented = session_id(facts, self.settings.cookie) if self.store is not None else None
+        browser = self.browser if self.browser is not None and is_browser_route(facts) else None
+        if browser is not None:
+            await self._browser_paths(browser, facts, workload, now)
+        presented_token = access_token(facts) if self.tokens is not None else None
+        token = presented_token[1] if presented_token is not None else None
+        presented = None
+        from_cookie = False
+        if self.store is not None:
+            presented = session_header(facts)
+            if presented is None and token is None:
+                presented = session_cookie(facts, self.settings.cookie)
+                from_cookie = presented is not None
+        if browser is not None and presented is None and token is None:
+            raise await self._sign_in_first(browser, facts, now)
         if presented is None and token is None:  # the common case of a plain workload call
             plain = self._plain.get(workload)
             if plain is None or (plain.expires_at is not None and plain.expires_at <= now):
@@ -110,11 +141,7 @@ class IdentityService:
                     self._plain.clear()
                 self._plain[workload] = plain
             return plain
-        client = Binding(
-            spiffe_id=workload.spiffe_id if workload else "",
-            cert_sha256=workload.cert_sha256 if workload else "",
-            user_agent_sha256=sha256_hex(user_agent(facts)) if self.settings.bind_user_agent else "",
-        )
+        client = self._binding(workload, facts)
         if presented is not None and self.store is not None:
             self.stats.session_lookups += 1
             key = self._keys.get(presented)
@@ -123,7 +150,14 @@ class IdentityService:
                 if len(self._keys) >= 100_000:
                     self._keys.clear()
                 self._keys[presented] = key
-            session = await self.store.lookup(key, now=now)
+            try:
+                session = await self.store.lookup(key, now=now)
+            except SessionError:
+                if browser is not None and from_cookie:  # expired or revoked: sign in again
+                    raise await self._sign_in_first(browser, facts, now) from None
+                raise
+            if session.jkt:
+                await self._prove(facts, session.jkt, self._checker(session.issuer), now)
             cache_key = (session.key, session.last_seen, workload, client, token is not None)
             cached = self._by_session.get(cache_key)
             if cached is not None and (cached.expires_at is None or cached.expires_at > now):
@@ -135,14 +169,16 @@ class IdentityService:
                 self._by_session.clear()
             self._by_session[cache_key] = built
             return built
-        assert token is not None and self.tokens is not None
-        return await self._from_token(token, workload, client, facts, now)
+        assert presented_token is not None and self.tokens is not None
+        return await self._from_token(presented_token, workload, client, facts, now)
 
     def still_valid(self, identity: Identity, now: float) -> bool:
         """For a byte-identical repeat request: is the identity behind a cached decision
         still good, judged from in-process state only?"""
         if identity.expires_at is not None and identity.expires_at <= now:
             return False
+        if identity.document and ((identity.document.get("user") or {}).get("cnf") or {}).get("jkt"):
+            return False  # DPoP-bound: every request proves possession again, with a fresh proof
         key = identity.document.get("session", {}) if identity.document else {}
         if not key:
             return identity.document.get("method") in ("none", "mtls")
@@ -166,12 +202,91 @@ class IdentityService:
         log.warning("stolen session refused: %s", message)
         raise SessionError(message, code="session_bound_elsewhere")
 
-    async def _from_token(self, token: str, workload: WorkloadIdentity | None, client: Binding, facts: Facts,
-                          now: float) -> Identity:
+    # -- browser sign-in
+    async def _browser_paths(self, browser: BrowserLogin, facts: Facts, workload: WorkloadIdentity | None,
+                             now: float) -> None:
+        """The callback and logout paths are answered here, with a redirect (or a refusal)."""
+        kind = browser.route(facts)
+        if kind == "callback":
+            if self.store is None:
+                raise SessionError("browser sign-in needs sessions", code="sessions_disabled")
+
+            async def open_session(subject: str, claims: Mapping[str, Any]) -> tuple[str, float]:
+                new_id, session = await self._new_session(
+                    subject, browser.config.issuer, claims, self._binding(workload, facts), now,
+                    expires=now + self.settings.max_lifetime)
+                return new_id, session.expires
+
+            raise await browser.finish(facts, now, open_session)
+        if kind == "logout":
+            presented = session_cookie(facts, self.settings.cookie)
+            if presented is not None and self.store is not None:
+                with contextlib.suppress(SessionError):
+                    await self.store.revoke(session_key(presented), now=now)
+            raise await browser.logout(facts, now)
+
+    async def _sign_in_first(self, browser: BrowserLogin, facts: Facts, now: float) -> AuthzError:
+        if browser.wants_redirect(facts):
+            return await browser.start(facts, now)
+        return SessionError("sign in first (this route signs browsers in)", code="session_required")
+
+    def _binding(self, workload: WorkloadIdentity | None, facts: Facts) -> Binding:
+        return Binding(
+            spiffe_id=workload.spiffe_id if workload else "",
+            cert_sha256=workload.cert_sha256 if workload else "",
+            user_agent_sha256=sha256_hex(user_agent(facts)) if self.settings.bind_user_agent else "",
+        )
+
+    async def _new_session(self, subject: str, issuer: str, claims: Mapping[str, Any], client: Binding, now: float,
+                           *, expires: float, jti: str = "", delegation: tuple[Mapping[str, str], ...] = (),
+                           jkt: str = "") -> tuple[str, Session]:
+        assert self.store is not None
+        new_id = new_session_id()
+        session = Session(
+            key=session_key(new_id), subject=subject, issuer=issuer,
+            claims={k: v for k, v in claims.items() if k in self.settings.claims}, created=now, expires=expires,
+            idle_timeout=self.settings.idle_timeout, binding=client, generation=0, jti=jti, last_seen=now,
+            delegation=delegation, jkt=jkt,
+        )
+        session = await self.store.create(session, now=now)
+        self.stats.sessions_created += 1
+        return new_id, session
+
+    # -- DPoP
+    def _checker(self, issuer: str) -> ProofChecker:
+        by_issuer = getattr(self.tokens, "proof_checker", None)
+        checker = by_issuer(issuer) if by_issuer is not None else None
+        return checker if checker is not None else self._session_proofs
+
+    async def _prove(self, facts: Facts, jkt: str, checker: ProofChecker, now: float,
+                     token: str | None = None) -> None:
+        proof = checker.check(dpop_proof(facts), method=facts.method, url=request_uri(facts), now=now,
+                              access_token=token, bound_jkt=jkt)
+        first = await self._proof_ids.claim_jti(f"dpop:{proof.jkt}", proof.jti, "proof", until=proof.remember_until,
+                                                now=now)
+        if first is not None:
+            self.stats.replays += 1
+            log.warning("DPoP proof replay refused (key %s)", proof.jkt[:12])
+            raise dpop_error("dpop_replay", "this DPoP proof was already used", checker.settings)
+
+    async def _from_token(self, presented: tuple[str, str], workload: WorkloadIdentity | None, client: Binding,
+                          facts: Facts, now: float) -> Identity:
         assert self.tokens is not None
+        scheme, token = presented
         verified = await self.tokens.validate(token, now=now,
                                               client_cert_sha256=workload.x5t_s256 if workload else None)
         self.stats.tokens_validated += 1
+        jkt = getattr(verified, "cnf_jkt", None) or ""
+        if jkt or scheme == "dpop":
+            checker = self._checker(verified.issuer)
+            if not jkt:
+                # RFC 9449 §7.1: under the DPoP scheme the token must be bound to the proof's key.
+                raise dpop_error("dpop_key_mismatch", "the token is not DPoP-bound", checker.settings)
+            if scheme != "dpop":
+                # RFC 9449 §7.2: a DPoP-bound token presented as a bearer token is refused.
+                raise dpop_error("dpop_required", "a DPoP-bound token must be sent as 'Authorization: DPoP'",
+                                 checker.settings)
+            await self._prove(facts, jkt, checker, now, token)
         replay_client = client.spiffe_id or client.cert_sha256 or (
             f"address={facts.source_address or '?'} ua={sha256_hex(user_agent(facts))[:16]}")
         jti = getattr(verified, "jti", None) or ""
@@ -193,15 +308,9 @@ class IdentityService:
         expires = now + self.settings.max_lifetime
         if expires_at and not self.settings.outlive_token:
             expires = min(expires, expires_at)
-        new_id = new_session_id()
-        act = verified.claims.get("act")
-        session = Session(
-            key=session_key(new_id), subject=verified.subject, issuer=verified.issuer, claims=claims,
-            created=now, expires=expires, idle_timeout=self.settings.idle_timeout, binding=client,
-            generation=0, jti=jti, last_seen=now, delegation=_act_chain(act, verified.subject),
-        )
-        session = await self.store.create(session, now=now)
-        self.stats.sessions_created += 1
+        new_id, session = await self._new_session(
+            verified.subject, verified.issuer, claims, client, now, expires=expires, jti=jti,
+            delegation=_act_chain(verified.claims.get("act"), verified.subject), jkt=jkt)
         return self._identity("jwt", workload, session, session.delegation, facts, now, removes_token=True,
                               new_session_id=new_id)
 
@@ -212,9 +321,11 @@ class IdentityService:
                   token_fingerprint: bytes = b"", new_session_id: str = "") -> Identity:
         user: dict[str, Any] | None = None
         if session is not None:
-            user = {"sub": session.subject, "iss": session.issuer, "claims": dict(session.claims)}
+            user = {"sub": session.subject, "iss": session.issuer, "claims": dict(session.claims),
+                    "cnf": {"jkt": session.jkt} if session.jkt else session.claims.get("cnf")}
         elif token is not None:
-            user = {"sub": token.subject, "iss": token.issuer, "claims": dict(claims or {})}
+            user = {"sub": token.subject, "iss": token.issuer, "claims": dict(claims or {}),
+                    "cnf": token.claims.get("cnf")}
         document = {
             "method": method,
             "workload": workload.to_input() if workload else None,
@@ -244,7 +355,7 @@ class IdentityService:
         if new_session_id:
             upstream += ((SESSION_HEADER, new_session_id),)  # so the service can forward it on the user's behalf
             response += ((SESSION_HEADER, new_session_id),)
-            if facts.context_extensions.get("browser") == "true" and session is not None:
+            if is_browser_route(facts) and session is not None:
                 max_age = int(session.expires - now)
                 response += (("set-cookie", f"{self.settings.cookie}={new_session_id}; Path=/; Secure; HttpOnly; "
                                             f"SameSite=Lax; Max-Age={max_age}"),)

@@ -84,12 +84,14 @@ class Session:
     jti: str = ""
     last_seen: float = 0.0
     delegation: tuple[Mapping[str, str], ...] = ()  # act chain carried from token exchange
+    jkt: str = ""  # made from a DPoP-bound token: every use proves possession of this key (RFC 9449)
     fingerprint: bytes = field(default=b"", compare=False)
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
             blob = json.dumps([self.key, self.subject, self.issuer, self.claims, self.created, self.expires,
-                               self.binding.to_input(), list(self.delegation)], sort_keys=True, default=str)
+                               self.binding.to_input(), list(self.delegation), self.jkt], sort_keys=True,
+                              default=str)
             object.__setattr__(self, "fingerprint", hashlib.blake2b(blob.encode(), digest_size=16).digest())
 
     def idle_deadline(self) -> float:

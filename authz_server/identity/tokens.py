@@ -30,6 +30,8 @@ then ``JWTClaimsRegistry``):
 ``cnf_mismatch``            RFC 8705 binding: no client certificate, or not the bound one
 ``cnf_required``            the issuer requires sender-constrained tokens and this one is not
 ``unsupported_cnf``         bound to a proof-of-possession method this server cannot check
+                            (``cnf.jkt`` counts only for issuers with ``dpop`` on)
+``dpop_required``           the issuer's ``dpop: required`` and this token is not DPoP-bound
 ==========================  ===============================================================
 
 Headers that point at keys (``jku``, ``x5u``, ``jwk``, ``x5c``) are never used to find one:
@@ -47,8 +49,7 @@ from typing import Any, Mapping
 
 from ..errors import TokenError
 from .encoding import b64url_decode, b64url_encode, json_object
-from .jwa import ALGORITHMS, JwsAlgorithm, verify
-from .jwk import MAX_KID_LENGTH, Jwk, JwkSet
+from .jose import ALGORITHMS, MAX_KID_LENGTH, Jwk, JwkSet, JwsAlgorithm
 
 DEFAULT_MAX_TOKEN_BYTES = 16 * 1024
 DEFAULT_MAX_HEADER_BYTES = 2 * 1024
@@ -80,6 +81,7 @@ class IssuerPolicy:
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     require_sender_constraint: bool = False
+    dpop: str = "off"  # off | allowed | required (RFC 9449: cnf.jkt tokens, checked with a proof)
     _algs: Mapping[str, JwsAlgorithm] = field(init=False, repr=False, compare=False)
     _typ: str | None = field(init=False, repr=False, compare=False)
     _required: tuple[str, ...] = field(init=False, repr=False, compare=False)
@@ -98,13 +100,15 @@ class IssuerPolicy:
                 raise ValueError("'none' is never an allowed algorithm (RFC 8725 §3.2)")
             if name not in ALGORITHMS:
                 raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
+        if self.dpop not in ("off", "allowed", "required"):
+            raise ValueError("dpop must be off, allowed or required")
         if not (0 <= self.leeway <= 600):
             raise ValueError("leeway must be between 0 and 600 seconds")
         for cap in ("max_token_bytes", "max_header_bytes", "max_payload_bytes"):
             if not 64 <= getattr(self, cap) <= 1024 * 1024:
                 raise ValueError(f"{cap} must be between 64 and 1048576")
         object.__setattr__(self, "_algs", MappingProxyType({n: ALGORITHMS[n] for n in self.algorithms}))
-        object.__setattr__(self, "_typ", _normalize_typ(self.typ) if self.typ else None)
+        object.__setattr__(self, "_typ", normalize_typ(self.typ) if self.typ else None)
         required = list(dict.fromkeys(self.required_claims))
         if self._typ == "at+jwt":
             required += [c for c in AT_JWT_REQUIRED if c not in required]
@@ -135,20 +139,21 @@ class VerifiedToken:
     not_before: float | None
     issued_at: float | None
     cnf_x5t_s256: str | None
+    cnf_jkt: str | None = None  # DPoP-bound: the caller must prove possession of this key (``dpop``)
 
 
 def _fail(code: str, message: str) -> TokenError:
     return TokenError(message, code=code)
 
 
-def _normalize_typ(value: str) -> str:
+def normalize_typ(value: str) -> str:
     """RFC 7515 §4.1.9: "it is RECOMMENDED that the "application/" prefix be omitted" and media
     types are case-insensitive (RFC 2045 §5.1), so "application/AT+JWT" means "at+jwt"."""
     text = value.strip().lower()
     return text[len("application/"):] if text.startswith("application/") else text
 
 
-def _segments(token: object, max_bytes: int) -> list[str]:
+def split_compact(token: object, max_bytes: int) -> list[str]:
     if not isinstance(token, str):
         raise _fail("malformed_token", f"a token is text, got {type(token).__name__}")
     if len(token) > max_bytes:
@@ -164,7 +169,7 @@ def _segments(token: object, max_bytes: int) -> list[str]:
     return parts
 
 
-def _decode_json(segment: str, limit: int, what: str) -> dict[str, Any]:
+def decode_segment(segment: str, limit: int, what: str) -> dict[str, Any]:
     if len(segment) > (limit * 4 + 2) // 3:
         raise _fail("token_too_large", f"{what} is over the {limit}-byte limit")
     try:
@@ -180,8 +185,8 @@ def peek_issuer(token: str, *, max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
     Nothing else may be trusted from it (RFC 8725 §3.8: the issuer's keys, not the token,
     decide). The same size caps and strict decoding apply as in validation.
     """
-    _, payload, _ = _segments(token, max_token_bytes)
-    claims = _decode_json(payload, max_payload_bytes, "payload")
+    _, payload, _ = split_compact(token, max_token_bytes)
+    claims = decode_segment(payload, max_payload_bytes, "payload")
     issuer = claims.get("iss")
     if issuer is None:
         raise _fail("missing_claim", "token has no 'iss' claim")
@@ -239,8 +244,8 @@ def verify_jws(token: str, policy: IssuerPolicy, keys: JwkSet) -> VerifiedJws:
     The payload is only decoded as base64url here; its JSON is read after the signature
     verifies. Raises ``TokenError``.
     """
-    head, body, sig = _segments(token, policy.max_token_bytes)
-    header = _decode_json(head, policy.max_header_bytes, "header")
+    head, body, sig = split_compact(token, policy.max_token_bytes)
+    header = decode_segment(head, policy.max_header_bytes, "header")
     if len(body) > (policy.max_payload_bytes * 4 + 2) // 3:
         raise _fail("token_too_large", f"payload is over the {policy.max_payload_bytes}-byte limit")
 
@@ -260,7 +265,7 @@ def verify_jws(token: str, policy: IssuerPolicy, keys: JwkSet) -> VerifiedJws:
     if "enc" in header:
         raise _fail("unsupported_token", "a JWE header ('enc') is not a signed token")
     cty = header.get("cty")
-    if isinstance(cty, str) and _normalize_typ(cty) == "jwt":
+    if isinstance(cty, str) and normalize_typ(cty) == "jwt":
         # RFC 7519 §5.2: cty "JWT" marks a nested JWT; only one signed layer is accepted.
         raise _fail("unsupported_token", "nested JWTs (cty 'JWT') are not accepted")
     if "crit" in header:
@@ -280,7 +285,7 @@ def verify_jws(token: str, policy: IssuerPolicy, keys: JwkSet) -> VerifiedJws:
         raise _fail("malformed_token", f"payload: {exc}") from None
     # RFC 7515 §5.2 step 8: validate over ASCII(BASE64URL(header) || '.' || BASE64URL(payload))
     signing_input = token[: len(head) + 1 + len(body)].encode("ascii")
-    if not signature or not verify(alg, key.key, signing_input, signature):
+    if not alg.verify(key.key, signing_input, signature):
         raise _fail("bad_signature", f"{alg.name} signature does not verify")
     return VerifiedJws(MappingProxyType(header), payload, alg.name, key)
 
@@ -341,13 +346,19 @@ def validate_claims(jws: VerifiedJws, policy: IssuerPolicy, *, now: float,
     except ValueError as exc:
         # RFC 7519 §7.2 step 10: the message must be a JSON object (the JWT Claims Set).
         raise _fail("malformed_token", f"payload: {exc}") from None
-    leeway = policy.leeway
+    return check_claims(claims, jws.header, policy, now=now, client_cert_sha256=client_cert_sha256)
 
-    if policy._typ is not None or "typ" in jws.header:
-        typ = jws.header.get("typ")
+
+def check_claims(claims: dict[str, Any], header: Mapping[str, Any], policy: IssuerPolicy, *, now: float,
+                 client_cert_sha256: str | bytes | None = None) -> VerifiedToken:
+    """The claim rules of step 2 over a claims set believed to come from the issuer (a verified
+    JWT's payload, or an introspection answer)."""
+    leeway = policy.leeway
+    if policy._typ is not None or "typ" in header:
+        typ = header.get("typ")
         if typ is not None and not isinstance(typ, str):
             raise _fail("malformed_token", "'typ' must be a string")
-        seen = _normalize_typ(typ) if typ else None
+        seen = normalize_typ(typ) if typ else None
         if policy._typ is not None and seen != policy._typ:
             # RFC 9068 §4: "Resource servers MUST verify that the typ header value is
             # "at+jwt" or "application/at+jwt" and reject tokens carrying any other value."
@@ -404,32 +415,48 @@ def validate_claims(jws: VerifiedJws, policy: IssuerPolicy, *, now: float,
     for name in ("client_id", "scope"):
         _string_claim(claims, name)
 
-    bound = _check_confirmation(claims, policy, client_cert_sha256)
+    bound, jkt = check_confirmation(claims, policy, client_cert_sha256)
     return VerifiedToken(
         issuer=issuer, subject=subject or "", audience=tuple(audience), claims=MappingProxyType(claims),
-        header=jws.header, jti=jti, expires_at=exp, not_before=nbf, issued_at=iat, cnf_x5t_s256=bound,
+        header=header, jti=jti, expires_at=exp, not_before=nbf, issued_at=iat, cnf_x5t_s256=bound,
+        cnf_jkt=jkt,
     )
 
 
-def _check_confirmation(claims: Mapping[str, Any], policy: IssuerPolicy,
-                        client_cert_sha256: str | bytes | None) -> str | None:
-    """RFC 8705 §3.1: "the resource server MUST obtain the client certificate used for mutual
+def check_confirmation(claims: Mapping[str, Any], policy: IssuerPolicy,
+                        client_cert_sha256: str | bytes | None) -> tuple[str | None, str | None]:
+    """The token's sender constraint: ``(x5t#S256, jkt)``.
+
+    RFC 8705 §3.1: "the resource server MUST obtain the client certificate used for mutual
     TLS and MUST verify that the certificate matches the certificate associated with the
     access token. If they do not match, the resource access attempt MUST be rejected with an
-    error." The association is ``cnf`` ``x5t#S256`` (RFC 8705 §3.1, RFC 7800)."""
+    error." That association is ``cnf`` ``x5t#S256``, checked here. A DPoP binding (RFC 9449
+    §6.1, ``cnf`` ``jkt``) is returned for the caller to check against the request's proof;
+    it is honoured only for issuers with ``dpop`` on."""
     cnf = claims.get("cnf")
     if cnf is None:
+        if policy.dpop == "required":
+            raise _fail("dpop_required", "the issuer's tokens must be DPoP-bound (cnf.jkt)")
         if policy.require_sender_constraint:
             raise _fail("cnf_required", "the issuer's tokens must be bound to a client certificate (cnf)")
-        return None
+        return None, None
     if not isinstance(cnf, dict):
         raise _fail("invalid_claim", "'cnf' must be a JSON object")
-    bound = cnf.get("x5t#S256")
+    bound, jkt = cnf.get("x5t#S256"), cnf.get("jkt")
+    if jkt is not None:
+        if policy.dpop == "off":
+            raise _fail("unsupported_cnf", "token is DPoP-bound (cnf.jkt) and DPoP is off for its issuer")
+        if not isinstance(jkt, str) or not jkt:
+            raise _fail("invalid_claim", "'cnf.jkt' must be a non-empty string")
+    elif policy.dpop == "required":
+        raise _fail("dpop_required", "the issuer's tokens must be DPoP-bound (cnf.jkt)")
     if bound is None:
-        # Bound to a key by another method (DPoP "jkt", "jwk" ...): possession cannot be
-        # checked here, and a bound token must not be honoured as a bearer token.
+        if jkt is not None:
+            return None, jkt
+        # Bound to a key by another method ("jwk", "jku" ...): possession cannot be checked
+        # here, and a bound token must not be honoured as a bearer token.
         methods = ", ".join(sorted(str(k)[:32] for k in cnf)) or "nothing"
-        raise _fail("unsupported_cnf", f"token is bound by {methods}; only x5t#S256 can be checked")
+        raise _fail("unsupported_cnf", f"token is bound by {methods}; only x5t#S256 and jkt can be checked")
     if not isinstance(bound, str):
         raise _fail("invalid_claim", "'cnf.x5t#S256' must be a string")
     presented = _client_thumbprint(client_cert_sha256)
@@ -437,7 +464,7 @@ def _check_confirmation(claims: Mapping[str, Any], policy: IssuerPolicy,
         raise _fail("cnf_mismatch", "token is bound to a client certificate, but the call presented none")
     if not hmac.compare_digest(presented.encode(), bound.encode()):
         raise _fail("cnf_mismatch", "token is bound to another client certificate")
-    return bound
+    return bound, jkt
 
 
 def validate_jwt(token: str, policy: IssuerPolicy, keys: JwkSet, *, now: float,

@@ -45,12 +45,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quickstart", action="store_true",
                         help="the smaller demo instead: one Envoy, the OPA-Envoy tutorial policy, no mesh")
     parser.add_argument("--policies", help="policy folder the mesh starts from (copied; default: policies/)")
+    parser.add_argument("--idp", choices=["devidp", "oidc-provider"], default="devidp",
+                        help="oidc-provider: the browser sign-in, DPoP and introspection tour against a real "
+                             "OpenID provider (needs Node.js and `make install`); default: the mesh with the dev IdP")
 
 
 def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="authz-demo-"))
     code = 1
     try:
+        if args.idp == "oidc-provider":
+            from .signin_demo import run_demo
+
+            return asyncio.run(run_demo(workdir, keep=args.keep))
         if args.quickstart:
             code = asyncio.run(_demo(workdir, keep=args.keep))
         else:

@@ -31,6 +31,7 @@ class FrontProxy:
     rbac: dict[str, Any] | None = None  # an envoy.extensions.filters.http.rbac.v3.RBAC config
     listener_name: str = "ingress"
     stats_prefix: str = "ingress"
+    tls: tuple[str, str] | None = None  # (certificate chain file, private key file): an https listener
 
 
 def _route(route: Route) -> dict[str, Any]:
@@ -68,12 +69,16 @@ def render_front_proxy(proxy: FrontProxy) -> dict[str, Any]:
         clusters.append(static_cluster("upstream", proxy.upstream))
     if proxy.authz is not None:
         clusters.append(authz_cluster(proxy.authz))
+    chain: dict[str, Any] = {"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                          "typed_config": hcm}]}
+    if proxy.tls is not None:
+        chain["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {"tls_certificates": [{"certificate_chain": {"filename": proxy.tls[0]},
+                                                         "private_key": {"filename": proxy.tls[1]}}]},
+        }}
     return {"static_resources": {
-        "listeners": [{
-            "name": proxy.listener_name,
-            "address": socket_address(proxy.listen),
-            "filter_chains": [{"filters": [
-                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-        }],
+        "listeners": [{"name": proxy.listener_name, "address": socket_address(proxy.listen),
+                       "filter_chains": [chain]}],
         "clusters": clusters,
     }}

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ..identity.encoding import jwk_set_document
-from ..identity.jwk import JwkError, JwkSet, parse_jwk, public_jwk
+from ..identity.jose import JwkError, JwkSet, parse_jwk, public_jwk
 
 X509_SVID_USE = "x509-svid"
 JWT_SVID_USE = "jwt-svid"

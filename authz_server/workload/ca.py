@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from ..errors import ConfigError
-from ..identity.jwk import public_jwk
+from ..identity.jose import public_jwk
 from .bundle import TrustBundle
 from .files import private_dir, read_private, write_atomic, write_private
 from .svid import BACKDATE, ORGANIZATION

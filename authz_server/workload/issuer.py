@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
-from ..identity.jwk import JwkSet
+from ..identity.jose import JwkSet
 from .bundle import TrustBundle, parse_spiffe_bundle
 from .ca import CaChange, CertificateAuthority
 from .files import private_dir, write_atomic

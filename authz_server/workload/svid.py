@@ -28,9 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import TokenError, WorkloadError
-from ..identity.encoding import b64url_decode, b64url_encode, json_compact, json_object
-from ..identity.jwa import sign
-from ..identity.jwk import JwkSet
+from ..identity.encoding import b64url_decode, json_object
+from ..identity.jose import JwkSet, encode_jwt
 from ..identity.tokens import IssuerPolicy, verify_jws
 from ..identity.spiffe import split_spiffe_id
 
@@ -141,9 +140,7 @@ def issue_jwt_svid(spiffe_id: str, audience: tuple[str, ...] | list[str], *, key
     expires_at = int(now + ttl) if not_after is None else int(min(now + ttl, not_after))
     header = {"alg": alg, "kid": kid, "typ": "JWT"}
     claims = {"sub": spiffe_id, "aud": list(audiences), "exp": expires_at, "iat": int(now)}
-    signing_input = f"{b64url_encode(json_compact(header))}.{b64url_encode(json_compact(claims))}"
-    signature = sign(alg, key, signing_input.encode("ascii"))
-    return JwtSvid(f"{signing_input}.{b64url_encode(signature)}", spiffe_id, audiences, float(int(now)),
+    return JwtSvid(encode_jwt(claims, key, alg, header), spiffe_id, audiences, float(int(now)),
                    float(expires_at))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .harness import Settings, save, wrk_binary
 
-SECTIONS = ["core", "sessions", "transport", "signals", "handshake", "workload"]
+SECTIONS = ["core", "sessions", "browser", "transport", "signals", "handshake", "workload"]
 OPT_IN = ["ladder"]  # only with --only: explains a figure above, adds minutes
 
 
@@ -39,6 +39,11 @@ def main() -> int:
         from . import sessions
 
         results["sessions"], text = sessions.run(settings, with_envoy=wrk_binary() is not None)
+        print(text)
+    if "browser" in chosen:
+        from . import browser
+
+        results["browser"], text = browser.run()
         print(text)
     if "transport" in chosen and wrk_binary():
         from . import transport

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from authz_server.errors import TokenError
 from authz_server.identity.encoding import b64url_decode, b64url_encode, json_compact
-from authz_server.identity.jwa import EC_CURVES, sign
+from authz_server.identity.jose import sign
 from authz_server.identity.oidc import IssuerConfig, IssuerRegistry
 from authz_server.identity.tokens import IssuerPolicy, validate_jwt
 from tests.support.jwt import attacker_cert_der, attacker_keys, cert_sha256, issuer_jwks, issuer_keys, issuer_keyset
@@ -24,7 +24,7 @@ from tests.support.jwt import attacker_cert_der, attacker_keys, cert_sha256, iss
 CORPUS = json.loads((Path(__file__).parents[1] / "vectors" / "jwt_attacks" / "cases.json").read_text())
 CASES = CORPUS["cases"]
 NOW = 1_750_000_000
-ORDER_P256 = EC_CURVES["P-256"][2]
+ORDER_P256 = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # FIPS 186-4 D.1.2.3
 _NOW_EXPR = re.compile(r"\$\{now([+-]\d+)?\}")
 _NAME = re.compile(r"\$\{(\w+)\}")
 

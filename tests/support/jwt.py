@@ -15,8 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from authz_server.identity.encoding import b64url_encode, json_compact
-from authz_server.identity.jwa import sign
-from authz_server.identity.jwk import JwkSet, parse_jwks, public_jwk
+from authz_server.identity.jose import JwkSet, parse_jwks, public_jwk, sign
 
 ISSUER = "https://idp.test"
 AUDIENCE = "orders-api"

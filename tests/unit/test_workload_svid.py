@@ -14,7 +14,7 @@ from spiffe import JwtBundle, JwtSvid, TrustDomain
 from spiffe import X509Svid as PySpiffeX509Svid
 
 from authz_server.identity.encoding import b64url_decode, b64url_encode, json_compact
-from authz_server.identity.jwa import sign
+from authz_server.identity.jose import sign
 from authz_server.workload.ca import create_authority
 from authz_server.workload.svid import BACKDATE, SvidError, issue_jwt_svid, issue_x509_svid, validate_jwt_svid
 

@@ -13,7 +13,7 @@ import pytest
 from authz_server.devidp import DevIdP, DevIdPConfig, load_devidp_config
 from authz_server.errors import ConfigError
 from authz_server.http import HttpRequest
-from authz_server.identity.jwk import parse_jwks
+from authz_server.identity.jose import parse_jwks
 from authz_server.identity.tokens import IssuerPolicy, validate_jwt
 
 T0 = 1_750_000_000.0

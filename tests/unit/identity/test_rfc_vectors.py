@@ -10,7 +10,7 @@ import pytest
 
 from authz_server.errors import TokenError
 from authz_server.identity.encoding import b64url_decode
-from authz_server.identity.jwk import JwkSet, parse_jwk
+from authz_server.identity.jose import JwkSet, parse_jwk
 from authz_server.identity.tokens import IssuerPolicy, validate_claims, verify_jws
 
 VECTORS = Path(__file__).parents[2] / "vectors"

@@ -8,7 +8,7 @@ import pytest
 
 from authz_server.errors import TokenError
 from authz_server.identity.encoding import b64url_decode, b64url_encode, json_object
-from authz_server.identity.jwk import JwkSet
+from authz_server.identity.jose import JwkSet
 from authz_server.identity.tokens import (
     IssuerPolicy, VerifiedToken, cert_thumbprint, peek_issuer, validate_claims, validate_jwt, verify_jws,
 )

@@ -22,7 +22,12 @@ def copy_policies(source: Path, target: Path) -> Path:
 
 @contextlib.asynccontextmanager
 async def running_app(config: Config) -> AsyncIterator[App]:
-    app = build_app(replace(config, addr=config.addr or "127.0.0.1:0", metrics_addr=config.metrics_addr))
+    """The app of ``config``, started; the default ports become free ones, so suites that run
+    side by side never meet on 9191 or 9464."""
+    defaults = Config()
+    addr = "127.0.0.1:0" if config.addr in ("", defaults.addr) else config.addr
+    metrics = "127.0.0.1:0" if config.metrics_addr == defaults.metrics_addr else config.metrics_addr
+    app = build_app(replace(config, addr=addr, metrics_addr=metrics))
     await app.start()
     try:
         yield app

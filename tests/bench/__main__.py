@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .harness import Settings, save, wrk_binary
 
-SECTIONS = ["core", "sessions", "browser", "transport", "signals", "handshake", "workload"]
+SECTIONS = ["traffic", "core", "sessions", "browser", "transport", "signals", "handshake", "workload"]
 OPT_IN = ["ladder"]  # only with --only: explains a figure above, adds minutes
 
 
@@ -28,6 +28,11 @@ def main() -> int:
         print("wrk is not installed (Debian: apt-get install wrk): only in-process numbers are measured.",
               file=sys.stderr)
     results: dict[str, object] = {}
+    if "traffic" in chosen:
+        from . import traffic
+
+        results["traffic"], text = traffic.run(settings, with_envoy=wrk_binary() is not None)
+        print(text)
     if "core" in chosen:
         from . import core
 

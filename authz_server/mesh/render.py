@@ -28,24 +28,31 @@ HEADER = ("# Rendered by `authz-server render-configs` from authz_server/mesh/; 
 
 
 def front_proxy_configs() -> dict[str, tuple[str, dict[str, Any]]]:
-    """Front-proxy examples for users putting authz-server behind their own Envoy."""
-    listen = "0.0.0.0:8000"
-    upstream = "upstream:8080"
-    routes = (Route("/admin", context_extensions={"sensitivity": "high"}),
-              Route("/", context_extensions={"sensitivity": "low"}))
-    grpc = render_front_proxy(FrontProxy(upstream=upstream, listen=listen, routes=routes,
-                                         authz=AuthzTarget("authz-server:9191", with_request_body=True)))
-    http = render_front_proxy(FrontProxy(upstream=upstream, listen=listen, routes=routes[1:],
-                                         authz=AuthzTarget("authz-server:9192", mode="http", with_request_body=True,
-                                                           http_headers_to_add=(("x-authz-ctx-sensitivity", "low"),))))
-    for config in (grpc, http):
-        config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 9901}}}
-    return {
-        "front-grpc.yaml": ("Front proxy asking authz-server over ext_authz gRPC (richest attributes, per-route "
-                            "context_extensions).", grpc),
-        "front-http.yaml": ("Front proxy asking authz-server over Envoy's HTTP ext_authz protocol (the fast mode; "
-                            "route settings as x-authz-ctx-* headers).", http),
-    }
+    """Front-proxy examples for users putting authz-server behind their own Envoy: in containers
+    (``authz-server``, ``upstream`` by name, the shipped policy's ``frontend`` service), and on
+    one machine (everything on loopback, the README's ``examples/local`` policy)."""
+    configs: dict[str, tuple[str, dict[str, Any]]] = {}
+    for prefix, where, listen, upstream, authz_host in (
+            ("front", "containers (compose, Kubernetes)", "0.0.0.0:8000", "upstream:8080", "authz-server"),
+            ("local", "one machine: everything on 127.0.0.1 (README: Behind your own Envoy)", "127.0.0.1:8000",
+             "127.0.0.1:8080", "127.0.0.1")):
+        context = {"service": "frontend"}
+        routes = (Route("/admin", context_extensions={**context, "sensitivity": "high"}),
+                  Route("/", context_extensions={**context, "sensitivity": "low"}))
+        grpc = render_front_proxy(FrontProxy(upstream=upstream, listen=listen, routes=routes,
+                                             authz=AuthzTarget(f"{authz_host}:9191", with_request_body=True)))
+        http = render_front_proxy(FrontProxy(upstream=upstream, listen=listen, routes=routes[1:],
+                                             authz=AuthzTarget(f"{authz_host}:9192", mode="http",
+                                                               with_request_body=True, http_headers_to_add=(
+                                                                   ("x-authz-ctx-service", "frontend"),
+                                                                   ("x-authz-ctx-sensitivity", "low")))))
+        for config in (grpc, http):
+            config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 9901}}}
+        configs[f"{prefix}-grpc.yaml"] = (f"Front proxy for {where}, asking authz-server over ext_authz gRPC (richest "
+                                          "attributes, per-route context_extensions).", grpc)
+        configs[f"{prefix}-http.yaml"] = (f"Front proxy for {where}, asking authz-server over Envoy's HTTP ext_authz "
+                                          "protocol (the fast mode; route settings as x-authz-ctx-* headers).", http)
+    return configs
 
 
 def compose_sidecar_configs(policy_data: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:

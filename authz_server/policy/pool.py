@@ -59,7 +59,7 @@ _STOP: Any = object()
 class EvaluatorPool:
     """See the module docstring. ``evaluate`` is called on the event loop."""
 
-    def __init__(self, compiled: CompiledPolicy, *, size: int = 2, spare: int = 4,
+    def __init__(self, compiled: CompiledPolicy, *, size: int = 2, spare: int = 8,
                  on_timeout: Callable[[], None] | None = None, isolation: str = "thread") -> None:
         if isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")

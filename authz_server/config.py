@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 
+from .bundles.config import CONTROL_PLANE_KEYS, ControlPlane, parse_control_plane
 from .decision import DecisionSettings
 from .identity.exchange import ExchangeConfig, ExchangeRule
 from .identity.oidc import parse_issuers
@@ -75,6 +76,7 @@ class Config:
     exchange: ExchangeConfig | None = None
     signals: SignalsConfig | None = None
     audit: tuple[str, ...] = ()
+    control_plane: ControlPlane | None = None  # OPA's services/bundles/decision_logs/status, and shadow
     source: str = ""  # the file this came from, for messages
 
     def with_overrides(self, **overrides: Any) -> "Config":
@@ -399,11 +401,12 @@ def _audit_sinks(value: Any, base_dir: str | None) -> tuple[str, ...]:
 def config_from_mapping(data: Mapping[str, Any], *, base_dir: str | None = None, source: str = "") -> Config:
     if not isinstance(data, Mapping):
         raise ConfigError(f"the config must be a mapping of keys, got {_show(data)}")
-    _only(data, set(_READERS) | _DECISION_KEYS, "")
+    _only(data, set(_READERS) | _DECISION_KEYS | set(CONTROL_PLANE_KEYS), "")
     values: dict[str, Any] = {"source": source}
     for key, reader in _READERS.items():
         if key in data:
             values.update(reader(data[key], base_dir))
+    values["control_plane"] = parse_control_plane(data, base_dir)
     values["decision"] = _decision_settings(data, DecisionSettings())
     config = Config(**values)
     if config.admin.addr and config.tls is None:

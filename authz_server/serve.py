@@ -77,6 +77,9 @@ def effective_config(args: argparse.Namespace) -> Config:
 
         overrides["audit"] = _audit_sinks(args.audit, None)
     config = config.with_overrides(**overrides)
+    if args.policies is not None and config.control_plane is not None and config.control_plane.live_bundles:
+        raise ConfigError("policies (a folder) and bundles may not both be set: serve one or the other",
+                          key="--policies")
     if args.dry_run:
         from dataclasses import replace
 
@@ -104,6 +107,8 @@ def resolve_workers(config: Config) -> int:
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: bundle polls and log uploads would flood the log.
+    logging.getLogger("httpx").setLevel(max(logging.getLevelName(level.upper()), logging.WARNING))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -127,6 +127,22 @@ class PolicyRuntime:
             return False
         return True
 
+    async def offer(self, policy_set: PolicySet, *, origin: str) -> bool:
+        """Serve a set from another source (bundles, a promoted shadow) once it passes the gate
+        a folder reload passes (compile and the set's own tests, in preflight); True when it
+        serves now, False when refused (the last good set keeps serving; ``status`` says why)."""
+        candidate = policy_set.with_overlay(self.data_overlay)
+        if self.active is not None and candidate.version == self.active.version:
+            return True
+        try:
+            await preflight_async(candidate, self.query, run_tests=self.run_tests)
+        except PolicyError as exc:
+            self._failed(exc, origin=origin)
+            return False
+        self._files = policy_set
+        await asyncio.to_thread(self._activate, candidate, origin)
+        return True
+
     async def set_data(self, path: str, value: Any | None) -> str:
         """Put (or, with None, remove) runtime data at ``path`` without touching the Rego
         files; the new set is checked like any other and only then serves. Returns its
@@ -174,7 +190,7 @@ class PolicyRuntime:
             if current != self._snapshot:
                 await self.reload()
 
-    def _activate(self, policy_set: PolicySet) -> None:
+    def _activate(self, policy_set: PolicySet, origin: str = "") -> None:
         compiled = CompiledPolicy(policy_set, self.query)
         pool = EvaluatorPool(compiled, size=self.pool_size, on_timeout=self._count_timeout, isolation=self.isolation)
         previous = self.active
@@ -182,7 +198,7 @@ class PolicyRuntime:
         self.status.reloads_ok += 1
         self.status.last_error = self.status.last_error_code = ""
         self.status.last_attempt = time.time()
-        log.info("policy set %s loaded from %s (%d modules, %d data keys)", policy_set.version, self.root,
+        log.info("policy set %s loaded from %s (%d modules, %d data keys)", policy_set.version, origin or self.root,
                  len(policy_set.serving_modules), len(policy_set.data))
         if previous is not None:
             previous.pool.close()
@@ -191,13 +207,13 @@ class PolicyRuntime:
     def _count_timeout(self) -> None:
         self.status.timeouts += 1
 
-    def _failed(self, exc: PolicyError) -> None:
+    def _failed(self, exc: PolicyError, origin: str = "") -> None:
         self.status.reloads_failed += 1
         self.status.last_error = exc.message
         self.status.last_error_code = exc.code
         self.status.last_attempt = time.time()
         serving = f"; still serving {self.active.version}" if self.active else "; no policy is serving"
-        log.error("policy load from %s rejected (%s): %s%s", self.root, exc.code, exc.message, serving)
+        log.error("policy load from %s rejected (%s): %s%s", origin or self.root, exc.code, exc.message, serving)
         self._notify()
 
     def _notify(self) -> None:

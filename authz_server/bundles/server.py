@@ -91,7 +91,7 @@ class ControlPlaneServer:
     long_polling: bool = True  # False: answer application/gzip and never hold a request
     events: list[dict[str, Any]] = field(default_factory=list)
     statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
-    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # method, path, headers
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # method, path, headers (lower)
     _published: dict[str, Published] = field(default_factory=dict)
     _changed: asyncio.Condition | None = None
     _disk: dict[str, tuple[Any, Published]] = field(default_factory=dict)
@@ -183,7 +183,7 @@ class ControlPlaneServer:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        self.requests.append((request.method, request.path, dict(request.headers)))
+        self.requests.append((request.method, request.path, {k.lower(): v for k, v in request.headers.items()}))
         if request.path != "/_faults":
             if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
                 return web.Response(status=401, text="unauthorized\n")
@@ -238,7 +238,7 @@ class ControlPlaneServer:
     async def _post_logs(self, request: web.Request) -> web.Response:
         raw = await request.read()
         try:
-            if request.headers.get("Content-Encoding", "").lower() == "gzip":
+            if raw[:2] == b"\x1f\x8b":  # aiohttp has usually undone Content-Encoding: gzip already
                 raw = gzip.decompress(raw)
             events = json.loads(raw)
         except (OSError, EOFError, ValueError) as exc:

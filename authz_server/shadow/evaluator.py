@@ -166,22 +166,24 @@ class ShadowEvaluator:
 
     def _record(self, active: ActivePolicy, comparisons: list[Comparison]) -> None:
         stats = self.stats
-        records = []
         for comparison in comparisons:
             stats.compared += 1
-            if comparison.shadow.error:
-                stats.errors += 1
+            stats.errors += bool(comparison.shadow.error)
             if comparison.kind is None:
                 stats.agreed += 1
-                continue
-            stats.disagreements[comparison.kind] += 1
-            if self.audit is not None:
+            else:
+                stats.disagreements[comparison.kind] += 1
+        if self.audit is None:
+            return
+        records = []
+        for comparison in comparisons:
+            if comparison.kind is not None:
                 try:
                     records.append(self._audit_record(active, comparison))
                 except Exception:  # a record that cannot be built costs that record only
                     log.exception("could not build the shadow record of decision %s",
                                   comparison.decision.decision_id)
-        if records and self.audit is not None:
+        if records:
             for writer in self.audit.writers:
                 writer.offer(records)
 

@@ -137,7 +137,8 @@ def _verify(args: argparse.Namespace) -> int:
     verification = None
     if args.verification_key:
         key = KeyConfig(key=key_material(args.verification_key), algorithm=args.signing_alg)
-        verification = VerificationConfig(keys={args.verification_key_id: key}, scope=args.scope,
+        verification = VerificationConfig(keys={args.verification_key_id: key}, keyid=args.verification_key_id,
+                                          scope=args.scope,
                                           exclude_files=tuple(args.exclude_files_verify), required=True)
     bundle = bundle_from_files("verify", read_tarball(Path(args.path).read_bytes()), verification=verification)
     print(f"{args.path}: ok: revision {bundle.revision!r}, roots {list(bundle.manifest.roots)}, "

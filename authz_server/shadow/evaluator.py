@@ -84,6 +84,7 @@ class ShadowEvaluator:
         self._wake = asyncio.Event()
         self._rand = rand
         self._tasks: list[asyncio.Task[None]] = []
+        self._in_flight = 0
 
     # -- on the request path
     def observe(self, decision: "Decision", facts: "Facts | None", now: float) -> None:
@@ -132,14 +133,17 @@ class ShadowEvaluator:
             batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
             if active is None:
                 continue  # no shadow policy yet: nothing to compare with
-            comparisons = await asyncio.to_thread(self.compare, active, batch)
-            self._record(active, comparisons)
+            self._in_flight = len(batch)
+            try:
+                comparisons = await asyncio.to_thread(self.compare, active, batch)
+                self._record(active, comparisons)
+            finally:
+                self._in_flight = 0
 
     async def drain(self) -> None:
         """Return once everything observed so far is compared (tests and benchmarks)."""
-        while self._queue:
+        while self._queue or self._in_flight:
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0)
 
     def compare(self, active: ActivePolicy, batch: Iterable[tuple["Decision", "Facts", float]]) -> list[Comparison]:
         """Decide each request with the shadow policy and compare (runs on a worker thread)."""

@@ -44,13 +44,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("authz_server.audit")
 
 
-def encode_chunks(events: Sequence[bytes], limit: int) -> tuple[list[tuple[bytes, int]], int]:
-    """``events`` (JSON each) as gzip JSON arrays of at most ``limit`` bytes, in order: a
-    part that compresses too large is halved; a single event that does not fit is left out.
-    Returns the chunks with their event counts, and how many events were left out."""
+def encode_chunks(events: Sequence[bytes], limit: int, ratio: float = 1.0) -> tuple[list[tuple[bytes, int]], int]:
+    """``events`` (JSON each) as gzip JSON arrays of at most ``limit`` bytes, in order. Events
+    are grouped so that each group should compress to about 90 % of the limit (``ratio``: the
+    compression ratio seen so far); a group that compresses too large is halved; a single
+    event that does not fit is left out. Returns the chunks with their event counts, and how
+    many events were left out."""
     chunks: list[tuple[bytes, int]] = []
     too_large = 0
-    stack = [list(events)] if events else []
+    budget = limit * ratio * 0.9
+    groups: list[list[bytes]] = []
+    size = budget
+    for event in events:
+        if size + len(event) > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(event)
+        size += len(event) + 1
+    stack = list(reversed(groups))
     while stack:
         part = stack.pop()
         body = gzip.compress(b"[" + b",".join(part) + b"]", compresslevel=6, mtime=0)
@@ -162,11 +173,12 @@ class HttpDecisionLogSink:
                 return
             pending, uncompressed = self._pending, self._pending_bytes
             self._pending, self._pending_bytes = [], 0
-            chunks, too_large = await asyncio.to_thread(encode_chunks, pending, self.config.upload_size_limit)
+            chunks, too_large = await asyncio.to_thread(encode_chunks, pending, self.config.upload_size_limit,
+                                                        self._ratio)
             self.stats.drop("too_large", too_large)
             compressed = sum(len(body) for body, _ in chunks)
             if compressed:
-                self._ratio = max(1.0, uncompressed / compressed)
+                self._ratio = max(1.0, (uncompressed + len(pending)) / compressed)
             for chunk in chunks:
                 self._chunks.append(chunk)
                 self._chunk_bytes += len(chunk[0])

@@ -15,10 +15,9 @@ import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 
-from .bundles.config import CONTROL_PLANE_KEYS, ControlPlane, parse_control_plane
 from .decision import DecisionSettings
 from .identity.exchange import ExchangeConfig, ExchangeRule
 from .identity.oidc import parse_issuers
@@ -28,6 +27,9 @@ from .signals import SignalsConfig
 from .durations import parse_duration
 from .errors import ConfigError, PolicyError
 from .yamlfile import read_yaml_file
+
+if TYPE_CHECKING:
+    from .bundles.config import ControlPlane
 
 DEFAULT_QUERY = "data.envoy.authz.allow"
 
@@ -401,6 +403,8 @@ def _audit_sinks(value: Any, base_dir: str | None) -> tuple[str, ...]:
 def config_from_mapping(data: Mapping[str, Any], *, base_dir: str | None = None, source: str = "") -> Config:
     if not isinstance(data, Mapping):
         raise ConfigError(f"the config must be a mapping of keys, got {_show(data)}")
+    from .bundles.config import CONTROL_PLANE_KEYS, parse_control_plane  # it reads with this module's readers
+
     _only(data, set(_READERS) | _DECISION_KEYS | set(CONTROL_PLANE_KEYS), "")
     values: dict[str, Any] = {"source": source}
     for key, reader in _READERS.items():

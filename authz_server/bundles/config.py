@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from ..config import _bool, _mapping, _readable_file, _show, _string, resolve_path
 from ..errors import ConfigError
 from .archive import DEFAULT_SIZE_LIMIT
 from .errors import BundleError
@@ -113,31 +114,7 @@ class ControlPlane:
         return next(b for b in self.bundles if b.name == self.shadow.bundle)
 
 
-# -- readers; each names the key it reads
-
-def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"[:80]
-
-
-def _mapping(value: Any, key: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"expected a mapping, got {_show(value)}", key=key)
-    return value
-
-
-def _string(value: Any, key: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"expected a string, got {_show(value)}", key=key)
-    return value
-
-
-def _bool(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"expected true or false, got {_show(value)}", key=key)
-    return value
-
+# -- readers; each names the key it reads (the generic ones are config.py's)
 
 def _number(value: Any, key: str, *, minimum: float = 0.0, integer: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
@@ -156,17 +133,7 @@ def _only(data: Mapping[str, Any], allowed: set[str], prefix: str, unsupported: 
 
 
 def _path(value: Any, key: str, base_dir: str | None) -> str:
-    from ..config import resolve_path
-
     return resolve_path(_string(value, key), base_dir)
-
-
-def _readable(path: str, key: str) -> str:
-    try:
-        with open(path, "rb"):
-            return path
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}", key=key) from None
 
 
 _UNSUPPORTED_CREDENTIALS = {
@@ -214,7 +181,7 @@ def _service(name: str, data: Mapping[str, Any], key: str, base_dir: str | None)
     tls = _mapping(data.get("tls"), f"{key}.tls")
     _only(tls, {"ca_cert", "system_ca_required"}, f"{key}.tls.")
     if "ca_cert" in tls:
-        values["ca_cert"] = _readable(_path(tls["ca_cert"], f"{key}.tls.ca_cert", base_dir), f"{key}.tls.ca_cert")
+        values["ca_cert"] = _readable_file(_path(tls["ca_cert"], f"{key}.tls.ca_cert", base_dir), f"{key}.tls.ca_cert")
     if "system_ca_required" in tls:
         values["system_ca_required"] = _bool(tls["system_ca_required"], f"{key}.tls.system_ca_required")
     credentials = _mapping(data.get("credentials"), f"{key}.credentials")
@@ -230,7 +197,7 @@ def _service(name: str, data: Mapping[str, Any], key: str, base_dir: str | None)
         if "token" in bearer:
             values["bearer_token"] = _string(bearer["token"], f"{prefix}.token")
         if "token_path" in bearer:
-            values["bearer_token_path"] = _readable(_path(bearer["token_path"], f"{prefix}.token_path", base_dir),
+            values["bearer_token_path"] = _readable_file(_path(bearer["token_path"], f"{prefix}.token_path", base_dir),
                                                     f"{prefix}.token_path")
         if "scheme" in bearer:
             values["bearer_scheme"] = _string(bearer["scheme"], f"{prefix}.scheme") or "Bearer"
@@ -242,12 +209,12 @@ def _service(name: str, data: Mapping[str, Any], key: str, base_dir: str | None)
         for name_in, field_name in (("cert", "client_cert"), ("private_key", "client_key")):
             if name_in not in client:
                 raise ConfigError(f"client_tls needs {name_in}", key=prefix)
-            values[field_name] = _readable(_path(client[name_in], f"{prefix}.{name_in}", base_dir),
+            values[field_name] = _readable_file(_path(client[name_in], f"{prefix}.{name_in}", base_dir),
                                            f"{prefix}.{name_in}")
         if "private_key_passphrase" in client:
             values["client_key_passphrase"] = _string(client["private_key_passphrase"], f"{prefix}.private_key_passphrase")
         if "ca_cert" in client and "ca_cert" not in values:  # OPA's deprecated place for it
-            values["ca_cert"] = _readable(_path(client["ca_cert"], f"{prefix}.ca_cert", base_dir), f"{prefix}.ca_cert")
+            values["ca_cert"] = _readable_file(_path(client["ca_cert"], f"{prefix}.ca_cert", base_dir), f"{prefix}.ca_cert")
         if "system_ca_required" in client:
             values["system_ca_required"] = _bool(client["system_ca_required"], f"{prefix}.system_ca_required")
     if parts.scheme == "http" and (values.get("client_cert") or values.get("ca_cert")):

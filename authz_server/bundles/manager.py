@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
+from ..tasks import cancel_all
 from ..errors import PolicyError
 from ..policy.loader import PolicyRuntime
 from .bundle import Bundle, load_bundle, merge
@@ -91,14 +92,7 @@ class BundleManager:
             self._tasks.append(asyncio.create_task(downloader.run(), name=f"bundle {downloader.source.name}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._tasks.clear()
+        await cancel_all(self._tasks)
 
     def poll_now(self) -> None:
         for downloader in self.downloaders.values():

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..tasks import cancel_all
 from ..policy.loader import PolicyRuntime
 from .config import ControlPlane
 from .manager import BundleManager
@@ -70,13 +71,7 @@ class ControlPlaneClient:
                 await asyncio.wait_for(self.reporter.send(), 2.0)
             except (Exception, asyncio.TimeoutError):
                 pass
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_all(self._tasks)
         for client in self.clients.values():
             await client.close()
 
@@ -85,11 +80,11 @@ class ControlPlaneClient:
             return
         activations = GaugeMetricFamily("authz_bundle_last_activation_timestamp_seconds",
                                         "When each bundle's serving revision was activated", labels=["name"])
-        failing = GaugeMetricFamily("authz_bundle_failing", "1 while a bundle's last download or activation failed",
-                                    labels=["name", "code"])
+        failing = GaugeMetricFamily("authz_bundle_failing", "1 while a bundle's last download or activation failed "
+                                    "(the status report and the log say why)", labels=["name"])
         for name, status in self.bundles.status.items():
             activations.add_metric([name], status.last_successful_activation or 0.0)
-            failing.add_metric([name, status.error_code], 1.0 if status.code else 0.0)
+            failing.add_metric([name], 1.0 if status.code else 0.0)
         yield activations
         yield failing
         if self.reporter is not None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
+from ..tasks import cancel_all
 from ..audit.record import AuditRecord, build_document
 from ..errors import AuthzError
 from ..facts import build_input
@@ -113,14 +114,7 @@ class ShadowEvaluator:
         self._tasks.append(asyncio.create_task(self.run(), name="shadow"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         self.runtime.close()
 
     async def run(self) -> None:

@@ -46,7 +46,7 @@ class ControlPlaneClient:
         rules = DecisionLogRules(lambda: runtime.active.policy_set if runtime.active is not None else None,
                                  drop_path=config.drop_decision, mask_path=config.mask_decision)
         return HttpDecisionLogSink(config, ServiceClient(self.plane.services[config.service]), rules=rules,
-                                   status=self.decision_log_status)
+                                   status=self.decision_log_status, on_status=self.changed)
 
     def snapshot(self) -> StatusSnapshot:
         return StatusSnapshot(labels=self.labels, bundles=self.bundles.status if self.bundles is not None else {},

@@ -13,7 +13,8 @@ from pathlib import Path
 from .harness import Settings, save, wrk_binary
 
 SECTIONS = ["core", "sessions", "transport", "signals", "handshake", "workload"]
-OPT_IN = ["ladder"]  # only with --only: explains a figure above, adds minutes
+OPT_IN = ["ladder", "control_plane"]  # only with --only: ladder explains a figure above; control_plane
+# holds a collector down for 60 s (both add minutes)
 
 
 def main() -> int:
@@ -60,6 +61,11 @@ def main() -> int:
 
         results["ladder"], text = ladder.run(settings)
         print(text)
+    if "control_plane" in chosen:
+        from . import control_plane
+
+        results["control_plane"] = asyncio.run(control_plane.run(args.quick))
+        print(control_plane.report(results["control_plane"]))
     if "workload" in chosen:
         from . import workload
 

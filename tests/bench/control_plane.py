@@ -151,7 +151,8 @@ def _pipeline(folder: Path, **options: Any) -> tuple[Pipeline, PolicyRuntime]:
     # adaptive mode may keep a fast policy on threads)
     runtime = PolicyRuntime(str(folder), isolation="inline")
     runtime.load()
-    return Pipeline(runtime, settings=DecisionSettings(), **options), runtime
+    # a bounded decision cache, so that its growth does not hide the decision-log buffer's
+    return Pipeline(runtime, settings=DecisionSettings(cache_max_entries=10_000), **options), runtime
 
 
 async def _paced(pipeline: Pipeline, *, rate: int, seconds: float, offset: int) -> list[float]:
@@ -236,6 +237,56 @@ async def decision_logs(*, rate: int, down: float, up: float, buffer_limit: int)
     }
 
 
+async def sink_at_rate(*, rate: int, down: float, up: float, buffer_limit: int) -> dict[str, Any]:
+    """The decision-log sink alone, fed ``rate`` unique audit records a second (the audit log's
+    own record building cannot reach that rate on a busy 2-vCPU machine), the collector down."""
+    from authz_server.audit.record import AuditRecord
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-sink-"))
+    audit = AuditLog([], labels={"app": "bench", "id": "bench", "version": "0"})
+    pipeline, runtime = _pipeline(folder, observers=[audit.observe])
+    requests = _Requests()
+    for n in range(1, 51):
+        await pipeline.decide(requests.facts(n), now=time.time())
+    template = audit.render([audit.queue.get_nowait() for _ in range(audit.queue.qsize())])
+    runtime.close()
+    state = ControlPlaneServer(faults=Faults.parse("error:500@/logs"))
+    runner, addr = await start_server(state)
+    config = DecisionLogsConfig(service="cp", min_delay=1.0, max_delay=2.0, upload_size_limit=32768,
+                                buffer_size_limit=buffer_limit)
+    sink = HttpDecisionLogSink(config, ServiceClient(ServiceConfig("cp", f"http://{addr}")))
+    rss: list[tuple[float, float]] = []
+    peak, sent, started = 0, 0, time.monotonic()
+    tick, per_tick = 0.1, rate // 10
+    for phase_seconds, faults in ((down, Faults.parse("error:500@/logs")), (up, Faults())):
+        state.faults = faults
+        phase_start = time.monotonic()
+        while time.monotonic() - phase_start < phase_seconds:
+            tick_start = time.monotonic()
+            batch = []
+            for _ in range(per_tick):
+                sent += 1
+                base = template[sent % len(template)]
+                line = base.line.replace(base.decision_id, f"{sent:032x}").replace("/orders/", f"/orders/{sent}-", 1)
+                batch.append(AuditRecord(f"{sent:032x}", base.timestamp, base.subject, base.spiffe_id, base.allowed,
+                                         base.code, base.policy_version, base.document, line))
+            await sink.write_batch(batch)
+            peak = max(peak, sink.buffered_bytes)
+            rss.append((time.monotonic() - started, _rss_mib()))
+            await asyncio.sleep(max(0.0, tick - (time.monotonic() - tick_start)))
+    deadline = time.monotonic() + 30
+    while sink.buffered_events and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    await sink.close()
+    await runner.cleanup()
+    return {"rate_per_s": rate, "collector_down_s": down, "sent": sent,
+            "buffer": {"limit_bytes": buffer_limit, "peak_bytes": peak, "within_limit": peak <= buffer_limit},
+            "rss_mib": {"quarter_down": round(max(m for t, m in rss if t <= down / 4), 1),
+                        "end_of_down": round(max(m for t, m in rss if t <= down), 1)},
+            "uploaded": sink.stats.uploaded, "dropped": dict(sink.stats.dropped),
+            "accounted": sink.stats.uploaded + sum(sink.stats.dropped.values()) == sent}
+
+
 # -- shadow cost on the live path
 
 async def shadow_cost(*, blocks: int, block_size: int) -> dict[str, Any]:
@@ -295,6 +346,13 @@ def report(results: dict[str, Any]) -> str:
                      f"outage, {r['rss_mib']['end_of_down']} at its end; achieved {r['decisions_per_s']}/s; "
                      f"uploaded {r['events']['uploaded']} of {r['decisions']}, "
                      f"dropped {r['events']['dropped']}")
+    if "decision_log_sink" in results:
+        r = results["decision_log_sink"]
+        lines.append(f"  decision-log sink alone at {r['rate_per_s']}/s, collector down {r['collector_down_s']:.0f} s: "
+                     f"buffer peak {r['buffer']['peak_bytes'] / 1048576:.1f} MiB of "
+                     f"{r['buffer']['limit_bytes'] / 1048576:.1f}; RSS {r['rss_mib']['quarter_down']} MiB after a "
+                     f"quarter of the outage, {r['rss_mib']['end_of_down']} at its end; {r['sent']} sent, "
+                     f"{r['uploaded']} uploaded, dropped {r['dropped']} (all accounted: {r['accounted']})")
     if "shadow" in results:
         r = results["shadow"]
         lines.append(f"  shadow (sample 1.0): median decide {r['median_us']['without']:.1f} µs without, "
@@ -314,6 +372,9 @@ async def run(quick: bool = False, only: tuple[str, ...] = ("propagation", "deci
     if "decision_logs" in only:
         results["decision_logs"] = await decision_logs(rate=5000, down=10.0 if quick else 60.0, up=5.0 if quick else 15.0,
                                                        buffer_limit=8 * 1024 * 1024)
+    if "decision_logs" in only:
+        results["decision_log_sink"] = await sink_at_rate(rate=5000, down=10.0 if quick else 60.0,
+                                                          up=5.0 if quick else 15.0, buffer_limit=4 * 1024 * 1024)
     if "shadow" in only:
         results["shadow"] = await shadow_cost(blocks=6 if quick else 20, block_size=1000)
     return results

@@ -269,6 +269,8 @@ async def test_decision_logs_reach_the_collector_masked_and_dropped_by_rego(cont
             await check(_check(path="/health"), timeout=10)
             sink = app.control.decision_log_status  # type: ignore[union-attr]
             await eventually(lambda: sink is not None and "500" in sink.message, what="the upload failure seen")
+            await eventually(lambda: any((r.get("decision_logs") or {}).get("http_code") == "500"
+                                         for r in state.statuses.values()), what="the upload failure reported")
             assert not state.events
             state.faults = Faults()
             await eventually(lambda: len(state.events) == 20, what="the 20 events after the collector is back")

@@ -28,7 +28,7 @@ import random
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -91,11 +91,12 @@ class UploadStats:
 class HttpDecisionLogSink:
     def __init__(self, config: "DecisionLogsConfig", client: "ServiceClient", *,
                  rules: "DecisionLogRules | None" = None, status: "DecisionLogStatus | None" = None,
-                 rand: Any = random.random) -> None:
+                 on_status: Callable[[], None] = lambda: None, rand: Any = random.random) -> None:
         self.config = config
         self.client = client
         self.rules = rules
         self.status = status
+        self.on_status = on_status  # the status report owes the control plane this change
         self.name = f"decision_logs:{client.name}{config.resource}"
         self.stats = UploadStats()
         self._rand = rand
@@ -144,6 +145,8 @@ class HttpDecisionLogSink:
             self._chunks.clear()
             self._pending.clear()
             self._chunk_bytes = self._pending_bytes = 0
+            if self.rules is not None:
+                self.rules.close()
             await self.client.close()
 
     # -- preparing events (in a worker thread)
@@ -228,11 +231,11 @@ class HttpDecisionLogSink:
             return True
 
     def _set_status(self, message: str, http_code: int) -> None:
-        if self.status is not None:
-            changed = self.status.message != message
+        if self.status is not None and self.status.message != message:
             self.status.message, self.status.http_code = message, http_code
-            if changed and message:
+            if message:
                 log.warning("decision logs: %s (%d events buffered)", message, self.buffered_events)
+            self.on_status()
 
     def next_delay(self, ok: bool) -> float:
         from ...bundles.download import backoff

@@ -36,9 +36,10 @@ def _info(session: Session) -> pb.SessionInfo:
 
 class AdminService(pb_grpc.AdminServicer):
     def __init__(self, identity: IdentityService, allowed: tuple[str, ...], *, runtime: Any = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 shadow: Any = None, clock: Callable[[], float] = time.time) -> None:
         self._identity = identity
         self._runtime = runtime
+        self._shadow = shadow
         self._check = SpiffeIdCheck(accept_actor(allowed))
         self._clock = clock
 
@@ -184,6 +185,32 @@ class AdminService(pb_grpc.AdminServicer):
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"no data at {request.path!r}")
             node = node[part]
         return pb.PolicyDataResponse(policy_version=active.version, value_json=json.dumps(node))
+
+    async def GetShadow(self, request: pb.GetShadowRequest, context: grpc.aio.ServicerContext) -> pb.ShadowState:
+        await self._caller(context, "GetShadow")
+        live = self._runtime.active if self._runtime is not None else None
+        if self._shadow is None:
+            return pb.ShadowState(configured=False, live_version=live.version if live else "")
+        active = self._shadow.runtime.active
+        return pb.ShadowState(
+            configured=True, version=active.version if active else "",
+            revision=active.policy_set.revision if active else "", source=self._shadow.runtime.root,
+            live_version=live.version if live else "", compared=self._shadow.stats.compared,
+            disagreements_json=json.dumps(self._shadow.stats.disagreements))
+
+    async def PromoteShadow(self, request: pb.PromoteShadowRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.PromoteShadowResponse:
+        from .shadow.promote import promote
+
+        caller = await self._caller(context, "PromoteShadow")
+        try:
+            active = await promote(self._shadow, self._runtime, expect_version=request.expect_version, by=caller)
+        except AuthzError as exc:
+            status = grpc.StatusCode.ABORTED if exc.code == "shadow_version_changed" else \
+                grpc.StatusCode.FAILED_PRECONDITION
+            await context.abort(status, str(exc))
+        log.info("shadow policy promoted to live by %s: now policy %s", caller, active.version)
+        return pb.PromoteShadowResponse(policy_version=active.version, revision=active.policy_set.revision)
 
 
 def _issuer_status(status: Any) -> pb.IssuerStatus:

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "devidp": ("authz_server.devidp.cli", "dev OIDC provider (development only): 'devidp serve --config FILE'"),
     "identity": ("authz_server.workload.cli", "dev SPIFFE issuer (development only): 'identity serve --config FILE'"),
     "audit": ("authz_server.audit.cli", "decision audit log: 'audit query' lists what a subject did and what was denied"),
+    "bundle": ("authz_server.bundles.cli", "OPA bundles: 'bundle build', 'bundle sign', 'bundle verify', 'bundle serve'"),
+    "shadow": ("authz_server.shadow.cli", "shadow rollout: 'shadow report' summarises disagreements, 'shadow promote'"),
     "render-configs": ("authz_server.mesh.render", "rewrite the Envoy configs committed under envoy/"),
     "evaluate": ("authz_server.evaluate.cli", "measure the mesh: attacks, accuracy against an oracle, performance; writes DIR/report.md"),
 }

@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 
 from .decision import DecisionSettings
@@ -29,6 +29,9 @@ from .signals import SignalsConfig
 from .durations import parse_duration
 from .errors import ConfigError, PolicyError
 from .yamlfile import read_yaml_file
+
+if TYPE_CHECKING:
+    from .bundles.config import ControlPlane
 
 DEFAULT_QUERY = "data.envoy.authz.allow"
 
@@ -80,6 +83,7 @@ class Config:
     browser_login: BrowserLoginConfig | None = None
     signals: SignalsConfig | None = None
     audit: tuple[str, ...] = ()
+    control_plane: ControlPlane | None = None  # OPA's services/bundles/decision_logs/status, and shadow
     source: str = ""  # the file this came from, for messages
 
     def with_overrides(self, **overrides: Any) -> "Config":
@@ -418,11 +422,14 @@ def _audit_sinks(value: Any, base_dir: str | None) -> tuple[str, ...]:
 def config_from_mapping(data: Mapping[str, Any], *, base_dir: str | None = None, source: str = "") -> Config:
     if not isinstance(data, Mapping):
         raise ConfigError(f"the config must be a mapping of keys, got {_show(data)}")
-    _only(data, set(_READERS) | _DECISION_KEYS, "")
+    from .bundles.config import CONTROL_PLANE_KEYS, parse_control_plane  # it reads with this module's readers
+
+    _only(data, set(_READERS) | _DECISION_KEYS | set(CONTROL_PLANE_KEYS), "")
     values: dict[str, Any] = {"source": source}
     for key, reader in _READERS.items():
         if key in data:
             values.update(reader(data[key], base_dir))
+    values["control_plane"] = parse_control_plane(data, base_dir)
     values["decision"] = _decision_settings(data, DecisionSettings())
     config = Config(**values)
     if config.admin.addr and config.tls is None:

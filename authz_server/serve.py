@@ -77,6 +77,9 @@ def effective_config(args: argparse.Namespace) -> Config:
 
         overrides["audit"] = _audit_sinks(args.audit, None)
     config = config.with_overrides(**overrides)
+    if args.policies is not None and config.control_plane is not None and config.control_plane.live_bundles:
+        raise ConfigError("policies (a folder) and bundles may not both be set: serve one or the other",
+                          key="--policies")
     if args.dry_run:
         from dataclasses import replace
 
@@ -108,8 +111,8 @@ def resolve_workers(config: Config) -> int:
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO (the supervisor's metric scrapes, JWKS fetches): noise a
-    # user cannot act on; their failures reach our own log as errors.
+    # httpx logs every request at INFO (metric scrapes, JWKS fetches, bundle polls, log uploads):
+    # noise a user cannot act on; their failures reach our own log as errors.
     for chatty in ("httpx", "httpcore"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
 

@@ -19,7 +19,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from .audit import AuditLog
+from .audit import AuditLog, open_sink
+from .audit.log import default_labels
+from .bundles.plane import ControlPlaneClient
+from .shadow.evaluator import ShadowEvaluator
 from .config import Config
 from .decision import Decision, Pipeline
 from .envoy import check_response_bytes, cut_volatile, facts_from_check_request, parse_check_request, repeat_facts
@@ -149,6 +152,8 @@ class App:
     tls: TlsSource | None = None
     signer: ExchangeSigner | None = None
     exchange: TokenExchange | None = None
+    control: ControlPlaneClient | None = None  # OPA bundles, status, decision logs
+    shadow: ShadowEvaluator | None = None
     bound: dict[str, str] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -157,11 +162,13 @@ class App:
     async def start(self) -> dict[str, str]:
         """Load policies, bind every configured port; returns name → bound address.
 
-        The first policy set must load, compile and pass its tests: a server that could only
-        deny is a mistake to report at once (``PolicyError``), not a process to keep running.
-        Later reloads keep the last good set instead."""
+        The first policy set from a folder must load, compile and pass its tests: a server
+        that could only deny is a mistake to report at once (``PolicyError``), not a process to
+        keep running. Later reloads keep the last good set instead. Sets from bundles arrive
+        when the control plane has them: until then the server denies and reports NOT_SERVING."""
         self._loop = asyncio.get_running_loop()
-        if self.runtime.active is None:
+        serves_folder = self.control is None or self.control.bundles is None or not self.control.bundles.live_names
+        if self.runtime.active is None and serves_folder:
             await asyncio.to_thread(self.runtime.load)
         await self._follow_bundles()
         if self.config.addr:
@@ -204,7 +211,12 @@ class App:
             server, address = await serve_http(self.metrics.http_handler, self.config.metrics_addr)
             self._http_servers.append(server)
             self.bound["metrics_addr"] = address
-        self._tasks.append(asyncio.create_task(self.runtime.watch(), name="policy-watch"))
+        if serves_folder:
+            self._tasks.append(asyncio.create_task(self.runtime.watch(), name="policy-watch"))
+        if self.control is not None:
+            await self.control.start()
+        if self.shadow is not None:
+            await self.shadow.start(folder=not self.shadow.runtime.root.startswith("bundle:"))
         if self.pipeline.signals is not None:
             self._tasks.append(asyncio.create_task(self.pipeline.signals.watch(), name="threat-lists"))
         if self.audit is not None:
@@ -239,7 +251,8 @@ class App:
             self.tls = await asyncio.to_thread(tls_source_from, self.config.tls)
         assert self.tls is not None and self.identity is not None
         self.admin_server = grpc.aio.server()
-        authz_admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.identity, self.config.admin.allowed, runtime=self.runtime),
+        authz_admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.identity, self.config.admin.allowed, runtime=self.runtime,
+                                                                      shadow=self.shadow),
                                                          self.admin_server)
         port = self.admin_server.add_secure_port(self.config.admin.addr, server_credentials(self.tls))
         await self.admin_server.start()
@@ -299,6 +312,10 @@ class App:
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks.clear()
+        if self.shadow is not None:
+            await self.shadow.stop()
+        if self.control is not None:
+            await self.control.stop()
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
@@ -379,18 +396,32 @@ def _exchange_issuer(config: Config, signer: ExchangeSigner) -> Any:
 
 def build_app(config: Config, *, reuse_port: bool = False) -> App:
     """Wire one server from one config; nothing global is touched."""
-    runtime = PolicyRuntime(config.policies, query=config.query, isolation=config.policy_isolation,
-                            strict=config.strict_builtin_errors,
+    plane = config.control_plane
+    bundles = plane.live_bundles if plane is not None else ()
+    runtime = PolicyRuntime("bundle:" + ",".join(b.name for b in bundles) if bundles else config.policies,
+                            query=config.query, isolation=config.policy_isolation, strict=config.strict_builtin_errors,
                             **({"pool_size": config.policy_threads} if config.policy_threads else {}))
+    shadow_runtime = _shadow_runtime(config)
+    labels = default_labels()
+    control = ControlPlaneClient(plane, runtime, labels=labels, shadow_runtime=shadow_runtime) if plane else None
     metrics = Metrics()
     signer = ExchangeSigner.load_or_create(config.exchange.key_file) if config.exchange is not None else None
     identity = build_identity(config, signer)
-    audit = AuditLog.from_specs(config.audit, query=config.query) if config.audit else None
+    decision_logs = control.decision_log_sink() if control is not None else None
+    sinks = [open_sink(spec) for spec in config.audit] + ([decision_logs] if decision_logs is not None else [])
+    audit = AuditLog(sinks, query=config.query, labels=labels) if sinks else None
+    shadow = None
+    if shadow_runtime is not None and plane is not None and plane.shadow is not None:
+        shadow = ShadowEvaluator(shadow_runtime, sample=plane.shadow.sample, deny_status=config.decision.deny_status,
+                                 audit=audit)
     signals = Signals(config.signals) if config.signals is not None else None
     pipeline = Pipeline(runtime, settings=config.decision, identity=identity, signals=signals,
                         observers=[metrics.observe_decision,
                                    _log_every_decision if log.isEnabledFor(logging.DEBUG) else _log_failure,
-                                   *([audit.observe] if audit else [])])
+                                   *([audit.observe] if audit else []), *([shadow.observe] if shadow else [])])
+    for part in (control, decision_logs, shadow):
+        if part is not None:
+            metrics.watch(part.collect)
     metrics.watch(pipeline_collector(pipeline, runtime))
     metrics.watch(identity_collector(identity))
     if signals is not None:
@@ -398,6 +429,17 @@ def build_app(config: Config, *, reuse_port: bool = False) -> App:
     if audit is not None:
         metrics.watch(audit.collect)
     app = App(config=config, runtime=runtime, pipeline=pipeline, metrics=metrics,
-              health=health.aio.HealthServicer(), reuse_port=reuse_port, identity=identity, signer=signer, audit=audit)
+              health=health.aio.HealthServicer(), reuse_port=reuse_port, identity=identity, signer=signer, audit=audit,
+              control=control, shadow=shadow)
     runtime.listeners.append(app.on_policy_change)
     return app
+
+
+def _shadow_runtime(config: Config) -> PolicyRuntime | None:
+    """The shadow policy's own runtime: a folder it loads and watches, or a bundle the
+    control plane offers it. Evaluated on worker threads only (never inline on the loop)."""
+    shadow = config.control_plane.shadow if config.control_plane is not None else None
+    if shadow is None:
+        return None
+    root = shadow.policies or f"bundle:{shadow.bundle}"
+    return PolicyRuntime(root, query=config.query, isolation="thread")

@@ -140,8 +140,12 @@ class CompiledPolicy:
     policy_set: PolicySet
     query: str
     strict: bool = False  # strict_builtin_errors
-    modules: Mapping[str, str] = field(default_factory=dict)
+    modules: Mapping[str, str] = field(default_factory=dict)  # empty: the set's serving modules
     sites: nonstrict.CallSites = field(default_factory=nonstrict.CallSites)
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            self.modules = self.policy_set.serving_modules
 
     @classmethod
     def compile(cls, policy_set: PolicySet, query: str, *, strict: bool = False,

@@ -150,6 +150,23 @@ class PolicyRuntime:
             self._activate(candidate)
         return True
 
+    async def offer(self, policy_set: PolicySet, *, origin: str) -> bool:
+        """Serve a set from another source (bundles, a promoted shadow) once it passes the gate
+        a folder reload passes (compile and the set's own tests); True when it serves now,
+        False when refused (the last good set keeps serving; ``status`` says why)."""
+        async with self._lock():
+            candidate_set = policy_set.with_overlay(self.data_overlay)
+            if self.active is not None and candidate_set.version == self.active.version:
+                return True
+            try:
+                candidate = await self._prepare_async(candidate_set)
+            except PolicyError as exc:
+                self._failed(exc, origin=origin)
+                return False
+            self._files = policy_set
+            self._activate(candidate, origin)
+        return True
+
     async def set_data(self, path: str, value: Any | None) -> str:
         """Put (or, with None, remove) runtime data at ``path`` without touching the Rego
         files; the new set is checked like any other and only then serves. Returns its
@@ -220,14 +237,14 @@ class PolicyRuntime:
             raise PolicyError(f"compiling and testing the policy set took longer than {GATE_TIMEOUT:.0f}s",
                               code="policy_timeout") from None
 
-    def _activate(self, candidate: ActivePolicy) -> None:
+    def _activate(self, candidate: ActivePolicy, origin: str = "") -> None:
         previous = self.active
         self.active = candidate
         self.status.reloads_ok += 1
         self.status.last_error = self.status.last_error_code = ""
         self.status.last_attempt = time.time()
         policy_set = candidate.policy_set
-        log.info("policy set %s loaded from %s (%d modules, %d data keys)", policy_set.version, self.root,
+        log.info("policy set %s loaded from %s (%d modules, %d data keys)", policy_set.version, origin or self.root,
                  len(policy_set.serving_modules), len(policy_set.data))
         if previous is not None:
             try:
@@ -241,14 +258,14 @@ class PolicyRuntime:
     def _count_timeout(self) -> None:
         self.status.timeouts += 1
 
-    def _failed(self, exc: PolicyError, *, logged: bool = True) -> None:
+    def _failed(self, exc: PolicyError, *, logged: bool = True, origin: str = "") -> None:
         self.status.reloads_failed += 1
         self.status.last_error = exc.message
         self.status.last_error_code = exc.code
         self.status.last_attempt = time.time()
         if logged:
             serving = f"; still serving {self.active.version}" if self.active else "; no policy is serving"
-            log.error("policy load from %s rejected (%s): %s%s", self.root, exc.code, exc.message, serving)
+            log.error("policy load from %s rejected (%s): %s%s", origin or self.root, exc.code, exc.message, serving)
         self._notify()
 
     def _notify(self) -> None:

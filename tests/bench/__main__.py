@@ -13,16 +13,18 @@ from pathlib import Path
 from .harness import Settings, save, wrk_binary
 
 SECTIONS = ["traffic", "core", "sessions", "browser", "transport", "signals", "handshake", "workload"]
-OPT_IN = ["ladder"]  # only with --only: explains a figure above, adds minutes
+OPT_IN = ["ladder", "control_plane"]  # only with --only: ladder explains a figure above; control_plane
+# holds a collector down for 60 s (both add minutes)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="make bench")
     parser.add_argument("--quick", action="store_true", help="short runs (3 s each) for a first look")
+    parser.add_argument("--smoke", action="store_true", help="one-second runs, one round: checks every part runs")
     parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS + OPT_IN)}")
     parser.add_argument("--json", default="bench-results.json", help="where to save the raw numbers")
     args = parser.parse_args()
-    settings = Settings.quick() if args.quick else Settings()
+    settings = Settings.smoke_test() if args.smoke else Settings.quick() if args.quick else Settings()
     chosen = args.only.split(",") if args.only else SECTIONS
     if wrk_binary() is None:
         print("wrk is not installed (Debian: apt-get install wrk): only in-process numbers are measured.",
@@ -70,6 +72,11 @@ def main() -> int:
 
         results["ladder"], text = ladder.run(settings)
         print(text)
+    if "control_plane" in chosen:
+        from . import control_plane
+
+        results["control_plane"] = asyncio.run(control_plane.run(args.quick))
+        print(control_plane.report(results["control_plane"]))
     if "workload" in chosen:
         from . import workload
 

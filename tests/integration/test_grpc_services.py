@@ -3,6 +3,7 @@ health (Check and Watch), next to Authorization/Check, with a real client over l
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -44,3 +45,35 @@ async def test_reflection_health_and_check_answer_on_one_port(tmp_path: Path) ->
             assert (await check(request, timeout=10)).status.code == 0
             request.attributes.request.http.method = "DELETE"
             assert (await check(request, timeout=10)).status.code == 7  # PERMISSION_DENIED
+
+
+async def test_health_follows_a_rejected_reload_and_the_good_one_after_it(tmp_path: Path) -> None:
+    """NOT_SERVING for authz_server.PolicyReload while what is on disk is refused, SERVING for
+    all three services again once a good set serves (reloads activate off the event loop)."""
+    folder = tmp_path / "policies"
+    write_policy(folder, "package envoy.authz\nimport rego.v1\nallow := true\n")
+    reload_service = "authz_server.PolicyReload"
+
+    async def statuses(health: health_pb2_grpc.HealthStub) -> list[int]:
+        return [(await health.Check(health_pb2.HealthCheckRequest(service=s), timeout=10)).status
+                for s in ("", AUTHORIZATION, reload_service)]
+
+    async def until(health: health_pb2_grpc.HealthStub, wanted: list[int]) -> None:
+        for _ in range(600):  # a reload is polled every 0.25 s; a busy machine gets a minute
+            if await statuses(health) == wanted:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"health stayed {await statuses(health)}, expected {wanted}")
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    async with running_app(Config(policies=str(folder), metrics_addr="")) as app:
+        async with grpc.aio.insecure_channel(app.bound["addr"]) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            await until(health, [serving, serving, serving])
+            write_policy(folder, "package envoy.authz\nimport rego.v1\nallow if {\n")  # does not compile
+            await until(health, [serving, serving, not_serving])  # the last good set still answers
+            write_policy(folder, "package envoy.authz\nimport rego.v1\nallow := false\n")
+            await until(health, [serving, serving, serving])
+            answer = await external_auth_pb2_grpc.AuthorizationStub(channel).Check(external_auth_pb2.CheckRequest(),
+                                                                                 timeout=10)
+            assert answer.status.code == 7  # the new set decides

@@ -41,11 +41,14 @@ def front_proxy_configs() -> dict[str, tuple[str, dict[str, Any]]]:
                   Route("/", context_extensions={**context, "sensitivity": "low"}))
         grpc = render_front_proxy(FrontProxy(upstream=upstream, listen=listen, routes=routes,
                                              authz=AuthzTarget(f"{authz_host}:9191", with_request_body=True)))
+        # HTTP mode forwards only the policy headers Envoy is told of: the local example's too.
+        forwarded = AuthzTarget("").allowed_upstream_headers + (("x-checked-by",) if prefix == "local" else ())
         http = render_front_proxy(FrontProxy(upstream=upstream, listen=listen, routes=routes[1:],
                                              authz=AuthzTarget(f"{authz_host}:9192", mode="http",
                                                                with_request_body=True, http_headers_to_add=(
                                                                    ("x-authz-ctx-service", "frontend"),
-                                                                   ("x-authz-ctx-sensitivity", "low")))))
+                                                                   ("x-authz-ctx-sensitivity", "low")),
+                                                               allowed_upstream_headers=forwarded)))
         for config in (grpc, http):
             config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 9901}}}
         configs[f"{prefix}-grpc.yaml"] = (f"Front proxy for {where}, asking authz-server over ext_authz gRPC (richest "

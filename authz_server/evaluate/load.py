@@ -50,10 +50,15 @@ class Settings:
     connections: int = 32
     threads: int = 2
     repeats: int = 1
+    smoke: bool = False  # does every part run? (one-second loads, one round: numbers mean nothing)
 
     @classmethod
     def quick(cls) -> "Settings":
         return cls(duration=3.0, warmup=1.0)
+
+    @classmethod
+    def smoke_test(cls) -> "Settings":
+        return cls(duration=1.0, warmup=1.0, connections=8, smoke=True)
 
 
 def wrk_binary() -> str | None:

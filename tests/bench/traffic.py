@@ -202,12 +202,12 @@ def _tutorial_tokens() -> tuple[list[str], list[str]]:
 
 # -- the sample checked one request at a time
 
-async def _check_sample(front: str, kind: str, identities: dict[str, Any]) -> int:
+async def _check_sample(front: str, kind: str, identities: dict[str, Any], size: int = SAMPLE) -> int:
     wrong = 0
     async with httpx.AsyncClient(timeout=30) as client:
         if kind == "tutorial":
             tokens, roles = identities["tokens"], identities["roles"]
-            for n in range(SAMPLE):
+            for n in range(size):
                 i = (n * 7919) % len(tokens)
                 post = n % 10 == 0
                 path = "/people" if post else f"/people/{n * 104729}?fields={n % 10}"
@@ -216,7 +216,7 @@ async def _check_sample(front: str, kind: str, identities: dict[str, Any]) -> in
                 expected = 403 if post or roles[i] not in ("guest", "admin") else 200
                 wrong += answer.status_code != expected
             return wrong
-        for request in routes.requests(SAMPLE, seed=11):
+        for request in routes.requests(size, seed=11):
             headers = {"x-user": request.user} if kind == "header" else (
                 {"x-session-id": identities["sessions"][request.user]} if request.user in identities["sessions"]
                 else {})
@@ -255,7 +255,7 @@ async def _cpu_per_decision(folder: Path, checks: list[Any], *, threads: int, is
     pipeline = Pipeline(runtime, settings=DecisionSettings(cache_max_entries=0))  # every one a miss
     now = time.time()
     try:
-        for check in checks[:200]:  # warm: engines, glob cache, allocator
+        for check in checks[:len(checks) // 10]:  # warm: engines, glob cache, allocator
             await pipeline.decide(facts_from_check_request(check), now=now)
         cpu, wall = time.process_time(), time.perf_counter()
         if concurrency == 1:
@@ -271,8 +271,8 @@ async def _cpu_per_decision(folder: Path, checks: list[Any], *, threads: int, is
     return cpu / len(checks) * 1e6, len(checks) / wall
 
 
-async def in_process(folder: Path) -> dict[str, float]:
-    route, tutorial = _route_checks(3000), _tutorial_checks(3000)
+async def in_process(folder: Path, count: int = 3000) -> dict[str, float]:
+    route, tutorial = _route_checks(count), _tutorial_checks(count)
     out: dict[str, float] = {}
     out["route_cpu_us"], out["route_rate_seq"] = await _cpu_per_decision(folder, route, threads=1)
     out["route_inline_cpu_us"], _ = await _cpu_per_decision(folder, route, threads=1, isolation="inline")
@@ -308,7 +308,7 @@ def report_in_process(figures: dict[str, float]) -> str:
 def run(settings: Settings, *, with_envoy: bool = True) -> tuple[dict[str, Any], str]:
     with bench_supervisor("traffic") as sup:
         work = sup.log_dir.parent
-        inproc = asyncio.run(in_process(routes.write_policy(work / "route_table")))
+        inproc = asyncio.run(in_process(routes.write_policy(work / "route_table"), 300 if settings.smoke else 3000))
         if not with_envoy:
             return {"in_process": inproc}, report_in_process(inproc)
         envoy, rounds = _through_envoy(settings, sup, work)
@@ -320,6 +320,7 @@ def _through_envoy(settings: Settings, sup: Any, work: Path) -> tuple[dict[str, 
     results: dict[str, Any] = {}
     rounds: list[float] = []
     cores = len(os.sched_getaffinity(0))
+    sample = 50 if settings.smoke else SAMPLE
     upstream = start_envoy(sup, "upstream", render_front_proxy(FrontProxy(routes=(Route(
         "/", direct_response="ok", response_headers=(("x-was", "%REQ(x-expect)%"),)),), listener_name="upstream")))
     upstream_addr = f"127.0.0.1:{upstream.port('upstream')}"
@@ -349,7 +350,7 @@ def _through_envoy(settings: Settings, sup: Any, work: Path) -> tuple[dict[str, 
     rbac_url = front("front-rbac", rbac=routes.rbac_config())
     results["rbac"] = load(rbac_url, None, "Envoy native RBAC, the same 50 routes x 1,000 users", "header",
                            tables["header"])
-    results["rbac"].extra["wrong_sample"] = asyncio.run(_check_sample(rbac_url, "header", {}))
+    results["rbac"].extra["wrong_sample"] = asyncio.run(_check_sample(rbac_url, "header", {}, size=sample))
 
     servers = {}
     for workers in sorted({1, cores}):
@@ -364,19 +365,20 @@ def _through_envoy(settings: Settings, sup: Any, work: Path) -> tuple[dict[str, 
         return load(url, pid, "authz-server, route table, user in a header, 1 process", "header", tables["header"])
 
     results["route_header_1"] = ours()
-    results["route_header_1"].extra["wrong_sample"] = asyncio.run(_check_sample(url, "header", {}))
+    sample_1 = asyncio.run(_check_sample(url, "header", {}, size=sample))
     rounds.append(results["route_header_1"].rps / (results["bare"].rps or 1))
-    for _ in range(ROUNDS - 1):
+    for _ in range(0 if settings.smoke else ROUNDS - 1):
         yardstick = load(bare_url, bare_pid, results["bare"].name, "header", tables["header"])
         mine = ours()
         rounds.append(mine.rps / (yardstick.rps or 1))
         results["bare"] = max(results["bare"], yardstick, key=lambda r: r.rps)
         results["route_header_1"] = max(results["route_header_1"], mine, key=lambda r: r.rps)
+    results["route_header_1"].extra["wrong_sample"] = sample_1
     if cores > 1:
         pid_n, url_n = servers[cores]
         results["route_header_n"] = load(url_n, pid_n, f"authz-server, route table, user in a header, {cores} "
                                          "processes", "header", tables["header"])
-        results["route_header_n"].extra["wrong_sample"] = asyncio.run(_check_sample(url_n, "header", {}))
+        results["route_header_n"].extra["wrong_sample"] = asyncio.run(_check_sample(url_n, "header", {}, size=sample))
 
     pid_s, bound_s = start_authz_server(sup, "authz-sessions", ["--config", str(session_config)])
     url_s = front("front-sessions", authz=AuthzTarget(bound_s["addr"]))
@@ -385,7 +387,7 @@ def _through_envoy(settings: Settings, sup: Any, work: Path) -> tuple[dict[str, 
                                       "sessions, 1 process", "session",
                                       tables["header"] + _lua_table("sessions", sessions))
     results["route_session_1"].extra["wrong_sample"] = asyncio.run(
-        _check_sample(url_s, "session", {"sessions": sessions}))
+        _check_sample(url_s, "session", {"sessions": sessions}, size=sample))
 
     results["bare_tutorial"] = load(bare_url, bare_pid, "bare Python gRPC, tutorial traffic (the yardstick)",
                                     "tutorial", tables["tutorial"])
@@ -396,7 +398,7 @@ def _through_envoy(settings: Settings, sup: Any, work: Path) -> tuple[dict[str, 
     results["tutorial_1"] = load(url_t, pid_t, "authz-server, OPA-Envoy tutorial policy, a JWT per user, "
                                  "1 process", "tutorial", tables["tutorial"])
     results["tutorial_1"].extra["wrong_sample"] = asyncio.run(
-        _check_sample(url_t, "tutorial", {"tokens": tokens, "roles": token_roles}))
+        _check_sample(url_t, "tutorial", {"tokens": tokens, "roles": token_roles}, size=sample))
     return results, rounds
 
 

@@ -30,6 +30,8 @@ def test_every_bench_section_runs(tmp_path: Path) -> None:
     assert set(SECTIONS) <= set(results), set(SECTIONS) - set(results)
     traffic = results["traffic"]["envoy"]
     for name, result in traffic.items():
+        if name.startswith("bare"):
+            continue  # the yardstick allows everything: its wrong allows are the point of comparison
         counts = result["extra"].get("counts", {})
         assert counts.get("wrong", 0) == 0, (name, counts)
         assert result["extra"].get("wrong_sample", 0) == 0, (name, result["extra"])

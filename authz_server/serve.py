@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query", help="policy query; default data.envoy.authz.allow")
     parser.add_argument("--metrics-addr", dest="metrics_addr",
                         help="Prometheus /metrics address ('' turns it off); default 127.0.0.1:9464")
+    parser.add_argument("--policy-threads", dest="policy_threads", type=int,
+                        help="policy evaluation threads per process (one OPA engine each); default: the cores "
+                             "shared out among the workers")
     parser.add_argument("--workers", type=int, help="server processes sharing the ports (SO_REUSEPORT); "
                                                     "default: one per core")
     parser.add_argument("--dry-run", dest="dry_run", action="store_true", default=None,
@@ -72,6 +75,10 @@ def effective_config(args: argparse.Namespace) -> Config:
         if args.workers < 1:
             raise ConfigError("must be at least 1", key="--workers")
         overrides["workers"] = args.workers
+    if args.policy_threads is not None:
+        if not 1 <= args.policy_threads <= 256:
+            raise ConfigError("must be between 1 and 256", key="--policy-threads")
+        overrides["policy_threads"] = args.policy_threads
     if args.audit:
         from .config import _audit_sinks
 
@@ -105,6 +112,10 @@ def resolve_workers(config: Config) -> int:
     if config.issuers and config.sessions.settings.enabled and config.sessions.store == "memory":
         log.info("one worker: sessions live in process memory (set sessions.store to redis:// for more)")
         return 1
+    return _cores()
+
+
+def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -211,6 +222,12 @@ async def _supervise(config: Config, workers: int, args: argparse.Namespace) -> 
     http_addr, http_sock = _reserve(config.http_addr)
     run_dir = tempfile.mkdtemp(prefix="authz-workers-")
     argv_tail = _worker_argv(args, addr, http_addr)
+    if not config.policy_threads:
+        # The cores are shared out: each worker evaluates on its part of them, and its Go
+        # runtime keeps no more processors than it has evaluation threads.
+        threads = max(1, _cores() // workers)
+        argv_tail += ["--policy-threads", str(threads)]
+        os.environ.setdefault("GOMAXPROCS", str(threads))
     procs: dict[int, asyncio.subprocess.Process] = {}
 
     async def start_worker(index: int) -> None:

@@ -23,6 +23,7 @@ from .identity.exchange import ExchangeConfig, ExchangeRule
 from .identity.oidc import parse_issuers
 from .identity.resolver import SessionSettings
 from .policy.engine import ISOLATION_MODES, validate_query
+from .sharedstate import parse_store_url
 from .signals import SignalsConfig
 from .durations import parse_duration
 from .errors import ConfigError, PolicyError
@@ -51,7 +52,7 @@ class AdminConfig:
 @dataclass(frozen=True)
 class SessionsConfig:
     settings: SessionSettings = field(default_factory=SessionSettings)
-    store: str = "memory"  # or redis://host:port/db, rediss://, unix://
+    store: str = "memory"  # or a shared-state URL: redis://, redis+sentinel://, redis+cluster:// (sharedstate)
     near_cache_ttl: float = 5.0
 
 
@@ -351,8 +352,8 @@ def _sessions(value: Any) -> SessionsConfig:
     store = "memory"
     if "store" in data:
         store = _string(data["store"], "sessions.store")
-        if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"expected memory or a redis:// URL, got {store!r}", key="sessions.store")
+        if store != "memory":
+            parse_store_url(store, key="sessions.store")
     near = _duration(data["near_cache_ttl"], "sessions.near_cache_ttl") if "near_cache_ttl" in data else 5.0
     if changes.get("idle_timeout", settings.idle_timeout) > changes.get("max_lifetime", settings.max_lifetime):
         raise ConfigError("idle_timeout is longer than max_lifetime", key="sessions.idle_timeout")

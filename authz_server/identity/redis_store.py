@@ -261,6 +261,8 @@ class RedisStore:
             if now - (session.last_seen or session.created) > session.idle_timeout / 10:
                 await self._touch(session, now)
             return session
+        if self._pending_keys and key in self._pending_keys:
+            raise SessionError("session was revoked", code="session_revoked")
         try:
             found, second = await self._lookup_script(keys=[_session_key(key), _tombstone_key(key)],
                                                       args=["authz:g:{"])

@@ -94,7 +94,7 @@ def parse_store_url(text: str, *, key: str) -> StoreLocation:
     params = dict(parse_qsl(query, keep_blank_values=True))
     ours = {name: params.pop(name) for name in OUR_PARAMETERS if name in params}
     sentinel = scheme in SENTINEL_SCHEMES
-    acks = _whole(ours.get("replica_acks", "1" if sentinel else "0"), f"{key} (replica_acks)")
+    acks = _whole(ours.get("replica_acks", "1" if sentinel else "0"), "replica_acks", key)
     sharded_text = ours.get("sharded_pubsub", "yes")
     if sharded_text not in ("yes", "no"):
         raise ConfigError(f"sharded_pubsub must be yes or no, got {sharded_text!r}", key=key)
@@ -119,16 +119,16 @@ def parse_store_url(text: str, *, key: str) -> StoreLocation:
         if not parts or len(parts) > 2:
             raise ConfigError("expected redis+sentinel://HOST:PORT,.../SERVICE/DB (the service name sentinels "
                               "monitor, then the database number)", key=key)
-        db = _whole(parts[1], f"{key} (database)") if len(parts) == 2 else 0
+        db = _whole(parts[1], "the database", key) if len(parts) == 2 else 0
         return StoreLocation("sentinel", text, nodes, parts[0], db, username, password, tls, acks, sharded)
     if parts and parts != ["0"]:
         raise ConfigError("a Redis Cluster has only database 0: expected redis+cluster://HOST:PORT,.../", key=key)
     return StoreLocation("cluster", text, nodes, "", 0, username, password, tls, acks, sharded)
 
 
-def _whole(value: str, key: str) -> int:
+def _whole(value: str, what: str, key: str) -> int:
     if not value.isdigit():
-        raise ConfigError(f"expected a whole number >= 0, got {value!r}", key=key)
+        raise ConfigError(f"{what}: expected a whole number >= 0, got {value!r}", key=key)
     return int(value)
 
 

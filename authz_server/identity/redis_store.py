@@ -23,6 +23,9 @@ Durability: sessions, tombstones, generations and replay records are written wit
 store's ``replica_acks`` (``WAIT``; 1 with Sentinel by default). A sign-in is answered only
 once its session is on that many replicas, so a failover does not lose it.
 
+The near-cache is trusted only while the feed is live; while it is down, lookups ask the
+store (on a Cluster whose channel shard fails over, the other shards still answer).
+
 If the store is unreachable (or fails over): creating a session fails closed
 (``session_store_unavailable``); sessions in the near-cache keep working until their entry
 expires; a revocation is enforced at once by the replica that took it, queued, and replayed
@@ -48,6 +51,7 @@ log = logging.getLogger("authz_server.sessions.redis")
 CHANNEL = "authz:invalidate"
 REPLAY_INTERVAL = 0.05  # how often queued revocations are retried while the store is away
 RESUBSCRIBE_MAX_WAIT = 0.1
+STORE_RETRY_AFTER = 0.05  # after a failed lookup, near-cached sessions are served without asking for this long
 
 # Session, tombstone and the subject's generation in one round trip (one server or Sentinel:
 # the generation key is named from the session, which a Cluster would refuse as cross-slot).
@@ -111,6 +115,8 @@ class RedisStore:
         self._pending_subjects: dict[str, float] = {}  # subject -> sessions created up to then are revoked
         self._pending_added = asyncio.Event()
         self._answered = asyncio.Event()  # a command succeeded: a waiting subscriber may retry now
+        self._store_failed_until = 0.0
+        self.resubscriptions = 0  # times the feed was (re)established
         self._tasks: list[asyncio.Task[None]] = []
         self.subscribed = asyncio.Event()
         self.stats = StoreStats()
@@ -156,6 +162,7 @@ class RedisStore:
                         # Anything published while we were not listening is lost: forget what we hold.
                         self._forget_cached()
                         self.subscribed.set()
+                        self.resubscriptions += 1
                         backoff, failing = 0.0, False
                     else:  # the server dropped us (a Cluster slot moved): subscribe afresh
                         break
@@ -210,8 +217,10 @@ class RedisStore:
         return at is not None and session.created <= at
 
     def lookup_cached(self, key: str, *, now: float) -> Session | None:
+        """The near-cached session if it may be used without asking the store: only while the
+        invalidation feed is live (else a revocation made elsewhere could have been missed)."""
         entry = self._near.get(key)
-        if entry is None or entry[1] <= now:
+        if entry is None or entry[1] <= now or not self.subscribed.is_set():
             return None
         session = entry[0]
         if (self._pending_keys or self._pending_subjects) and self._revoked_here(session):
@@ -250,17 +259,15 @@ class RedisStore:
             self._generation_until[subject] = now + self.near_cache_ttl
 
     async def lookup(self, key: str, *, now: float) -> Session:
+        """Near-cached while the invalidation feed is live. While it is down the store decides
+        (on a Cluster the other shards still answer); only when the store cannot answer either
+        does the near-cache, so sessions keep working through an outage until their entry ends."""
         self.stats.lookups += 1
         cached = self._near.get(key)
-        if cached is not None and cached[1] > now:
-            session = cached[0]
-            if (self._pending_keys or self._pending_subjects) and self._revoked_here(session):
-                raise SessionError("session was revoked", code="session_revoked")
-            session.check_alive(now, self._generations.get(session.subject, 0))
-            self.stats.near_hits += 1
-            if now - (session.last_seen or session.created) > session.idle_timeout / 10:
-                await self._touch(session, now)
-            return session
+        if cached is not None and cached[1] <= now:
+            cached = None
+        if cached is not None and (self.subscribed.is_set() or now < self._store_failed_until):
+            return await self._near_hit(cached[0], now)
         if self._pending_keys and key in self._pending_keys:
             raise SessionError("session was revoked", code="session_revoked")
         try:
@@ -268,12 +275,16 @@ class RedisStore:
                                                       args=["authz:g:{"])
             session = Session.from_json(found) if found else None
             if session is not None and self._cluster:
-                if self._generation_until.get(session.subject, 0.0) > now:
+                if self._generation_until.get(session.subject, 0.0) > now and self.subscribed.is_set():
                     second = self._generations.get(session.subject, 0)
                 else:
                     second = await self._client.get(_generation_key(session.subject))
         except STORE_ERRORS as exc:
             self.stats.errors += 1
+            # Do not try again for every request of a burst: each try can cost the socket timeout.
+            self._store_failed_until = now + STORE_RETRY_AFTER
+            if cached is not None:
+                return await self._near_hit(cached[0], now)
             raise UnavailableError(f"session store unreachable: {exc}", code="session_store_unavailable") from None
         self._answering()
         if session is None:
@@ -289,6 +300,15 @@ class RedisStore:
         if now - (session.last_seen or session.created) > session.idle_timeout / 10:
             session = await self._touch(session, now)
         self._remember(session, now)
+        return session
+
+    async def _near_hit(self, session: Session, now: float) -> Session:
+        if (self._pending_keys or self._pending_subjects) and self._revoked_here(session):
+            raise SessionError("session was revoked", code="session_revoked")
+        session.check_alive(now, self._generations.get(session.subject, 0))
+        self.stats.near_hits += 1
+        if now - (session.last_seen or session.created) > session.idle_timeout / 10:
+            await self._touch(session, now)
         return session
 
     async def _touch(self, session: Session, now: float) -> Session:

@@ -57,6 +57,15 @@ class SessionsConfig:
 
 
 @dataclass(frozen=True)
+class ShutdownConfig:
+    """On SIGTERM: NOT_SERVING at once, still answering for ``drain_delay`` (so health checks
+    and load balancers move traffic away first), then up to ``grace`` for the checks in flight."""
+
+    drain_delay: float = 0.0
+    grace: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     addr: str = "127.0.0.1:9191"
     http_addr: str = ""
@@ -76,6 +85,7 @@ class Config:
     exchange: ExchangeConfig | None = None
     signals: SignalsConfig | None = None
     audit: tuple[str, ...] = ()
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     source: str = ""  # the file this came from, for messages
 
     def with_overrides(self, **overrides: Any) -> "Config":
@@ -222,6 +232,7 @@ _READERS: dict[str, _Reader] = {
     "signals": lambda v, b: {"signals": SignalsConfig.from_mapping(v, base_dir=b)},
     "admin": lambda v, _b: {"admin": _admin(v)},
     "trust_domains": lambda v, _b: {"trust_domains": _trust_domains(v)},
+    "shutdown": lambda v, _b: {"shutdown": _shutdown(v)},
 }
 _DECISION_KEYS = {"decision_cache", "policy_timeout", "deny_status", "dry_run"}
 
@@ -299,6 +310,17 @@ def _exchange(value: Any, base_dir: str | None) -> ExchangeConfig:
         parsed.append(ExchangeRule(actor, audiences, _string_list(rule.get("scopes", []), f"{key}.scopes")))
     values["rules"] = tuple(parsed)
     return ExchangeConfig(**values)
+
+
+def _shutdown(value: Any) -> ShutdownConfig:
+    data = _mapping(value, "shutdown")
+    _only(data, {"drain_delay", "grace"}, "shutdown.")
+    values = {name: _duration(data[name], f"shutdown.{name}", positive=False) for name in ("drain_delay", "grace")
+              if name in data}
+    for name, seconds in values.items():
+        if not 0 <= seconds <= 600:
+            raise ConfigError(f"must be between 0s and 10m, got {data[name]!r}", key=f"shutdown.{name}")
+    return ShutdownConfig(**values)
 
 
 def _admin(value: Any) -> AdminConfig:

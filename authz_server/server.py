@@ -146,6 +146,7 @@ class App:
     signer: ExchangeSigner | None = None
     exchange: TokenExchange | None = None
     bound: dict[str, str] = field(default_factory=dict)
+    draining: bool = False
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _http_servers: list[asyncio.Server] = field(default_factory=list)
 
@@ -285,7 +286,16 @@ class App:
             return
         loop.create_task(self._update_health())
 
+    async def drain(self) -> None:
+        """Report NOT_SERVING for every service (health checks and readiness probes take this
+        replica out of rotation) while still answering every check."""
+        if not self.draining:
+            self.draining = True
+            await self.health.enter_graceful_shutdown()
+            log.info("draining: every health status is NOT_SERVING")
+
     async def stop(self, grace: float = 1.0) -> None:
+        await self.drain()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -294,7 +304,6 @@ class App:
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks.clear()
-        await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
         if self.admin_server is not None:

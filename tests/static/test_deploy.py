@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from authz_server.config import load_config
+from authz_server.sharedstate import parse_store_url
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -483,7 +484,21 @@ def test_kubernetes_authz_config_loads_and_fits_the_deployment() -> None:
     assert config.tls is None
     assert volumes["workload-socket"]["csi"] == {"driver": "csi.spiffe.io", "readOnly": True}
     assert deployment["spec"]["template"]["metadata"]["annotations"]["inject.istio.io/templates"] == "sidecar,spire"
-    assert config.sessions.store.startswith("redis://redis.authz-system.svc.cluster.local:6379/")
+    # Every shared state on the Sentinel-watched Redis of redis.yaml, each in its own database.
+    stores = [config.sessions.store, config.signals.rate_store, config.signals.anomaly_store]
+    locations = [parse_store_url(store, key="store") for store in stores]
+    sentinels = tuple((f"redis-{n}.redis-headless.authz-system.svc.cluster.local", 26379) for n in range(3))
+    assert all(loc.kind == "sentinel" and loc.nodes == sentinels and loc.service == "authz" for loc in locations)
+    assert sorted(loc.db for loc in locations) == [0, 1, 2] and locations[0].replica_acks == 1
+    # Draining: the preStop hook sends SIGUSR1 (NOT_SERVING, still answering) and waits; SIGTERM
+    # then finishes the checks in flight, all within the grace period, the sidecar outliving it.
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sh", "-c", "kill -USR1 1 && sleep 5"]
+    pre_stop = 5
+    assert config.shutdown.drain_delay <= pre_stop
+    assert pre_stop + config.shutdown.grace < pod["terminationGracePeriodSeconds"]
+    proxy = json.loads(deployment["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"])
+    assert float(proxy["terminationDrainDuration"].removesuffix("s")) >= pre_stop + config.shutdown.grace
+    assert container["readinessProbe"]["grpc"] == {"port": port}  # NOT_SERVING takes the pod out
     assert config.issuers and config.issuers[0].issuer.startswith("https://")
     assert config.sessions.settings.delegation_actors == (f"spiffe://{TRUST_DOMAIN}/ns/demo/sa/frontend",)
 
@@ -598,31 +613,36 @@ def test_kubernetes_workloads_line_up() -> None:
     for doc in docs:
         if doc["kind"] not in {"Namespace", "IstioOperator"}:
             assert doc["metadata"]["namespace"] in namespaces, doc["metadata"]["name"]
-    deployments = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in by_kind["Deployment"]}
+    workloads = {(d["metadata"]["namespace"], d["metadata"]["name"]): d
+                 for d in by_kind["Deployment"] + by_kind["StatefulSet"]}
     accounts = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in by_kind["ServiceAccount"]}
-    for (namespace, name), deployment in deployments.items():
-        template = deployment["spec"]["template"]
+    for (namespace, name), workload in workloads.items():
+        template = workload["spec"]["template"]
         assert (namespace, template["spec"]["serviceAccountName"]) in accounts
-        assert deployment["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+        assert workload["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
         assert template["metadata"]["annotations"]["inject.istio.io/templates"] == "sidecar,spire"
         assert {"name": "workload-socket", "csi": {"driver": "csi.spiffe.io", "readOnly": True}} in \
             template["spec"]["volumes"]
     for service in by_kind["Service"]:
-        key = (service["metadata"]["namespace"], service["metadata"]["name"])
-        pod = deployments[key]["spec"]["template"]
-        assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
-        port_names = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+        namespace = service["metadata"]["namespace"]
+        selected = [w for (ns, _n), w in workloads.items() if ns == namespace and service["spec"]["selector"].items()
+                    <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(selected) == 1, f"service {service['metadata']['name']} selects {len(selected)} workloads"
+        port_names = {p["name"] for c in selected[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in port_names
-    for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler"):
-        (only,) = by_kind[kind]
-        assert only["metadata"]["name"] == "authz-server"
-    hpa = by_kind["HorizontalPodAutoscaler"][0]["spec"]
+    (hpa_doc,) = by_kind["HorizontalPodAutoscaler"]
+    hpa = hpa_doc["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "authz-server"}
     assert hpa["minReplicas"] >= 2 and hpa["maxReplicas"] > hpa["minReplicas"]
-    pdb = by_kind["PodDisruptionBudget"][0]["spec"]
-    assert pdb["selector"]["matchLabels"] == deployments[("authz-system", "authz-server")]["spec"]["selector"]["matchLabels"]
-    assert pdb["maxUnavailable"] < hpa["minReplicas"]
+    # A budget for each replicated workload: drains and upgrades take one pod at a time.
+    budgets = {d["metadata"]["name"]: d["spec"] for d in by_kind["PodDisruptionBudget"]}
+    assert set(budgets) == {"authz-server", "redis"}
+    for name, budget in budgets.items():
+        workload = workloads[("authz-system", name)]
+        assert budget["selector"]["matchLabels"] == workload["spec"]["selector"]["matchLabels"]
+        assert budget["maxUnavailable"] == 1
+    assert budgets["authz-server"]["maxUnavailable"] < hpa["minReplicas"]
 
 
 def _check_keys(obj: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -684,6 +704,16 @@ def test_istio_resources_by_hand() -> None:
                 assert patch["patch"]["operation"] == "MERGE"
                 per_route = patch["patch"]["value"]["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
                 assert per_route["@type"].endswith("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute")
+        elif kind == "DestinationRule":
+            assert api == "networking.istio.io/v1"
+            _check_keys(spec, {"host", "trafficPolicy", "subsets", "exportTo", "workloadSelector"}, kind)
+            name, namespace = spec["host"].removesuffix(".svc.cluster.local").split(".")
+            assert (namespace, name) in services_by_name
+            assert spec["host"] == grpc["service"], "the rule is for the ext_authz provider's service"
+            _check_keys(spec["trafficPolicy"]["outlierDetection"], {
+                "consecutiveGatewayErrors", "consecutive5xxErrors", "interval", "baseEjectionTime",
+                "maxEjectionPercent", "minHealthPercent", "splitExternalLocalOriginErrors",
+                "consecutiveLocalOriginFailures"}, "outlierDetection")
         elif kind == "Gateway":
             assert api == "networking.istio.io/v1"
             assert spec["selector"] == {"istio": "ingressgateway"} and spec["servers"]
@@ -698,7 +728,8 @@ def test_istio_resources_by_hand() -> None:
                     assert port in {p["port"] for p in services_by_name[(namespace, name)]["spec"]["ports"]}
         else:
             pytest.fail(f"unexpected Istio kind {kind}")
-    assert seen == {"AuthorizationPolicy", "PeerAuthentication", "EnvoyFilter", "Gateway", "VirtualService"}
+    assert seen == {"AuthorizationPolicy", "PeerAuthentication", "EnvoyFilter", "Gateway", "VirtualService",
+                    "DestinationRule"}
 
 
 def test_istio_route_settings_follow_the_policy_data() -> None:
@@ -731,3 +762,77 @@ def test_spire_helm_values_pin_the_trust_domain() -> None:
     assert "--version 0.30.0" in text and "--version 0.6.0" in text
     docs = (REPO / "docs" / "deploy.md").read_text()
     assert "0.30.0" in docs and "0.6.0" in docs
+
+
+# -- Redis with Sentinel ----------------------------------------------------------------------
+
+HEADLESS = "redis-headless.authz-system.svc.cluster.local"
+
+
+def _redis_scripts(tmp_path: Path, sentinels_say: str) -> Path:
+    """redis.yaml's scripts, runnable here: their paths moved under tmp_path, with a fake
+    redis-cli (answering what the sentinels say) and a fake redis-server (printing its args)."""
+    (config_map,) = [d for _p, d in k8s_documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] ==
+                     "redis-scripts"]
+    for folder in ("scripts", "sentinel", "bin"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    for name, text in config_map["data"].items():
+        (tmp_path / "scripts" / name).write_text(text.replace("/scripts/", f"{tmp_path}/scripts/")
+                                                 .replace("/sentinel/", f"{tmp_path}/sentinel/"))
+    answer = f"printf '%s\\n' {sentinels_say} 6379" if sentinels_say else "exit 1"
+    (tmp_path / "bin" / "redis-cli").write_text(f"#!/bin/sh\n{answer}\n")
+    (tmp_path / "bin" / "redis-server").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    for fake in (tmp_path / "bin").iterdir():
+        fake.chmod(0o755)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("pod", "sentinels_say", "replica_of"), [
+    ("redis-0", "", None),  # the very first start: nobody answers, redis-0 begins as primary
+    ("redis-1", "", f"redis-0.{HEADLESS}"),
+    ("redis-0", f"redis-2.{HEADLESS}", f"redis-2.{HEADLESS}"),  # back after a failover: a replica now
+    ("redis-2", f"redis-2.{HEADLESS}", None),  # the primary the sentinels name, restarted
+])
+def test_redis_pods_start_as_the_sentinels_say(tmp_path: Path, pod: str, sentinels_say: str,
+                                               replica_of: str | None) -> None:
+    folder = _redis_scripts(tmp_path, sentinels_say)
+    env = {**os.environ, "POD_NAME": pod, "PATH": f"{folder}/bin:{os.environ['PATH']}"}
+    done = subprocess.run(["sh", str(folder / "scripts" / "redis.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    args = done.stdout.split("\n")
+    assert args[args.index("--replica-announce-ip") + 1] == f"{pod}.{HEADLESS}"
+    if replica_of is None:
+        assert "--replicaof" not in args
+    else:
+        assert args[args.index("--replicaof") + 1:args.index("--replicaof") + 3] == [replica_of, "6379"]
+
+    done = subprocess.run(["sh", str(folder / "scripts" / "sentinel.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == [f"{folder}/sentinel/sentinel.conf", "--sentinel"]
+    conf = (folder / "sentinel" / "sentinel.conf").read_text().splitlines()
+    primary = replica_of or f"{pod}.{HEADLESS}"
+    assert f"sentinel monitor authz {primary} 6379 2" in conf and f"sentinel announce-ip {pod}.{HEADLESS}" in conf
+
+
+def test_redis_group_and_authz_config_agree() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for _p, d in k8s_documents()}
+    redis = docs[("StatefulSet", "redis")]["spec"]
+    headless = docs[("Service", "redis-headless")]["spec"]
+    assert redis["serviceName"] == "redis-headless" and headless["clusterIP"] == "None"
+    assert headless["publishNotReadyAddresses"] is True  # sentinels find each other before ready
+    scripts = docs[("ConfigMap", "redis-scripts")]["data"]
+    quorum = int(re.search(r"sentinel monitor authz \S+ 6379 (\d+)", scripts["sentinel.sh"]).group(1))
+    assert redis["replicas"] == 3 and quorum == 2, "a majority of three sentinels must agree to fail over"
+    assert all(f"redis-{n}" in scripts["primary.sh"] or "0 1 2" in scripts["primary.sh"] for n in range(3))
+    ports = {p["name"]: p["containerPort"] for c in redis["template"]["spec"]["containers"] for p in c["ports"]}
+    assert ports == {"tcp-redis": 6379, "tcp-sentinel": 26379}
+    config = load_config(K8S / "authz-server" / "config.yaml")
+    location = parse_store_url(config.sessions.store, key="sessions.store")
+    assert location.service == "authz" and {port for _h, port in location.nodes} == {ports["tcp-sentinel"]}
+    allowed = docs[("AuthorizationPolicy", "redis-clients")]["spec"]["rules"][0]
+    assert set(allowed["to"][0]["operation"]["ports"]) == {str(p) for p in ports.values()}
+    assert "example.org/ns/authz-system/sa/redis" in allowed["from"][0]["source"]["principals"]
+    for name, text in scripts.items():
+        done = subprocess.run(["sh", "-n"], input=text, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"{name}: {done.stderr}"

@@ -137,7 +137,7 @@ def test_compose_file_parses_with_the_topology() -> None:
     data = compose()
     assert str(data["version"]).startswith("3"), "compose file format 3.x (docker-compose 1.29 parses it)"
     expected = {"bootstrap", "spire-server", "spire-agent", "spire-entries", "keycloak", "redis", "authz-server-1",
-                "authz-server-2", *SERVICES, *(f"{s}-sidecar" for s in SERVICES)}
+                "authz-server-2", "partner-issuer", *SERVICES, *(f"{s}-sidecar" for s in SERVICES)}
     assert set(data["services"]) == expected
     declared = set(data.get("volumes") or {})
     for name, service in data["services"].items():
@@ -335,6 +335,76 @@ def test_spire_server_and_agent_configs_agree() -> None:
     assert f'SPIRE_SERVER_SOCKET:-{socket}' in (REPO / "spire" / "entries.sh").read_text()
 
 
+def _hcl_block(text: str, start: str) -> str:
+    """The body of the HCL block that opens with ``start`` (braces balanced)."""
+    begin = text.index(start)
+    depth, index = 0, text.index("{", begin)
+    for index in range(index, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[text.index("{", begin) + 1:index]
+    raise AssertionError(f"unbalanced block {start}")
+
+
+def test_spire_and_the_partner_issuer_federate_over_bundle_endpoints() -> None:
+    """SPIRE's federation block and the partner.org issuer's config name each other's bundle
+    endpoints (https_web), with certificates the bootstrap makes for those host names, served
+    from the volume both mount, and trusted by the other side."""
+    from urllib.parse import urlsplit
+
+    svc = services()
+    server = (REPO / "spire" / "server" / "server.conf").read_text()
+    federation = _hcl_block(server, "federation {")
+    endpoint = _hcl_block(federation, "bundle_endpoint {")
+    assert 'profile "https_web"' in endpoint
+    spire_port = int(re.search(r"^\s*port = (\d+)", endpoint, flags=re.MULTILINE).group(1))
+    cert_paths = re.findall(r'(?:cert|key)_file_path = "([^"]+)"', endpoint)
+    partner = _hcl_block(federation, 'federates_with "partner.org" {')
+    assert 'bundle_endpoint_profile "https_web"' in partner
+    partner_url = urlsplit(re.search(r'bundle_endpoint_url = "([^"]+)"', partner).group(1))
+
+    issuer = yaml.safe_load((REPO / "deploy" / "compose" / "partner-issuer.yaml").read_text())
+    assert [d["name"] for d in issuer["trust_domains"]] == ["partner.org"]
+    (remote,) = issuer["trust_domains"][0]["federates_with"]
+    spire_url = urlsplit(remote["bundle_endpoint_url"])
+    assert remote["trust_domain"] == TRUST_DOMAIN and remote["profile"] == "https_web"
+    assert (spire_url.scheme, spire_url.hostname, spire_url.port) == ("https", "spire-server", spire_port)
+    issuer_port = int(issuer["bundle_endpoint"]["addr"].rpartition(":")[2])
+    assert (partner_url.scheme, partner_url.hostname, partner_url.port, partner_url.path) == (
+        "https", "partner-issuer", issuer_port, "/partner.org")
+    assert svc["partner-issuer"]["command"][:2] == ["identity", "serve"]
+    assert mount_source(svc["partner-issuer"], svc["partner-issuer"]["command"][-1]) == \
+        "./deploy/compose/partner-issuer.yaml"
+
+    # Certificates: made by the bootstrap for each host name, on the volume both mount.
+    sys.path.insert(0, str(REPO / "deploy" / "compose"))
+    try:
+        import bootstrap_pki
+    finally:
+        sys.path.pop(0)
+    hosts = {stem: host for stem, (host, _uid) in bootstrap_pki.BUNDLE_ENDPOINTS.items()}
+    assert hosts == {"spire-bundle": "spire-server", "partner-bundle": "partner-issuer"}
+    for service, paths in (("spire-server", cert_paths),
+                           ("partner-issuer", [issuer["bundle_endpoint"]["cert_file"],
+                                               issuer["bundle_endpoint"]["key_file"], remote["ca_file"]])):
+        for path in paths:
+            assert mount_source(svc[service], path) == "keycloak-tls", (service, path)
+    assert {os.path.basename(p) for p in cert_paths} == {"spire-bundle.pem", "spire-bundle.key"}
+    assert {os.path.basename(issuer["bundle_endpoint"][k]) for k in ("cert_file", "key_file")} == \
+        {"partner-bundle.pem", "partner-bundle.key"}
+    # SPIRE's https_web client trusts the system's CAs: SSL_CERT_FILE makes that the demo Web PKI.
+    assert svc["spire-server"]["environment"]["SSL_CERT_FILE"] == remote["ca_file"]
+    # The dev issuer's own loader accepts it (the files it names exist only inside the container:
+    # any readable file stands in for them here).
+    from authz_server.workload.config import IdentityConfig
+
+    stand_in = str(REPO / "README.md")
+    issuer["bundle_endpoint"].update(cert_file=stand_in, key_file=stand_in)
+    remote["ca_file"] = stand_in
+    parsed = IdentityConfig.from_mapping(issuer)
+    assert parsed.remote_partners[0].trust_domain == TRUST_DOMAIN and parsed.bundle_endpoint is not None
+
+
 def _fake_spire_server(tmp_path: Path, answer: dict[str, Any]) -> Path:
     fake = tmp_path / "spire-server"
     fake.write_text("#!/bin/sh\n"
@@ -387,6 +457,12 @@ def test_bootstrap_makes_working_key_material(tmp_path: Path) -> None:
     tls.verify_directly_issued_by(load(tmp_path / "kc" / "ca.pem"))
     names = tls.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"keycloak", "localhost"} <= set(names.get_values_for_type(x509.DNSName))
+    for stem, host in (("spire-bundle", "spire-server"), ("partner-bundle", "partner-issuer")):
+        endpoint = load(tmp_path / "kc" / f"{stem}.pem")  # the bundle endpoints' Web PKI certificates
+        endpoint.verify_directly_issued_by(load(tmp_path / "kc" / "ca.pem"))
+        sans = endpoint.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.DNSName) == [host]
+        assert stat.S_IMODE((tmp_path / "kc" / f"{stem}.key").stat().st_mode) == 0o600
     for key in (tmp_path / "spire").glob("*.key"):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as redis
@@ -232,14 +232,17 @@ class SharedRedis:
     def replica_acks(self) -> int:
         return self.location.replica_acks
 
-    async def durable(self, key: str, queue: Callable[[Any], None]) -> list[Any]:
-        """Run the commands ``queue(pipe)`` adds, on the node serving ``key``, over one connection;
+    async def durable(self, key: str, *commands: tuple[Any, ...]) -> list[Any]:
+        """Run ``commands`` (each the arguments of one command) on the node serving ``key``;
         then, when ``replica_acks`` is set, ``WAIT`` on that same connection until that many
         replicas have them (``NotReplicated`` when they do not within the timeout). Returns the
-        queued commands' replies."""
-        pipe = self.client.pipeline(transaction=False)
-        queue(pipe)
+        commands' replies."""
         acks = self.replica_acks
+        if not acks and len(commands) == 1:
+            return [await self.client.execute_command(*commands[0])]
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
         if acks:
             wait_ms = max(1, int(self.timeout * 1000))
             if self.kind == "cluster":

@@ -11,8 +11,9 @@ touches stays in one Cluster slot; TTLs live in Redis itself, so idle sessions v
 A near-cache miss costs one round trip. With one server or Sentinel a script reads the
 session, its tombstone and its subject's generation together. On a Cluster the generation
 lives in its subject's slot: the script reads session and tombstone, and the generation
-comes from this process's generation cache (kept current by the invalidation feed and
-trusted for ``near_cache_ttl``, exactly like a near-cached session), else a second trip.
+comes from this process's generation cache (kept current by the invalidation feed, trusted
+only while the feed is live, like a near-cached session, and re-read after
+``GENERATION_TRUST``), else a second trip.
 
 Revocations are published on ``authz:invalidate`` (sharded pub/sub on a Cluster); every
 replica drops its near-cached copy as the message arrives (milliseconds). Each time the
@@ -52,6 +53,10 @@ CHANNEL = "authz:invalidate"
 REPLAY_INTERVAL = 0.05  # how often queued revocations are retried while the store is away
 RESUBSCRIBE_MAX_WAIT = 0.1
 STORE_RETRY_AFTER = 0.05  # after a failed lookup, near-cached sessions are served without asking for this long
+# Cluster: how long a subject's generation, once read, stands in for the store while the feed is
+# live (every bump is published; a feed that breaks clears it). Longer than a session's
+# near-cache entry: the sessions of one subject are many, its generation is one.
+GENERATION_TRUST = 60.0
 
 # Session, tombstone and the subject's generation in one round trip (one server or Sentinel:
 # the generation key is named from the session, which a Cluster would refuse as cross-slot).
@@ -82,6 +87,15 @@ if ttl < 1 then ttl = 1 end
 redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], '1', 'PX', ttl)
 return 1
+"""
+
+
+# The first client to present a token owns it: nil for that first claim, else who claimed it.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return false
+end
+return redis.call('GET', KEYS[1])
 """
 
 
@@ -236,10 +250,12 @@ class RedisStore:
         ttl_ms = max(1, int((session.ends_at() - now) * 1000))
         key = _session_key(session.key)
         try:
-            generation = int(await self._client.get(_generation_key(session.subject)) or 0)
+            generation = self._trusted_generation(session.subject, now)
+            if generation is None:
+                generation = int(await self._client.get(_generation_key(session.subject)) or 0)
             session = replace(session, generation=generation)
             text = session.to_json()
-            await self._shared.durable(key, lambda pipe: pipe.set(key, text, px=ttl_ms))
+            await self._shared.durable(key, ("SET", key, text, "PX", ttl_ms))
         except STORE_ERRORS as exc:
             self.stats.errors += 1
             raise UnavailableError(f"session store unreachable: {exc}", code="session_store_unavailable") from None
@@ -249,6 +265,13 @@ class RedisStore:
         self._remember(session, now)
         return session
 
+    def _trusted_generation(self, subject: str, now: float) -> int | None:
+        """Cluster: the subject's generation as this process knows it, when that may stand in
+        for the store (the feed is live and it was read lately); else None."""
+        if self._cluster and self._generation_until.get(subject, 0.0) > now and self.subscribed.is_set():
+            return self._generations.get(subject, 0)
+        return None
+
     def _learn_generation(self, subject: str, generation: int, now: float) -> None:
         self._generations[subject] = max(self._generations.get(subject, 0), generation)
         if self._cluster:
@@ -256,7 +279,7 @@ class RedisStore:
                 stale = next(iter(self._generation_until))
                 self._generation_until.pop(stale)
                 self._generations.pop(stale, None)
-            self._generation_until[subject] = now + self.near_cache_ttl
+            self._generation_until[subject] = now + max(self.near_cache_ttl, GENERATION_TRUST)
 
     async def lookup(self, key: str, *, now: float) -> Session:
         """Near-cached while the invalidation feed is live. While it is down the store decides
@@ -275,9 +298,8 @@ class RedisStore:
                                                       args=["authz:g:{"])
             session = Session.from_json(found) if found else None
             if session is not None and self._cluster:
-                if self._generation_until.get(session.subject, 0.0) > now and self.subscribed.is_set():
-                    second = self._generations.get(session.subject, 0)
-                else:
+                second = self._trusted_generation(session.subject, now)
+                if second is None:
                     second = await self._client.get(_generation_key(session.subject))
         except STORE_ERRORS as exc:
             self.stats.errors += 1
@@ -345,7 +367,7 @@ class RedisStore:
 
     async def _revoke_in_store(self, key: str, now: float) -> bool:
         session, tombstone = _session_key(key), _tombstone_key(key)
-        replies = await self._shared.durable(session, lambda pipe: pipe.eval(_REVOKE, 2, session, tombstone, now))
+        replies = await self._shared.durable(session, ("EVAL", _REVOKE, 2, session, tombstone, now))
         await self._shared.publish(CHANNEL, f"s {key}")
         self._answering()
         return bool(int(replies[0]))
@@ -371,7 +393,7 @@ class RedisStore:
         """INCR, not idempotent: a retry after a lost reply may bump twice, which at worst also
         revokes a session signed in between (fail closed)."""
         key = _generation_key(subject)
-        generation = int((await self._shared.durable(key, lambda pipe: pipe.incr(key)))[0])
+        generation = int((await self._shared.durable(key, ("INCR", key)))[0])
         self._generations[subject] = max(self._generations.get(subject, 0), generation)
         await self._shared.publish(CHANNEL, f"g {subject} {generation}")
         self._answering()
@@ -401,12 +423,11 @@ class RedisStore:
         key = f"authz:j:{tag(f'{issuer} {jti}')}"
         ttl_ms = max(1000, int((until - now) * 1000))
         try:
-            claimed, first = await self._shared.durable(
-                key, lambda pipe: (pipe.set(key, client, nx=True, px=ttl_ms), pipe.get(key)))
+            (first,) = await self._shared.durable(key, ("EVAL", _CLAIM, 1, key, client, ttl_ms))
         except STORE_ERRORS as exc:
             self.stats.errors += 1
             raise UnavailableError(f"session store unreachable: {exc}", code="session_store_unavailable") from None
-        if claimed:
+        if first is None:
             return None
         first_client = first.decode() if isinstance(first, bytes) else str(first or "")
         if first_client != client:

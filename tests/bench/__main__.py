@@ -13,7 +13,7 @@ from pathlib import Path
 from .harness import Settings, save, wrk_binary
 
 SECTIONS = ["core", "sessions", "transport", "signals", "handshake", "workload"]
-OPT_IN = ["ladder"]  # only with --only: explains a figure above, adds minutes
+OPT_IN = ["ladder", "scaling"]  # only with --only: ladder explains a figure above; scaling kills things
 
 
 def main() -> int:
@@ -59,6 +59,11 @@ def main() -> int:
         from . import ladder
 
         results["ladder"], text = ladder.run(settings)
+        print(text)
+    if "scaling" in chosen:
+        from . import scaling
+
+        results["scaling"], text = scaling.run()
         print(text)
     if "workload" in chosen:
         from . import workload

@@ -134,8 +134,11 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
                 continue
             key = live.pop(rng.randrange(len(live)))
             by = rng.randrange(replicas)
-            in_window = killed_at is not None and back_at is None
+            started = time.monotonic()
             await stores[by].revoke(key, now=time.time())
+            # Issued during the failover: it ended after the kill (one in flight when the primary
+            # died is as unknown to the other replicas) and began before the store was back.
+            in_window = killed_at is not None and (back_at is None or started < back_at)
             revoked[key] = (time.monotonic(), by, in_window)
             report.revocations += 1
             report.revocations_in_window += in_window

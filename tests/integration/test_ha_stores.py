@@ -286,3 +286,33 @@ async def test_cluster_failover_of_the_feed_shard_under_traffic(supervisor: Supe
     _assert_failover_kept_everything(report)
     # Only sign-ins whose session hashes to the lost shard were refused.
     assert report.refused_sign_ins < report.sign_ins / 2
+
+
+async def test_with_no_replica_to_acknowledge_sign_ins_fail_closed_and_calls_go_on(
+        sentinel_group: SentinelGroup) -> None:
+    """replica_acks=1 (the Sentinel default): a session no replica holds could be lost in a
+    failover, so it is not handed out; sessions already made keep resolving."""
+    store = RedisStore(sentinel_group.url, near_cache_ttl=0.0)
+    await _started(store)
+    try:
+        now = time.time()
+        _, kept = make_session(now=now)
+        await store.create(kept, now=now)
+        replicas = [s for s in sentinel_group.servers if s.port != sentinel_group.primary_port()]
+        for replica in replicas:
+            replica.kill()
+        with pytest.raises(UnavailableError) as refused:
+            await store.create(make_session(now=now)[1], now=now)
+        assert "replicas acknowledged" in refused.value.message
+        assert (await store.lookup(kept.key, now=now)).subject == "alice"
+        replicas[0].start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await store.create(make_session(now=time.time())[1], now=time.time())
+                break
+            except UnavailableError:
+                assert time.monotonic() < deadline, "sign-ins did not resume once a replica was back"
+                await asyncio.sleep(0.1)
+    finally:
+        await store.close()

@@ -243,8 +243,9 @@ class SharedRedis:
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
+        # WAIT gives up well inside the socket timeout, so its answer (how many did) arrives.
+        wait_ms = max(1, int(self.timeout * 500))
         if acks:
-            wait_ms = max(1, int(self.timeout * 1000))
             if self.kind == "cluster":
                 pipe.execute_command("WAIT", acks, wait_ms, target_nodes=self.client.get_node_from_key(key))
             else:
@@ -253,7 +254,7 @@ class SharedRedis:
         if acks:
             reached = int(replies.pop())
             if reached < acks:
-                raise NotReplicated(f"{reached} of {acks} replicas acknowledged the write in {self.timeout:g}s")
+                raise NotReplicated(f"{reached} of {acks} replicas acknowledged the write within {wait_ms} ms")
         return list(replies)
 
     async def _sharded(self) -> bool:

@@ -38,17 +38,24 @@ ISSUER = "https://idp.bench.test"
 POLICY = 'package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if input.identity.user.sub == "alice"\n'
 
 
-def _issuer_files(folder: Path) -> tuple[Path, str]:
+def _issuer(folder: Path, jwks_name: str, subjects: list[str], policy: str) -> tuple[Path, list[str]]:
+    """An RS256 issuer's key set on disk, a token of each subject, and the policy to ask."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
     public.update({"kid": "bench", "alg": "RS256", "use": "sig"})
-    jwks = folder / "jwks.json"
+    jwks = folder / jwks_name
     jwks.write_text(json.dumps({"keys": [public]}))
     now = int(time.time())
-    token = jwt.encode({"iss": ISSUER, "sub": "alice", "aud": "orders", "iat": now, "exp": now + 3600,
-                        "jti": "bench-token"}, key, algorithm="RS256", headers={"kid": "bench", "typ": "at+jwt"})
+    tokens = [jwt.encode({"iss": ISSUER, "sub": sub, "aud": "orders", "iat": now, "exp": now + 3600,
+                          "jti": f"{sub}-{now}"}, key, algorithm="RS256", headers={"kid": "bench", "typ": "at+jwt"})
+              for sub in subjects]
     (folder / "policies").mkdir(exist_ok=True)
-    (folder / "policies" / "policy.rego").write_text(POLICY)
+    (folder / "policies" / "policy.rego").write_text(policy)
+    return jwks, tokens
+
+
+def _issuer_files(folder: Path) -> tuple[Path, str]:
+    jwks, (token,) = _issuer(folder, "jwks.json", ["alice"], POLICY)
     return jwks, token
 
 
@@ -162,20 +169,9 @@ CALLS = 15_000  # session calls per phase: long enough for a stable CPU figure
 
 
 def _user_tokens(folder: Path, count: int) -> tuple[Path, list[str]]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-    public.update({"kid": "bench", "alg": "RS256", "use": "sig"})
-    jwks = folder / "users-jwks.json"
-    jwks.write_text(json.dumps({"keys": [public]}))
-    now = int(time.time())
-    tokens = [jwt.encode({"iss": ISSUER, "sub": f"user{i}", "aud": "orders", "iat": now, "exp": now + 3600,
-                          "jti": f"t{i}-{now}"}, key, algorithm="RS256", headers={"kid": "bench", "typ": "at+jwt"})
-              for i in range(count)]
-    (folder / "policies").mkdir(exist_ok=True)
-    (folder / "policies" / "policy.rego").write_text(
-        'package envoy.authz\nimport rego.v1\ndefault allow := false\n'
-        'allow if startswith(input.identity.user.sub, "user")\n')
-    return jwks, tokens
+    return _issuer(folder, "users-jwks.json", [f"user{i}" for i in range(count)],
+                   'package envoy.authz\nimport rego.v1\ndefault allow := false\n'
+                   'allow if startswith(input.identity.user.sub, "user")\n')
 
 
 async def _store_rounds(folder: Path, jwks: Path, tokens: list[str], store: str) -> dict[str, float]:

@@ -22,10 +22,11 @@ from tests.support.redis import ClusterGroup, RedisServer, SentinelGroup, comman
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture(params=["sentinel", "cluster"])
-def ha_url(request: pytest.FixtureRequest) -> str:
-    group = request.getfixturevalue("sentinel_group" if request.param == "sentinel" else "redis_cluster")
-    return group.url
+@pytest.fixture(params=["redis", "sentinel", "cluster"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """One Redis, a Sentinel group, a Cluster: every shared state works the same on each."""
+    fixture = {"redis": "redis_server", "sentinel": "sentinel_group", "cluster": "redis_cluster"}[request.param]
+    return request.getfixturevalue(fixture).url
 
 
 async def _started(*stores: RedisStore) -> None:
@@ -34,8 +35,8 @@ async def _started(*stores: RedisStore) -> None:
     await asyncio.wait_for(asyncio.gather(*(s.subscribed.wait() for s in stores)), 10)
 
 
-async def test_replicas_share_sessions_and_revocations_reach_every_replica_fast(ha_url: str) -> None:
-    one, two = RedisStore(ha_url, near_cache_ttl=30), RedisStore(ha_url, near_cache_ttl=30)
+async def test_replicas_share_sessions_and_revocations_reach_every_replica_fast(store_url: str) -> None:
+    one, two = RedisStore(store_url, near_cache_ttl=30), RedisStore(store_url, near_cache_ttl=30)
     await _started(one, two)
     try:
         now = time.time()
@@ -105,8 +106,8 @@ async def test_cluster_spreads_sessions_over_shards_and_fans_out_through_sharded
         await two.close()
 
 
-async def test_rate_buckets_of_an_identity_stay_in_one_slot_and_are_shared(ha_url: str) -> None:
-    one, two = RedisRateLimiter(ha_url), RedisRateLimiter(ha_url)
+async def test_rate_buckets_of_an_identity_stay_in_one_slot_and_are_shared(store_url: str) -> None:
+    one, two = RedisRateLimiter(store_url), RedisRateLimiter(store_url)
     try:
         now = time.time()
         per_identity, per_route = BucketSpec(1, 50), BucketSpec(1, 20)
@@ -125,9 +126,9 @@ def _replica(url: str, clock: list[float]) -> tuple[AnomalyDetector, SharedBasel
     return detector, SharedBaselines(detector, url, clock=lambda: clock[0])
 
 
-async def test_anomaly_baselines_are_shared_across_replicas(ha_url: str) -> None:
+async def test_anomaly_baselines_are_shared_across_replicas(store_url: str) -> None:
     clock = [time.time()]
-    (a, sync_a), (b, sync_b) = _replica(ha_url, clock), _replica(ha_url, clock)
+    (a, sync_a), (b, sync_b) = _replica(store_url, clock), _replica(store_url, clock)
     rng = random.Random(3)
     try:
         # "svc" sends 2 requests a second to each replica for five minutes; both flush every second.

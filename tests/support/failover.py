@@ -80,6 +80,7 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
     killed_at: float | None = None
     back_at: float | None = None  # the store is back: sign-ins accepted and every replica's feed re-established
     feeds: list[int] = []
+    revoking: set[str] = set()  # revocations under way
     stop = asyncio.Event()
 
     async def sign_ins() -> None:
@@ -135,11 +136,13 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
             key = live.pop(rng.randrange(len(live)))
             by = rng.randrange(replicas)
             started = time.monotonic()
+            revoking.add(key)
             await stores[by].revoke(key, now=time.time())
             # Issued during the failover: it ended after the kill (one in flight when the primary
             # died is as unknown to the other replicas) and began before the store was back.
             in_window = killed_at is not None and (back_at is None or started < back_at)
             revoked[key] = (time.monotonic(), by, in_window)
+            revoking.discard(key)
             report.revocations += 1
             report.revocations_in_window += in_window
 
@@ -156,15 +159,20 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
                 raise TimeoutError(f"no sign-in was accepted within {timeout:.0f}s of the kill")
             await asyncio.sleep(0.005)
         report.window_s = back_at - killed_at
-        # Every revocation issued in the window: how long until every replica denies it.
-        pending = {key for key, (_at, _by, in_window) in revoked.items() if in_window}
-        while pending and time.monotonic() < back_at + 10:
-            for key in list(pending):
+        # Every revocation issued in the window (one still in flight when the store came back
+        # included): how long after the store was back until every replica denies it.
+        measured: set[str] = set()
+        while time.monotonic() < back_at + 10:
+            pending = {key for key, (_at, _by, in_window) in revoked.items() if in_window} - measured
+            if not pending and not revoking:
+                break
+            for key in pending:
                 if all(await asyncio.gather(*(denies(store, key) for store in stores))):
                     report.lag_ms.append((time.monotonic() - back_at) * 1000)
-                    pending.discard(key)
+                    measured.add(key)
             await asyncio.sleep(0.002)
-        report.lag_ms.extend(float("inf") for _ in pending)
+        report.lag_ms.extend(float("inf") for key, (_at, _by, in_window) in revoked.items()
+                             if in_window and key not in measured)
         await asyncio.sleep(settle_after)
     finally:
         stop.set()

@@ -105,13 +105,14 @@ def ext_authz_filter(target: AuthzTarget) -> dict[str, Any]:
     if target.mode == "grpc":
         # GrpcService.retry_policy (not EnvoyGrpc's, which only xDS streams use): the calls' default.
         config["grpc_service"] = {"envoy_grpc": {"cluster_name": target.cluster}, "timeout": target.timeout,
-                                  "retry_policy": retry_policy("unavailable,reset,connect-failure,refused-stream")}
+                                  "retry_policy": retry_policy("unavailable,reset,connect-failure,refused-stream",
+                                                               target.timeout)}
     elif target.mode == "http":
         config["http_service"] = {
             "server_uri": {"uri": "http://authz", "cluster": target.cluster, "timeout": target.timeout},
             "path_prefix": "/check",
             # A 5xx from authz-server's HTTP front is a decision (a dependency down), not retried.
-            "retry_policy": retry_policy("reset,connect-failure,refused-stream"),
+            "retry_policy": retry_policy("reset,connect-failure,refused-stream", target.timeout),
             "authorization_request": {
                 "headers_to_add": [{"key": k, "value": v} for k, v in target.http_headers_to_add],
             },
@@ -133,12 +134,17 @@ def ext_authz_filter(target: AuthzTarget) -> dict[str, Any]:
     return {"name": EXT_AUTHZ, "typed_config": config}
 
 
-def retry_policy(retry_on: str) -> dict[str, Any]:
-    """Two more tries, each on a replica not tried yet, within the check's one timeout."""
+def retry_policy(retry_on: str, timeout: str) -> dict[str, Any]:
+    """Two more tries, each on a replica not tried yet, within the check's one timeout.
+
+    Envoy turns this core RetryPolicy into a route one with ``retry_back_off.max_interval`` as
+    the *per-try timeout* (envoyproxy/envoy#38847): a short one would abandon and retry every
+    check slower than it, multiplying the load exactly when the fleet is busy. So it is the
+    check's own timeout; the back-off itself stays near ``base_interval`` (5 ms, 10 ms)."""
     return {
         "retry_on": retry_on,
         "num_retries": 2,
-        "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+        "retry_back_off": {"base_interval": "0.005s", "max_interval": timeout},
         "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
         "host_selection_retry_max_attempts": 3,

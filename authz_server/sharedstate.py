@@ -30,6 +30,7 @@ node (``sharded_pubsub=no`` forces that).
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -74,9 +75,12 @@ class StoreLocation:
 
     @property
     def redacted(self) -> str:
-        if self.password is None:
-            return self.text
-        return self.text.replace(f":{self.password}@", ":***@", 1)
+        return redact(self.text)
+
+
+def redact(text: str) -> str:
+    """The URL with any password in it replaced, for messages and logs."""
+    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", text, count=1)
 
 
 def is_store_url(text: str) -> bool:
@@ -86,8 +90,9 @@ def is_store_url(text: str) -> bool:
 def parse_store_url(text: str, *, key: str) -> StoreLocation:
     """A shared-state URL → ``StoreLocation``; ``ConfigError`` naming ``key`` when it is not one."""
     if not isinstance(text, str) or not is_store_url(text):
+        shown = redact(text) if isinstance(text, str) else text
         raise ConfigError(f"expected memory, redis://, redis+sentinel://H:P,.../SERVICE/DB or "
-                          f"redis+cluster://H:P,.../, got {text!r}"[:200], key=key)
+                          f"redis+cluster://H:P,.../, got {shown!r}"[:200], key=key)
     scheme, _, rest = text.partition("://")
     netloc, _, tail = rest.partition("/")
     path, _, query = tail.partition("?")

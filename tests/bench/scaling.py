@@ -72,7 +72,8 @@ def fleet(folder: Path, connections: int = 12) -> dict[str, Any]:
 
 def report(stores: dict[str, FailoverReport], fleet_result: dict[str, Any]) -> str:
     names = list(stores)
-    rows = [[what, *(dict(r.lines())[what] for r in stores.values())] for what, _ in next(iter(stores.values())).lines()]
+    first = next(iter(stores.values()))
+    rows = [[what, *(dict(r.lines())[what] for r in stores.values())] for what, _ in first.lines()]
     parts = [table("Store failover under traffic (3 replicas; sign-ins every 10 ms, session calls, a revocation "
                    "every 100 ms)", ["", *names], rows)]
     tallies = fleet_result["tallies"]

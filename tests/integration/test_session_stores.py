@@ -1,4 +1,5 @@
-"""Session stores: the in-process one, and one Redis coming and going (sharing between replicas, on one Redis, Sentinel and Cluster: test_ha_stores.py)."""
+"""Session stores: the in-process one, and one Redis coming and going (sharing between
+replicas, on one Redis, Sentinel and Cluster: test_ha_stores.py)."""
 
 from __future__ import annotations
 

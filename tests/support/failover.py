@@ -166,8 +166,10 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
             pending = {key for key, (_at, _by, in_window) in revoked.items() if in_window} - measured
             if not pending and not revoking:
                 break
-            for key in pending:
-                if all(await asyncio.gather(*(denies(store, key) for store in stores))):
+            keys = list(pending)  # all asked at once: the measurement must not queue behind itself
+            answers = await asyncio.gather(*(denies(store, key) for key in keys for store in stores))
+            for index, key in enumerate(keys):
+                if all(answers[index * replicas:(index + 1) * replicas]):
                     report.lag_ms.append((time.monotonic() - back_at) * 1000)
                     measured.add(key)
             await asyncio.sleep(0.002)

@@ -29,6 +29,14 @@ def test_cluster_url_names_seed_nodes() -> None:
     assert not parse_store_url("redis+cluster://c1:7000/?sharded_pubsub=no", key="k").sharded_pubsub
 
 
+def test_a_password_never_reaches_a_message() -> None:
+    with pytest.raises(ConfigError) as bad:
+        parse_store_url("http://user:hunter2@r:6379/0", key="sessions.store")
+    assert "hunter2" not in bad.value.message and "user:***@" in bad.value.message
+    location = parse_store_url("redis+sentinel://s:pw@h:1/authz/0", key="k")
+    assert location.redacted == "redis+sentinel://s:***@h:1/authz/0"
+
+
 def test_plain_urls_keep_redis_py_parameters() -> None:
     location = parse_store_url("redis://r:6379/1?replica_acks=1&health_check_interval=2", key="k")
     assert location.kind == "redis" and location.replica_acks == 1

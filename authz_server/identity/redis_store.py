@@ -129,6 +129,7 @@ class RedisStore:
         self._pending_subjects: dict[str, float] = {}  # subject -> sessions created up to then are revoked
         self._pending_added = asyncio.Event()
         self._answered = asyncio.Event()  # a command succeeded: a waiting subscriber may retry now
+        self._store_back = asyncio.Event()  # the same, for the queued revocations
         self._store_failed_until = 0.0
         self.resubscriptions = 0  # times the feed was (re)established
         self._tasks: list[asyncio.Task[None]] = []
@@ -214,8 +215,11 @@ class RedisStore:
                 self._generations[subject] = max(self._generations.get(subject, 0), int(generation))
 
     def _answering(self) -> None:
+        """A store command succeeded: whatever waits for the store to come back may go now."""
         if not self.subscribed.is_set():
             self._answered.set()
+        if self._pending_keys or self._pending_subjects:
+            self._store_back.set()
 
     # -- near-cache
     def _remember(self, session: Session, now: float) -> None:
@@ -404,19 +408,30 @@ class RedisStore:
             await self._pending_added.wait()
             self._pending_added.clear()
             while self._pending_keys or self._pending_subjects:
-                try:
-                    for key, at in list(self._pending_keys.items()):
-                        await self._revoke_in_store(key, time.time())
-                        if self._pending_keys.get(key) == at:
-                            del self._pending_keys[key]
+                # All at once (each is idempotent): a failover leaves a batch, and every one of
+                # them should hold everywhere as soon as the store is back.
+                keys, subjects = list(self._pending_keys.items()), list(self._pending_subjects.items())
+                results = await asyncio.gather(*(self._revoke_in_store(key, time.time()) for key, _at in keys),
+                                               *(self._bump_generation(subject) for subject, _at in subjects),
+                                               return_exceptions=True)
+                for (key, at), result in zip(keys, results):
+                    if not isinstance(result, BaseException) and self._pending_keys.get(key) == at:
+                        del self._pending_keys[key]
                         log.info("queued revocation of session %s applied to the store", key[:16])
-                    for subject, at in list(self._pending_subjects.items()):
-                        await self._bump_generation(subject)
-                        if self._pending_subjects.get(subject) == at:
-                            del self._pending_subjects[subject]
+                for (subject, at), result in zip(subjects, results[len(keys):]):
+                    if not isinstance(result, BaseException) and self._pending_subjects.get(subject) == at:
+                        del self._pending_subjects[subject]
                         log.info("queued revocation of every session of %s applied to the store", subject)
-                except STORE_ERRORS:
-                    await asyncio.sleep(REPLAY_INTERVAL)
+                for result in results:
+                    if isinstance(result, Exception) and not isinstance(result, STORE_ERRORS):
+                        log.error("replaying a queued revocation failed (kept, retried): %r", result)
+                if self._pending_keys or self._pending_subjects:
+                    # Again after a while, or as soon as another command finds the store back.
+                    self._store_back.clear()
+                    try:
+                        await asyncio.wait_for(self._store_back.wait(), REPLAY_INTERVAL)
+                    except asyncio.TimeoutError:
+                        pass
 
     # -- replay records and listing
     async def claim_jti(self, issuer: str, jti: str, client: str, *, until: float, now: float) -> str | None:

@@ -16,7 +16,7 @@ from authz_server.signals.baselines import SharedBaselines
 from authz_server.signals.ratelimit import BucketSpec, RedisRateLimiter
 from tests.integration.test_session_stores import make_session
 from authz_server.mesh.processes import Supervisor
-from tests.support.failover import FailoverReport, denies, failover_under_traffic
+from tests.support.failover import TIMED_REVOCATIONS, FailoverReport, denies, failover_under_traffic
 from tests.support.redis import ClusterGroup, RedisServer, SentinelGroup, command, info
 
 pytestmark = pytest.mark.redis
@@ -267,7 +267,8 @@ def _assert_failover_kept_everything(report: FailoverReport) -> None:
     assert report.wrongly_allowed == 0, "a revoked session was allowed where its revocation was known"
     assert report.refused_outside_window == 0, "sign-ins were refused outside the failover window"
     assert report.refused_sign_ins > 0 and report.session_calls > 1000
-    assert report.revocations_in_window > 0 and len(report.lag_ms) == report.revocations_in_window
+    assert report.revocations_in_window > 0 and report.window_revocations_not_enforced == 0
+    assert len(report.lag_ms) == min(report.revocations_in_window, TIMED_REVOCATIONS)
     # Every revocation issued during the failover is enforced on every replica once the store
     # is back (the target is 100 ms; the figure is reported by make bench, bounded loosely here).
     assert report.max_lag_ms < 2000

@@ -24,6 +24,7 @@ from authz_server.identity.redis_store import RedisStore
 from authz_server.identity.sessions import Binding, Session, new_session_id, session_key
 
 PROPAGATION = 0.2  # a revocation made this long before a lookup elsewhere must be known there
+TIMED_REVOCATIONS = 5
 
 
 @dataclass
@@ -39,7 +40,8 @@ class FailoverReport:
     revocations: int = 0
     revocations_in_window: int = 0
     wrongly_allowed: int = 0
-    lag_ms: list[float] = field(default_factory=list)  # per revocation issued in the window
+    lag_ms: list[float] = field(default_factory=list)  # per timed revocation issued in the window
+    window_revocations_not_enforced: int = 0  # at the end of the run, on some replica
 
     @property
     def max_lag_ms(self) -> float:
@@ -56,6 +58,7 @@ class FailoverReport:
             ["requests allowed that should have been denied", str(self.wrongly_allowed)],
             ["revocation enforced on every replica after the store is back (max)",
              f"{self.max_lag_ms:.0f} ms" if self.lag_ms else "-"],
+            ["revocations of the window not enforced everywhere at the end", str(self.window_revocations_not_enforced)],
         ]
 
 
@@ -159,26 +162,27 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
                 raise TimeoutError(f"no sign-in was accepted within {timeout:.0f}s of the kill")
             await asyncio.sleep(0.005)
         report.window_s = back_at - killed_at
-        # Every revocation issued in the window (one still in flight when the store came back
-        # included): how long after the store was back until every replica denies it.
-        measured: set[str] = set()
-        while time.monotonic() < back_at + 10:
-            pending = {key for key, (_at, _by, in_window) in revoked.items() if in_window} - measured
-            if not pending and not revoking:
-                break
-            keys = list(pending)  # all asked at once: the measurement must not queue behind itself
-            answers = await asyncio.gather(*(denies(store, key) for key in keys for store in stores))
-            for index, key in enumerate(keys):
-                if all(answers[index * replicas:(index + 1) * replicas]):
-                    report.lag_ms.append((time.monotonic() - back_at) * 1000)
-                    measured.add(key)
+        # How long after the store was back every replica denies a revocation issued in the
+        # window: timed on a few of them (the revocations are replayed together; asking about
+        # all of them at once on this small machine would time the asking), then every one of
+        # them checked once the run settles.
+        timed = [key for key, (_at, _by, in_window) in revoked.items() if in_window][:TIMED_REVOCATIONS]
+        while timed and time.monotonic() < back_at + 10:
+            answers = await asyncio.gather(*(denies(store, key) for key in timed for store in stores))
+            elapsed = (time.monotonic() - back_at) * 1000
+            done = [key for index, key in enumerate(timed) if all(answers[index * replicas:(index + 1) * replicas])]
+            report.lag_ms.extend(elapsed for _ in done)
+            timed = [key for key in timed if key not in done]
             await asyncio.sleep(0.002)
-        report.lag_ms.extend(float("inf") for key, (_at, _by, in_window) in revoked.items()
-                             if in_window and key not in measured)
+        report.lag_ms.extend(float("inf") for _ in timed)
         await asyncio.sleep(settle_after)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+    # Every revocation issued in the window holds on every replica now.
+    for key, (_at, _by, in_window) in revoked.items():
+        if in_window and not all(await asyncio.gather(*(denies(store, key) for store in stores))):
+            report.window_revocations_not_enforced += 1
     # What the store still has, read without any near-cache.
     auditor = RedisStore(url, near_cache_ttl=0.0)
     try:

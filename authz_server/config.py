@@ -25,6 +25,7 @@ from .identity.oidc import parse_issuers
 from .identity.resolver import SessionSettings
 from .policy.engine import validate_query
 from .policy.pool import ISOLATION_MODES
+from .sharedstate import parse_store_url
 from .signals import SignalsConfig
 from .durations import parse_duration
 from .errors import ConfigError, PolicyError
@@ -56,8 +57,17 @@ class AdminConfig:
 @dataclass(frozen=True)
 class SessionsConfig:
     settings: SessionSettings = field(default_factory=SessionSettings)
-    store: str = "memory"  # or redis://host:port/db, rediss://, unix://
+    store: str = "memory"  # or a shared-state URL: redis://, redis+sentinel://, redis+cluster:// (sharedstate)
     near_cache_ttl: float = 5.0
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    """On SIGTERM: NOT_SERVING at once, still answering for ``drain_delay`` (so health checks
+    and load balancers move traffic away first), then up to ``grace`` for the checks in flight."""
+
+    drain_delay: float = 0.0
+    grace: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ class Config:
     signals: SignalsConfig | None = None
     audit: tuple[str, ...] = ()
     control_plane: ControlPlane | None = None  # OPA's services/bundles/decision_logs/status, and shadow
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     source: str = ""  # the file this came from, for messages
 
     def with_overrides(self, **overrides: Any) -> "Config":
@@ -237,6 +248,7 @@ _READERS: dict[str, _Reader] = {
     "signals": lambda v, b: {"signals": SignalsConfig.from_mapping(v, base_dir=b)},
     "admin": lambda v, _b: {"admin": _admin(v)},
     "trust_domains": lambda v, _b: {"trust_domains": _trust_domains(v)},
+    "shutdown": lambda v, _b: {"shutdown": _shutdown(v)},
 }
 _DECISION_KEYS = {"decision_cache", "policy_timeout", "deny_status", "dry_run", "deny_body"}
 
@@ -316,6 +328,17 @@ def _exchange(value: Any, base_dir: str | None) -> ExchangeConfig:
     return ExchangeConfig(**values)
 
 
+def _shutdown(value: Any) -> ShutdownConfig:
+    data = _mapping(value, "shutdown")
+    _only(data, {"drain_delay", "grace"}, "shutdown.")
+    values = {name: _duration(data[name], f"shutdown.{name}", positive=False) for name in ("drain_delay", "grace")
+              if name in data}
+    for name, seconds in values.items():
+        if not 0 <= seconds <= 600:
+            raise ConfigError(f"must be between 0s and 10m, got {data[name]!r}", key=f"shutdown.{name}")
+    return ShutdownConfig(**values)
+
+
 def _admin(value: Any) -> AdminConfig:
     data = _mapping(value, "admin")
     _only(data, {"addr", "allowed"}, "admin.")
@@ -367,8 +390,8 @@ def _sessions(value: Any) -> SessionsConfig:
     store = "memory"
     if "store" in data:
         store = _string(data["store"], "sessions.store")
-        if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"expected memory or a redis:// URL, got {store!r}", key="sessions.store")
+        if store != "memory":
+            parse_store_url(store, key="sessions.store")
     near = _duration(data["near_cache_ttl"], "sessions.near_cache_ttl") if "near_cache_ttl" in data else 5.0
     if changes.get("idle_timeout", settings.idle_timeout) > changes.get("max_lifetime", settings.max_lifetime):
         raise ConfigError("idle_timeout is longer than max_lifetime", key="sessions.idle_timeout")

@@ -181,6 +181,13 @@ def identity_collector(identity: Any) -> Callable[[], Iterable[object]]:
             for outcome in ("hits", "misses", "near_hits", "errors"):
                 lookups.add_metric([kind, outcome], getattr(store.stats, outcome))
             yield lookups
+            subscribed = getattr(store, "subscribed", None)
+            if subscribed is not None:  # a shared store: its revocation feed and what waits for it
+                yield GaugeMetricFamily("authz_session_feed_up", "1 while the revocation feed is subscribed",
+                                        value=1.0 if subscribed.is_set() else 0.0)
+                yield GaugeMetricFamily("authz_session_revocations_pending",
+                                        "Revocations enforced here that the store has not taken yet",
+                                        value=store.pending_revocations)
         tokens = identity.tokens
         if tokens is not None and hasattr(tokens, "status"):
             refreshes = CounterMetricFamily("authz_jwks_refreshes", "Key set fetches by issuer and result",

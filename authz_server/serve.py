@@ -4,6 +4,12 @@ With ``--workers N`` (N > 1) this process becomes a small supervisor: it reserve
 ports, starts N worker processes that bind them with ``SO_REUSEPORT`` (the kernel spreads
 connections across them), restarts a worker that dies, aggregates their ``/metrics`` and
 stops them all on SIGINT/SIGTERM. Each worker is an ordinary single server.
+
+Draining (``shutdown`` in the config): SIGTERM or SIGINT turns every gRPC health status
+NOT_SERVING at once (Envoy's active health checks and Kubernetes' readiness probe take the
+replica out), keeps answering for what is left of ``drain_delay``, then stops taking new
+checks, lets those in flight finish (up to ``grace``) and exits. SIGUSR1 starts the
+draining without stopping (a ``preStop`` hook sends it); a second SIGTERM cuts the delay.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +177,21 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
+def _drain_event() -> asyncio.Event:
+    drain = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, drain.set)
+    return drain
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 def write_ready_file(path: str | None, bound: dict[str, Any]) -> None:
     if not path:
         return
@@ -190,9 +212,22 @@ async def _serve_one(config: Config, ready_file: str | None, *, reuse_port: bool
         raise
     log.info("serving %s", ", ".join(f"{k}={v}" for k, v in bound.items()))
     write_ready_file(ready_file, bound)
-    await stop.wait()
-    log.info("shutting down")
-    await app.stop()
+    drain = _drain_event()
+    await _first(stop, drain)
+    drain_started = time.monotonic()
+    await app.drain()
+    if not stop.is_set():
+        await stop.wait()  # drained on SIGUSR1: now answering until told to stop
+    remaining = config.shutdown.drain_delay - (time.monotonic() - drain_started)
+    if remaining > 0:
+        log.info("draining: NOT_SERVING, still answering for %.1fs", remaining)
+        stop.clear()
+        try:
+            await asyncio.wait_for(stop.wait(), remaining)  # a second signal cuts it short
+        except asyncio.TimeoutError:
+            pass
+    log.info("shutting down: finishing the checks in flight (up to %gs)", config.shutdown.grace)
+    await app.stop(config.shutdown.grace)
     return 0
 
 
@@ -218,6 +253,8 @@ async def _supervise(config: Config, workers: int, args: argparse.Namespace) -> 
         raise ConfigError("several workers cannot share a unix: address; use host:port or --workers 1",
                           key="--workers")
     stop = _stop_event()
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGUSR1, lambda: [p.send_signal(signal.SIGUSR1) for p in procs.values() if p.returncode is None])
     addr, addr_sock = _reserve(config.addr)
     http_addr, http_sock = _reserve(config.http_addr)
     run_dir = tempfile.mkdtemp(prefix="authz-workers-")
@@ -280,8 +317,8 @@ async def _supervise(config: Config, workers: int, args: argparse.Namespace) -> 
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in procs.values():
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
+            try:  # each worker drains: its delay, then its checks in flight
+                await asyncio.wait_for(proc.wait(), config.shutdown.drain_delay + config.shutdown.grace + 5)
             except TimeoutError:
                 proc.kill()
         for sock in (addr_sock, http_sock):

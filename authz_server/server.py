@@ -156,6 +156,7 @@ class App:
     shadow: ShadowEvaluator | None = None
     bound: dict[str, str] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
+    draining: bool = False
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _http_servers: list[asyncio.Server] = field(default_factory=list)
 
@@ -303,7 +304,16 @@ class App:
             return
         asyncio.run_coroutine_threadsafe(self._update_health(), loop)
 
+    async def drain(self) -> None:
+        """Report NOT_SERVING for every service (health checks and readiness probes take this
+        replica out of rotation) while still answering every check."""
+        if not self.draining:
+            self.draining = True
+            await self.health.enter_graceful_shutdown()
+            log.info("draining: every health status is NOT_SERVING")
+
     async def stop(self, grace: float = 1.0) -> None:
+        await self.drain()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -316,7 +326,6 @@ class App:
             await self.shadow.stop()
         if self.control is not None:
             await self.control.stop()
-        await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
         if self.admin_server is not None:

@@ -6,7 +6,7 @@ from typing import Iterator
 import pytest
 
 from authz_server.mesh.processes import Supervisor
-from tests.support.redis import RedisServer, start_redis
+from tests.support.redis import ClusterGroup, RedisServer, SentinelGroup, start_redis
 
 
 @pytest.fixture
@@ -19,3 +19,16 @@ def supervisor(tmp_path: Path) -> Iterator[Supervisor]:
 @pytest.fixture
 def redis_server(supervisor: Supervisor) -> RedisServer:
     return start_redis(supervisor)
+
+
+@pytest.fixture
+def sentinel_group(supervisor: Supervisor) -> SentinelGroup:
+    """A primary, two replicas and three sentinels, private to the test (it may kill them)."""
+    return SentinelGroup(supervisor).start()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterGroup]:
+    """Three shards with a replica each, shared by a module's tests (which must not break it)."""
+    with Supervisor(tmp_path_factory.mktemp("redis-cluster") / "logs") as sup:
+        yield ClusterGroup(sup).start()

@@ -4,6 +4,15 @@ One place builds them so every rendered config (front proxy, sidecars, the compo
 Kubernetes files) asks the same way: ``failure_mode_allow: false`` (authz-server down
 means deny), the peer certificate included, bodies forwarded when asked, and paths
 normalised before the check so the policy sees the path Envoy routes on.
+
+The cluster is a fleet (one address that resolves to several replicas, or several
+addresses), kept honest three ways: active health checks (the gRPC health service's
+``envoy.service.auth.v3.Authorization`` status: a draining replica answers NOT_SERVING
+and stops getting checks within a second), outlier detection (a replica whose
+connections fail is ejected), and retries on another replica of a check that failed
+before reaching authz-server (gRPC ``UNAVAILABLE``, reset, refused stream, connect
+failure; never a decision). In HTTP mode the health check is TCP: the gRPC health
+service needs an HTTP/2 cluster.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
+HEALTH_SERVICE = "envoy.service.auth.v3.Authorization"  # what server.py reports SERVING / NOT_SERVING
 VOLATILE_REQUEST_HEADERS = ("x-request-id", "traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid",
                             "x-b3-parentspanid", "x-b3-sampled", "b3", "x-envoy-expected-rq-timeout-ms")
 ROUTER = {"name": "envoy.filters.http.router",
@@ -23,8 +33,9 @@ ROUTER = {"name": "envoy.filters.http.router",
 class AuthzTarget:
     """Where authz-server listens and how Envoy should talk to it."""
 
-    address: str  # host:port or unix:/path
+    address: str  # host:port or unix:/path (a name may resolve to every replica)
     mode: str = "grpc"  # "grpc" (richer attributes) or "http" (faster)
+    replicas: tuple[str, ...] = ()  # further replicas' addresses, balanced with ``address``
     timeout: str = "0.5s"
     with_request_body: bool = False
     max_request_bytes: int = 8192
@@ -57,12 +68,13 @@ def cluster_type(address: str) -> str:
         return "STRICT_DNS"
 
 
-def static_cluster(name: str, address: str, *, http2: bool = False) -> dict[str, Any]:
-    """A cluster of one fixed endpoint (HTTP/2 when asked: gRPC services such as SDS)."""
+def static_cluster(name: str, address: str, *, http2: bool = False, more: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A cluster of one fixed endpoint, or of ``address`` and ``more`` (HTTP/2 when asked: gRPC
+    services such as SDS)."""
     cluster: dict[str, Any] = {
         "name": name, "type": cluster_type(address), "connect_timeout": "1s",
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": socket_address(address)}}]}]},
+            {"endpoint": {"address": socket_address(each)}} for each in (address, *more)]}]},
     }
     if http2:
         cluster["typed_extension_protocol_options"] = http_protocol_options({"http2_protocol_options": {}})
@@ -91,11 +103,16 @@ def ext_authz_filter(target: AuthzTarget) -> dict[str, Any]:
     if target.with_request_body:
         config["with_request_body"] = {"max_request_bytes": target.max_request_bytes, "allow_partial_message": True}
     if target.mode == "grpc":
-        config["grpc_service"] = {"envoy_grpc": {"cluster_name": target.cluster}, "timeout": target.timeout}
+        # GrpcService.retry_policy (not EnvoyGrpc's, which only xDS streams use): the calls' default.
+        config["grpc_service"] = {"envoy_grpc": {"cluster_name": target.cluster}, "timeout": target.timeout,
+                                  "retry_policy": retry_policy("unavailable,reset,connect-failure,refused-stream",
+                                                               target.timeout)}
     elif target.mode == "http":
         config["http_service"] = {
             "server_uri": {"uri": "http://authz", "cluster": target.cluster, "timeout": target.timeout},
             "path_prefix": "/check",
+            # A 5xx from authz-server's HTTP front is a decision (a dependency down), not retried.
+            "retry_policy": retry_policy("reset,connect-failure,refused-stream", target.timeout),
             "authorization_request": {
                 "headers_to_add": [{"key": k, "value": v} for k, v in target.http_headers_to_add],
             },
@@ -117,8 +134,49 @@ def ext_authz_filter(target: AuthzTarget) -> dict[str, Any]:
     return {"name": EXT_AUTHZ, "typed_config": config}
 
 
+def retry_policy(retry_on: str, timeout: str) -> dict[str, Any]:
+    """Two more tries, each on a replica not tried yet, within the check's one timeout.
+
+    Envoy turns this core RetryPolicy into a route one with ``retry_back_off.max_interval`` as
+    the *per-try timeout* (envoyproxy/envoy#38847): a short one would abandon and retry every
+    check slower than it, multiplying the load exactly when the fleet is busy. So it is the
+    check's own timeout; the back-off itself stays near ``base_interval`` (5 ms, 10 ms)."""
+    return {
+        "retry_on": retry_on,
+        "num_retries": 2,
+        "retry_back_off": {"base_interval": "0.005s", "max_interval": timeout},
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+        "host_selection_retry_max_attempts": 3,
+    }
+
+
+def fleet_health(mode: str) -> dict[str, Any]:
+    """``health_checks`` and ``outlier_detection`` for a cluster of authz-server replicas."""
+    check: dict[str, Any] = {"timeout": "1s", "interval": "1s", "interval_jitter": "0.1s",
+                             "no_traffic_interval": "1s",  # checks count Envoy's own traffic as none
+                             "unhealthy_threshold": 2, "healthy_threshold": 1, "reuse_connection": True}
+    if mode == "grpc":
+        check["grpc_health_check"] = {"service_name": HEALTH_SERVICE}  # NOT_SERVING: out at once
+    else:
+        check["tcp_health_check"] = {}
+    return {
+        "health_checks": [check],
+        "outlier_detection": {
+            "consecutive_5xx": 5, "consecutive_gateway_failure": 5, "consecutive_local_origin_failure": 5,
+            "split_external_local_origin_errors": True, "interval": "1s", "base_ejection_time": "5s",
+            "max_ejection_percent": 50,
+        },
+        # Retries may use up to a quarter of the checks in flight (at least 8 at once): enough for
+        # a replica going away, not enough to multiply an overload.
+        "circuit_breakers": {"thresholds": [{"retry_budget": {"budget_percent": {"value": 25.0},
+                                                              "min_retry_concurrency": 8}}]},
+    }
+
+
 def authz_cluster(target: AuthzTarget) -> dict[str, Any]:
-    cluster = static_cluster(target.cluster, target.address)
+    cluster = static_cluster(target.cluster, target.address, more=target.replicas)
+    cluster.update(fleet_health(target.mode))
     if target.mode == "grpc":
         http2: dict[str, Any] = {}
         if target.connections > 1:

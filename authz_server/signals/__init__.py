@@ -8,12 +8,15 @@ every request; see the modules for the formulas. ``Signals`` is the pipeline's
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..durations import parse_duration
 from ..errors import ConfigError, IdentityError
+from ..sharedstate import parse_store_url
 from .anomaly import AnomalyDetector, AnomalySettings
+from .baselines import SharedBaselines
 from .ratelimit import BucketSpec, MemoryRateLimiter, ObservedRate, RateLimiter, RedisRateLimiter
 from .routes import RouteNormalizer
 from .sensitivity import LEVELS, sensitivity_of
@@ -26,6 +29,8 @@ class SignalsConfig:
     per_route: BucketSpec | None = None
     rate_store: str = "memory"
     anomaly: AnomalySettings | None = field(default_factory=AnomalySettings)
+    anomaly_store: str = "memory"  # or a shared-state URL: baselines shared by every replica (baselines.py)
+    anomaly_sync_interval: float = 1.0
     threat_lists: tuple[ThreatSource, ...] = ()
     default_sensitivity: str = "medium"
     auth_failures: BucketSpec | None = None  # failed sign-ins a source may make before it is refused
@@ -48,13 +53,14 @@ class SignalsConfig:
             if name in rate:
                 values[name] = _bucket(rate[name], f"signals.rate.{name}")
         if "store" in rate:
-            store = rate["store"]
-            if not isinstance(store, str) or not (store == "memory" or store.startswith(("redis://", "rediss://",
-                                                                                         "unix://"))):
-                raise ConfigError(f"expected memory or a redis:// URL, got {store!r}", key="signals.rate.store")
-            values["rate_store"] = store
+            values["rate_store"] = _store(rate["store"], "signals.rate.store")
         if "anomaly" in data:
             values["anomaly"] = _anomaly(data["anomaly"])
+            if isinstance(data["anomaly"], Mapping):
+                if "store" in data["anomaly"]:
+                    values["anomaly_store"] = _store(data["anomaly"]["store"], "signals.anomaly.store")
+                if "sync_interval" in data["anomaly"]:
+                    values["anomaly_sync_interval"] = _interval(data["anomaly"]["sync_interval"])
         if "threat_lists" in data:
             values["threat_lists"] = _threat_lists(data["threat_lists"], base_dir, resolve_path)
         if "default_sensitivity" in data:
@@ -68,6 +74,22 @@ def _only(data: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
     for key in data:
         if key not in allowed:
             raise ConfigError(f"unknown key; expected one of {', '.join(sorted(allowed))}", key=f"{prefix}{key}")
+
+
+def _interval(value: Any) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="signals.anomaly.sync_interval") from None
+    if not 0.01 <= seconds <= 60:
+        raise ConfigError("must be between 10ms and 60s", key="signals.anomaly.sync_interval")
+    return seconds
+
+
+def _store(value: Any, key: str) -> str:
+    if value != "memory":
+        parse_store_url(value, key=key)
+    return value
 
 
 def _number(value: Any, key: str) -> float:
@@ -94,7 +116,8 @@ def _anomaly(value: Any) -> AnomalySettings | None:
         return None
     if not isinstance(value, Mapping):
         raise ConfigError("expected a mapping, or false to turn it off", key="signals.anomaly")
-    _only(value, {"threshold", "warmup", "learning_routes", "max_identities", "max_routes"}, "signals.anomaly.")
+    _only(value, {"threshold", "warmup", "learning_routes", "max_identities", "max_routes", "store", "sync_interval"},
+          "signals.anomaly.")
     values: dict[str, Any] = {}
     if "threshold" in value:
         threshold = _number(value["threshold"], "signals.anomaly.threshold")
@@ -151,7 +174,11 @@ class Signals:
         if config.per_identity or config.per_route:
             self.limiter = (MemoryRateLimiter() if config.rate_store == "memory"
                             else RedisRateLimiter(config.rate_store))
-        self.anomaly = AnomalyDetector(config.anomaly) if config.anomaly is not None else None
+        self.anomaly = (AnomalyDetector(config.anomaly, shared=config.anomaly_store != "memory")
+                        if config.anomaly is not None else None)
+        self.baselines: SharedBaselines | None = None
+        if self.anomaly is not None and config.anomaly_store != "memory":
+            self.baselines = SharedBaselines(self.anomaly, config.anomaly_store, interval=config.anomaly_sync_interval)
         # The anomaly detector tracks the same decaying rate; without it, this does.
         self.observed = ObservedRate() if self.anomaly is None else None
         self.threats = ThreatIntel(config.threat_lists)
@@ -194,7 +221,7 @@ class Signals:
             if config.per_route is not None:
                 buckets.append((f"rt|{key}|{method} {route}", config.per_route))
             result = (limiter.take_now(buckets, now) if isinstance(limiter, MemoryRateLimiter)
-                      else await limiter.take(buckets, now))
+                      else await limiter.take(buckets, now, key))
             spec = config.per_identity or config.per_route
             assert spec is not None
             rate = {"rate": round(observed, 2), "limit": spec.rate, "remaining": int(result.remaining),
@@ -250,11 +277,16 @@ class Signals:
             self.anomaly.record_outcome(self.identity_key(facts, identity), not decision.allowed)
 
     async def watch(self) -> None:
-        await self.threats.watch()
+        if self.baselines is None:
+            await self.threats.watch()
+        else:
+            await asyncio.gather(self.threats.watch(), self.baselines.run())
 
     async def close(self) -> None:
         if self.limiter is not None:
             await self.limiter.close()
+        if self.baselines is not None:
+            await self.baselines.close()
 
 
 __all__ = ["Signals", "SignalsConfig", "SignalStats"]

@@ -24,6 +24,16 @@ at ``threshold`` (0.8) and above, ``elevated`` from half of it, else ``normal``.
 trying new endpoints is anomalous after about twenty distinct endpoints; an identity sending
 ten times its usual rate within about ten seconds. Memory is bounded: at most
 ``max_identities`` (least recently seen dropped) and ``max_routes`` remembered pairs each.
+
+Shared baselines (``signals.anomaly.store``, ``signals/baselines.py``): the hot path stays
+this in-process detector; a background task sends each identity's news since the last flush
+to the store and merges the combined baseline back. Decaying sums add up across replicas:
+the rate a replica contributes since ``synced_at`` is its ``r`` minus the shared rate it
+last merged, decayed to now (exact, whatever the request times); request counts add; the
+deny ratio takes a batch of ``k`` outcomes with ``d`` denials as ``k`` steps of the same
+average, ``e ← (1−α)^k·e + (1 − (1−α)^k)·d/k``; a route counts as new only when no replica
+knew it; ``μ, σ²`` move once per flush with the weight of the time since the last one.
+``take_pending`` and ``merge_shared`` are that bookkeeping, without I/O.
 """
 
 from __future__ import annotations
@@ -62,12 +72,53 @@ class _State:
     routes: OrderedDict[str, None] = field(default_factory=OrderedDict)
     score: float = 0.0
     terms: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # Shared baselines only: what the store already counts, and what it has not seen yet.
+    synced_at: float = 0.0  # 0: never merged
+    synced_rate: float = 0.0  # the shared r at synced_at
+    synced_requests: int = 0
+    outcomes: int = 0
+    denials: int = 0
+    fresh_routes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingBaseline:
+    """One identity's news since its last flush, as sent to the store at ``at``."""
+
+    identity: str
+    at: float
+    first: float
+    rate: float  # this replica's r at ``at``
+    rate_delta: float  # what it adds to the shared r at ``at``
+    requests: int  # this replica's count at ``at``
+    requests_delta: int
+    outcomes: int
+    denials: int
+    routes: tuple[str, ...]
+    seeded: bool  # merged before: no need to send back the shared route list
+
+
+@dataclass(frozen=True, slots=True)
+class SharedBaseline:
+    """An identity's combined baseline as the store has it at ``at``."""
+
+    at: float
+    first: float
+    rate: float
+    mean: float
+    var: float
+    news: float
+    errors: float
+    requests: int
+    routes: tuple[str, ...] = ()
 
 
 class AnomalyDetector:
-    def __init__(self, settings: AnomalySettings | None = None) -> None:
+    def __init__(self, settings: AnomalySettings | None = None, *, shared: bool = False) -> None:
         self.settings = settings or AnomalySettings()
         self._states: OrderedDict[str, _State] = OrderedDict()
+        # Identities with news for the store since the last flush (None: nothing is shared).
+        self._dirty: set[str] | None = set() if shared else None
 
     def __len__(self) -> int:
         return len(self._states)
@@ -92,6 +143,8 @@ class AnomalyDetector:
                 states.popitem(last=False)
         else:
             states.move_to_end(identity)
+        if self._dirty is not None:
+            self._dirty.add(identity)
         dt = max(0.0, now - state.last)
         state.last = now
         decay_new = math.exp(-dt / TAU_NEW)
@@ -116,6 +169,8 @@ class AnomalyDetector:
                 routes.popitem(last=False)
             if state.requests > 1 and len(routes) > settings.learning_routes:
                 state.news += 1.0
+            if self._dirty is not None and len(state.fresh_routes) < settings.max_routes:
+                state.fresh_routes.append(pair)
         self._score(state)
         return state
 
@@ -127,6 +182,66 @@ class AnomalyDetector:
         if state is not None:
             # The score follows at the identity's next request; nothing reads it before.
             state.errors += ALPHA * ((1.0 if denied else 0.0) - state.errors)
+            if self._dirty is not None:
+                state.outcomes += 1
+                state.denials += denied
+                self._dirty.add(identity)
+
+    # -- shared baselines (no I/O here: signals/baselines.py sends and fetches)
+    def take_pending(self, now: float) -> list[PendingBaseline]:
+        """Every identity's news since its last flush, as of ``now``; the outcome and route
+        news is handed over (``restore_pending`` gives it back if the store cannot take it)."""
+        if not self._dirty:
+            return []
+        dirty, self._dirty = self._dirty, set()
+        pending = []
+        for identity in dirty:
+            state = self._states.get(identity)
+            if state is None:
+                continue  # dropped from memory meanwhile: its news goes with it
+            rate = state.rate * math.exp(-max(0.0, now - state.last) / TAU_FAST)
+            already = state.synced_rate * math.exp(-max(0.0, now - state.synced_at) / TAU_FAST)
+            pending.append(PendingBaseline(
+                identity, now, state.first, rate, max(0.0, rate - already), state.requests,
+                max(0, state.requests - state.synced_requests), state.outcomes, state.denials,
+                tuple(state.fresh_routes), state.synced_at > 0))
+            state.outcomes = state.denials = 0
+            state.fresh_routes = []
+        return pending
+
+    def restore_pending(self, pending: PendingBaseline) -> None:
+        state = self._states.get(pending.identity)
+        if state is None or self._dirty is None:
+            return
+        state.outcomes += pending.outcomes
+        state.denials += pending.denials
+        state.fresh_routes[:0] = pending.routes
+        self._dirty.add(pending.identity)
+
+    def merge_shared(self, sent: PendingBaseline, shared: SharedBaseline, now: float) -> None:
+        """Adopt the combined baseline, keeping what this replica saw since ``sent.at``."""
+        state = self._states.get(sent.identity)
+        if state is None:
+            return
+        since = now - sent.at
+        fast, new = math.exp(-max(0.0, since) / TAU_FAST), math.exp(-max(0.0, since) / TAU_NEW)
+        local_since = state.rate * math.exp(-max(0.0, now - state.last) / TAU_FAST) - sent.rate * fast
+        state.rate = shared.rate * fast + max(0.0, local_since)
+        state.requests = shared.requests + max(0, state.requests - sent.requests)
+        state.mean, state.var = shared.mean, shared.var
+        state.news = shared.news * new
+        state.errors = shared.errors * new
+        state.first = min(state.first, shared.first)
+        state.last = max(state.last, now)
+        state.synced_at, state.synced_rate, state.synced_requests = shared.at, shared.rate, shared.requests
+        routes = state.routes
+        for pair in shared.routes:  # what other replicas know is not news here
+            if len(routes) >= self.settings.max_routes:
+                break
+            if pair not in routes:
+                routes[pair] = None
+                routes.move_to_end(pair, last=False)  # known elsewhere, not recently here
+        self._score(state)
 
     def _score(self, state: _State) -> None:
         rate_term = 0.0

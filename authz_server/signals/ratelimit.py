@@ -7,8 +7,8 @@ a limited request gets (the shipped policy answers 429).
 
 ``MemoryRateLimiter`` keeps buckets in-process (bounded: the least recently used are
 dropped past ``max_keys``, which only forgives a long-idle identity). ``RedisRateLimiter``
-shares them between replicas: both buckets are updated atomically by one Lua script, with a
-TTL so idle buckets vanish. If Redis cannot answer, the check raises
+shares them between replicas (one Redis, Sentinel or Cluster): both buckets are updated
+atomically by one Lua script, in one slot, with a TTL so idle buckets vanish. If Redis cannot answer, the check raises
 ``UnavailableError("ratelimit_unavailable")`` (the request fails closed) within the socket
 timeout; it recovers by itself.
 """
@@ -40,7 +40,10 @@ class RateResult(NamedTuple):  # a tuple: built on every request, cheaper than a
 
 
 class RateLimiter(Protocol):
-    async def take(self, buckets: Sequence[tuple[str, BucketSpec]], now: float) -> RateResult: ...
+    async def take(self, buckets: Sequence[tuple[str, BucketSpec]], now: float, group: str = "") -> RateResult:
+        """Take a token from each bucket (at once). ``group`` names what the buckets belong to
+        (the identity); stores that shard keep a group's buckets together."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -80,7 +83,7 @@ class MemoryRateLimiter:
             return True, bucket[0], spec
         return False, bucket[0], spec
 
-    async def take(self, buckets: Sequence[tuple[str, BucketSpec]], now: float) -> RateResult:
+    async def take(self, buckets: Sequence[tuple[str, BucketSpec]], now: float, group: str = "") -> RateResult:
         return self.take_now(buckets, now)
 
     def take_now(self, buckets: Sequence[tuple[str, BucketSpec]], now: float) -> RateResult:
@@ -119,33 +122,34 @@ return out
 
 
 class RedisRateLimiter:
-    def __init__(self, url: str, *, timeout: float = 0.25, prefix: str = "authz:rl:") -> None:
-        import redis.asyncio as redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        from redis.exceptions import ConnectionError as RedisConnectionError
+    """Buckets in shared Redis (one server, Sentinel or Cluster: ``sharedstate``). The buckets of
+    one ``take`` share the hash tag of their ``group`` (the identity), so the script that updates
+    them runs in one Cluster slot."""
 
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                            retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
-        self._script = self._client.register_script(_TAKE)
+    def __init__(self, url: str, *, timeout: float = 0.25, prefix: str = "authz:rl:") -> None:
+        from ..sharedstate import connect
+
+        self._shared = connect(url, timeout=timeout, key="signals.rate.store")
+        self._script = self._shared.client.register_script(_TAKE)
         self._prefix = prefix
 
-    async def take(self, buckets: Sequence[tuple[str, BucketSpec]], now: float) -> RateResult:
-        from redis.exceptions import RedisError
+    async def take(self, buckets: Sequence[tuple[str, BucketSpec]], now: float, group: str = "") -> RateResult:
+        from ..sharedstate import STORE_ERRORS, tag
 
         args: list[float | int] = [now]
         for _, spec in buckets:
             # Idle long enough to refill completely: the bucket can go, it would be full anyway.
             args += [spec.rate, spec.burst, max(1000, int(math.ceil(spec.burst / spec.rate * 1000)) + 1000)]
+        slot = self._prefix + tag(group or buckets[0][0])
         try:
-            raw = await self._script(keys=[self._prefix + key for key, _ in buckets], args=args)
-        except (RedisError, OSError) as exc:
+            raw = await self._script(keys=[f"{slot}:{key}" for key, _ in buckets], args=args)
+        except STORE_ERRORS as exc:
             raise UnavailableError(f"rate limit store unreachable: {exc}", code="ratelimit_unavailable") from None
         outcomes = [(bool(int(raw[i * 2])), float(raw[i * 2 + 1]), spec) for i, (_, spec) in enumerate(buckets)]
         return _result(outcomes)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._shared.close()
 
 
 class ObservedRate:

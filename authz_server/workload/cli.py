@@ -68,6 +68,10 @@ async def _serve(config: IdentityConfig) -> int:
     loop.add_signal_handler(signal.SIGUSR2, spawn, rotate_cas)
     for workload in config.workloads:
         print(f"identity: {workload.name} {workload.spiffe_id} on unix:{workload.socket}", flush=True)
+    if server.bundle_endpoint_address:
+        print(f"identity: bundle endpoint https://{server.bundle_endpoint_address}/<trust domain>", flush=True)
+    for partner in config.remote_partners:
+        print(f"identity: federated with {partner.trust_domain} from {partner.bundle_endpoint_url}", flush=True)
     print(f"identity: ready (DEVELOPMENT ONLY issuer; {len(config.workloads)} sockets, "
           f"svid_ttl {config.svid_ttl:g}s, state in {config.state_dir})", flush=True)
     try:

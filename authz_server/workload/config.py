@@ -10,9 +10,18 @@
     jwt_algorithm: ES256              # or RS256: how JWT-SVIDs are signed
     bundle_refresh_hint: 5m           # spiffe_refresh_hint in the SPIFFE bundle documents
     ready_file: run/identity.ready    # optional: written once every socket serves, removed on exit
+    bundle_endpoint:                  # optional: the SPIFFE bundle endpoint (https_web profile)
+      addr: 127.0.0.1:8443            #   GET /<trust domain> answers that domain's SPIFFE bundle
+      cert_file: tls/endpoint.pem     #   its Web PKI server certificate (chain) and key
+      key_file: tls/endpoint.key
     trust_domains:
       - name: example.org
-        federates_with: [partner.org]
+        federates_with:
+          - partner.org               # another domain of this issuer
+          - trust_domain: remote.org  # another issuer's, fetched from its bundle endpoint
+            bundle_endpoint_url: https://issuer.remote.org:8443/remote.org
+            profile: https_web
+            ca_file: tls/web-ca.pem   # optional: who signs that endpoint's certificate (default: the system's CAs)
       - name: partner.org
     workloads:
       - name: frontend
@@ -31,6 +40,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 
 from ..durations import parse_duration
@@ -45,18 +55,36 @@ MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL (Li
 DEFAULTS = {"svid_ttl": 3600.0, "jwt_svid_ttl": 300.0, "ca_ttl": 86400.0, "ca_publish_ahead": 30.0,
             "bundle_refresh_hint": 300.0}
 _TOP_KEYS = {"state_dir", "svid_ttl", "jwt_svid_ttl", "ca_ttl", "ca_publish_ahead", "jwt_algorithm",
-             "bundle_refresh_hint", "ready_file", "trust_domains", "workloads"}
+             "bundle_refresh_hint", "ready_file", "bundle_endpoint", "trust_domains", "workloads"}
+PROFILES = ("https_web",)
 
 
 @dataclass(frozen=True, slots=True)
 class TrustDomainConfig:
     name: str
-    federates_with: tuple[str, ...] = ()
+    federates_with: tuple[str, ...] = ()  # trust domain names: this issuer's own, or remote partners'
 
     @property
     def id(self) -> str:
         """The trust domain's SPIFFE ID, ``spiffe://<name>`` (the key bundles are served under)."""
         return f"spiffe://{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class RemotePartner:
+    """A trust domain another issuer serves, whose bundle is fetched from its bundle endpoint."""
+
+    trust_domain: str
+    bundle_endpoint_url: str
+    profile: str = "https_web"
+    ca_file: str | None = None  # the CA of the endpoint's Web PKI certificate; None: the system's
+
+
+@dataclass(frozen=True, slots=True)
+class BundleEndpointConfig:
+    addr: str
+    cert_file: str
+    key_file: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +113,8 @@ class IdentityConfig:
     jwt_algorithm: str = "ES256"
     bundle_refresh_hint: float = DEFAULTS["bundle_refresh_hint"]
     ready_file: str | None = None
+    bundle_endpoint: BundleEndpointConfig | None = None
+    remote_partners: tuple[RemotePartner, ...] = ()
 
     def trust_domain(self, name: str) -> TrustDomainConfig:
         for domain in self.trust_domains:
@@ -141,8 +171,11 @@ class IdentityConfig:
             values["jwt_algorithm"] = data["jwt_algorithm"]
         if data.get("ready_file") is not None:
             values["ready_file"] = _path(data["ready_file"], "ready_file", base)
-        domains = _trust_domains(data.get("trust_domains"))
+        domains, remote = _trust_domains(data.get("trust_domains"), base)
         values["trust_domains"] = domains
+        values["remote_partners"] = remote
+        if data.get("bundle_endpoint") is not None:
+            values["bundle_endpoint"] = _bundle_endpoint(data["bundle_endpoint"], base)
         values["workloads"] = _workloads(data.get("workloads"), {d.name for d in domains}, base)
         return cls(**values)
 
@@ -206,7 +239,7 @@ def _dns_name(value: Any, key: str) -> str:
     return name
 
 
-def _trust_domains(value: Any) -> tuple[TrustDomainConfig, ...]:
+def _trust_domains(value: Any, base: Path) -> tuple[tuple[TrustDomainConfig, ...], tuple[RemotePartner, ...]]:
     entries = _list(value, "trust_domains")
     names: list[str] = []
     raw: list[tuple[str, Mapping[str, Any]]] = []
@@ -220,23 +253,83 @@ def _trust_domains(value: Any) -> tuple[TrustDomainConfig, ...]:
             raise ConfigError(f"{name!r} is listed twice", key=f"{key}.name")
         names.append(name)
         raw.append((key, entry))
-    domains = []
-    for (key, entry), name in zip(raw, names):
+    remote: dict[str, RemotePartner] = {}  # first every remote partner, then names may refer to them
+    for key, entry in raw:
         partners = entry.get("federates_with", [])
         if not isinstance(partners, list):
             raise ConfigError(f"expected a list of trust domain names, got {partners!r}", key=f"{key}.federates_with")
-        federates: list[str] = []
         for j, partner in enumerate(partners):
+            if isinstance(partner, Mapping):
+                pkey = f"{key}.federates_with[{j}]"
+                found = _remote_partner(partner, pkey, base)
+                if found.trust_domain in names:
+                    raise ConfigError(f"{found.trust_domain!r} is one of this issuer's trust_domains: name it "
+                                      "without a bundle endpoint", key=f"{pkey}.trust_domain")
+                if remote.setdefault(found.trust_domain, found) != found:
+                    raise ConfigError(f"{found.trust_domain!r} is federated with twice, differently",
+                                      key=f"{pkey}.trust_domain")
+    domains = []
+    for (key, entry), name in zip(raw, names):
+        federates: list[str] = []
+        for j, partner in enumerate(entry.get("federates_with", [])):
             pkey = f"{key}.federates_with[{j}]"
-            partner_name = _domain_name(partner, pkey)
+            if isinstance(partner, Mapping):
+                partner_name = _domain_name(partner.get("trust_domain"), f"{pkey}.trust_domain")
+            else:
+                partner_name = _domain_name(partner, pkey)
+                if partner_name not in names and partner_name not in remote:
+                    raise ConfigError(f"{partner_name!r} is not one of the configured trust_domains (a remote "
+                                      "partner needs {trust_domain, bundle_endpoint_url, profile})", key=pkey)
             if partner_name == name:
                 raise ConfigError("a trust domain does not federate with itself", key=pkey)
-            if partner_name not in names:
-                raise ConfigError(f"{partner_name!r} is not one of the configured trust_domains", key=pkey)
             if partner_name not in federates:
                 federates.append(partner_name)
         domains.append(TrustDomainConfig(name, tuple(federates)))
-    return tuple(domains)
+    return tuple(domains), tuple(remote.values())
+
+
+def _remote_partner(entry: Mapping[str, Any], key: str, base: Path) -> RemotePartner:
+    """SPIFFE Federation §5: the bundle endpoint URL and profile, per federated trust domain."""
+    _only(entry, {"trust_domain", "bundle_endpoint_url", "profile", "ca_file"}, key)
+    domain = _domain_name(entry.get("trust_domain"), f"{key}.trust_domain")
+    url = _text(entry.get("bundle_endpoint_url"), f"{key}.bundle_endpoint_url")
+    parsed = urlsplit(url)
+    if parsed.scheme != "https" or not parsed.hostname:
+        raise ConfigError(f"expected an https:// URL (the https_web profile), got {url!r}",
+                          key=f"{key}.bundle_endpoint_url")
+    profile = entry.get("profile", "https_web")
+    if profile not in PROFILES:
+        raise ConfigError(f"{profile!r} is not a profile this issuer speaks; expected one of {', '.join(PROFILES)}",
+                          key=f"{key}.profile")
+    ca_file = None
+    if entry.get("ca_file") is not None:
+        ca_file = _readable(_path(entry["ca_file"], f"{key}.ca_file", base), f"{key}.ca_file")
+    return RemotePartner(domain, url, profile, ca_file)
+
+
+def _bundle_endpoint(value: Any, base: Path) -> BundleEndpointConfig:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a mapping with addr, cert_file and key_file, got {value!r}", key="bundle_endpoint")
+    _only(value, {"addr", "cert_file", "key_file"}, "bundle_endpoint")
+    addr = _text(value.get("addr"), "bundle_endpoint.addr")
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"expected host:port, got {addr!r}", key="bundle_endpoint.addr")
+    for name in ("cert_file", "key_file"):
+        if value.get(name) is None:
+            raise ConfigError("the https_web profile serves with a Web PKI certificate: give cert_file and "
+                              "key_file", key=f"bundle_endpoint.{name}")
+    return BundleEndpointConfig(
+        addr, _readable(_path(value["cert_file"], "bundle_endpoint.cert_file", base), "bundle_endpoint.cert_file"),
+        _readable(_path(value["key_file"], "bundle_endpoint.key_file", base), "bundle_endpoint.key_file"))
+
+
+def _readable(path: str, key: str) -> str:
+    try:
+        with open(path, "rb"):
+            return path
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", key=key) from None
 
 
 def _workloads(value: Any, domains: set[str], base: Path) -> tuple[WorkloadConfig, ...]:

@@ -4,7 +4,10 @@ workload is allowed to see. Plain state over a ``now`` passed in; no sockets, no
 A workload sees a *snapshot*: its X.509-SVID, its own trust domain's bundle, and the bundles
 of the trust domains its own one ``federates_with``. Federated bundles reach it the way they
 would cross an organisation boundary: serialized as SPIFFE bundle documents and parsed back
-(the documents are also written to ``state_dir/bundles/<trust domain>.json``). Every change
+(the documents are also written to ``state_dir/bundles/<trust domain>.json``). A remote
+partner's bundle (another issuer's, fetched from its bundle endpoint) arrives through
+``federate``, is kept in ``state_dir/federated/<trust domain>.json`` for the next start, and
+is absent until first fetched: its SVIDs are not trusted before that. Every change
 that a workload would see bumps its snapshot's ``version``; ``advance``/``rotate_*`` return
 which workloads changed so the servers can push.
 """
@@ -18,7 +21,7 @@ from types import MappingProxyType
 from typing import Iterable, Mapping
 
 from ..identity.jose import JwkSet
-from .bundle import TrustBundle, parse_spiffe_bundle
+from .bundle import BundleError, TrustBundle, parse_spiffe_bundle
 from .ca import CaChange, CertificateAuthority
 from .files import private_dir, write_atomic
 from .config import IdentityConfig, WorkloadConfig
@@ -77,6 +80,10 @@ class Issuer:
         self._bundles: dict[str, TrustBundle] = {}
         self._exchanged: dict[str, TrustBundle] = {}
         self._refresh_bundles(self._cas)
+        self._federated_dir = state / "federated"
+        private_dir(self._federated_dir)
+        for partner in config.remote_partners:
+            self._load_federated(partner.trust_domain)
         self._workloads = {w.name: w for w in config.workloads}
         self._svids = {w.name: self._issue(w, now) for w in config.workloads}
         self._versions = {w.name: 1 for w in config.workloads}
@@ -98,7 +105,7 @@ class Issuer:
         domain = config.trust_domain
         partners = self.config.trust_domain(domain).federates_with
         return WorkloadSnapshot(config, self._svids[workload], self._bundles[domain],
-                                MappingProxyType({p: self._exchanged[p] for p in partners}),
+                                MappingProxyType({p: self._exchanged[p] for p in partners if p in self._exchanged}),
                                 self._versions[workload])
 
     def next_event(self) -> float:
@@ -106,6 +113,38 @@ class Issuer:
         times = [svid.refresh_at for svid in self._svids.values()]
         times.extend(ca.next_event() for ca in self._cas.values())
         return min(times)
+
+    # -- remote partners' bundles ----------------------------------------------------------
+
+    def federate(self, bundle: TrustBundle) -> Changes:
+        """A remote partner's bundle as fetched from its bundle endpoint: served from now on to
+        every workload whose trust domain federates with it (no change: nothing to push)."""
+        name = bundle.trust_domain
+        if name not in {p.trust_domain for p in self.config.remote_partners}:
+            raise KeyError(f"{name!r} is not a remote partner")
+        held = self._exchanged.get(name)
+        if held is not None and held.to_spiffe() == bundle.to_spiffe():
+            return Changes()
+        if held is not None and bundle.sequence < held.sequence:
+            log.warning("the bundle of %s went from sequence %d back to %d", name, held.sequence, bundle.sequence)
+        self._exchanged[name] = bundle
+        write_atomic(self._federated_dir / f"{name}.json", bundle.to_json(), mode=0o600)
+        touched = {w for w, config in self._workloads.items()
+                   if name in self.config.trust_domain(config.trust_domain).federates_with}
+        for workload in touched:
+            self._versions[workload] += 1
+        log.info("federated bundle of %s: sequence %d, %d X.509 and %d JWT authorities", name, bundle.sequence,
+                 len(bundle.x509_authorities), len(bundle.jwt_authorities))
+        return Changes(frozenset(touched), frozenset({name}))
+
+    def _load_federated(self, name: str) -> None:
+        path = self._federated_dir / f"{name}.json"
+        try:
+            self._exchanged[name] = parse_spiffe_bundle(name, path.read_bytes())
+        except FileNotFoundError:
+            pass
+        except (OSError, BundleError) as exc:
+            log.warning("ignoring the stored bundle of %s (%s): waiting for its bundle endpoint", name, exc)
 
     # -- JWT-SVIDs -----------------------------------------------------------------------------
 

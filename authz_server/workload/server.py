@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import stat
 import threading
 import time
@@ -28,6 +29,7 @@ from spiffe._proto import workload_pb2_grpc
 
 from ..errors import ConfigError
 from .bundle import TrustBundle
+from .bundle_endpoint import BundleFetcher, serve_bundle_endpoint
 from .config import IdentityConfig
 from .feed import WorkloadFeed
 from .files import write_atomic
@@ -100,6 +102,10 @@ class IdentityServer:
         self._rotation_task: asyncio.Task[None] | None = None
         self._bound: list[Path] = []
         self._ready_file: Path | None = None
+        self._endpoint: asyncio.Server | None = None
+        self.bundle_endpoint_address = ""
+        self.fetchers: dict[str, BundleFetcher] = {}
+        self._fetch_tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -114,11 +120,14 @@ class IdentityServer:
                 await self._serve(index, workload.name)
             self._rotator = Rotator(self._issuer, clock=self._clock, on_change=self._publish)
             self._rotation_task = asyncio.create_task(self._rotator.run(), name="identity-rotation")
+            await self._start_federation()
             if self.config.ready_file:
                 ready = Path(self.config.ready_file)
                 ready.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(ready, (json.dumps({"pid": os.getpid(), "sockets": dict(self.sockets)}) + "\n").encode(),
-                             mode=0o644)  # appears complete or not at all
+                state = {"pid": os.getpid(), "sockets": dict(self.sockets)}
+                if self.bundle_endpoint_address:
+                    state["bundle_endpoint"] = self.bundle_endpoint_address
+                write_atomic(ready, (json.dumps(state) + "\n").encode(), mode=0o644)  # complete or not at all
                 self._ready_file = ready
         except BaseException:
             await self.stop()
@@ -144,8 +153,40 @@ class IdentityServer:
         await server.start()
         log.info("workload %s (%s) served on %s", name, workload.spiffe_id, path)
 
+    async def _start_federation(self) -> None:
+        """Serve this issuer's bundles at the bundle endpoint, and fetch each remote partner's."""
+        endpoint = self.config.bundle_endpoint
+        if endpoint is not None:
+            owned = {d.name for d in self.config.trust_domains}
+            try:
+                self._endpoint, self.bundle_endpoint_address = await serve_bundle_endpoint(
+                    endpoint, lambda name: self.issuer.bundle(name) if name in owned else None)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve the bundle endpoint on {endpoint.addr}: {exc}",
+                                  key="bundle_endpoint.addr") from None
+            except ssl.SSLError as exc:
+                raise ConfigError(f"cannot use its certificate and key: {exc}", key="bundle_endpoint.cert_file") \
+                    from None
+            log.info("bundle endpoint https://%s/<trust domain> serving %s", self.bundle_endpoint_address,
+                     ", ".join(sorted(owned)))
+        for partner in self.config.remote_partners:
+            fetcher = BundleFetcher(partner, lambda bundle: self._publish(self.issuer.federate(bundle)),
+                                    default_refresh=self.config.bundle_refresh_hint)
+            self.fetchers[partner.trust_domain] = fetcher
+            self._fetch_tasks.append(asyncio.create_task(fetcher.run(), name=f"bundle-{partner.trust_domain}"))
+
     async def stop(self) -> None:
         """Stop rotating, end every stream, close every server, and remove the sockets."""
+        for task in self._fetch_tasks:
+            task.cancel()
+        await asyncio.gather(*self._fetch_tasks, return_exceptions=True)
+        self._fetch_tasks.clear()
+        for fetcher in self.fetchers.values():
+            await fetcher.close()
+        self.fetchers.clear()
+        if self._endpoint is not None:
+            self._endpoint.close()
+            self._endpoint = None
         if self._rotation_task is not None:
             self._rotation_task.cancel()
             await asyncio.gather(self._rotation_task, return_exceptions=True)

@@ -11,9 +11,12 @@ of expiry). ``docker compose down -v`` throws them away with the rest of the sta
                                                also the agent's ``trust_bundle_path`` (no insecure bootstrap)
     ``agent-ca.pem``                           x509pop node-attestation CA (server: ``ca_bundle_path``)
     ``agent.pem`` / ``agent.key``              the agent's x509pop identity, CN ``spire-agent``
-``--keycloak DIR`` (volume ``keycloak-tls``)
-    ``ca.pem``                                 trusted by authz-server (``issuers[].ca_file``) and by curl
+``--keycloak DIR`` (volume ``keycloak-tls``: the demo's Web PKI)
+    ``ca.pem``                                 trusted by authz-server (``issuers[].ca_file``), by curl, and by
+                                               both ends of the SPIFFE federation (bundle endpoints, https_web)
     ``tls.pem`` / ``tls.key``                  Keycloak's HTTPS certificate: keycloak, localhost, 127.0.0.1
+    ``spire-bundle.pem`` / ``.key``            SPIRE server's bundle endpoint (spire-server:8443)
+    ``partner-bundle.pem`` / ``.key``          the partner.org issuer's bundle endpoint (partner-issuer:8443)
 
 Development PKI for a demo on one Docker host: the CA keys live on the same host as
 everything else. A real deployment brings its own node attestation and CA.
@@ -41,10 +44,13 @@ LEAF_LIFETIME = dt.timedelta(days=365)
 RENEW_BEFORE = dt.timedelta(days=30)
 
 # Who reads each private key (the images' users): spire-server and Keycloak run as 1000,
-# the SPIRE agent as root.
+# the SPIRE agent as root, the authz-server image as 10001.
 SPIRE_SERVER_UID = 1000
 KEYCLOAK_UID = 1000
+AUTHZ_UID = 10001
 ROOT_UID = 0
+# The SPIFFE bundle endpoints (https_web profile): which host each certificate names, and who reads its key.
+BUNDLE_ENDPOINTS = {"spire-bundle": ("spire-server", SPIRE_SERVER_UID), "partner-bundle": ("partner-issuer", AUTHZ_UID)}
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,12 @@ def keycloak_material(directory: Path, *, chown: bool) -> list[str]:
         leaf = make_leaf(ca, "keycloak", dns=("keycloak", "localhost"), ips=("127.0.0.1", "::1"), server=True)
         _store(directory, "tls", leaf, key_owner=KEYCLOAK_UID if chown else None)
         made.append("keycloak-tls")
+    for stem, (host, owner) in BUNDLE_ENDPOINTS.items():
+        endpoint = _load(directory / f"{stem}.pem", directory / f"{stem}.key")
+        if endpoint is None or "keycloak-ca" in made:
+            endpoint = make_leaf(ca, host, dns=(host,), server=True)
+            _store(directory, stem, endpoint, key_owner=owner if chown else None)
+            made.append(stem)
     return made
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from .harness import Settings, save, wrk_binary
 
 SECTIONS = ["traffic", "core", "sessions", "browser", "transport", "signals", "handshake", "workload"]
-OPT_IN = ["ladder", "control_plane"]  # only with --only: ladder explains a figure above; control_plane
-# holds a collector down for 60 s (both add minutes)
+OPT_IN = ["ladder", "control_plane", "scaling"]  # only with --only: ladder explains a figure above; control_plane
+# holds a collector down for 60 s; scaling kills stores and replicas (all add minutes)
 
 
 def main() -> int:
@@ -77,6 +77,11 @@ def main() -> int:
 
         results["control_plane"] = asyncio.run(control_plane.run(args.quick))
         print(control_plane.report(results["control_plane"]))
+    if "scaling" in chosen:
+        from . import scaling
+
+        results["scaling"], text = scaling.run()
+        print(text)
     if "workload" in chosen:
         from . import workload
 

@@ -3,6 +3,13 @@
 Same policy, same user, same RS256 issuer; the only difference is what the client presents
 after signing in: its session id, or the JWT again (sessions off, so the server validates
 the signature and claims each time).
+
+Issue 26's numbers (``stores``): the same pipeline with its sessions in one Redis, in a
+Redis Cluster (three shards, a replica each) and behind Sentinel (a primary, two replicas,
+``WAIT 1`` on every sign-in), all private redis-servers started here. Traffic does not
+repeat: 2,000 users, each signing in once with a token of their own, then session calls
+spread over all of them, measured with the near-cache off (every call a store round trip)
+and on (as served).
 """
 
 from __future__ import annotations
@@ -31,17 +38,24 @@ ISSUER = "https://idp.bench.test"
 POLICY = 'package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if input.identity.user.sub == "alice"\n'
 
 
-def _issuer_files(folder: Path) -> tuple[Path, str]:
+def _issuer(folder: Path, jwks_name: str, subjects: list[str], policy: str) -> tuple[Path, list[str]]:
+    """An RS256 issuer's key set on disk, a token of each subject, and the policy to ask."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
     public.update({"kid": "bench", "alg": "RS256", "use": "sig"})
-    jwks = folder / "jwks.json"
+    jwks = folder / jwks_name
     jwks.write_text(json.dumps({"keys": [public]}))
     now = int(time.time())
-    token = jwt.encode({"iss": ISSUER, "sub": "alice", "aud": "orders", "iat": now, "exp": now + 3600,
-                        "jti": "bench-token"}, key, algorithm="RS256", headers={"kid": "bench", "typ": "at+jwt"})
+    tokens = [jwt.encode({"iss": ISSUER, "sub": sub, "aud": "orders", "iat": now, "exp": now + 3600,
+                          "jti": f"{sub}-{now}"}, key, algorithm="RS256", headers={"kid": "bench", "typ": "at+jwt"})
+              for sub in subjects]
     (folder / "policies").mkdir(exist_ok=True)
-    (folder / "policies" / "policy.rego").write_text(POLICY)
+    (folder / "policies" / "policy.rego").write_text(policy)
+    return jwks, tokens
+
+
+def _issuer_files(folder: Path) -> tuple[Path, str]:
+    jwks, (token,) = _issuer(folder, "jwks.json", ["alice"], POLICY)
     return jwks, token
 
 
@@ -148,10 +162,133 @@ def report(inproc: dict[str, float], envoy: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+USERS = 2000
+CONCURRENCY = 32
+ROUNDS = 3  # the table shows each store's median
+CALLS = 15_000  # session calls per phase: long enough for a stable CPU figure
+
+
+def _user_tokens(folder: Path, count: int) -> tuple[Path, list[str]]:
+    return _issuer(folder, "users-jwks.json", [f"user{i}" for i in range(count)],
+                   'package envoy.authz\nimport rego.v1\ndefault allow := false\n'
+                   'allow if startswith(input.identity.user.sub, "user")\n')
+
+
+async def _store_rounds(folder: Path, jwks: Path, tokens: list[str], store: str) -> dict[str, float]:
+    """One replica's steady state: every user signs in, then session calls spread over all of
+    them with the near-cache off (each call a store round trip), then on (as served)."""
+    import random
+    from dataclasses import replace as _replace
+
+    results: dict[str, float] = {}
+    # Inline evaluation: every call has its own path (no decision-cache hit), and threads
+    # would only add hand-offs to what is measured here, the store.
+    config = _replace(_config(folder, jwks, sessions=True), policy_isolation="inline", sessions=SessionsConfig(
+        settings=SessionSettings(enabled=True), store=store, near_cache_ttl=0.0))
+    app = build_app(config)
+    app.runtime.load()
+    await app._start_identity()
+    sessions_store = app.identity.store
+    await asyncio.wait_for(sessions_store.subscribed.wait(), 30)
+    pipeline = app.pipeline
+
+    async def ask(headers: dict[str, str], path: str) -> Any:
+        return await pipeline.decide(facts_from_check_request(check_request_from_json({"attributes": {
+            "request": {"http": {"method": "GET", "path": path, "host": "orders",
+                                 "headers": {"user-agent": "bench", **headers}}}}})), now=time.time())
+
+    async def flood(requests: list[tuple[dict[str, str], str]]) -> tuple[float, list[Any]]:
+        queue = iter(requests)
+        answers: list[Any] = []
+
+        async def worker() -> None:
+            for headers, path in queue:
+                answers.append(await ask(headers, path))
+
+        started, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        elapsed = time.perf_counter() - started
+        # What a saturated replica could do: requests per CPU second of this (the authz) process.
+        # Robust where wall-clock rates are not: others' work on a busy machine adds no CPU here.
+        capacity[len(capacity)] = len(answers) / max(time.process_time() - cpu, 1e-9)
+        refused = [a for a in answers if not a.allowed]
+        # A store call over its 0.25 s timeout fails closed; counted, not hidden (this machine is busy).
+        assert all(a.code in ("session_store_unavailable",) for a in refused), refused[0].reason
+        results["failed"] = results.get("failed", 0) + len(refused)
+        return len(answers) / elapsed, answers
+
+    capacity: dict[int, float] = {}
+    results["sign_ins_per_s"], signed_in = await flood([({"authorization": f"Bearer {t}"}, "/orders")
+                                                        for t in tokens])
+    sessions = [dict(d.identity.response_headers)["x-session-id"] for d in signed_in if d.allowed]
+    rng = random.Random(5)
+    calls = [({"x-session-id": rng.choice(sessions)}, f"/orders/{i}") for i in range(CALLS)]
+    results["calls_per_s_near_cache_off"], _ = await flood(calls)
+    sessions_store.near_cache_ttl = 30.0
+    results["calls_per_s"], _ = await flood(calls)
+    results["sign_ins_per_cpu_s"], results["calls_per_cpu_s_near_cache_off"], results["calls_per_cpu_s"] = (
+        capacity[0], capacity[1], capacity[2])
+    await app.stop(0)
+    return results
+
+
+def stores(folder: Path) -> dict[str, dict[str, float]]:
+    """Start one Redis, a Cluster and a Sentinel group, and run the same rounds on each."""
+    from authz_server.mesh.processes import Supervisor
+    from tests.support.redis import ClusterGroup, SentinelGroup, start_redis
+
+    import statistics
+
+    out: dict[str, dict[str, float]] = {}
+    runs: dict[str, list[dict[str, float]]] = {}
+    with Supervisor(folder / "redis-logs") as supervisor:
+        urls = {"one Redis": start_redis(supervisor).url,
+                "Redis Cluster (3 shards)": ClusterGroup(supervisor).start().url,
+                "Sentinel (WAIT 1)": SentinelGroup(supervisor).start().url}
+        names = list(urls)
+        for round_ in range(ROUNDS):
+            # Interleaved, each round starting with another store: a busy spell on the machine,
+            # or whatever goes first paying for a warm-up, hits every store alike.
+            jwks, tokens = _user_tokens(folder, USERS)
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                runs.setdefault(name, []).append(asyncio.run(_store_rounds(folder, jwks, tokens, urls[name])))
+    for name, measured in runs.items():
+        out[name] = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
+    single, cluster = out["one Redis"], out["Redis Cluster (3 shards)"]
+    out["cluster / one Redis"] = {k: cluster[k] / single[k] for k in single if k != "failed"}
+    return out
+
+
+def stores_report(results: dict[str, dict[str, float]]) -> str:
+    def rows(keys: tuple[str, str, str], with_failed: bool) -> list[list[str]]:
+        out = []
+        for name, numbers in results.items():
+            ratio = "/" in name
+            fmt = (lambda v: f"{v:.2f}×") if ratio else (lambda v: f"{v:,.0f}")
+            row = [name, *(fmt(numbers[k]) for k in keys)]
+            if with_failed:
+                row.append("" if ratio else f"{numbers['failed']:.0f}")
+            out.append(row)
+        return out
+
+    title = (f"({USERS:,} users, {CONCURRENCY} at once, in-process pipeline, median of {ROUNDS} interleaved "
+             "rounds)")
+    columns = ["store", "sign-ins", "session calls, near-cache off", "session calls"]
+    return "\n".join([
+        table(f"Session store capacity: requests per CPU second of the authz process {title}", columns,
+              rows(("sign_ins_per_cpu_s", "calls_per_cpu_s_near_cache_off", "calls_per_cpu_s"), False)),
+        table(f"Session store, wall clock: requests per second on this (shared) machine {title}",
+              [*columns, f"timed out (of {USERS + 2 * CALLS:,})"],
+              rows(("sign_ins_per_s", "calls_per_s_near_cache_off", "calls_per_s"), True)),
+    ])
+
+
 def run(settings: Settings, with_envoy: bool) -> tuple[dict[str, Any], str]:
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix="authz-bench-sessions-"))
     inproc = asyncio.run(in_process(folder))
     envoy = through_envoy(settings, folder) if with_envoy else {}
-    return {"in_process": inproc, "envoy": envoy}, report(inproc, envoy)
+    by_store = stores(folder)
+    return ({"in_process": inproc, "envoy": envoy, "stores": by_store},
+            report(inproc, envoy) + "\n" + stores_report(by_store))

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from authz_server.config import load_config
+from authz_server.sharedstate import parse_store_url
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -136,7 +137,7 @@ def test_compose_file_parses_with_the_topology() -> None:
     data = compose()
     assert str(data["version"]).startswith("3"), "compose file format 3.x (docker-compose 1.29 parses it)"
     expected = {"bootstrap", "spire-server", "spire-agent", "spire-entries", "keycloak", "redis", "authz-server-1",
-                "authz-server-2", *SERVICES, *(f"{s}-sidecar" for s in SERVICES)}
+                "authz-server-2", "partner-issuer", *SERVICES, *(f"{s}-sidecar" for s in SERVICES)}
     assert set(data["services"]) == expected
     declared = set(data.get("volumes") or {})
     for name, service in data["services"].items():
@@ -334,6 +335,76 @@ def test_spire_server_and_agent_configs_agree() -> None:
     assert f'SPIRE_SERVER_SOCKET:-{socket}' in (REPO / "spire" / "entries.sh").read_text()
 
 
+def _hcl_block(text: str, start: str) -> str:
+    """The body of the HCL block that opens with ``start`` (braces balanced)."""
+    begin = text.index(start)
+    depth, index = 0, text.index("{", begin)
+    for index in range(index, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[text.index("{", begin) + 1:index]
+    raise AssertionError(f"unbalanced block {start}")
+
+
+def test_spire_and_the_partner_issuer_federate_over_bundle_endpoints() -> None:
+    """SPIRE's federation block and the partner.org issuer's config name each other's bundle
+    endpoints (https_web), with certificates the bootstrap makes for those host names, served
+    from the volume both mount, and trusted by the other side."""
+    from urllib.parse import urlsplit
+
+    svc = services()
+    server = (REPO / "spire" / "server" / "server.conf").read_text()
+    federation = _hcl_block(server, "federation {")
+    endpoint = _hcl_block(federation, "bundle_endpoint {")
+    assert 'profile "https_web"' in endpoint
+    spire_port = int(re.search(r"^\s*port = (\d+)", endpoint, flags=re.MULTILINE).group(1))
+    cert_paths = re.findall(r'(?:cert|key)_file_path = "([^"]+)"', endpoint)
+    partner = _hcl_block(federation, 'federates_with "partner.org" {')
+    assert 'bundle_endpoint_profile "https_web"' in partner
+    partner_url = urlsplit(re.search(r'bundle_endpoint_url = "([^"]+)"', partner).group(1))
+
+    issuer = yaml.safe_load((REPO / "deploy" / "compose" / "partner-issuer.yaml").read_text())
+    assert [d["name"] for d in issuer["trust_domains"]] == ["partner.org"]
+    (remote,) = issuer["trust_domains"][0]["federates_with"]
+    spire_url = urlsplit(remote["bundle_endpoint_url"])
+    assert remote["trust_domain"] == TRUST_DOMAIN and remote["profile"] == "https_web"
+    assert (spire_url.scheme, spire_url.hostname, spire_url.port) == ("https", "spire-server", spire_port)
+    issuer_port = int(issuer["bundle_endpoint"]["addr"].rpartition(":")[2])
+    assert (partner_url.scheme, partner_url.hostname, partner_url.port, partner_url.path) == (
+        "https", "partner-issuer", issuer_port, "/partner.org")
+    assert svc["partner-issuer"]["command"][:2] == ["identity", "serve"]
+    assert mount_source(svc["partner-issuer"], svc["partner-issuer"]["command"][-1]) == \
+        "./deploy/compose/partner-issuer.yaml"
+
+    # Certificates: made by the bootstrap for each host name, on the volume both mount.
+    sys.path.insert(0, str(REPO / "deploy" / "compose"))
+    try:
+        import bootstrap_pki
+    finally:
+        sys.path.pop(0)
+    hosts = {stem: host for stem, (host, _uid) in bootstrap_pki.BUNDLE_ENDPOINTS.items()}
+    assert hosts == {"spire-bundle": "spire-server", "partner-bundle": "partner-issuer"}
+    for service, paths in (("spire-server", cert_paths),
+                           ("partner-issuer", [issuer["bundle_endpoint"]["cert_file"],
+                                               issuer["bundle_endpoint"]["key_file"], remote["ca_file"]])):
+        for path in paths:
+            assert mount_source(svc[service], path) == "keycloak-tls", (service, path)
+    assert {os.path.basename(p) for p in cert_paths} == {"spire-bundle.pem", "spire-bundle.key"}
+    assert {os.path.basename(issuer["bundle_endpoint"][k]) for k in ("cert_file", "key_file")} == \
+        {"partner-bundle.pem", "partner-bundle.key"}
+    # SPIRE's https_web client trusts the system's CAs: SSL_CERT_FILE makes that the demo Web PKI.
+    assert svc["spire-server"]["environment"]["SSL_CERT_FILE"] == remote["ca_file"]
+    # The dev issuer's own loader accepts it (the files it names exist only inside the container:
+    # any readable file stands in for them here).
+    from authz_server.workload.config import IdentityConfig
+
+    stand_in = str(REPO / "README.md")
+    issuer["bundle_endpoint"].update(cert_file=stand_in, key_file=stand_in)
+    remote["ca_file"] = stand_in
+    parsed = IdentityConfig.from_mapping(issuer)
+    assert parsed.remote_partners[0].trust_domain == TRUST_DOMAIN and parsed.bundle_endpoint is not None
+
+
 def _fake_spire_server(tmp_path: Path, answer: dict[str, Any]) -> Path:
     fake = tmp_path / "spire-server"
     fake.write_text("#!/bin/sh\n"
@@ -386,6 +457,12 @@ def test_bootstrap_makes_working_key_material(tmp_path: Path) -> None:
     tls.verify_directly_issued_by(load(tmp_path / "kc" / "ca.pem"))
     names = tls.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"keycloak", "localhost"} <= set(names.get_values_for_type(x509.DNSName))
+    for stem, host in (("spire-bundle", "spire-server"), ("partner-bundle", "partner-issuer")):
+        endpoint = load(tmp_path / "kc" / f"{stem}.pem")  # the bundle endpoints' Web PKI certificates
+        endpoint.verify_directly_issued_by(load(tmp_path / "kc" / "ca.pem"))
+        sans = endpoint.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.DNSName) == [host]
+        assert stat.S_IMODE((tmp_path / "kc" / f"{stem}.key").stat().st_mode) == 0o600
     for key in (tmp_path / "spire").glob("*.key"):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
 
@@ -483,7 +560,21 @@ def test_kubernetes_authz_config_loads_and_fits_the_deployment() -> None:
     assert config.tls is None
     assert volumes["workload-socket"]["csi"] == {"driver": "csi.spiffe.io", "readOnly": True}
     assert deployment["spec"]["template"]["metadata"]["annotations"]["inject.istio.io/templates"] == "sidecar,spire"
-    assert config.sessions.store.startswith("redis://redis.authz-system.svc.cluster.local:6379/")
+    # Every shared state on the Sentinel-watched Redis of redis.yaml, each in its own database.
+    stores = [config.sessions.store, config.signals.rate_store, config.signals.anomaly_store]
+    locations = [parse_store_url(store, key="store") for store in stores]
+    sentinels = tuple((f"redis-{n}.redis-headless.authz-system.svc.cluster.local", 26379) for n in range(3))
+    assert all(loc.kind == "sentinel" and loc.nodes == sentinels and loc.service == "authz" for loc in locations)
+    assert sorted(loc.db for loc in locations) == [0, 1, 2] and locations[0].replica_acks == 1
+    # Draining: the preStop hook sends SIGUSR1 (NOT_SERVING, still answering) and waits; SIGTERM
+    # then finishes the checks in flight, all within the grace period, the sidecar outliving it.
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sh", "-c", "kill -USR1 1 && sleep 5"]
+    pre_stop = 5
+    assert config.shutdown.drain_delay <= pre_stop
+    assert pre_stop + config.shutdown.grace < pod["terminationGracePeriodSeconds"]
+    proxy = json.loads(deployment["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"])
+    assert float(proxy["terminationDrainDuration"].removesuffix("s")) >= pre_stop + config.shutdown.grace
+    assert container["readinessProbe"]["grpc"] == {"port": port}  # NOT_SERVING takes the pod out
     assert config.issuers and config.issuers[0].issuer.startswith("https://")
     assert config.sessions.settings.delegation_actors == (f"spiffe://{TRUST_DOMAIN}/ns/demo/sa/frontend",)
 
@@ -598,31 +689,36 @@ def test_kubernetes_workloads_line_up() -> None:
     for doc in docs:
         if doc["kind"] not in {"Namespace", "IstioOperator"}:
             assert doc["metadata"]["namespace"] in namespaces, doc["metadata"]["name"]
-    deployments = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in by_kind["Deployment"]}
+    workloads = {(d["metadata"]["namespace"], d["metadata"]["name"]): d
+                 for d in by_kind["Deployment"] + by_kind["StatefulSet"]}
     accounts = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in by_kind["ServiceAccount"]}
-    for (namespace, name), deployment in deployments.items():
-        template = deployment["spec"]["template"]
+    for (namespace, name), workload in workloads.items():
+        template = workload["spec"]["template"]
         assert (namespace, template["spec"]["serviceAccountName"]) in accounts
-        assert deployment["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+        assert workload["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
         assert template["metadata"]["annotations"]["inject.istio.io/templates"] == "sidecar,spire"
         assert {"name": "workload-socket", "csi": {"driver": "csi.spiffe.io", "readOnly": True}} in \
             template["spec"]["volumes"]
     for service in by_kind["Service"]:
-        key = (service["metadata"]["namespace"], service["metadata"]["name"])
-        pod = deployments[key]["spec"]["template"]
-        assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
-        port_names = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+        namespace = service["metadata"]["namespace"]
+        selected = [w for (ns, _n), w in workloads.items() if ns == namespace and service["spec"]["selector"].items()
+                    <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(selected) == 1, f"service {service['metadata']['name']} selects {len(selected)} workloads"
+        port_names = {p["name"] for c in selected[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in port_names
-    for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler"):
-        (only,) = by_kind[kind]
-        assert only["metadata"]["name"] == "authz-server"
-    hpa = by_kind["HorizontalPodAutoscaler"][0]["spec"]
+    (hpa_doc,) = by_kind["HorizontalPodAutoscaler"]
+    hpa = hpa_doc["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "authz-server"}
     assert hpa["minReplicas"] >= 2 and hpa["maxReplicas"] > hpa["minReplicas"]
-    pdb = by_kind["PodDisruptionBudget"][0]["spec"]
-    assert pdb["selector"]["matchLabels"] == deployments[("authz-system", "authz-server")]["spec"]["selector"]["matchLabels"]
-    assert pdb["maxUnavailable"] < hpa["minReplicas"]
+    # A budget for each replicated workload: drains and upgrades take one pod at a time.
+    budgets = {d["metadata"]["name"]: d["spec"] for d in by_kind["PodDisruptionBudget"]}
+    assert set(budgets) == {"authz-server", "redis"}
+    for name, budget in budgets.items():
+        workload = workloads[("authz-system", name)]
+        assert budget["selector"]["matchLabels"] == workload["spec"]["selector"]["matchLabels"]
+        assert budget["maxUnavailable"] == 1
+    assert budgets["authz-server"]["maxUnavailable"] < hpa["minReplicas"]
 
 
 def _check_keys(obj: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -684,6 +780,16 @@ def test_istio_resources_by_hand() -> None:
                 assert patch["patch"]["operation"] == "MERGE"
                 per_route = patch["patch"]["value"]["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
                 assert per_route["@type"].endswith("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute")
+        elif kind == "DestinationRule":
+            assert api == "networking.istio.io/v1"
+            _check_keys(spec, {"host", "trafficPolicy", "subsets", "exportTo", "workloadSelector"}, kind)
+            name, namespace = spec["host"].removesuffix(".svc.cluster.local").split(".")
+            assert (namespace, name) in services_by_name
+            assert spec["host"] == grpc["service"], "the rule is for the ext_authz provider's service"
+            _check_keys(spec["trafficPolicy"]["outlierDetection"], {
+                "consecutiveGatewayErrors", "consecutive5xxErrors", "interval", "baseEjectionTime",
+                "maxEjectionPercent", "minHealthPercent", "splitExternalLocalOriginErrors",
+                "consecutiveLocalOriginFailures"}, "outlierDetection")
         elif kind == "Gateway":
             assert api == "networking.istio.io/v1"
             assert spec["selector"] == {"istio": "ingressgateway"} and spec["servers"]
@@ -698,7 +804,8 @@ def test_istio_resources_by_hand() -> None:
                     assert port in {p["port"] for p in services_by_name[(namespace, name)]["spec"]["ports"]}
         else:
             pytest.fail(f"unexpected Istio kind {kind}")
-    assert seen == {"AuthorizationPolicy", "PeerAuthentication", "EnvoyFilter", "Gateway", "VirtualService"}
+    assert seen == {"AuthorizationPolicy", "PeerAuthentication", "EnvoyFilter", "Gateway", "VirtualService",
+                    "DestinationRule"}
 
 
 def test_istio_route_settings_follow_the_policy_data() -> None:
@@ -731,3 +838,77 @@ def test_spire_helm_values_pin_the_trust_domain() -> None:
     assert "--version 0.30.0" in text and "--version 0.6.0" in text
     docs = (REPO / "docs" / "deploy.md").read_text()
     assert "0.30.0" in docs and "0.6.0" in docs
+
+
+# -- Redis with Sentinel ----------------------------------------------------------------------
+
+HEADLESS = "redis-headless.authz-system.svc.cluster.local"
+
+
+def _redis_scripts(tmp_path: Path, sentinels_say: str) -> Path:
+    """redis.yaml's scripts, runnable here: their paths moved under tmp_path, with a fake
+    redis-cli (answering what the sentinels say) and a fake redis-server (printing its args)."""
+    (config_map,) = [d for _p, d in k8s_documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] ==
+                     "redis-scripts"]
+    for folder in ("scripts", "sentinel", "bin"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    for name, text in config_map["data"].items():
+        (tmp_path / "scripts" / name).write_text(text.replace("/scripts/", f"{tmp_path}/scripts/")
+                                                 .replace("/sentinel/", f"{tmp_path}/sentinel/"))
+    answer = f"printf '%s\\n' {sentinels_say} 6379" if sentinels_say else "exit 1"
+    (tmp_path / "bin" / "redis-cli").write_text(f"#!/bin/sh\n{answer}\n")
+    (tmp_path / "bin" / "redis-server").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    for fake in (tmp_path / "bin").iterdir():
+        fake.chmod(0o755)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("pod", "sentinels_say", "replica_of"), [
+    ("redis-0", "", None),  # the very first start: nobody answers, redis-0 begins as primary
+    ("redis-1", "", f"redis-0.{HEADLESS}"),
+    ("redis-0", f"redis-2.{HEADLESS}", f"redis-2.{HEADLESS}"),  # back after a failover: a replica now
+    ("redis-2", f"redis-2.{HEADLESS}", None),  # the primary the sentinels name, restarted
+])
+def test_redis_pods_start_as_the_sentinels_say(tmp_path: Path, pod: str, sentinels_say: str,
+                                               replica_of: str | None) -> None:
+    folder = _redis_scripts(tmp_path, sentinels_say)
+    env = {**os.environ, "POD_NAME": pod, "PATH": f"{folder}/bin:{os.environ['PATH']}"}
+    done = subprocess.run(["sh", str(folder / "scripts" / "redis.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    args = done.stdout.split("\n")
+    assert args[args.index("--replica-announce-ip") + 1] == f"{pod}.{HEADLESS}"
+    if replica_of is None:
+        assert "--replicaof" not in args
+    else:
+        assert args[args.index("--replicaof") + 1:args.index("--replicaof") + 3] == [replica_of, "6379"]
+
+    done = subprocess.run(["sh", str(folder / "scripts" / "sentinel.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == [f"{folder}/sentinel/sentinel.conf", "--sentinel"]
+    conf = (folder / "sentinel" / "sentinel.conf").read_text().splitlines()
+    primary = replica_of or f"{pod}.{HEADLESS}"
+    assert f"sentinel monitor authz {primary} 6379 2" in conf and f"sentinel announce-ip {pod}.{HEADLESS}" in conf
+
+
+def test_redis_group_and_authz_config_agree() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for _p, d in k8s_documents()}
+    redis = docs[("StatefulSet", "redis")]["spec"]
+    headless = docs[("Service", "redis-headless")]["spec"]
+    assert redis["serviceName"] == "redis-headless" and headless["clusterIP"] == "None"
+    assert headless["publishNotReadyAddresses"] is True  # sentinels find each other before ready
+    scripts = docs[("ConfigMap", "redis-scripts")]["data"]
+    quorum = int(re.search(r"sentinel monitor authz \S+ 6379 (\d+)", scripts["sentinel.sh"]).group(1))
+    assert redis["replicas"] == 3 and quorum == 2, "a majority of three sentinels must agree to fail over"
+    assert all(f"redis-{n}" in scripts["primary.sh"] or "0 1 2" in scripts["primary.sh"] for n in range(3))
+    ports = {p["name"]: p["containerPort"] for c in redis["template"]["spec"]["containers"] for p in c["ports"]}
+    assert ports == {"tcp-redis": 6379, "tcp-sentinel": 26379}
+    config = load_config(K8S / "authz-server" / "config.yaml")
+    location = parse_store_url(config.sessions.store, key="sessions.store")
+    assert location.service == "authz" and {port for _h, port in location.nodes} == {ports["tcp-sentinel"]}
+    allowed = docs[("AuthorizationPolicy", "redis-clients")]["spec"]["rules"][0]
+    assert set(allowed["to"][0]["operation"]["ports"]) == {str(p) for p in ports.values()}
+    assert "example.org/ns/authz-system/sa/redis" in allowed["from"][0]["source"]["principals"]
+    for name, text in scripts.items():
+        done = subprocess.run(["sh", "-n"], input=text, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"{name}: {done.stderr}"

@@ -105,6 +105,23 @@ class ScratchCA:
         return Leaf(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key),
                     cert.public_bytes(serialization.Encoding.DER))
 
+    def issue_server(self, dns: tuple[str, ...] = ("localhost",), *, hours: float = 1) -> Leaf:
+        """A Web PKI style server certificate (DNS names and 127.0.0.1, no SPIFFE ID)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.timezone.utc)
+        names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])]))
+                .issuer_name(self.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - BACKDATE)
+                .not_valid_after(now + dt.timedelta(hours=hours))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                .add_extension(x509.SubjectAlternativeName(names), critical=False)
+                .sign(self.key, hashes.SHA256()))
+        return Leaf(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key),
+                    cert.public_bytes(serialization.Encoding.DER))
+
     def write(self, folder: Path, name: str, leaf: Leaf) -> tuple[Path, Path, Path]:
         folder.mkdir(parents=True, exist_ok=True)
         cert, key, ca = folder / f"{name}.pem", folder / f"{name}.key", folder / "ca.pem"

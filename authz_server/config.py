@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 from .decision import DecisionSettings
 from .identity.exchange import ExchangeConfig, ExchangeRule
 from .identity.oidc import parse_issuers
-from .identity.resolver import SessionSettings
+from .identity.resolver import TOKENS_WITHOUT_JTI, SessionSettings
 from .policy.engine import ISOLATION_MODES, validate_query
 from .signals import SignalsConfig
 from .durations import parse_duration
@@ -313,7 +313,8 @@ def _admin(value: Any) -> AdminConfig:
 def _sessions(value: Any) -> SessionsConfig:
     data = _mapping(value, "sessions")
     _only(data, {"enabled", "store", "idle_timeout", "max_lifetime", "near_cache_ttl", "bind_user_agent",
-                 "outlive_token", "cookie", "delegation", "claims", "one_time_use_issuers"}, "sessions.")
+                 "outlive_token", "cookie", "delegation", "claims", "one_time_use_issuers", "tokens_without_jti"},
+          "sessions.")
     settings = SessionSettings()
     changes: dict[str, Any] = {}
     if "enabled" in data:
@@ -336,6 +337,9 @@ def _sessions(value: Any) -> SessionsConfig:
         changes["claims"] = _string_list(data["claims"], "sessions.claims")
     if "one_time_use_issuers" in data:
         changes["one_time_use_issuers"] = _string_list(data["one_time_use_issuers"], "sessions.one_time_use_issuers")
+    if "tokens_without_jti" in data:
+        changes["tokens_without_jti"] = _choice(data["tokens_without_jti"], "sessions.tokens_without_jti",
+                                                TOKENS_WITHOUT_JTI)
     delegation = _mapping(data.get("delegation"), "sessions.delegation")
     _only(delegation, {"actors", "max_hops"}, "sessions.delegation.")
     if "actors" in delegation:

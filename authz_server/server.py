@@ -46,6 +46,16 @@ AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 POLICY_HEALTH_SERVICE = "authz_server.PolicyReload"
 
 
+# grpc.aio takes calls from gRPC core one at a time; the ones that arrive faster wait in core's
+# pending queue. Past 1,000 waiting (core's default soft limit) core cancels new calls at random,
+# more of them as the queue nears 3,000: 2,000 Checks at once came back ~200 CANCELLED before any
+# decision. The queue is drained in microseconds per call, so waiting is the better answer to a
+# burst; beyond the hard limit core still sheds calls (Envoy then applies failure_mode_allow,
+# deny by default), which bounds the memory held by calls not yet started.
+PENDING_CALL_LIMITS = (("grpc.server.max_pending_requests", 20_000),
+                       ("grpc.server.max_pending_requests_hard_limit", 40_000))
+
+
 class AuthorizationServicer:
     def __init__(self, pipeline: Pipeline, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time, clients: SpiffeIdCheck | None = None,
@@ -166,6 +176,7 @@ class App:
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024 + 1024),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
+                *PENDING_CALL_LIMITS,
             ])
             clients = None
             if self.config.tls is not None and self.config.tls.allowed_clients:

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
-from .errors import AuthzError, IdentityError, PolicyError, RequestError, UnavailableError
+from .errors import AuthzError, IdentityError, PolicyError, RequestError, UnavailableError, where_it_failed
 from .facts import Facts, build_input
 from .policy.cache import DecisionCache
 from .policy.engine import UNDEFINED
@@ -212,7 +212,7 @@ class Pipeline:
         except AuthzError as exc:
             decision = self._error_decision(exc, decision_id, active, identity, signals)
         except Exception as exc:  # a bug must never allow
-            log.exception("unexpected error while deciding %s", decision_id)
+            log.error("unexpected error while deciding %s: %s", decision_id, where_it_failed(exc))
             decision = self._error_decision(
                 AuthzError(f"internal error: {type(exc).__name__}", code="internal_error"),
                 decision_id, active, identity, signals)

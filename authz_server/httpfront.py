@@ -110,7 +110,7 @@ def facts_from_http(request: HttpRequest, path_prefix: str) -> Facts:
     if path_prefix and target.startswith(path_prefix):
         target = target[len(path_prefix):] or "/"
     if not target.startswith("/"):
-        raise RequestError(f"request target {target[:64]!r} is not a path", code="bad_path")
+        raise RequestError("the request target is not a path", code="bad_path")
     headers: dict[str, str] = {}
     context: dict[str, str] = {}
     for name, value in request.headers.items():

@@ -23,7 +23,7 @@ from .audit import AuditLog
 from .config import Config
 from .decision import Decision, Pipeline
 from .envoy import check_response_bytes, cut_volatile, facts_from_check_request, parse_check_request, repeat_facts
-from .errors import AuthzError, RequestError, WorkloadError
+from .errors import AuthzError, RequestError, WorkloadError, where_it_failed
 from .http import serve_http
 from .identity.redis_store import RedisStore
 from .identity.resolver import IdentityService, accept_actor
@@ -84,7 +84,7 @@ class AuthorizationServicer:
         except RequestError as exc:
             decision = self._pipeline.refuse(exc, now=now)
         except Exception as exc:  # never let a surprise reach Envoy as a gRPC error
-            log.exception("could not read CheckRequest")
+            log.error("could not read a CheckRequest: %s", where_it_failed(exc))
             decision = self._pipeline.refuse(AuthzError(f"internal error: {type(exc).__name__}",
                                                         code="internal_error"), now=now)
         else:

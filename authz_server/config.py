@@ -26,6 +26,7 @@ from .policy.engine import ISOLATION_MODES, validate_query
 from .signals import SignalsConfig
 from .durations import parse_duration
 from .errors import ConfigError, PolicyError
+from .limits import Limits
 from .yamlfile import read_yaml_file
 
 DEFAULT_QUERY = "data.envoy.authz.allow"
@@ -75,6 +76,7 @@ class Config:
     exchange: ExchangeConfig | None = None
     signals: SignalsConfig | None = None
     audit: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
     source: str = ""  # the file this came from, for messages
 
     def with_overrides(self, **overrides: Any) -> "Config":
@@ -221,6 +223,7 @@ _READERS: dict[str, _Reader] = {
     "signals": lambda v, b: {"signals": SignalsConfig.from_mapping(v, base_dir=b)},
     "admin": lambda v, _b: {"admin": _admin(v)},
     "trust_domains": lambda v, _b: {"trust_domains": _trust_domains(v)},
+    "limits": lambda v, _b: {"limits": _limits(v)},
 }
 _DECISION_KEYS = {"decision_cache", "policy_timeout", "deny_status", "dry_run"}
 
@@ -361,6 +364,18 @@ def _sessions(value: Any) -> SessionsConfig:
     if changes.get("idle_timeout", settings.idle_timeout) > changes.get("max_lifetime", settings.max_lifetime):
         raise ConfigError("idle_timeout is longer than max_lifetime", key="sessions.idle_timeout")
     return SessionsConfig(settings=replace(settings, **changes), store=store, near_cache_ttl=near)
+
+
+def _limits(value: Any) -> Limits:
+    data = _mapping(value, "limits")
+    sizes = {"max_header_bytes": (1024, 16 * 1024 * 1024), "max_headers": (16, 10_000),
+             "max_body_bytes": (0, 64 * 1024 * 1024), "max_connections": (16, 1_000_000)}
+    timeouts = ("header_timeout", "body_timeout", "idle_timeout")
+    _only(data, {*sizes, *timeouts}, "limits.")
+    changes: dict[str, Any] = {name: _int(data[name], f"limits.{name}", minimum=low, maximum=high)
+                               for name, (low, high) in sizes.items() if name in data}
+    changes.update({name: _duration(data[name], f"limits.{name}") for name in timeouts if name in data})
+    return Limits(**changes)
 
 
 def _path_prefix(value: Any) -> str:

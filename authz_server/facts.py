@@ -73,10 +73,6 @@ def with_volatile(document: dict[str, Any], volatile: Volatile) -> dict[str, Any
     return document
 
 
-# Parsing a body is work done on untrusted input: bounded. Envoy's own max_request_bytes
-# normally keeps bodies far smaller; this is the line we hold if it is misconfigured.
-MAX_PARSED_BODY_BYTES = 1024 * 1024
-
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 _DECIMAL = re.compile(r"[+-]?[0-9]+\Z")
@@ -247,12 +243,9 @@ def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[
 
 
 def _payload(body: str, raw_body: bytes) -> bytes | None:
+    # Bounded by the fronts (limits.max_body_bytes) before the request is read into facts.
     payload = body.encode("utf-8", "surrogateescape") if body else raw_body
-    if not payload:
-        return None
-    if len(payload) > MAX_PARSED_BODY_BYTES:
-        raise RequestError(f"request body over {MAX_PARSED_BODY_BYTES} bytes", code="body_too_large")
-    return payload
+    return payload or None
 
 
 def _truncated(headers: Mapping[str, str], payload: bytes) -> bool:

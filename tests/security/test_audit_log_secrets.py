@@ -190,7 +190,7 @@ async def test_no_secret_in_the_server_log_at_debug_level_nor_in_the_audit_log(
                            if h.header.key == "x-session-id"]
     statuses = {name: (await rawhttp.exchange(bound["http_addr"], request, timeout=30)).statuses
                 for name, request in http_requests.items()}
-    assert statuses == {"not_a_path": [400], "bad_query": [400], "allowed": [200], "oversized": [400],
+    assert statuses == {"not_a_path": [400], "bad_query": [400], "allowed": [200], "oversized": [431],
                         "smuggled": [400]}
     decisions = len(grpc_requests) + 3  # and the HTTP requests that were read whole
     await eventually(lambda: audit_file.exists() and len(audit_file.read_text().splitlines()) >= decisions,

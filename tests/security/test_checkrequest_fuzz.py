@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from authz_server.config import Config
+from authz_server.limits import Limits
 from authz_server.server import build_app
 from tests.support.authz import REPO, copy_policies
 
@@ -139,8 +140,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
         for name, folder in (("default", REPO / "policies"),
                              ("quickstart", REPO / "authz_server" / "mesh" / "policies" / "quickstart")):
             policies = copy_policies(folder, tmp_path_factory.mktemp(name))
+            # Limits wide enough for the huge header values generated here: what is fuzzed is how
+            # any request decodes; the limits have tests of their own (test_request_limits.py).
             app = build_app(Config(policies=str(policies), addr="127.0.0.1:0", metrics_addr="",
-                                   trust_domains=("example.org",)))
+                                   trust_domains=("example.org",), limits=Limits(max_header_bytes=1024 * 1024)))
             bound = runner.run(app.start())
             apps.append(app)
             channel = grpc.insecure_channel(bound["addr"])
@@ -412,10 +415,17 @@ def test_huge_and_many_headers_and_deep_bodies(servers: dict[str, Server], no_er
     server = servers["default"]
     huge = orders_request()
     huge.attributes.request.http.headers["x-huge"] = "a" * (3 * 1024 * 1024)
-    assert allowed(decision_of(server.check(huge.SerializeToString(), timeout=30)))  # the policy does not read it
+    refused = decision_of(server.check(huge.SerializeToString(), timeout=30))  # over the limits: not even read
+    assert_refused_as_unreadable(refused)
+    assert refused.status.message == "request_too_large"
     many = orders_request()
     many.attributes.request.http.headers.update({f"x-h-{i}": str(i) for i in range(20_000)})
-    assert allowed(decision_of(server.check(many.SerializeToString(), timeout=30)))
+    refused = decision_of(server.check(many.SerializeToString(), timeout=30))
+    assert_refused_as_unreadable(refused)
+    assert refused.status.message == "request_too_large"
+    large = orders_request()
+    large.attributes.request.http.headers["x-large"] = "a" * (512 * 1024)  # within these servers' limits
+    assert allowed(decision_of(server.check(large.SerializeToString(), timeout=30)))  # the policy does not read it
     for depth in (500, 5_000, 100_000):
         deep = orders_request(body="[" * depth + "]" * depth)
         deep.attributes.request.http.headers["content-type"] = "application/json"

@@ -65,8 +65,9 @@ async def exchange(address: str, data: bytes, *, answers: int = 1, timeout: floa
             await writer.drain()
             if pause:
                 await asyncio.sleep(pause)
+        complete = 0
         async with asyncio.timeout(timeout) as deadline:
-            while len(result.answers) < answers:
+            while complete < answers:
                 if parser.our_state is h11.DONE and parser.their_state is h11.DONE:
                     parser.start_next_cycle()
                 if parser.our_state is h11.IDLE:  # h11 reads a response only after a request
@@ -84,9 +85,11 @@ async def exchange(address: str, data: bytes, *, answers: int = 1, timeout: floa
                                                                      for k, v in event.headers}))
                 elif isinstance(event, h11.Data):
                     result.answers[-1].body += event.data
-                elif isinstance(event, h11.EndOfMessage) and parser.their_state is h11.MUST_CLOSE:
-                    result.closed = await reader.read(1) == b""
-                    break
+                elif isinstance(event, h11.EndOfMessage):
+                    complete += 1
+                    if parser.their_state is h11.MUST_CLOSE:
+                        result.closed = await reader.read(1) == b""
+                        break
     except TimeoutError:
         if deadline is None or not deadline.expired():
             raise

@@ -14,8 +14,10 @@ Hostile peers are expected, so every connection holds these lines (``limits.Limi
   strict mode refuses what RFC 9112 §6.3 calls ambiguous (duplicate or differing
   ``Content-Length``, ``Content-Length`` with ``Transfer-Encoding``, a ``Transfer-Encoding``
   that does not end in ``chunked``, whitespace before the colon, obs-fold, bare CR or LF).
-  Upgrades (``Upgrade``, ``CONNECT``, the HTTP/2 preface) and HTTP versions other than 1.0
-  and 1.1 are refused too, and trailers are read but never become headers. A refused
+  Upgrades (``Upgrade``, ``CONNECT``, the HTTP/2 preface), HTTP versions other than 1.0
+  and 1.1, an HTTP/1.1 request without one ``Host`` and an HTTP/1.0 one with
+  ``Transfer-Encoding`` (RFC 9112 §3.2, §6.1) are refused too, and trailers are read but
+  never become headers. A fuzz test holds this framing to h11's. A refused
   request is answered 4xx with ``connection: close``, and the connection closes: after a
   framing error nothing that follows on it can be trusted.
 * **Caps whatever the reads:** the request line and header section (``max_header_bytes``,
@@ -268,6 +270,14 @@ class _Connection(asyncio.Protocol):
             if self._raw_head > self._limits.max_header_bytes:
                 self._refuse(431)
 
+    def eof_received(self) -> bool:
+        """The client will send nothing more: answer what it sent, then close."""
+        self._closing = True
+        if self._busy or self._queue:
+            return True  # _drain closes once the answers are out
+        self.close()
+        return False
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._transport = None
@@ -314,13 +324,25 @@ class _Connection(asyncio.Protocol):
         key = name.decode("latin-1").lower()
         text = value.decode("utf-8", "surrogateescape")  # what is sent today; any byte survives
         previous = self._headers.get(key)
-        self._headers[key] = text if previous is None else f"{previous},{text}"
+        if previous is None:
+            self._headers[key] = text
+        elif key == "host":  # RFC 9112 §3.2: more than one Host is a 400
+            raise RequestRefused(400)
+        else:
+            self._headers[key] = f"{previous},{text}"
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         if parser.should_upgrade():  # Upgrade, CONNECT: what follows would not be HTTP/1.1
             raise RequestRefused(400)
-        if parser.get_http_version() not in ("1.1", "1.0"):
+        version = parser.get_http_version()
+        if version == "1.1":
+            if "host" not in self._headers:  # RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400
+                raise RequestRefused(400)
+        elif version == "1.0":
+            if "transfer-encoding" in self._headers:  # RFC 9112 §6.1: faulty framing in HTTP/1.0
+                raise RequestRefused(400)
+        else:
             raise RequestRefused(505)
         declared = self._headers.get("content-length")  # one, all digits: llhttp refuses anything else
         if declared is not None and int(declared) > self._limits.max_body_bytes:
@@ -387,6 +409,8 @@ class _Connection(asyncio.Protocol):
             self._busy = False
             if self._phase == _IDLE:
                 self._since = self._server.now  # idle from the last answer on
+            if self._closing and not self._queue:
+                self.close()
 
     def _write(self, answer: Answer, keep_alive: bool) -> None:
         transport = self._transport

@@ -39,7 +39,6 @@ def b64url_decode(text: str) -> bytes:
     if not isinstance(text, str):
         raise ValueError(f"expected base64url text, got {type(text).__name__}")
     if not _ALLOWED.issuperset(text):
-        bad = next(c for c in text if c not in _ALLOWED)
         raise ValueError("a character is not in the base64url alphabet")
     rest = len(text) % 4
     if rest == 1:

@@ -16,11 +16,9 @@ Whatever arrives:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import string
-import threading
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -37,7 +35,7 @@ from hypothesis import strategies as st
 from authz_server.config import Config
 from authz_server.limits import Limits
 from authz_server.server import build_app
-from tests.support.authz import REPO, copy_policies
+from tests.support.authz import REPO, ServerThread, copy_policies
 
 CheckRequest = external_auth_pb2.CheckRequest
 CheckResponse = external_auth_pb2.CheckResponse
@@ -59,21 +57,6 @@ class Server:
     check: Callable[..., bytes]
     channel: grpc.Channel
     normal: Callable[[], None]  # asserts the server still decides ordinary requests correctly
-
-
-class ServerThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="authz-fuzz-server", daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine: Any, timeout: float = 60) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 def _tutorial_token(role: str) -> str:

@@ -11,7 +11,6 @@ from typing import AsyncIterator
 import pytest
 
 from authz_server.config import Config
-from authz_server.server import App
 from tests.support.authz import running_app, write_policy
 from tests.support.rawhttp import exchange
 
@@ -41,8 +40,10 @@ AMBIGUOUS = {
     "space before the colon": post(f"content-length : {len(SMUGGLED)}", body=SMUGGLED),
     "obs-folded content-length": post("x-a: 1", f" content-length: {len(SMUGGLED)}", body=SMUGGLED),
     "obs-folded value": post("content-length:", f" {len(SMUGGLED)}", body=SMUGGLED),
-    "content-length and chunked": post("content-length: 5", "transfer-encoding: chunked", body=b"0\r\n\r\n" + SMUGGLED),
-    "chunked then content-length": post("transfer-encoding: chunked", "content-length: 5", body=b"0\r\n\r\n" + SMUGGLED),
+    "content-length and chunked": post("content-length: 5", "transfer-encoding: chunked",
+                                       body=b"0\r\n\r\n" + SMUGGLED),
+    "chunked then content-length": post("transfer-encoding: chunked", "content-length: 5",
+                                        body=b"0\r\n\r\n" + SMUGGLED),
     "transfer-encoding not ending in chunked": post("transfer-encoding: chunked, identity", body=b"0\r\n\r\n" + SMUGGLED),
     "transfer-encoding gzip": post("transfer-encoding: gzip", body=SMUGGLED),
     "transfer-encoding twice": post("transfer-encoding: chunked", "transfer-encoding: chunked",

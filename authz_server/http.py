@@ -17,7 +17,8 @@ Hostile peers are expected, so every connection holds these lines (``limits.Limi
   Upgrades (``Upgrade``, ``CONNECT``, the HTTP/2 preface), HTTP versions other than 1.0
   and 1.1, an HTTP/1.1 request without one ``Host`` and an HTTP/1.0 one with
   ``Transfer-Encoding`` (RFC 9112 §3.2, §6.1) are refused too, and trailers are read but
-  never become headers. A fuzz test holds this framing to h11's. A refused
+  never become headers; a transfer coding other than ``chunked`` alone is a 501. A fuzz test
+  holds this framing to h11's. A refused
   request is answered 4xx with ``connection: close``, and the connection closes: after a
   framing error nothing that follows on it can be trusted.
 * **Caps whatever the reads:** the request line and header section (``max_header_bytes``,
@@ -60,7 +61,8 @@ _REASONS = {
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 413: "Payload Too Large",
     414: "URI Too Long", 415: "Unsupported Media Type", 429: "Too Many Requests",
-    431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+    502: "Bad Gateway",
     503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }
 
@@ -344,6 +346,9 @@ class _Connection(asyncio.Protocol):
                 raise RequestRefused(400)
         else:
             raise RequestRefused(505)
+        coding = self._headers.get("transfer-encoding")
+        if coding is not None and coding.strip().lower() != "chunked":  # gzip, chunked: a coding not undone here
+            raise RequestRefused(501)  # RFC 9112 §6.1
         declared = self._headers.get("content-length")  # one, all digits: llhttp refuses anything else
         if declared is not None and int(declared) > self._limits.max_body_bytes:
             raise RequestRefused(413)
@@ -416,7 +421,13 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        transport.write(answer if isinstance(answer, bytes) else answer.encode(keep_alive=keep_alive))
+        if isinstance(answer, HttpResponse):
+            transport.write(answer.encode(keep_alive=keep_alive))
+        elif keep_alive:
+            transport.write(answer)
+        else:  # encoded to be kept alive: say it closes (RFC 9112 §9.6)
+            split = answer.index(b"\r\n") + 2
+            transport.writelines((answer[:split], b"connection: close\r\n", answer[split:]))
         if not keep_alive:
             self.close()
 

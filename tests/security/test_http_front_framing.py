@@ -46,6 +46,7 @@ AMBIGUOUS = {
                                         body=b"0\r\n\r\n" + SMUGGLED),
     "transfer-encoding not ending in chunked": post("transfer-encoding: chunked, identity", body=b"0\r\n\r\n" + SMUGGLED),
     "transfer-encoding gzip": post("transfer-encoding: gzip", body=SMUGGLED),
+    "transfer-encoding gzip, chunked": post("transfer-encoding: gzip, chunked", body=b"0\r\n\r\n" + SMUGGLED),
     "transfer-encoding twice": post("transfer-encoding: chunked", "transfer-encoding: chunked",
                                     body=b"0\r\n\r\n" + SMUGGLED),
     "signed content-length": post(f"content-length: +{len(SMUGGLED)}", body=SMUGGLED),
@@ -66,10 +67,13 @@ async def front(tmp_path: Path) -> AsyncIterator[str]:
         yield app.bound["http_addr"]
 
 
+NOT_IMPLEMENTED = {"transfer-encoding gzip", "transfer-encoding gzip, chunked"}  # a coding it does not undo: 501 (RFC 9112 §6.1)
+
+
 @pytest.mark.parametrize("name", sorted(AMBIGUOUS))
 async def test_ambiguous_framing_is_a_400_and_the_connection_closes(front: str, name: str) -> None:
     result = await exchange(front, AMBIGUOUS[name], answers=2, timeout=30)
-    assert result.statuses == [400] and result.closed, (name, result)
+    assert result.statuses == [501 if name in NOT_IMPLEMENTED else 400] and result.closed, (name, result)
 
 
 async def test_http_0_9_and_unknown_versions_are_refused(front: str) -> None:

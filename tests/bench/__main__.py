@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .harness import Settings, save, wrk_binary
 
-SECTIONS = ["core", "sessions", "transport", "signals", "handshake", "workload"]
+SECTIONS = ["core", "sessions", "transport", "signals", "handshake", "workload", "hostile"]
 OPT_IN = ["ladder"]  # only with --only: explains a figure above, adds minutes
 
 
@@ -64,6 +64,11 @@ def main() -> int:
         from . import workload
 
         results["workload"], text = workload.run()
+        print(text)
+    if "hostile" in chosen:
+        from . import hostile
+
+        results["hostile"], text = hostile.run(settings)
         print(text)
     save(results, Path(args.json))
     print(f"\nraw numbers saved to {args.json}")

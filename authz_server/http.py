@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import logging
 import os
 import socket
 import ssl as ssl_module
@@ -50,7 +51,10 @@ from typing import Awaitable, Callable, Union
 
 import httptools
 
+from .errors import where_it_failed
 from .limits import Limits
+
+log = logging.getLogger("authz_server.http")
 
 MAX_PIPELINED = 32  # answers pending before the connection stops reading
 MAX_QUEUED = 128  # answers pending, reached within one read: the client is refused
@@ -122,6 +126,11 @@ Answer = Union[HttpResponse, bytes]
 Handler = Callable[[HttpRequest], Union[Answer, Awaitable[Answer]]]
 
 
+def _internal_error(exc: Exception) -> HttpResponse:
+    log.error("HTTP handler failed: %s", where_it_failed(exc))
+    return HttpResponse(500, [("content-type", "text/plain")], b"internal error")
+
+
 class RequestRefused(Exception):
     """A request the connection answers itself with ``status``, then closes."""
 
@@ -180,16 +189,14 @@ class _Server:
         self._sweeping = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
 
-
 _IDLE, _HEAD, _BODY = 0, 1, 2  # what a connection is reading
 
 
 class _Connection(asyncio.Protocol):
     __slots__ = (
         "_server", "_limits", "_transport", "_parser", "_url", "_headers", "_header_count", "_head_bytes",
-        "_raw_head",
-        "_body", "_body_bytes", "_trailers", "_peer", "_peer_certificate", "_queue", "_busy", "_closing",
-        "_phase", "_since", "_ready", "_paused",
+        "_raw_head", "_body", "_body_bytes", "_trailers", "_peer", "_peer_certificate", "_queue", "_busy",
+        "_closing", "_phase", "_since", "_ready", "_paused",
     )
 
     def __init__(self, server: _Server) -> None:
@@ -384,8 +391,8 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, request: HttpRequest, keep_alive: bool) -> None:
         try:
             answer = self._server.handler(request)
-        except Exception:  # a handler bug answers 500, never kills the connection loop
-            answer = HttpResponse(500, [("content-type", "text/plain")], b"internal error")
+        except Exception as exc:  # a handler bug answers 500, never kills the connection loop
+            answer = _internal_error(exc)
         if not self._busy and not self._queue and (type(answer) is bytes or isinstance(answer, HttpResponse)):
             self._write(answer, keep_alive)  # type: ignore[arg-type]
             return
@@ -404,8 +411,8 @@ class _Connection(asyncio.Protocol):
                 pending, keep_alive = self._queue.popleft()
                 try:
                     answer = await pending if inspect.isawaitable(pending) else pending
-                except Exception:
-                    answer = HttpResponse(500, [("content-type", "text/plain")], b"internal error")
+                except Exception as exc:
+                    answer = _internal_error(exc)
                 self._write(answer, keep_alive)
                 if self._paused and len(self._queue) < MAX_PIPELINED // 2 and self._transport is not None:
                     self._paused = False

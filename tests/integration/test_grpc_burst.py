@@ -23,7 +23,7 @@ async def test_two_thousand_concurrent_checks_all_get_a_decision(tmp_path: Path)
                                         "allow if input.parsed_path[0] == \"public\"\n")
     # A deadline this loose keeps a busy test machine from turning slow evaluations into denies:
     # what is checked here is that each call reaches the pipeline at all.
-    config = Config(policies=str(tmp_path / "policies"), metrics_addr="",
+    config = Config(policies=str(tmp_path / "policies"), addr="127.0.0.1:0", metrics_addr="",
                     decision=replace(DecisionSettings(), policy_timeout=60.0))
     async with running_app(config) as app:
         async with grpc.aio.insecure_channel(app.bound["addr"]) as channel:

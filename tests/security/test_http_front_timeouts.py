@@ -27,8 +27,8 @@ GENEROUS = 30.0  # seconds: an upper bound no busy machine should reach
 @contextlib.asynccontextmanager
 async def front(tmp_path: Path, limits: Limits) -> AsyncIterator[str]:
     write_policy(tmp_path / "policies", POLICY)
-    async with running_app(Config(policies=str(tmp_path / "policies"), metrics_addr="", http_addr="127.0.0.1:0",
-                                  limits=limits)) as app:
+    async with running_app(Config(policies=str(tmp_path / "policies"), addr="", metrics_addr="",
+                                  http_addr="127.0.0.1:0", limits=limits)) as app:
         yield app.bound["http_addr"]
 
 

@@ -22,13 +22,14 @@ from .decision import DecisionSettings
 from .identity.browser import BrowserLoginConfig
 from .identity.exchange import ExchangeConfig, ExchangeRule
 from .identity.oidc import parse_issuers
-from .identity.resolver import SessionSettings
+from .identity.resolver import TOKENS_WITHOUT_JTI, SessionSettings
 from .policy.engine import validate_query
 from .policy.pool import ISOLATION_MODES
 from .sharedstate import parse_store_url
 from .signals import SignalsConfig
 from .durations import parse_duration
 from .errors import ConfigError, PolicyError
+from .limits import Limits
 from .yamlfile import read_yaml_file
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class Config:
     audit: tuple[str, ...] = ()
     control_plane: ControlPlane | None = None  # OPA's services/bundles/decision_logs/status, and shadow
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    limits: Limits = field(default_factory=Limits)
     source: str = ""  # the file this came from, for messages
 
     def with_overrides(self, **overrides: Any) -> "Config":
@@ -249,6 +251,7 @@ _READERS: dict[str, _Reader] = {
     "admin": lambda v, _b: {"admin": _admin(v)},
     "trust_domains": lambda v, _b: {"trust_domains": _trust_domains(v)},
     "shutdown": lambda v, _b: {"shutdown": _shutdown(v)},
+    "limits": lambda v, _b: {"limits": _limits(v)},
 }
 _DECISION_KEYS = {"decision_cache", "policy_timeout", "deny_status", "dry_run", "deny_body"}
 
@@ -352,7 +355,8 @@ def _admin(value: Any) -> AdminConfig:
 def _sessions(value: Any) -> SessionsConfig:
     data = _mapping(value, "sessions")
     _only(data, {"enabled", "store", "idle_timeout", "max_lifetime", "near_cache_ttl", "bind_user_agent",
-                 "outlive_token", "cookie", "delegation", "claims", "one_time_use_issuers"}, "sessions.")
+                 "outlive_token", "cookie", "delegation", "claims", "one_time_use_issuers", "tokens_without_jti"},
+          "sessions.")
     settings = SessionSettings()
     changes: dict[str, Any] = {}
     if "enabled" in data:
@@ -375,6 +379,9 @@ def _sessions(value: Any) -> SessionsConfig:
         changes["claims"] = _string_list(data["claims"], "sessions.claims")
     if "one_time_use_issuers" in data:
         changes["one_time_use_issuers"] = _string_list(data["one_time_use_issuers"], "sessions.one_time_use_issuers")
+    if "tokens_without_jti" in data:
+        changes["tokens_without_jti"] = _choice(data["tokens_without_jti"], "sessions.tokens_without_jti",
+                                                TOKENS_WITHOUT_JTI)
     delegation = _mapping(data.get("delegation"), "sessions.delegation")
     _only(delegation, {"actors", "max_hops"}, "sessions.delegation.")
     if "actors" in delegation:
@@ -396,6 +403,18 @@ def _sessions(value: Any) -> SessionsConfig:
     if changes.get("idle_timeout", settings.idle_timeout) > changes.get("max_lifetime", settings.max_lifetime):
         raise ConfigError("idle_timeout is longer than max_lifetime", key="sessions.idle_timeout")
     return SessionsConfig(settings=replace(settings, **changes), store=store, near_cache_ttl=near)
+
+
+def _limits(value: Any) -> Limits:
+    data = _mapping(value, "limits")
+    sizes = {"max_header_bytes": (1024, 16 * 1024 * 1024), "max_headers": (16, 10_000),
+             "max_body_bytes": (0, 64 * 1024 * 1024), "max_connections": (16, 1_000_000)}
+    timeouts = ("header_timeout", "body_timeout", "idle_timeout")
+    _only(data, {*sizes, *timeouts}, "limits.")
+    changes: dict[str, Any] = {name: _int(data[name], f"limits.{name}", minimum=low, maximum=high)
+                               for name, (low, high) in sizes.items() if name in data}
+    changes.update({name: _duration(data[name], f"limits.{name}") for name in timeouts if name in data})
+    return Limits(**changes)
 
 
 def _path_prefix(value: Any) -> str:

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
-from .errors import AuthzError, IdentityError, PolicyError, RequestError, UnavailableError
+from .errors import AuthzError, IdentityError, PolicyError, RequestError, UnavailableError, where_it_failed
 from .facts import Facts, build_input
 from .policy.cache import DecisionCache
 from .policy.engine import UNDEFINED, encode_input
@@ -226,7 +226,7 @@ class Pipeline:
         except AuthzError as exc:
             decision = self._error_decision(exc, decision_id, active, identity, signals)
         except Exception as exc:  # a bug must never allow
-            log.exception("unexpected error while deciding %s", decision_id)
+            log.error("unexpected error while deciding %s: %s", decision_id, where_it_failed(exc))
             decision = self._error_decision(
                 AuthzError(f"internal error: {type(exc).__name__}", code="internal_error"),
                 decision_id, active, identity, signals)
@@ -276,27 +276,10 @@ class Pipeline:
         if active.version != self._cached_version:
             self.cache.clear()  # a new policy or data version: nothing cached still holds
             self._cached_version = active.version
-        document: dict[str, Any] | None = None
-        input_json: bytes | None = None
         use_cache = active.cache.enabled and self.settings.cache_max_entries > 0
-        key = b""
+        prepared = _prepare_input(active, facts, identity, signals, use_cache)
         if use_cache:
-            if active.cache.key_paths:
-                document = build_input(facts, identity.document, signals)
-                key = _narrow_key(active, document)
-            elif active.input_tree is not None:
-                # Keyed on what the policy reads, as the engine gets it (one encoding serves both
-                # when it can), so a (user, route) pair repeats whatever else in the request varies.
-                document = build_input(facts, identity.document, signals, active.input_tree)
-                if active.unnamed_volatile is None:
-                    input_json = encode_input(document)
-                    key = _read_key(active, input_json)
-                else:
-                    key = _read_key(active, encode_input(
-                        {**document, "attributes": without(document["attributes"], active.unnamed_volatile)}))
-            else:
-                key = _full_key(active, facts, identity, signals)
-            cached = self.cache.get(key, now)
+            cached = self.cache.get(prepared.key, now)
             if cached is not None:
                 # The rendering carries identity headers: shared only with the identity it was made for.
                 memo = cached.memo if cached.identity == identity.fingerprint else None
@@ -304,12 +287,8 @@ class Pipeline:
                                         None, cached=True, memo=memo)
                 decision.valid_until = cached.valid_until
                 return decision
-        if document is None:
-            document = build_input(facts, identity.document, signals, active.input_tree)
-        elif active.input_tree is not None and input_json is None:
-            document = project(document, active.input_tree)
-        if input_json is None:
-            input_json = encode_input(document)
+        document, input_json = _complete_input(prepared, active, facts, identity, signals)
+        key = prepared.key
         result = await active.evaluate(input_json, timeout=self.settings.policy_timeout)
         if active.input_tree is not None:
             document = None  # partial: the audit log builds the full input from the facts
@@ -400,6 +379,49 @@ def _full_key(active: ActivePolicy, facts: Facts, identity: Identity, signals: M
         elif paths:
             key += b"\x02" + repr(values_at(signals, paths)).encode()
     return key
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """The cache key of a request's input, and as much of the input as making it took."""
+
+    key: bytes = b""
+    document: dict[str, Any] | None = None
+    input_json: bytes | None = None
+
+
+def _prepare_input(active: ActivePolicy, facts: Facts, identity: Identity, signals: Mapping[str, Any],
+                   use_cache: bool) -> _Prepared:
+    prepared = _Prepared()
+    if use_cache:
+        if active.cache.key_paths:
+            prepared.document = build_input(facts, identity.document, signals)
+            prepared.key = _narrow_key(active, prepared.document)
+        elif active.input_tree is not None:
+            # Keyed on what the policy reads, as the engine gets it (one encoding serves both
+            # when it can), so a (user, route) pair repeats whatever else in the request varies.
+            document = prepared.document = build_input(facts, identity.document, signals, active.input_tree)
+            if active.unnamed_volatile is None:
+                prepared.input_json = encode_input(document)
+                prepared.key = _read_key(active, prepared.input_json)
+            else:
+                prepared.key = _read_key(active, encode_input(
+                    {**document, "attributes": without(document["attributes"], active.unnamed_volatile)}))
+        else:
+            prepared.key = _full_key(active, facts, identity, signals)
+    return prepared
+
+
+def _complete_input(prepared: _Prepared, active: ActivePolicy, facts: Facts, identity: Identity,
+                    signals: Mapping[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """The document the policy gets (projected when the policy allows) and its encoding."""
+    document = prepared.document
+    if document is None:
+        document = build_input(facts, identity.document, signals, active.input_tree)
+    elif active.input_tree is not None and prepared.input_json is None and active.cache.key_paths:
+        document = project(document, active.input_tree)
+    input_json = prepared.input_json if prepared.input_json is not None else encode_input(document)
+    return document, input_json
 
 
 def _read_key(active: ActivePolicy, input_json: bytes) -> bytes:

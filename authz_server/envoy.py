@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from .decision import DECISION_ID_HEADER, Decision
 from .errors import RequestError
 from .facts import VOLATILE_ATTRIBUTES, VOLATILE_HEADERS, Facts, Volatile, with_volatile
+from .limits import Limits
 from .policy.inputs import overlaps, project
 
 try:
@@ -37,13 +38,12 @@ CheckRequest = external_auth_pb2.CheckRequest
 CheckResponse = external_auth_pb2.CheckResponse
 
 OK, INVALID_ARGUMENT, PERMISSION_DENIED, UNAVAILABLE, UNAUTHENTICATED = 0, 3, 7, 14, 16
+DEFAULT_LIMITS = Limits()
 
 # VOLATILE_HEADERS (ids, tracing) are left out of the decision-cache key, or the cache would
 # never hit; a policy that names one of them is keyed on it (see facts.VOLATILE_ATTRIBUTES).
 # Identity headers we own upstream: always set by us or removed.
 IDENTITY_HEADERS = ("x-authz-subject", "x-authz-spiffe-id")
-
-MAX_CHECK_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 # -- protomap
@@ -123,14 +123,30 @@ def _converter(field: FieldDescriptor) -> _Converter:
 
 # -- CheckRequest → Facts
 
-def parse_check_request(data: bytes) -> CheckRequest:
-    if len(data) > MAX_CHECK_REQUEST_BYTES:
+def parse_check_request(data: bytes, limits: Limits = DEFAULT_LIMITS) -> CheckRequest:
+    """``data`` as a CheckRequest within ``limits``: a request too large as a whole is not
+    even parsed; then its body, header count and header bytes (the path included) are held
+    to the limits, which bound what reading it into facts and an input document costs."""
+    if len(data) > limits.max_request_bytes:
         raise RequestError(f"CheckRequest of {len(data)} bytes is over the limit", code="request_too_large")
     request = CheckRequest()
     try:
         request.ParseFromString(data)
     except (DecodeError, ValueError) as exc:
         raise RequestError(f"malformed CheckRequest: {exc}", code="malformed_request") from None
+    http = request.attributes.request.http
+    body = len(http.body) + len(http.raw_body)
+    if body > limits.max_body_bytes:
+        raise RequestError(f"request body of {body} bytes is over the limit of {limits.max_body_bytes}",
+                           code="body_too_large")
+    if len(http.headers) + len(http.header_map.headers) > limits.max_headers:
+        raise RequestError(f"more than {limits.max_headers} headers", code="request_too_large")
+    if len(data) - body > limits.max_header_bytes:  # else the headers and path cannot be over it
+        head = len(http.path) + sum(len(k) + len(v) for k, v in http.headers.items()) + sum(
+            len(h.key) + len(h.value) + len(h.raw_value) for h in http.header_map.headers)
+        if head > limits.max_header_bytes:
+            raise RequestError(f"path and headers of {head} bytes are over the limit of {limits.max_header_bytes}",
+                               code="request_too_large")
     return request
 
 

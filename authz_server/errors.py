@@ -21,6 +21,9 @@ Third-party exceptions (pyjwt, the OPA bindings, redis) are translated where the
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+
 
 class AuthzError(Exception):
     """Root of the tree: ``code`` is stable, ``message`` is for humans."""
@@ -87,3 +90,13 @@ class ConfigError(AuthzError):
     def __init__(self, message: str, *, key: str = "", code: str | None = None) -> None:
         self.key = key
         super().__init__(f"{key}: {message}" if key else message, code=code)
+
+
+def where_it_failed(exc: BaseException) -> str:
+    """An unexpected exception as the server log may carry it: its type and the frames it
+    passed through, without its message or any value. A message can quote the request
+    (``int()`` quotes the text it could not read, ``KeyError`` its key), and the log must
+    never hold what a request carried (issue 23). The code location is what a fix needs."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    path = " <- ".join(f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" for frame in reversed(frames))
+    return f"{type(exc).__name__} at {path or 'an unknown place'}"

@@ -18,30 +18,28 @@ the same input in both modes:
 Those transport headers, and the ones Envoy adds only to the authorization request, are
 not part of ``input.attributes.request.http.headers``.
 
-Fast path: a cached allow for the very same request bytes is answered straight from the
-connection's buffer, with no parsing (see ``repeats``). Configure Envoy not to send volatile
-headers (``disallowed_headers`` in the rendered configs) and most repeat requests hit there.
+Requests are framed and parsed by ``http`` (one parser per connection: nothing else decides
+where a request ends, so none can be smuggled past it), within its ``HttpLimits``.
+
+Fast path: a cached allow for the very same request bytes, once framed by the parser as one
+whole request, is answered from its kept rendering without parsing them again (see
+``repeats`` and ``http._Server``). Configure Envoy not to send volatile headers
+(``disallowed_headers`` in the rendered configs) and most repeat requests hit there.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
-import logging
 import time
-from typing import Any, Awaitable, Callable, Mapping
-
-import httptools
+from typing import Any, Callable, Mapping
 
 from .decision import DECISION_ID_HEADER, Decision, Pipeline
 from .errors import RequestError
 from .facts import VOLATILE_HEADERS, Facts, Volatile, with_volatile
+from .http import HttpRequest, HttpResponse
 from .policy.inputs import project
 from .repeats import RepeatCache
-from .http import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_HEADERS, HttpRequest, HttpResponse, bind_socket
-
-log = logging.getLogger("authz_server.httpfront")
 
 CONTEXT_HEADER_PREFIX = "x-authz-ctx-"
 XFCC = "x-forwarded-client-cert"
@@ -110,7 +108,7 @@ def facts_from_http(request: HttpRequest, path_prefix: str) -> Facts:
     if path_prefix and target.startswith(path_prefix):
         target = target[len(path_prefix):] or "/"
     if not target.startswith("/"):
-        raise RequestError(f"request target {target[:64]!r} is not a path", code="bad_path")
+        raise RequestError("the request target is not a path", code="bad_path")
     headers: dict[str, str] = {}
     context: dict[str, str] = {}
     for name, value in request.headers.items():
@@ -233,192 +231,38 @@ def http_response_bytes(decision: Decision) -> bytes:
                      template[split:]))
 
 
-def repeat_key(raw: bytes) -> bytes:
-    """The ``RepeatCache`` key of a request: a digest of its bytes, exactly as they came."""
-    return hashlib.blake2b(raw, digest_size=20).digest()
-
-
-# -- the protocol
-
-_Respond = Callable[[bytes], None]
-
-
-class _Message:
-    """httptools callbacks collecting one request."""
-
-    __slots__ = ("url", "headers", "body", "count", "size", "done")
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: dict[str, str] = {}
-        self.body: list[bytes] = []
-        self.count = 0
-        self.size = 0
-        self.done = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.count += 1
-        self.size += len(name) + len(value)
-        if self.count > MAX_HEADERS or self.size > MAX_HEADER_BYTES:
-            raise RequestError("too many or too large headers", code="request_too_large")
-        key = name.decode("latin-1").lower()
-        text = value.decode("utf-8", "surrogateescape")
-        previous = self.headers.get(key)
-        self.headers[key] = text if previous is None else f"{previous},{text}"
-
-    def on_body(self, body: bytes) -> None:
-        self.size += len(body)
-        if self.size > MAX_HEADER_BYTES + MAX_BODY_BYTES:
-            raise RequestError("request body too large", code="request_too_large")
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-
 class HttpFront:
-    """Answers Envoy's HTTP ext_authz requests with ``pipeline`` decisions."""
+    """Answers Envoy's HTTP ext_authz requests with ``pipeline`` decisions: ``handle`` is the
+    ``http.Handler`` that ``serve_http`` calls with each request its parser framed, and
+    ``replay`` answers a repeat of one (the same bytes again, see ``http._Server``)."""
 
     def __init__(self, pipeline: Pipeline, *, path_prefix: str = "/check", clock: Callable[[], float] = time.time,
                  exact_cache_entries: int = 20_000, on_latency: Callable[[float, str], None] | None = None) -> None:
         self.pipeline = pipeline
         self.path_prefix = path_prefix
         self.clock = clock
-        self.exact = RepeatCache(exact_cache_entries)  # keyed by a digest of the request bytes
+        self.exact = RepeatCache(exact_cache_entries)  # keyed by HttpRequest.repeat_key
         self.on_latency = on_latency
 
-    def answer_cached(self, raw: bytes, now: float) -> bytes | None:
-        decision = self.exact.replay(repeat_key(raw), self.pipeline, now)
+    def replay(self, key: bytes) -> bytes | None:
+        decision = self.exact.replay(key, self.pipeline, self.clock())
         return None if decision is None else http_response_bytes(decision)
 
-    async def answer(self, raw: bytes, now: float) -> bytes:
+    async def handle(self, request: HttpRequest) -> bytes:
         started = time.perf_counter()
-        message = _Message()
-        parser = httptools.HttpRequestParser(message)
+        now = self.clock()
         try:
-            parser.feed_data(raw)
-            if not message.done:
-                raise RequestError("incomplete HTTP request", code="malformed_request")
-            request = HttpRequest(parser.get_method().decode("latin-1"), message.url.decode("latin-1"),
-                                  message.headers, b"".join(message.body))
             facts = facts_from_http(request, self.path_prefix)
         except RequestError as exc:
             decision = self.pipeline.refuse(exc, now=now)
-        except httptools.HttpParserError as exc:
-            cause = exc.__cause__ or exc.__context__
-            error = cause if isinstance(cause, RequestError) else RequestError(
-                f"malformed HTTP request: {exc}", code="malformed_request")
-            decision = self.pipeline.refuse(error, now=now)
         else:
             decision = await self.pipeline.decide(facts, now=now)
-            self.exact.put(repeat_key(raw), decision, facts, len(raw))
+            if request.repeat_key is not None:
+                self.exact.put(request.repeat_key, decision, facts, len(request.body) + len(request.target))
         response = http_response_bytes(decision)
         if self.on_latency is not None:
             self.on_latency(time.perf_counter() - started, "http")
         return response
 
-    def protocol(self) -> asyncio.Protocol:
-        return _FrontProtocol(self)
 
-
-class _FrontProtocol(asyncio.Protocol):
-    """Frames requests from the byte stream itself (Envoy sends ``content-length`` bodies),
-    so a repeat request can be answered before any parsing."""
-
-    __slots__ = ("_front", "_transport", "_buffer", "_queue", "_busy")
-
-    def __init__(self, front: HttpFront) -> None:
-        self._front = front
-        self._transport: asyncio.Transport | None = None
-        self._buffer = b""
-        self._queue: list[Awaitable[bytes] | bytes] = []
-        self._busy = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data if self._buffer else data
-        front = self._front
-        while buffer:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEADER_BYTES:
-                    self._fail(431)
-                    return
-                break
-            length = _content_length(buffer, end)
-            if length is None:
-                self._fail(400)  # chunked or unparsable framing: Envoy never sends that
-                return
-            if length > MAX_BODY_BYTES:
-                self._fail(413)
-                return
-            total = end + 4 + length
-            if len(buffer) < total:
-                break
-            raw, buffer = buffer[:total], buffer[total:]
-            now = front.clock()
-            if not self._busy and not self._queue:
-                fast = front.answer_cached(raw, now)
-                if fast is not None:
-                    self._write(fast)
-                    continue
-            self._queue.append(front.answer(raw, now))
-            if not self._busy:
-                self._busy = True
-                asyncio.ensure_future(self._drain())
-        self._buffer = buffer
-
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                pending = self._queue.pop(0)
-                try:
-                    response = pending if isinstance(pending, bytes) else await pending
-                except Exception:  # a bug answers 500 (Envoy denies), never kills the connection
-                    log.exception("HTTP ext_authz request failed")
-                    response = HttpResponse(500, [("content-type", "text/plain")], b"internal error").encode()
-                self._write(response)
-        finally:
-            self._busy = False
-
-    def _write(self, response: bytes) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(response)
-
-    def _fail(self, status: int) -> None:
-        self._write(HttpResponse(status, [("content-type", "text/plain")], b"bad request").encode(keep_alive=False))
-        if self._transport is not None:
-            self._transport.close()
-
-
-def _content_length(buffer: bytes, end: int) -> int | None:
-    head = buffer[:end].lower()
-    if b"\r\ntransfer-encoding:" in head:
-        return None
-    at = head.find(b"\r\ncontent-length:")
-    if at < 0:
-        return 0
-    stop = head.find(b"\r\n", at + 2)
-    value = head[at + 17: stop if stop >= 0 else len(head)].strip()
-    return int(value) if value.isdigit() else None
-
-
-async def serve_http_front(front: HttpFront, address: str, *, reuse_port: bool = False) -> tuple[asyncio.Server, str]:
-    sock = bind_socket(address, reuse_port=reuse_port)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(front.protocol, sock=sock)
-    if address.startswith("unix:"):
-        return server, address
-    host, port = sock.getsockname()[:2]
-    return server, f"{host}:{port}"
-
-
-__all__ = ["HttpFront", "facts_from_http", "http_response", "parse_xfcc", "serve_http_front"]
+__all__ = ["HttpFront", "facts_from_http", "http_response", "parse_xfcc"]

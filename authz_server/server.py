@@ -26,14 +26,15 @@ from .shadow.evaluator import ShadowEvaluator
 from .config import Config
 from .decision import Decision, Pipeline
 from .envoy import check_response_bytes, cut_volatile, facts_from_check_request, parse_check_request, repeat_facts
-from .errors import AuthzError, RequestError, WorkloadError
+from .errors import AuthzError, RequestError, WorkloadError, where_it_failed
 from .http import serve_http
 from .identity.redis_store import RedisStore
 from .identity.resolver import IdentityService, accept_actor
 from .identity.sessions import MemoryStore
 from .identity.spiffe import BundleSet, PeerCertificateCache, accept_trust_domains
 from .identity.workloads import PrincipalVerifier
-from .httpfront import HttpFront, serve_http_front
+from .limits import Limits
+from .httpfront import HttpFront
 from .metrics import Metrics, identity_collector, pipeline_collector, signals_collector
 from .signals import Signals
 from .policy.loader import PolicyRuntime
@@ -49,14 +50,25 @@ AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 POLICY_HEALTH_SERVICE = "authz_server.PolicyReload"
 
 
+# grpc.aio takes calls from gRPC core one at a time; the ones that arrive faster wait in core's
+# pending queue. Past 1,000 waiting (core's default soft limit) core cancels new calls at random,
+# more of them as the queue nears 3,000: 2,000 Checks at once came back ~200 CANCELLED before any
+# decision. The queue is drained in microseconds per call, so waiting is the better answer to a
+# burst; beyond the hard limit core still sheds calls (Envoy then applies failure_mode_allow,
+# deny by default), which bounds the memory held by calls not yet started.
+PENDING_CALL_LIMITS = (("grpc.server.max_pending_requests", 20_000),
+                       ("grpc.server.max_pending_requests_hard_limit", 40_000))
+
+
 class AuthorizationServicer:
     def __init__(self, pipeline: Pipeline, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time, clients: SpiffeIdCheck | None = None,
-                 repeat_entries: int = 20_000) -> None:
+                 repeat_entries: int = 20_000, limits: Limits | None = None) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
         self._clock = clock
         self._clients = clients  # mTLS: which sidecars may ask
+        self._limits = limits or Limits()
         self.repeats = RepeatCache(repeat_entries)  # repeat key (cut_volatile) → a cached allow to replay
 
     async def check(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -73,11 +85,11 @@ class AuthorizationServicer:
                 key, volatile = cut
                 repeated = self.repeats.replay(key, self._pipeline, now, lambda first: repeat_facts(first, volatile))
             if repeated is None:
-                facts = facts_from_check_request(parse_check_request(raw))
+                facts = facts_from_check_request(parse_check_request(raw, self._limits))
         except RequestError as exc:
             decision = self._pipeline.refuse(exc, now=now)
         except Exception as exc:  # never let a surprise reach Envoy as a gRPC error
-            log.exception("could not read CheckRequest")
+            log.error("could not read a CheckRequest: %s", where_it_failed(exc))
             decision = self._pipeline.refuse(AuthzError(f"internal error: {type(exc).__name__}",
                                                         code="internal_error"), now=now)
         else:
@@ -175,14 +187,18 @@ class App:
         if self.config.addr:
             self.server = grpc.aio.server(options=[
                 ("grpc.so_reuseport", 1 if self.reuse_port else 0),
-                ("grpc.max_receive_message_length", 4 * 1024 * 1024 + 1024),
+                # Larger than any request the limits let through, so that one over them gets a
+                # clean deny (request_too_large) instead of a gRPC error, up to 4 MiB.
+                ("grpc.max_receive_message_length", max(4 * 1024 * 1024, self.config.limits.max_request_bytes) + 1024),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
+                *PENDING_CALL_LIMITS,
             ])
             clients = None
             if self.config.tls is not None and self.config.tls.allowed_clients:
                 clients = SpiffeIdCheck(accept_actor(self.config.tls.allowed_clients))
-            AuthorizationServicer(self.pipeline, self.metrics, clients=clients).register(self.server)
+            AuthorizationServicer(self.pipeline, self.metrics, clients=clients,
+                                  limits=self.config.limits).register(self.server)
             rarely_called = _GenericHandlersOnly(self.server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, rarely_called)
             reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
@@ -205,7 +221,8 @@ class App:
         if self.config.http_addr:
             front = HttpFront(self.pipeline, path_prefix=self.config.http_path_prefix,
                               on_latency=self.metrics.observe_latency)
-            server, address = await serve_http_front(front, self.config.http_addr, reuse_port=self.reuse_port)
+            server, address = await serve_http(front.handle, self.config.http_addr, reuse_port=self.reuse_port,
+                                               limits=self.config.limits, replay=front.replay)
             self._http_servers.append(server)
             self.bound["http_addr"] = address
         if self.config.metrics_addr:

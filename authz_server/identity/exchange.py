@@ -189,7 +189,7 @@ class TokenExchange:
             raise ExchangeError("invalid_request", "the actor is the mTLS client; actor_token is not accepted")
         requested_type = form.get("requested_token_type", ACCESS_TOKEN)
         if requested_type not in (ACCESS_TOKEN, JWT_TYPE):
-            raise ExchangeError("invalid_request", f"cannot issue {requested_type!r}")
+            raise ExchangeError("invalid_request", f"requested_token_type must be {ACCESS_TOKEN} or {JWT_TYPE}")
         audience = form.get("audience") or form.get("resource")
         if not audience:
             raise ExchangeError("invalid_request", "name the target service in audience (or resource)")
@@ -257,7 +257,7 @@ class TokenExchange:
                                                      "stays with the client that holds it")
             claims = verified.claims
             return verified.subject, claims, verified.expires_at, claims.get("act")
-        raise ExchangeError("invalid_request", f"unsupported subject_token_type {token_type!r}")
+        raise ExchangeError("invalid_request", "unsupported subject_token_type")
 
 
 def _form(request: HttpRequest) -> dict[str, str]:
@@ -273,7 +273,7 @@ def _form(request: HttpRequest) -> dict[str, str]:
     form: dict[str, str] = {}
     for key, value in pairs:
         if key in form:  # RFC 6749 §3.2: parameters MUST NOT be included more than once
-            raise ExchangeError("invalid_request", f"parameter {key!r} given more than once")
+            raise ExchangeError("invalid_request", "a parameter is given more than once")
         form[key] = value
     return form
 

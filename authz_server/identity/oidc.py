@@ -357,7 +357,7 @@ class IssuerRegistry:
         issuer = peek_issuer(token, max_token_bytes=self._max_token_bytes, max_payload_bytes=self._max_payload_bytes)
         entry = self._issuers.get(issuer)
         if entry is None:
-            raise TokenError(f"issuer {issuer[:100]!r} is not trusted", code="untrusted_issuer")
+            raise TokenError("the token's issuer is not trusted", code="untrusted_issuer")
         keys = await entry.keys.current(now)
         try:
             return validate_jwt(token, entry.policy, keys, now=now, client_cert_sha256=client_cert_sha256)

@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from ..decision import Identity
-from ..errors import AuthzError, ReplayError, SessionError
+from ..errors import AuthzError, ReplayError, SessionError, TokenError
 from ..facts import Facts
 from .credentials import (SESSION_COOKIE, SESSION_HEADER, access_token, dpop_proof, is_browser_route,
                           request_uri, session_cookie, session_header, user_agent)
 from .browser import BrowserLogin
 from .dpop import DpopSettings, ProofChecker, dpop_error
-from .sessions import (Binding, MemoryStore, Session, SessionStore, new_session_id, replay_error, session_key,
-                       sha256_hex)
+from .sessions import (Binding, MemoryStore, Session, SessionStore, describe_token, new_session_id, replay_error,
+                       session_key, sha256_hex)
 from .workloads import WorkloadIdentity, WorkloadVerifier
 
 log = logging.getLogger("authz_server.identity")
@@ -50,6 +50,12 @@ log = logging.getLogger("authz_server.identity")
 DEFAULT_SESSION_CLAIMS = ("sub", "iss", "aud", "scope", "scp", "roles", "groups", "realm_access", "client_id", "azp",
                           "email", "name", "preferred_username", "tenant", "acr", "amr", "auth_time", "act", "cnf",
                           "jti")
+
+
+# A token without ``jti`` cannot be told apart from its replays by its id. ``digest`` (the
+# default) tracks it by a digest of its signed part instead, so the first client to use it
+# owns it until it expires, as with a ``jti``; ``refuse`` turns such tokens away.
+TOKENS_WITHOUT_JTI = ("digest", "refuse")
 
 
 class VerifiedTokenLike(Protocol):
@@ -76,6 +82,7 @@ class SessionSettings:
     max_delegation_hops: int = 2
     claims: tuple[str, ...] = DEFAULT_SESSION_CLAIMS
     one_time_use_issuers: tuple[str, ...] = ()
+    tokens_without_jti: str = "digest"  # see TOKENS_WITHOUT_JTI
 
 
 def accept_actor(patterns: tuple[str, ...]) -> Callable[[str], bool]:
@@ -291,13 +298,19 @@ class IdentityService:
             f"address={facts.source_address or '?'} ua={sha256_hex(user_agent(facts))[:16]}")
         jti = getattr(verified, "jti", None) or ""
         expires_at = getattr(verified, "expires_at", None)
-        if self.store is not None and jti:
+        if not jti and self.settings.tokens_without_jti == "refuse":
+            raise TokenError("the token has no 'jti' claim (sessions.tokens_without_jti: refuse)",
+                             code="missing_claim")
+        if self.store is not None:
             until = expires_at if expires_at else now + self.settings.max_lifetime
-            first = await self.store.claim_jti(verified.issuer, jti, replay_client, until=until, now=now)
+            # An issuer identifier has no fragment (RFC 8414 §2), so "#digest" keeps these
+            # apart from every real (issuer, jti) pair.
+            issuer_key, claimed = (verified.issuer, jti) if jti else (f"{verified.issuer}#digest", token_digest(token))
+            first = await self.store.claim_jti(issuer_key, claimed, replay_client, until=until, now=now)
             if first is not None and (first != replay_client or verified.issuer in self.settings.one_time_use_issuers):
                 self.stats.replays += 1
                 error = (replay_error(verified.issuer, jti, first, replay_client) if first != replay_client else
-                         ReplayError(f"one-time token {jti!r} from {verified.issuer} was already used",
+                         ReplayError(f"one-time {describe_token(verified.issuer, jti)} was already used",
                                      code="token_reused"))
                 log.warning("token replay refused: %s", error.message)
                 raise error
@@ -364,6 +377,15 @@ class IdentityService:
             upstream_headers=upstream, response_headers=response,
             headers_to_remove=("authorization",) if removes_token else (),
         )
+
+
+def token_digest(token: str) -> str:
+    """What identifies a token without ``jti``: SHA-256 of its signed part. For a JWS that is
+    the header and payload, not the signature: an ECDSA signature has a second valid form
+    ((r, n - s)), and a replay with it must count as the same token."""
+    parts = token.split(".")
+    signed = f"{parts[0]}.{parts[1]}" if len(parts) == 3 else token
+    return hashlib.sha256(signed.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _act_chain(act: Any, subject: str) -> tuple[Mapping[str, str], ...]:

@@ -272,9 +272,13 @@ class MemoryStore:
 
 
 def replay_error(issuer: str, jti: str, first: str, second: str) -> ReplayError:
-    return ReplayError(f"token {jti!r} from {issuer} was first used by {first}, now presented by {second}",
+    return ReplayError(f"{describe_token(issuer, jti)} was first used by {first}, now presented by {second}",
                        code="token_replay")
 
 
-__all__ = ["Binding", "MemoryStore", "Session", "SessionStore", "StoreStats", "new_session_id",
+def describe_token(issuer: str, jti: str) -> str:
+    return f"token {jti!r} from {issuer}" if jti else f"a token without jti from {issuer}"
+
+
+__all__ = ["Binding", "MemoryStore", "Session", "SessionStore", "StoreStats", "describe_token", "new_session_id",
            "replay_error", "session_key", "sha256_hex"]

@@ -81,7 +81,7 @@ def tls_version_of(value: str | None) -> str | None:
     if not value or value == "-":
         return None
     if not _TLS_VERSION.match(value):
-        raise WorkloadError(f"{TLS_VERSION_HEADER} {value[:40]!r} is not one TLS version: Envoy must overwrite "
+        raise WorkloadError(f"{TLS_VERSION_HEADER} is not one TLS version: Envoy must overwrite "
                             f"the header, not append to it", code="invalid_tls_version")
     return value
 

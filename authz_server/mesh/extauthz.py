@@ -184,6 +184,11 @@ def authz_cluster(target: AuthzTarget) -> dict[str, Any]:
             # once the limit is reached, and the kernel spreads those across the workers.
             http2["max_concurrent_streams"] = 16
         cluster["typed_extension_protocol_options"] = http_protocol_options({"http2_protocol_options": http2})
+    else:
+        # Envoy closes idle connections to the HTTP front before the front would (its
+        # limits.idle_timeout defaults to 60 s): a close from the front could cross a request.
+        cluster["typed_extension_protocol_options"] = http_protocol_options({"http_protocol_options": {}},
+                                                                            idle_timeout="50s")
     return cluster
 
 

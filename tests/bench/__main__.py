@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .harness import Settings, save, wrk_binary
 
-SECTIONS = ["traffic", "core", "sessions", "browser", "transport", "signals", "handshake", "workload"]
+SECTIONS = ["traffic", "core", "sessions", "browser", "transport", "signals", "handshake", "workload", "hostile"]
 OPT_IN = ["ladder", "control_plane", "scaling"]  # only with --only: ladder explains a figure above; control_plane
 # holds a collector down for 60 s; scaling kills stores and replicas (all add minutes)
 
@@ -86,6 +86,11 @@ def main() -> int:
         from . import workload
 
         results["workload"], text = workload.run()
+        print(text)
+    if "hostile" in chosen:
+        from . import hostile
+
+        results["hostile"], text = hostile.run(settings)
         print(text)
     save(results, Path(args.json))
     print(f"\nraw numbers saved to {args.json}")

@@ -106,7 +106,7 @@ def _profile(pid: int, url: str, settings: Settings, out: Path) -> dict[str, Any
         weight = int(count)
         total += weight
         names = {_function(f) for f in frames if "authz_server/" in f and "cli.py" not in f and "serve.py" not in f}
-        if any(n.startswith(("AuthorizationServicer.check", "HttpFront.", "_FrontProtocol.")) for n in names):
+        if any(n.startswith(("AuthorizationServicer.check", "HttpFront.", "_Connection.")) for n in names):
             ours += weight
         for name in names:
             inclusive[name] += weight

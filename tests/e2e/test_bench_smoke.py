@@ -20,6 +20,7 @@ from tests.bench.harness import wrk_binary
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.timeout(1500)  # a dozen sections, each starting Envoys and servers
 @pytest.mark.skipif(wrk_binary() is None, reason="wrk is not installed (Debian: apt-get install wrk)")
 def test_every_bench_section_runs(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"

@@ -16,11 +16,9 @@ Whatever arrives:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import string
-import threading
 import urllib.parse
 import uuid
 from dataclasses import dataclass
@@ -36,8 +34,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from authz_server.config import Config
+from authz_server.limits import Limits
 from authz_server.server import build_app
-from tests.support.authz import REPO, copy_policies
+from tests.support.authz import REPO, ServerThread, copy_policies
 
 CheckRequest = external_auth_pb2.CheckRequest
 CheckResponse = external_auth_pb2.CheckResponse
@@ -59,21 +58,6 @@ class Server:
     check: Callable[..., bytes]
     channel: grpc.Channel
     normal: Callable[[], None]  # asserts the server still decides ordinary requests correctly
-
-
-class ServerThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="authz-fuzz-server", daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine: Any, timeout: float = 60) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 def _tutorial_token(role: str) -> str:
@@ -140,8 +124,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
         for name, folder in (("default", REPO / "policies"),
                              ("quickstart", REPO / "authz_server" / "mesh" / "policies" / "quickstart")):
             policies = copy_policies(folder, tmp_path_factory.mktemp(name))
+            # Limits wide enough for the huge header values generated here: what is fuzzed is how
+            # any request decodes; the limits have tests of their own (test_request_limits.py).
             app = build_app(Config(policies=str(policies), addr="127.0.0.1:0", metrics_addr="",
-                                   trust_domains=("example.org",)))
+                                   trust_domains=("example.org",), limits=Limits(max_header_bytes=1024 * 1024)))
             bound = runner.run(app.start())
             apps.append(app)
             channel = grpc.insecure_channel(bound["addr"])
@@ -412,10 +398,17 @@ def test_huge_and_many_headers_and_deep_bodies(servers: dict[str, Server], no_er
     server = servers["default"]
     huge = orders_request()
     huge.attributes.request.http.headers["x-huge"] = "a" * (3 * 1024 * 1024)
-    assert allowed(decision_of(server.check(huge.SerializeToString(), timeout=30)))  # the policy does not read it
+    refused = decision_of(server.check(huge.SerializeToString(), timeout=30))  # over the limits: not even read
+    assert_refused_as_unreadable(refused)
+    assert refused.status.message == "request_too_large"
     many = orders_request()
     many.attributes.request.http.headers.update({f"x-h-{i}": str(i) for i in range(20_000)})
-    assert allowed(decision_of(server.check(many.SerializeToString(), timeout=30)))
+    refused = decision_of(server.check(many.SerializeToString(), timeout=30))
+    assert_refused_as_unreadable(refused)
+    assert refused.status.message == "request_too_large"
+    large = orders_request()
+    large.attributes.request.http.headers["x-large"] = "a" * (512 * 1024)  # within these servers' limits
+    assert allowed(decision_of(server.check(large.SerializeToString(), timeout=30)))  # the policy does not read it
     for depth in (500, 5_000, 100_000):
         deep = orders_request(body="[" * depth + "]" * depth)
         deep.attributes.request.http.headers["content-type"] = "application/json"

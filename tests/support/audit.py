@@ -50,11 +50,13 @@ def workload(name: str) -> str:
 
 
 def check_request_json(path: str, *, principal: str = "", method: str = "GET",
-                       headers: dict[str, str] | None = None, request_id: str = "") -> dict[str, Any]:
+                       headers: dict[str, str] | None = None, request_id: str = "", body: str = "") -> dict[str, Any]:
     http: dict[str, Any] = {"method": method, "path": path, "host": "orders", "scheme": "http",
                             "protocol": "HTTP/1.1",
                             "headers": {":authority": "orders", ":method": method, ":path": path,
                                         **(headers or {})}}
+    if body:
+        http["body"] = body
     if request_id:
         http["id"] = request_id
     attributes: dict[str, Any] = {
@@ -116,12 +118,12 @@ def secret_path(base: str) -> tuple[str, list[str]]:
     return f"{base}?access_token={access}&page=2&refresh_token={refresh}&session=s-{access}", [access, refresh]
 
 
-def assert_no_secret(text: str, secrets: list[str]) -> None:
+def assert_no_secret(text: str, secrets: list[str], where: str = "the audit output") -> None:
     for secret in secrets:
-        assert secret not in text, f"secret {secret[:12]}... survived in the audit output"
+        assert secret not in text, f"secret {secret[:12]}... survived in {where}"
     for fragment in [s for s in secrets if s.startswith("ey")]:
         header = fragment.split(".")[0]
-        assert header not in text, "a JWT header survived"
+        assert header not in text, f"a JWT header survived in {where}"
 
 
 def jsonl(path: Path) -> Iterator[dict[str, Any]]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
+import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from authz_server.config import Config
 from authz_server.server import App, build_app
@@ -41,3 +43,20 @@ def write_policy(folder: Path, source: str, name: str = "policy.rego") -> None:
     tmp = folder / f".{name}.tmp"
     tmp.write_text(source)
     tmp.replace(folder / name)
+
+
+class ServerThread:
+    """An event loop in its own thread, for servers that synchronous tests (hypothesis) call."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="authz-test-server", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()

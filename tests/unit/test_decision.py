@@ -126,6 +126,22 @@ def test_a_bug_anywhere_denies(outcomes: PolicyRuntime) -> None:
     assert (decision.allowed, decision.code, decision.phase) == (False, "internal_error", "internal")
 
 
+def test_a_bug_is_logged_where_it_happened_but_not_what_the_request_carried(
+        outcomes: PolicyRuntime, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception's message can quote the request (int() quotes the text it could not read):
+    the log says the type and the frames, never the message."""
+    class Reading:
+        async def resolve(self, facts: Facts, now: float) -> Identity:
+            return int(facts.header("x-count"))  # type: ignore[return-value]
+
+    caplog.set_level("DEBUG")
+    decision = decide(Pipeline(outcomes, identity=Reading()), request("/yes", headers={"x-count": "pw=hunter2"}))
+    assert decision.code == "internal_error" and "hunter2" not in decision.reason
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "ValueError" in record.getMessage() and "test_decision.py" in record.getMessage()
+    assert "hunter2" not in caplog.text and record.exc_info is None
+
+
 # -- the cache
 
 def test_a_repeat_is_a_hit_and_noise_does_not_matter(outcomes: PolicyRuntime) -> None:

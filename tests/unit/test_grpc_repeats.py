@@ -16,6 +16,7 @@ import pytest
 from authz_server.decision import Decision, DecisionSettings, Pipeline
 from authz_server.envoy import CheckResponse, check_request_from_json
 from authz_server.facts import Facts
+from authz_server.http import HttpRequest
 from authz_server.httpfront import HttpFront
 from authz_server.policy.loader import PolicyRuntime
 from authz_server.server import AuthorizationServicer
@@ -181,19 +182,19 @@ def test_a_policy_that_reads_a_per_request_value_is_never_replayed(server: Serve
     assert server.servicer.repeats.hits == 0
 
 
-def test_the_http_front_replays_byte_identical_requests(server: Server) -> None:
-    """The HTTP front keeps a cached allow by the request's bytes and answers the same bytes
-    from it, each time with a new decision id; other bytes are decided on their own."""
+def test_the_http_front_replays_identical_requests(server: Server) -> None:
+    """The HTTP front keeps a cached allow by the request's bytes (the digest the connection
+    gives a request that came as one whole read) and answers the same bytes from it, each
+    time with a new decision id; other bytes are decided on their own."""
     front = HttpFront(server.pipeline, clock=server.clock)
 
-    def request(path: str) -> bytes:
-        return f"GET /check{path} HTTP/1.1\r\nhost: svc\r\nuser-agent: test\r\n\r\n".encode()
+    def request(path: str) -> HttpRequest:
+        return HttpRequest("GET", f"/check{path}", {"host": "svc"}, repeat_key=path.encode())
 
-    now = server.clock()
     for _ in range(2):  # the policy decides, then a decision-cache hit is kept as a repeat
-        assert front.answer_cached(request("/public/a"), now) is None
-        assert asyncio.run(front.answer(request("/public/a"), now)).startswith(b"HTTP/1.1 200")
-    answers = [front.answer_cached(request("/public/a"), now) for _ in range(2)]
+        assert front.replay(b"/public/a") is None
+        assert asyncio.run(front.handle(request("/public/a"))).startswith(b"HTTP/1.1 200")
+    answers = [front.replay(b"/public/a") for _ in range(2)]
     assert all(a is not None and a.startswith(b"HTTP/1.1 200") for a in answers)
     assert front.exact.hits == 2 and answers[0] != answers[1]  # their decision ids differ
-    assert front.answer_cached(request("/public/b"), now) is None
+    assert front.replay(b"/public/b") is None

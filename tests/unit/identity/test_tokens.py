@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
@@ -239,10 +240,16 @@ def test_b64url_refuses_other_spellings(text: str) -> None:
 
 
 @pytest.mark.parametrize("data", [b'{"a":1,"a":2}', b'{"a":{"b":1,"b":1}}', b"[1]", b'{"a":NaN}',
-                                  b'{"a":1e999}', '{"a":1}'.encode("utf-16"), b"\xef\xbb\xbf{}", b'{"a":"\xff"}'])
+                                  b'{"a":1e999}', b'{"a":18446744073709551616}', b'{"a":-9223372036854775809}',
+                                  b'{"a":[' + b"9" * 5000 + b']}', '{"a":1}'.encode("utf-16"), b"\xef\xbb\xbf{}", b'{"a":"\xff"}'])
 def test_json_object_is_strict(data: bytes) -> None:
     with pytest.raises(ValueError):
         json_object(data)
+
+
+@pytest.mark.parametrize("number", [b"-9223372036854775808", b"18446744073709551615", b"0", b"-0", b"1e308"])
+def test_json_object_takes_every_64_bit_integer_and_double(number: bytes) -> None:
+    assert json_object(b'{"a":' + number + b"}")["a"] == json.loads(number)
 
 
 def _claims() -> dict[str, object]:

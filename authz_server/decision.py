@@ -51,6 +51,16 @@ class IdentityResolver(Protocol):
     async def resolve(self, facts: Facts, now: float) -> Identity: ...
 
 
+class PhaseClock(Protocol):
+    """Notes when each phase of one decision ended (tracing: see ``tracing.spans``)."""
+
+    def mark(self, phase: str, detail: Any = None) -> None: ...
+
+
+class DecisionTracing(Protocol):
+    def start(self) -> PhaseClock: ...
+
+
 class SignalSource(Protocol):
     def gate(self, facts: Facts, now: float) -> None: ...
 
@@ -99,6 +109,7 @@ class Decision:
     valid_until: float | None = None  # when the cached verdict behind this decision stops holding
     explain_denial: bool = True  # a deny the policy made carries only its own body, as OPA-Envoy's, unless this
     challenge: Headers = ()  # a deny's own headers from the error (DPoP challenge, sign-in redirect)
+    phases: PhaseClock | None = None  # tracing on: when each phase ended
 
     def _agreeing_verdict(self) -> Verdict | None:
         verdict = self.verdict
@@ -193,12 +204,14 @@ class Pipeline:
 
     def __init__(self, policies: PolicyRuntime, *, settings: DecisionSettings | None = None,
                  identity: IdentityResolver | None = None, signals: SignalSource | None = None,
-                 observers: list[Callable[[Decision, Facts | None, float], None]] | None = None) -> None:
+                 observers: list[Callable[[Decision, Facts | None, float], None]] | None = None,
+                 tracing: DecisionTracing | None = None) -> None:
         self.policies = policies
         self.settings = settings or DecisionSettings()
         self.identity = identity
         self.signals = signals
         self.observers = observers if observers is not None else []
+        self.tracing = tracing  # None: no phase clock is read (tracing off costs one test per decision)
         self.cache: DecisionCache[_CachedVerdict] = DecisionCache(self.settings.cache_max_entries)
         self.new_decision_id = decision_ids()
         self._cached_version = ""
@@ -208,6 +221,7 @@ class Pipeline:
         active = self.policies.active
         identity = NO_IDENTITY
         signals: Mapping[str, Any] = {}
+        phases = self.tracing.start() if self.tracing is not None else None
         try:
             if active is None:
                 raise PolicyError("no policy loaded yet", code="policy_not_loaded")
@@ -220,9 +234,13 @@ class Pipeline:
                     if self.signals is not None:
                         await self.signals.record_identity_failure(facts, now)
                     raise
+                if phases is not None:
+                    phases.mark("identity")
             if self.signals is not None:
                 signals = await self.signals.assess(facts, identity, now)
-            decision = await self._decide_with_policy(active, facts, identity, signals, decision_id, now)
+                if phases is not None:
+                    phases.mark("signals")
+            decision = await self._decide_with_policy(active, facts, identity, signals, decision_id, now, phases)
         except AuthzError as exc:
             decision = self._error_decision(exc, decision_id, active, identity, signals)
         except Exception as exc:  # a bug must never allow
@@ -232,6 +250,8 @@ class Pipeline:
                 decision_id, active, identity, signals)
         if self.settings.dry_run and decision.phase != "request":
             decision = _as_dry_run(decision)
+        if phases is not None:
+            decision.phases = phases
         if self.signals is not None:
             self.signals.record_outcome(facts, identity, decision, now)
         for observe in self.observers:
@@ -272,7 +292,8 @@ class Pipeline:
         return decision
 
     async def _decide_with_policy(self, active: ActivePolicy, facts: Facts, identity: Identity,
-                                  signals: Mapping[str, Any], decision_id: str, now: float) -> Decision:
+                                  signals: Mapping[str, Any], decision_id: str, now: float,
+                                  phases: PhaseClock | None = None) -> Decision:
         if active.version != self._cached_version:
             self.cache.clear()  # a new policy or data version: nothing cached still holds
             self._cached_version = active.version
@@ -297,6 +318,8 @@ class Pipeline:
             else:
                 key = _full_key(active, facts, identity, signals)
             cached = self.cache.get(key, now)
+            if phases is not None:
+                phases.mark("cache", cached is not None)
             if cached is not None:
                 # The rendering carries identity headers: shared only with the identity it was made for.
                 memo = cached.memo if cached.identity == identity.fingerprint else None
@@ -311,6 +334,8 @@ class Pipeline:
         if input_json is None:
             input_json = encode_input(document)
         result = await active.evaluate(input_json, timeout=self.settings.policy_timeout)
+        if phases is not None:
+            phases.mark("policy")
         if active.input_tree is not None:
             document = None  # partial: the audit log builds the full input from the facts
         if result is UNDEFINED:

@@ -38,6 +38,7 @@ from .metrics import Metrics, identity_collector, pipeline_collector, signals_co
 from .signals import Signals
 from .policy.loader import PolicyRuntime
 from .repeats import RepeatCache
+from .tracing import tracing_from_env
 from .identity.exchange import ExchangeSigner, TokenExchange
 from .tls import ServerSslContext, SpiffeIdCheck, TlsSource, server_credentials, tls_source_from
 
@@ -154,6 +155,7 @@ class App:
     exchange: TokenExchange | None = None
     control: ControlPlaneClient | None = None  # OPA bundles, status, decision logs
     shadow: ShadowEvaluator | None = None
+    tracing: Any = None  # a tracing.spans.DecisionTracer when OTEL_* configures tracing
     bound: dict[str, str] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -336,6 +338,8 @@ class App:
                     await close()
         if self.audit is not None:
             await self.audit.stop()  # after the fronts: every decision made is flushed (within a bound)
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # likewise for their spans
         self.runtime.close()
 
 
@@ -415,11 +419,14 @@ def build_app(config: Config, *, reuse_port: bool = False) -> App:
         shadow = ShadowEvaluator(shadow_runtime, sample=plane.shadow.sample, deny_status=config.decision.deny_status,
                                  audit=audit)
     signals = Signals(config.signals) if config.signals is not None else None
+    tracing = tracing_from_env()  # None unless OTEL_* names an exporter or endpoint: then nothing runs
     pipeline = Pipeline(runtime, settings=config.decision, identity=identity, signals=signals,
                         observers=[metrics.observe_decision,
                                    _log_every_decision if log.isEnabledFor(logging.DEBUG) else _log_failure,
-                                   *([audit.observe] if audit else []), *([shadow.observe] if shadow else [])])
-    for part in (control, decision_logs, shadow):
+                                   *([audit.observe] if audit else []), *([shadow.observe] if shadow else []),
+                                   *([tracing.observe] if tracing else [])],
+                        tracing=tracing)
+    for part in (control, decision_logs, shadow, tracing):
         if part is not None:
             metrics.watch(part.collect)
     metrics.watch(pipeline_collector(pipeline, runtime))
@@ -430,7 +437,7 @@ def build_app(config: Config, *, reuse_port: bool = False) -> App:
         metrics.watch(audit.collect)
     app = App(config=config, runtime=runtime, pipeline=pipeline, metrics=metrics,
               health=health.aio.HealthServicer(), reuse_port=reuse_port, identity=identity, signer=signer, audit=audit,
-              control=control, shadow=shadow)
+              control=control, shadow=shadow, tracing=tracing)
     runtime.listeners.append(app.on_policy_change)
     return app
 

@@ -37,6 +37,7 @@ from .httpfront import HttpFront, serve_http_front
 from .metrics import Metrics, identity_collector, pipeline_collector, signals_collector
 from .signals import Signals
 from .policy.loader import PolicyRuntime
+from .explaining import ExplainMode
 from .repeats import RepeatCache
 from .tracing import tracing_from_env
 from .identity.exchange import ExchangeSigner, TokenExchange
@@ -156,6 +157,7 @@ class App:
     control: ControlPlaneClient | None = None  # OPA bundles, status, decision logs
     shadow: ShadowEvaluator | None = None
     tracing: Any = None  # a tracing.spans.DecisionTracer when OTEL_* configures tracing
+    explaining: ExplainMode | None = None  # the admin API's explain mode, attached to the pipeline
     bound: dict[str, str] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -254,7 +256,7 @@ class App:
         assert self.tls is not None and self.identity is not None
         self.admin_server = grpc.aio.server()
         authz_admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.identity, self.config.admin.allowed, runtime=self.runtime,
-                                                                      shadow=self.shadow),
+                                                                      shadow=self.shadow, explaining=self.explaining),
                                                          self.admin_server)
         port = self.admin_server.add_secure_port(self.config.admin.addr, server_credentials(self.tls))
         await self.admin_server.start()
@@ -426,6 +428,8 @@ def build_app(config: Config, *, reuse_port: bool = False) -> App:
                                    *([audit.observe] if audit else []), *([shadow.observe] if shadow else []),
                                    *([tracing.observe] if tracing else [])],
                         tracing=tracing)
+    explaining = ExplainMode()  # switched on by the admin API; until then the pipeline holds None
+    explaining.attach(pipeline)
     for part in (control, decision_logs, shadow, tracing):
         if part is not None:
             metrics.watch(part.collect)
@@ -437,7 +441,7 @@ def build_app(config: Config, *, reuse_port: bool = False) -> App:
         metrics.watch(audit.collect)
     app = App(config=config, runtime=runtime, pipeline=pipeline, metrics=metrics,
               health=health.aio.HealthServicer(), reuse_port=reuse_port, identity=identity, signer=signer, audit=audit,
-              control=control, shadow=shadow, tracing=tracing)
+              control=control, shadow=shadow, tracing=tracing, explaining=explaining)
     runtime.listeners.append(app.on_policy_change)
     return app
 

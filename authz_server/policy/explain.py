@@ -146,9 +146,12 @@ def summarize(events: Sequence[Event], *, defined: bool, modules: Mapping[str, s
     running: dict[int, RuleOutcome] = {}  # query id -> the rule it evaluates
     last_fail: dict[int, Event] = {}
     top: list[RuleOutcome] = []
+    indexed_out = False  # OPA's rule index left every non-default rule of the query out
     for event in events:
         op, qid = event.get("op"), _qid(event)
-        if op == "Enter":
+        if op == "Index" and qid == 0 and str(event.get("message", "")).startswith("(matched 0 rules"):
+            indexed_out = True
+        elif op == "Enter":
             path = rule_path(event, packages)
             if not path:
                 continue
@@ -178,21 +181,26 @@ def summarize(events: Sequence[Event], *, defined: bool, modules: Mapping[str, s
     decided = [o for o in top if o.succeeded]
     return {
         "defined": defined,
-        "because": _because(defined, decided, top),
+        "because": _because(defined, decided, top, indexed_out),
         "decided_by": [{"rule": o.rule, "location": o.location, **({"default": True} if o.default else {})}
                        for o in decided],
         "rules": [o.to_json() for o in outcomes.values()],
     }
 
 
-def _because(defined: bool, decided: list[RuleOutcome], top: list[RuleOutcome]) -> str:
+_INDEXED_OUT = "no rule body was tried: the input matches none of their indexed conditions (OPA's rule index)"
+
+
+def _because(defined: bool, decided: list[RuleOutcome], top: list[RuleOutcome], indexed_out: bool) -> str:
     failed = [o for o in top if not o.succeeded]
     stops = "; ".join(f"{o.rule} ({o.location}) stopped at {o.failed_at[0]['location']}: "
                       f"{o.failed_at[0].get('source') or o.failed_at[0]['expression']}"
                       for o in failed if o.failed_at)
+    if indexed_out and not failed:
+        stops = _INDEXED_OUT
     if not defined:
         if not top:
-            return "undefined: no rule defines the queried document"
+            return f"undefined: {_INDEXED_OUT}" if indexed_out else "undefined: no rule defines the queried document"
         return "undefined: no rule succeeded" + (f" ({stops})" if stops else "")
     if not decided:
         return "defined without a rule body (a value from data or the query itself)"

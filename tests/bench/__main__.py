@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .harness import Settings, save, wrk_binary
 
-SECTIONS = ["traffic", "core", "sessions", "browser", "transport", "signals", "handshake", "workload"]
+SECTIONS = ["traffic", "core", "sessions", "browser", "transport", "signals", "handshake", "workload", "tracing"]
 OPT_IN = ["ladder", "control_plane"]  # only with --only: ladder explains a figure above; control_plane
 # holds a collector down for 60 s (both add minutes)
 
@@ -81,6 +81,11 @@ def main() -> int:
         from . import workload
 
         results["workload"], text = workload.run()
+        print(text)
+    if "tracing" in chosen:
+        from . import tracing
+
+        results["tracing"], text = tracing.run(smoke=settings.smoke)
         print(text)
     save(results, Path(args.json))
     print(f"\nraw numbers saved to {args.json}")

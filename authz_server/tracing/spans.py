@@ -162,14 +162,17 @@ class DecisionTracer:
         dropped = CounterMetricFamily("authz_tracing_spans_dropped", "Decisions not traced: the tracer's queue "
                                       "was full")
         dropped.add_metric([], self.dropped)
-        yield from (traced, dropped)
+        unsampled = CounterMetricFamily("authz_tracing_unsampled", "Decisions not traced: the request's "
+                                        "traceparent said not sampled")
+        unsampled.add_metric([], self.unsampled)
+        yield from (traced, dropped, unsampled)
 
 
 def _unsampled(facts: Any) -> bool:
     """The request's W3C ``traceparent`` says not sampled (a malformed one is the SDK's to judge)."""
     parent = facts.headers.get("traceparent")
-    if parent is None:
-        volatile = getattr(facts.attributes_factory, "volatile", None)  # gRPC keeps it apart (facts.Volatile)
+    if parent is None and facts.transport == "grpc":  # kept apart from the headers there (facts.Volatile)
+        volatile = getattr(facts.attributes_factory, "volatile", None)
         parent = volatile.headers.get("traceparent") if volatile is not None else None
     if parent is None or len(parent) < 55 or parent[2] != "-" or parent[52] != "-":
         return False

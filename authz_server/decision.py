@@ -124,7 +124,7 @@ class Decision:
     valid_until: float | None = None  # when the cached verdict behind this decision stops holding
     explain_denial: bool = True  # a deny the policy made carries only its own body, as OPA-Envoy's, unless this
     challenge: Headers = ()  # a deny's own headers from the error (DPoP challenge, sign-in redirect)
-    phases: PhaseClock | None = None  # tracing on: when each phase ended
+    phase_clock: PhaseClock | None = None  # tracing on: when each phase of deciding ended
     explanation: Mapping[str, Any] | None = None  # explain mode: why the policy answered so (redacted)
 
     def _agreeing_verdict(self) -> Verdict | None:
@@ -272,7 +272,7 @@ class Pipeline:
         if self.settings.dry_run and decision.phase != "request":
             decision = _as_dry_run(decision)
         if phases is not None:
-            decision.phases = phases
+            decision.phase_clock = phases
         if explain is not None:
             decision.explanation = explain.explanation
         if self.signals is not None:

@@ -122,7 +122,7 @@ class DecisionTracer:
     def _span(self, decision: Any, facts: Any, now: float, end_ns: int) -> None:
         carrier = trace_carrier(facts, self._fields)
         parent = self._propagator.extract(carrier) if carrier else None
-        phases: PhaseClock | None = getattr(decision, "phases", None)
+        phases: PhaseClock | None = decision.phase_clock
         start_ns = int(now * 1e9)
         if not end_ns - _LATEST_START_SKEW_NS <= start_ns <= end_ns:  # `now` from a test's clock
             start_ns = phases.start_ns if phases is not None else end_ns

@@ -255,9 +255,9 @@ class App:
             self.tls = await asyncio.to_thread(tls_source_from, self.config.tls)
         assert self.tls is not None and self.identity is not None
         self.admin_server = grpc.aio.server()
-        authz_admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.identity, self.config.admin.allowed, runtime=self.runtime,
-                                                                      shadow=self.shadow, explaining=self.explaining),
-                                                         self.admin_server)
+        admin = AdminService(self.identity, self.config.admin.allowed, runtime=self.runtime, shadow=self.shadow,
+                             explaining=self.explaining)
+        authz_admin_pb2_grpc.add_AdminServicer_to_server(admin, self.admin_server)
         port = self.admin_server.add_secure_port(self.config.admin.addr, server_credentials(self.tls))
         await self.admin_server.start()
         host = self.config.admin.addr.rpartition(":")[0]

@@ -144,7 +144,9 @@ class DecisionTracer:
         while (self._queue or not self._idle.is_set()) and time.monotonic() < deadline:
             self._wake.set()
             self._idle.wait(0.01)
-        return not self._queue and self._idle.is_set() and self.provider.force_flush(int(max(deadline - time.monotonic(), 0.0) * 1000))
+        if self._queue or not self._idle.is_set():
+            return False
+        return bool(self.provider.force_flush(int(max(deadline - time.monotonic(), 0.0) * 1000)))
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Trace what is queued (within ``timeout``), export it, stop. Blocking: call it off the loop."""

@@ -124,6 +124,7 @@ async def test_an_unsampled_traceparent_is_not_exported(tmp_path: Path, receiver
         kept_id = kept.dynamic_metadata["decision_id"]
         spans = await asyncio.to_thread(receiver.wait_for, lambda got: by_decision(got, kept_id) is not None)
         assert app.tracing.flush()
+        assert app.tracing.unsampled == 1  # dropped before the queue: the SDK would have dropped it
     assert by_decision(receiver.spans(), skipped.dynamic_metadata["decision_id"]) is None
     assert len(spans) >= 1
 

@@ -1,4 +1,5 @@
-"""The admin API (``protos/authz_admin.proto``): sessions and issuers, for operators.
+"""The admin API (``protos/authz_admin.proto``): sessions, issuers, policy data, shadow rollout
+and explain mode, for operators.
 
 It listens on its own address and only over mutual TLS: the caller's SPIFFE ID, read from
 its client certificate (the URI SAN), must be one of ``admin.allowed``. Anyone else gets
@@ -36,10 +37,11 @@ def _info(session: Session) -> pb.SessionInfo:
 
 class AdminService(pb_grpc.AdminServicer):
     def __init__(self, identity: IdentityService, allowed: tuple[str, ...], *, runtime: Any = None,
-                 shadow: Any = None, clock: Callable[[], float] = time.time) -> None:
+                 shadow: Any = None, explaining: Any = None, clock: Callable[[], float] = time.time) -> None:
         self._identity = identity
         self._runtime = runtime
         self._shadow = shadow
+        self._explaining = explaining  # explaining.ExplainMode
         self._check = SpiffeIdCheck(accept_actor(allowed))
         self._clock = clock
 
@@ -211,6 +213,43 @@ class AdminService(pb_grpc.AdminServicer):
             await context.abort(status, str(exc))
         log.info("shadow policy promoted to live by %s: now policy %s", caller, active.version)
         return pb.PromoteShadowResponse(policy_version=active.version, revision=active.policy_set.revision)
+
+
+    async def StartExplain(self, request: pb.StartExplainRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.ExplainRule:
+        caller = await self._caller(context, "StartExplain")
+        if self._explaining is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "explain mode is not available on this server")
+        try:
+            rule = self._explaining.start(subject=request.subject, route=request.route, mode=request.mode or "fails",
+                                          count=request.count or 10, ttl=request.ttl_seconds or 300.0,
+                                          now=self._clock(), by=caller)
+        except AuthzError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if exc.code == "explain_busy"
+                                else grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+        log.info("explain mode %s by %s: the next %d decisions of %s %s (%s), for %.0fs", rule.id, caller,
+                 rule.remaining, "subject" if rule.subject else "route", rule.subject or rule.route, rule.mode,
+                 rule.until - self._clock())
+        return _explain_rule(rule)
+
+    async def ListExplain(self, request: pb.ListExplainRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.ListExplainResponse:
+        await self._caller(context, "ListExplain")
+        rules = self._explaining.live(self._clock()) if self._explaining is not None else []
+        return pb.ListExplainResponse(rules=[_explain_rule(rule) for rule in rules])
+
+    async def StopExplain(self, request: pb.StopExplainRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.StopExplainResponse:
+        caller = await self._caller(context, "StopExplain")
+        stopped = self._explaining.stop(request.id) if self._explaining is not None else 0
+        log.info("explain mode %s stopped by %s (%d rule(s))", request.id or "(all)", caller, stopped)
+        return pb.StopExplainResponse(stopped=stopped)
+
+
+def _explain_rule(rule: Any) -> pb.ExplainRule:
+    return pb.ExplainRule(id=rule.id, subject=rule.subject, route=rule.route, mode=rule.mode,
+                          remaining=rule.remaining, explained=rule.explained, expires=rule.until,
+                          created_by=rule.created_by)
 
 
 def _issuer_status(status: Any) -> pb.IssuerStatus:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Protocol
 from .errors import AuthzError, IdentityError, PolicyError, RequestError, UnavailableError, where_it_failed
 from .facts import Facts, build_input
 from .policy.cache import DecisionCache
-from .policy.engine import UNDEFINED, encode_input
+from .policy.engine import UNDEFINED, Traced, encode_input
 from .policy.inputs import project, values_at, without
 from .policy.loader import ActivePolicy, PolicyRuntime
 from .response import Headers, Verdict, read_result
@@ -49,6 +49,31 @@ NO_IDENTITY = Identity({})
 
 class IdentityResolver(Protocol):
     async def resolve(self, facts: Facts, now: float) -> Identity: ...
+
+
+class PhaseClock(Protocol):
+    """Notes when each phase of one decision ended (tracing: see ``tracing.spans``)."""
+
+    def mark(self, phase: str, detail: Any = None) -> None: ...
+
+
+class DecisionTracing(Protocol):
+    def start(self) -> PhaseClock: ...
+
+
+class ExplainTicket(Protocol):
+    """One decision to explain (see ``explaining``): evaluated with OPA's trace, bypassing the cache."""
+
+    mode: str
+    explanation: Mapping[str, Any] | None
+
+    def explain(self, traced: Traced, document: Mapping[str, Any] | None, modules: Mapping[str, str]) -> None: ...
+
+
+class Explaining(Protocol):
+    def claim(self, identity: Mapping[str, Any], path: str, now: float) -> ExplainTicket | None: ...
+
+    def wants(self, identity: Mapping[str, Any], path: str, now: float) -> bool: ...
 
 
 class SignalSource(Protocol):
@@ -99,6 +124,8 @@ class Decision:
     valid_until: float | None = None  # when the cached verdict behind this decision stops holding
     explain_denial: bool = True  # a deny the policy made carries only its own body, as OPA-Envoy's, unless this
     challenge: Headers = ()  # a deny's own headers from the error (DPoP challenge, sign-in redirect)
+    phase_clock: PhaseClock | None = None  # tracing on: when each phase of deciding ended
+    explanation: Mapping[str, Any] | None = None  # explain mode: why the policy answered so (redacted)
 
     def _agreeing_verdict(self) -> Verdict | None:
         verdict = self.verdict
@@ -193,12 +220,15 @@ class Pipeline:
 
     def __init__(self, policies: PolicyRuntime, *, settings: DecisionSettings | None = None,
                  identity: IdentityResolver | None = None, signals: SignalSource | None = None,
-                 observers: list[Callable[[Decision, Facts | None, float], None]] | None = None) -> None:
+                 observers: list[Callable[[Decision, Facts | None, float], None]] | None = None,
+                 tracing: DecisionTracing | None = None) -> None:
         self.policies = policies
         self.settings = settings or DecisionSettings()
         self.identity = identity
         self.signals = signals
         self.observers = observers if observers is not None else []
+        self.tracing = tracing  # None: no phase clock is read (tracing off costs one test per decision)
+        self.explaining: Explaining | None = None  # set by explaining.ExplainMode while a rule is live
         self.cache: DecisionCache[_CachedVerdict] = DecisionCache(self.settings.cache_max_entries)
         self.new_decision_id = decision_ids()
         self._cached_version = ""
@@ -208,6 +238,8 @@ class Pipeline:
         active = self.policies.active
         identity = NO_IDENTITY
         signals: Mapping[str, Any] = {}
+        phases = self.tracing.start() if self.tracing is not None else None
+        explain: ExplainTicket | None = None
         try:
             if active is None:
                 raise PolicyError("no policy loaded yet", code="policy_not_loaded")
@@ -220,9 +252,16 @@ class Pipeline:
                     if self.signals is not None:
                         await self.signals.record_identity_failure(facts, now)
                     raise
+                if phases is not None:
+                    phases.mark("identity")
             if self.signals is not None:
                 signals = await self.signals.assess(facts, identity, now)
-            decision = await self._decide_with_policy(active, facts, identity, signals, decision_id, now)
+                if phases is not None:
+                    phases.mark("signals")
+            if self.explaining is not None:
+                explain = self.explaining.claim(identity.document, facts.path, now)
+            decision = await self._decide_with_policy(active, facts, identity, signals, decision_id, now, phases,
+                                                      explain)
         except AuthzError as exc:
             decision = self._error_decision(exc, decision_id, active, identity, signals)
         except Exception as exc:  # a bug must never allow
@@ -232,6 +271,10 @@ class Pipeline:
                 decision_id, active, identity, signals)
         if self.settings.dry_run and decision.phase != "request":
             decision = _as_dry_run(decision)
+        if phases is not None:
+            decision.phase_clock = phases
+        if explain is not None:
+            decision.explanation = explain.explanation
         if self.signals is not None:
             self.signals.record_outcome(facts, identity, decision, now)
         for observe in self.observers:
@@ -255,7 +298,8 @@ class Pipeline:
         active = self.policies.active
         if (previous.valid_until is None or previous.valid_until <= now or active is None
                 or previous.policy_version != active.version or active.volatile_tree is not None
-                or self.signals is not None):
+                or self.signals is not None
+                or self.explaining is not None and self.explaining.wants(previous.identity.document, facts.path, now)):
             return None
         if self.identity is not None:
             still_valid = getattr(self.identity, "still_valid", None)
@@ -272,14 +316,17 @@ class Pipeline:
         return decision
 
     async def _decide_with_policy(self, active: ActivePolicy, facts: Facts, identity: Identity,
-                                  signals: Mapping[str, Any], decision_id: str, now: float) -> Decision:
+                                  signals: Mapping[str, Any], decision_id: str, now: float,
+                                  phases: PhaseClock | None = None, explain: ExplainTicket | None = None) -> Decision:
         if active.version != self._cached_version:
             self.cache.clear()  # a new policy or data version: nothing cached still holds
             self._cached_version = active.version
-        use_cache = active.cache.enabled and self.settings.cache_max_entries > 0
+        use_cache = explain is None and active.cache.enabled and self.settings.cache_max_entries > 0
         prepared = _prepare_input(active, facts, identity, signals, use_cache)
         if use_cache:
             cached = self.cache.get(prepared.key, now)
+            if phases is not None:
+                phases.mark("cache", cached is not None)
             if cached is not None:
                 # The rendering carries identity headers: shared only with the identity it was made for.
                 memo = cached.memo if cached.identity == identity.fingerprint else None
@@ -289,7 +336,14 @@ class Pipeline:
                 return decision
         document, input_json = _complete_input(prepared, active, facts, identity, signals)
         key = prepared.key
-        result = await active.evaluate(input_json, timeout=self.settings.policy_timeout)
+        if explain is None:
+            result = await active.evaluate(input_json, timeout=self.settings.policy_timeout)
+        else:
+            traced = await active.explain(input_json, timeout=self.settings.policy_timeout)
+            result = traced.value
+            explain.explain(traced, document, active.policy_set.serving_modules)
+        if phases is not None:
+            phases.mark("policy", explain.mode if explain is not None else None)
         if active.input_tree is not None:
             document = None  # partial: the audit log builds the full input from the facts
         if result is UNDEFINED:

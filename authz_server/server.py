@@ -38,7 +38,9 @@ from .httpfront import HttpFront
 from .metrics import Metrics, identity_collector, pipeline_collector, signals_collector
 from .signals import Signals
 from .policy.loader import PolicyRuntime
+from .explaining import ExplainMode
 from .repeats import RepeatCache
+from .tracing import tracing_from_env
 from .identity.exchange import ExchangeSigner, TokenExchange
 from .tls import ServerSslContext, SpiffeIdCheck, TlsSource, server_credentials, tls_source_from
 
@@ -166,6 +168,8 @@ class App:
     exchange: TokenExchange | None = None
     control: ControlPlaneClient | None = None  # OPA bundles, status, decision logs
     shadow: ShadowEvaluator | None = None
+    tracing: Any = None  # a tracing.spans.DecisionTracer when OTEL_* configures tracing
+    explaining: ExplainMode | None = None  # the admin API's explain mode, attached to the pipeline
     bound: dict[str, str] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     draining: bool = False
@@ -269,9 +273,9 @@ class App:
             self.tls = await asyncio.to_thread(tls_source_from, self.config.tls)
         assert self.tls is not None and self.identity is not None
         self.admin_server = grpc.aio.server()
-        authz_admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.identity, self.config.admin.allowed, runtime=self.runtime,
-                                                                      shadow=self.shadow),
-                                                         self.admin_server)
+        admin = AdminService(self.identity, self.config.admin.allowed, runtime=self.runtime, shadow=self.shadow,
+                             explaining=self.explaining)
+        authz_admin_pb2_grpc.add_AdminServicer_to_server(admin, self.admin_server)
         port = self.admin_server.add_secure_port(self.config.admin.addr, server_credentials(self.tls))
         await self.admin_server.start()
         host = self.config.admin.addr.rpartition(":")[0]
@@ -362,6 +366,8 @@ class App:
                     await close()
         if self.audit is not None:
             await self.audit.stop()  # after the fronts: every decision made is flushed (within a bound)
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # likewise for their spans
         self.runtime.close()
 
 
@@ -441,11 +447,16 @@ def build_app(config: Config, *, reuse_port: bool = False) -> App:
         shadow = ShadowEvaluator(shadow_runtime, sample=plane.shadow.sample, deny_status=config.decision.deny_status,
                                  audit=audit)
     signals = Signals(config.signals) if config.signals is not None else None
+    tracing = tracing_from_env()  # None unless OTEL_* names an exporter or endpoint: then nothing runs
     pipeline = Pipeline(runtime, settings=config.decision, identity=identity, signals=signals,
                         observers=[metrics.observe_decision,
                                    _log_every_decision if log.isEnabledFor(logging.DEBUG) else _log_failure,
-                                   *([audit.observe] if audit else []), *([shadow.observe] if shadow else [])])
-    for part in (control, decision_logs, shadow):
+                                   *([audit.observe] if audit else []), *([shadow.observe] if shadow else []),
+                                   *([tracing.observe] if tracing else [])],
+                        tracing=tracing)
+    explaining = ExplainMode()  # switched on by the admin API; until then the pipeline holds None
+    explaining.attach(pipeline)
+    for part in (control, decision_logs, shadow, tracing):
         if part is not None:
             metrics.watch(part.collect)
     metrics.watch(pipeline_collector(pipeline, runtime))
@@ -456,7 +467,7 @@ def build_app(config: Config, *, reuse_port: bool = False) -> App:
         metrics.watch(audit.collect)
     app = App(config=config, runtime=runtime, pipeline=pipeline, metrics=metrics,
               health=health.aio.HealthServicer(), reuse_port=reuse_port, identity=identity, signer=signer, audit=audit,
-              control=control, shadow=shadow)
+              control=control, shadow=shadow, tracing=tracing, explaining=explaining)
     runtime.listeners.append(app.on_policy_change)
     return app
 

@@ -122,6 +122,9 @@ def build_document(decision: "Decision", facts: Facts | None, now: float, *, han
     })
     if decision.dry_run:
         document["would_allow"] = decision.would_allow
+    explanation = getattr(decision, "explanation", None)
+    if explanation is not None:  # explain mode (see explaining): redacted already, scanned again below
+        document["explanation"] = explanation
     if facts is not None:
         document["transport"] = facts.transport
         if facts.request_id:

@@ -4,6 +4,9 @@ and ``opa eval``, on the engine the server uses.
 ``policy eval`` prints what ``opa eval`` prints for ``--format json`` (the result set, ``{}``
 when it is empty) and ``pretty``; it exits 0 whether the result is defined or not (``--fail``
 and ``--fail-defined`` as in ``opa eval``), and 1 with one line on a compile or evaluation error.
+``--explain notes|fails|full|debug`` adds OPA's explanation (``policy.explain``): the trace lines
+``opa eval --explain`` prints, then a summary of the rules evaluated and why the result came out;
+with ``--format json`` the events as ``explanation`` and the summary as ``summary``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any
 import yaml
 
 from ..errors import AuthzError, PolicyError
-from .engine import CompiledPolicy, Evaluator, encode_input
+from .engine import CompiledPolicy, Evaluator, Traced, encode_input
+from .explain import MODES, Explanation, explain
 from .source import PolicySet, load_documents, load_policy_set
 from .testing import run_policy_tests
 
@@ -41,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("-I", "--stdin-input", action="store_true", help="read the input document from stdin")
     evaluate.add_argument("-f", "--format", choices=FORMATS, default="json", help="output format (default json)")
     evaluate.add_argument("--strict-builtin-errors", action="store_true", help="a failing built-in is an error")
+    evaluate.add_argument("--explain", choices=("off", *MODES), default="off",
+                          help="explain the result as opa eval does: notes (trace() calls), fails (where rules "
+                               "stopped), full (every step but unifications), debug (everything)")
     outcome = evaluate.add_mutually_exclusive_group()
     outcome.add_argument("--fail", action="store_true", help="exit 1 when the result is undefined or empty")
     outcome.add_argument("--fail-defined", action="store_true", help="exit 1 when the result is defined")
@@ -91,14 +98,28 @@ def run_eval(args: argparse.Namespace) -> int:
         policy_set = PolicySet(modules=modules, data=data, test_cases={}, cache=None, version="")  # type: ignore[arg-type]
         evaluator = Evaluator(CompiledPolicy(policy_set, "data", args.strict_builtin_errors, modules),
                               on_print=_print_to_stderr)
+        input_json = None if document is _NO_INPUT else encode_input(document)
         try:
-            result = evaluator.query(args.query, None if document is _NO_INPUT else encode_input(document))
+            if args.explain == "off":
+                result, explanation = evaluator.query(args.query, input_json), None
+            else:
+                traced: Traced = evaluator.query_traced(args.query, input_json)
+                result = traced.result
+                explanation = explain(traced.events, args.explain, defined=bool(result), modules=modules)
         finally:
             evaluator.close()
     except AuthzError as exc:
         print(f"authz-server: policy eval: {exc.message}", file=sys.stderr)
         return 1
-    _show(result, args.format)
+    if explanation is None:
+        _show(result, args.format)
+    elif args.format == "json":
+        document = {"result": result} if result else {}
+        print(go_json({**document, "explanation": list(explanation.events), "summary": explanation.summary}))
+    else:
+        # pretty: explanation, then the result (as opa eval); other formats keep stdout for values
+        print(_explanation_text(explanation), file=sys.stdout if args.format == "pretty" else sys.stderr)
+        _show(result, args.format)
     defined = bool(result)
     return 1 if (args.fail and not defined) or (args.fail_defined and defined) else 0
 
@@ -129,6 +150,24 @@ def _read_input(args: argparse.Namespace) -> Any:
                               code="policy_input_invalid") from None
     except yaml.YAMLError as exc:
         raise PolicyError(f"input {name} is not YAML: {str(exc).splitlines()[0]}", code="policy_input_invalid") from None
+
+
+def _explanation_text(explanation: Explanation) -> str:
+    summary = explanation.summary
+    lines = [*explanation.lines, "", f"Why: {summary['because']}"]
+    rules = summary["rules"]
+    if rules:
+        lines.append("Rules evaluated:")
+        width = max(len(f"{rule['rule']} ({rule['location']})") for rule in rules)
+        for rule in rules:
+            name = f"{rule['rule']} ({rule['location']})".ljust(width)
+            line = f"  {name}  entered {rule['entered']}, succeeded {rule['succeeded']}"
+            if rule.get("default"):
+                line += " (default)"
+            for stop in rule.get("failed_at", ()):
+                line += f"; stopped at {stop['location']}: {stop.get('source') or stop['expression']}"
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def _print_to_stderr(message: str, location: str) -> None:

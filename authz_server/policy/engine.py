@@ -6,8 +6,9 @@ The one seam between authz-server and its engine; nothing else imports the bindi
   ``file:line``) and keeps what every evaluator needs.
 * ``Evaluator``: one OPA engine holding the compiled set. ``evaluate(input_json)`` gives the
   query's value (or ``UNDEFINED``); ``query(text, input_json)`` gives a query's full result
-  set, as ``opa eval`` prints it. An OPA engine serializes its own calls, so each thread owns
-  its evaluator (``policy.pool``).
+  set, as ``opa eval`` prints it. ``evaluate_traced`` and ``query_traced`` do the same with
+  OPA's evaluation trace recorded (a ``Traced``: what ``policy.explain`` reads). An OPA
+  engine serializes its own calls, so each thread owns its evaluator (``policy.pool``).
 * Built-in errors follow OPA's default: the expression is undefined, not an error, unless
   ``strict`` (``strict_builtin_errors``). The bindings always evaluate strictly; see
   ``policy.nonstrict`` for how the default is kept.
@@ -133,6 +134,24 @@ def _log_print(message: str, location: str) -> None:
     prints.debug("%s: %s", location, message)
 
 
+@dataclass(frozen=True, slots=True)
+class Traced:
+    """A result set and the engine's trace of the evaluation that gave it.
+
+    ``events`` are OPA's trace events in evaluation order, as the bindings report them:
+    ``{"op", "query_id", "parent_id", "location", "node", "message"}`` (``op`` one of Enter,
+    Eval, Unify, Index, Exit, Redo, Fail, Note; ``node`` the rule, body or expression as text,
+    with values plugged in where OPA plugs them: they can hold input values)."""
+
+    result: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+
+    @property
+    def value(self) -> Any:
+        """The first expression's value, as ``Evaluator.evaluate`` gives it (or ``UNDEFINED``)."""
+        return self.result[0]["expressions"][0]["value"] if self.result else UNDEFINED
+
+
 @dataclass
 class CompiledPolicy:
     """A policy set compiled for one query; ``new_evaluator`` makes an engine per thread."""
@@ -180,30 +199,35 @@ class Evaluator:
 
     def query(self, text: str, input_json: bytes | None) -> list[dict[str, Any]]:
         """A query's full result set (``[]`` when undefined), as ``opa eval --format json`` shows it."""
-        try:
-            encoded = text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise PolicyError(f"the query is not valid UTF-8: {exc}", code="policy_query_invalid") from None
-        if b"\0" in encoded:
-            raise PolicyError("the query contains a NUL character", code="policy_query_invalid")
-        return self._result_set(encoded, input_json, query_text=text)
+        return self._result_set(_encode_query(text), input_json, query_text=text)
 
-    def _result_set(self, query: bytes, input_json: bytes | None, *, query_text: str | None = None) -> list[Any]:
+    def evaluate_traced(self, input_json: bytes) -> Traced:
+        """``evaluate`` with OPA's trace recorded (slower: for explanations, never the hot path)."""
+        events: list[dict[str, Any]] = []
+        return Traced(self._result_set(self._query, input_json, events=events), events)
+
+    def query_traced(self, text: str, input_json: bytes | None) -> Traced:
+        """``query`` with OPA's trace recorded, as ``opa eval --explain`` records it."""
+        events: list[dict[str, Any]] = []
+        return Traced(self._result_set(_encode_query(text), input_json, query_text=text, events=events), events)
+
+    def _result_set(self, query: bytes, input_json: bytes | None, *, query_text: str | None = None,
+                    events: list[dict[str, Any]] | None = None) -> list[Any]:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("an Evaluator is used by one thread at a time")
         try:
             try:
-                return _run(self._engine, query, input_json)
+                return _run(self._engine, query, input_json, events)
             except OpaError as exc:
                 site = None if self.compiled.strict else nonstrict.builtin_error_site(exc)
                 if site is None:
                     raise _policy_error(exc, during="while evaluating") from None
-            return self._nonstrict(query, input_json, site, query_text)
+            return self._nonstrict(query, input_json, site, query_text, events)
         finally:
             self._lock.release()
 
     def _nonstrict(self, query: bytes, input_json: bytes | None, site: nonstrict.Site,
-                   query_text: str | None) -> list[Any]:
+                   query_text: str | None, events: list[dict[str, Any]] | None) -> list[Any]:
         """OPA's default for a built-in error: that expression is undefined. The call sites
         that ever failed are wrapped (``policy.nonstrict``) in a second engine, and the
         evaluation runs there; a new failing site is added and the evaluation tried again."""
@@ -215,7 +239,7 @@ class Evaluator:
             engine = self._fallback_engine(sites)
             wrapped_query = nonstrict.rewrite_query(query_text, sites) if query_text is not None else None
             try:
-                return _run(engine, wrapped_query.encode() if wrapped_query is not None else query, input_json)
+                return _run(engine, wrapped_query.encode() if wrapped_query is not None else query, input_json, events)
             except OpaError as exc:
                 next_site = nonstrict.builtin_error_site(exc)
                 if next_site is None or next_site in sites:
@@ -244,12 +268,26 @@ class Evaluator:
         self._engine.close()
 
 
-def _run(engine: OpaEngine, query: bytes, input_json: bytes | None) -> list[Any]:
-    """One evaluation through the bindings' C entry point, with JSON we already made."""
+def _encode_query(text: str) -> bytes:
+    try:
+        encoded = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PolicyError(f"the query is not valid UTF-8: {exc}", code="policy_query_invalid") from None
+    if b"\0" in encoded:
+        raise PolicyError("the query contains a NUL character", code="policy_query_invalid")
+    return encoded
+
+
+def _run(engine: OpaEngine, query: bytes, input_json: bytes | None,
+         events: list[dict[str, Any]] | None = None) -> list[Any]:
+    """One evaluation through the bindings' C entry point, with JSON we already made; with
+    ``events``, the engine records its trace and the events are added to that list."""
     with engine._eval_lock:
-        envelope = engine._call(engine._lib.OpaEvalQuery, query, input_json or b"", 0, 0)
+        envelope = engine._call(engine._lib.OpaEvalQuery, query, input_json or b"", 0, 0 if events is None else 1)
     printed = envelope.get("prints")
     if printed:
         for entry in printed:
             engine.print_handler(entry.get("message", ""), entry.get("location", ""))
+    if events is not None:
+        events.extend(envelope.get("trace") or ())
     return envelope.get("result") or []

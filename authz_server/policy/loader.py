@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from ..errors import PolicyError
 from ..facts import VOLATILE_ATTRIBUTES
-from .engine import CompiledPolicy, validate_query
+from .engine import CompiledPolicy, Traced, validate_query
 from .inputs import Tree, input_paths, leaf_paths, named_within, overlaps, subtract
 from .pool import EvaluatorPool
 from .source import CacheSettings, PolicySet, load_policy_set, snapshot
@@ -80,6 +80,11 @@ class ActivePolicy:
     async def evaluate(self, input_json: bytes, *, timeout: float) -> Any:
         """The query's value for this input (``build_input(..., self.input_tree)``, encoded)."""
         return await self.pool.evaluate(input_json, timeout=timeout)
+
+    async def explain(self, input_json: bytes, *, timeout: float) -> Traced:
+        """``evaluate`` with OPA's trace recorded (explained decisions: see ``explaining``)."""
+        traced: Traced = await self.pool.evaluate(input_json, timeout=timeout, traced=True)
+        return traced
 
 
 @dataclass

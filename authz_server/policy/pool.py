@@ -31,11 +31,12 @@ ISOLATION_MODES = ("thread", "inline")
 
 
 class _Job:
-    __slots__ = ("input_json", "future", "loop", "deadline", "started", "abandoned", "timer")
+    __slots__ = ("input_json", "future", "loop", "deadline", "started", "abandoned", "timer", "traced")
 
     def __init__(self, input_json: bytes, future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop,
-                 deadline: float) -> None:
+                 deadline: float, traced: bool = False) -> None:
         self.input_json = input_json
+        self.traced = traced  # evaluate_traced: the answer is an engine.Traced
         self.future = future
         self.loop = loop
         self.deadline = deadline
@@ -82,11 +83,12 @@ class EvaluatorPool:
 
     # -- the event loop's side
 
-    async def evaluate(self, input_json: bytes, *, timeout: float) -> Any:
+    async def evaluate(self, input_json: bytes, *, timeout: float, traced: bool = False) -> Any:
+        """The query's value; with ``traced``, an ``engine.Traced`` (the value and OPA's trace)."""
         if self.isolation == "inline":
-            return self.evaluate_now(input_json)
+            return self.evaluate_now(input_json, traced=traced)
         loop = asyncio.get_running_loop()
-        job = _Job(input_json, loop.create_future(), loop, time.monotonic() + timeout)
+        job = _Job(input_json, loop.create_future(), loop, time.monotonic() + timeout, traced)
         job.timer = loop.call_later(timeout, self._expire, job, timeout)
         self._queue.put(job)
         try:
@@ -150,7 +152,9 @@ class EvaluatorPool:
                 worker.job = job
                 job.started = True
                 try:
-                    result: Any = worker.evaluator.evaluate(job.input_json)
+                    evaluator = worker.evaluator
+                    result: Any = (evaluator.evaluate_traced(job.input_json) if job.traced
+                                   else evaluator.evaluate(job.input_json))
                     failed = False
                 except BaseException as exc:  # delivered to the request, which denies
                     result, failed = exc, True
@@ -167,12 +171,12 @@ class EvaluatorPool:
 
     # -- tools, tests, inline mode
 
-    def evaluate_now(self, input_json: bytes) -> Any:
+    def evaluate_now(self, input_json: bytes, *, traced: bool = False) -> Any:
         """Synchronous evaluation on the caller's thread (no deadline)."""
         with self._direct_lock:
             if self._direct is None:
                 self._direct = self.compiled.new_evaluator()
-            return self._direct.evaluate(input_json)
+            return self._direct.evaluate_traced(input_json) if traced else self._direct.evaluate(input_json)
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .harness import Settings, save, wrk_binary
 
-SECTIONS = ["traffic", "core", "sessions", "browser", "transport", "signals", "handshake", "workload", "hostile"]
+SECTIONS = ["traffic", "core", "sessions", "browser", "transport", "signals", "handshake", "workload", "hostile",
+            "tracing"]
 OPT_IN = ["ladder", "control_plane", "scaling"]  # only with --only: ladder explains a figure above; control_plane
 # holds a collector down for 60 s; scaling kills stores and replicas (all add minutes)
 
@@ -91,6 +92,11 @@ def main() -> int:
         from . import hostile
 
         results["hostile"], text = hostile.run(settings)
+        print(text)
+    if "tracing" in chosen:
+        from . import tracing
+
+        results["tracing"], text = tracing.run(smoke=settings.smoke)
         print(text)
     save(results, Path(args.json))
     print(f"\nraw numbers saved to {args.json}")

@@ -260,11 +260,9 @@ async def _supervise(config: Config, workers: int, args: argparse.Namespace) -> 
     run_dir = tempfile.mkdtemp(prefix="authz-workers-")
     argv_tail = _worker_argv(args, addr, http_addr)
     if not config.policy_threads:
-        # The cores are shared out: each worker evaluates on its part of them, and its Go
-        # runtime keeps no more processors than it has evaluation threads.
-        threads = max(1, _cores() // workers)
-        argv_tail += ["--policy-threads", str(threads)]
-        os.environ.setdefault("GOMAXPROCS", str(threads))
+        # The cores are shared out: each worker evaluates on its part of them (and its Go
+        # runtime keeps as many processors as it has evaluation threads: policy.engine).
+        argv_tail += ["--policy-threads", str(max(1, _cores() // workers))]
     procs: dict[int, asyncio.subprocess.Process] = {}
 
     async def start_worker(index: int) -> None:

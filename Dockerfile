@@ -6,7 +6,8 @@
 # Stage 1 builds a wheel (protos/ are compiled by setup.py with grpcio-tools, a build-time
 # requirement only, and the C extension of the gRPC repeat key with gcc) with the tools pinned in
 # requirements/build.lock; stage 2 installs it with exactly the runtime dependencies pinned in
-# requirements/runtime.lock, and nothing else. --ignore-requires-python: see requirements/lock.py.
+# requirements/runtime.lock, and nothing else. --ignore-requires-python and overlay.lock (installed
+# again last): see requirements/lock.py.
 FROM python:3.11-slim AS build
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -20,10 +21,11 @@ RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
 FROM python:3.11-slim
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-COPY requirements/runtime.lock /tmp/runtime.lock
+COPY requirements/runtime.lock requirements/overlay.lock /tmp/
 COPY --from=build /wheels /wheels
 RUN pip install --require-hashes --ignore-requires-python -r /tmp/runtime.lock \
-    && pip install --no-deps /wheels/*.whl && rm -rf /wheels /tmp/runtime.lock \
+    && pip install --require-hashes --no-deps --force-reinstall -r /tmp/overlay.lock \
+    && pip install --no-deps /wheels/*.whl && rm -rf /wheels /tmp/runtime.lock /tmp/overlay.lock \
     && groupadd --system --gid 10001 authz \
     && useradd --system --uid 10001 --gid authz --home-dir /var/lib/authz --create-home --shell /usr/sbin/nologin authz \
     && mkdir -p /etc/authz \

@@ -5,14 +5,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LOCK   := requirements/dev.lock
+# Installed again after the lock: xds-protos ships older copies of these modules (requirements/lock.py).
+OVERLAY := requirements/overlay.lock
 # --ignore-requires-python: opa-golib-python-bindings claims Python 3.14 and runs on 3.11 (requirements/lock.py).
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
 .PHONY: demo test bench evaluate install lock clean
 
-$(STAMP): $(LOCK) pyproject.toml setup.py $(wildcard protos/*.proto) $(wildcard authz_server/*.c) oidc-provider/package-lock.json
+$(STAMP): $(LOCK) $(OVERLAY) pyproject.toml setup.py $(wildcard protos/*.proto) $(wildcard authz_server/*.c) oidc-provider/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --require-hashes --ignore-requires-python -r $(LOCK)
+	$(PIP) install --quiet --require-hashes --no-deps --force-reinstall -r $(OVERLAY)
 	# setuptools warns on every editable install about same-named folders in the working directory; it is how
 	# this checkout is meant to be used (tests import the tree), so that one warning is silenced here.
 	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install --quiet --no-deps --no-build-isolation -e .

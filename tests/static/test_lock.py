@@ -7,6 +7,8 @@ not on someone else's machine.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import tomllib
 from importlib import metadata
@@ -87,4 +89,27 @@ def test_every_install_step_goes_through_a_lock_with_hashes() -> None:
     installs = re.findall(r"pip (?:install|wheel) [^\n&]*", dockerfile)
     assert installs and all("--require-hashes" in line or "--no-deps" in line for line in installs), installs
     assert "requirements/build.lock" in dockerfile and "runtime.lock" in dockerfile
+    assert re.search(r"install .*--require-hashes --no-deps --force-reinstall -r \$\(OVERLAY\)", makefile)
+    assert "OVERLAY := requirements/overlay.lock" in makefile and "/tmp/overlay.lock" in dockerfile
     assert (REPO / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+def test_the_overlay_pins_what_the_locks_pin() -> None:
+    overlay, dev, runtime = read_lock("overlay.lock"), read_lock("dev.lock"), read_lock("runtime.lock")
+    assert overlay, "overlay.lock pins nothing"
+    for name, pin in overlay.items():
+        assert dev.get(name) == pin and runtime.get(name) == pin, f"overlay.lock and the locks disagree on {name}"
+
+
+@pytest.mark.parametrize("name", sorted(read_lock("overlay.lock")))
+def test_an_overlaid_package_is_on_disk_as_it_was_published(name: str) -> None:
+    """Another package writes older copies of its modules (xds-protos: opentelemetry/proto/**): what
+    imports them must get this package's own files, whichever order pip installed the two in."""
+    changed = []
+    for file in metadata.distribution(name).files or ():
+        if file.hash is None or file.hash.mode != "sha256":
+            continue
+        digest = base64.urlsafe_b64encode(hashlib.sha256(file.locate().read_bytes()).digest()).rstrip(b"=").decode()
+        if digest != file.hash.value:
+            changed.append(str(file))
+    assert not changed, f"{name}: files overwritten by another package (make install installs overlay.lock last): {changed[:5]}"

@@ -102,7 +102,10 @@ async def policy_growth(shipped: Path, folder: Path, *, sizes: tuple[int, ...] =
             load_s = time.perf_counter() - started
             identity = IdentityService(SessionSettings(enabled=False),
                                        workloads=PrincipalVerifier(accept_trust_domains(TRUSTED_DOMAINS)))
-            pipeline = Pipeline(runtime, settings=DecisionSettings(cache_max_entries=0), identity=identity)
+            # a generous deadline: this measures how decisions grow with the rules, and a busy
+            # machine must not turn a slow first evaluation into a deny (the timeout is tested elsewhere)
+            pipeline = Pipeline(runtime, settings=DecisionSettings(cache_max_entries=0, policy_timeout=60.0),
+                                identity=identity)
             now = time.time()
             timings: dict[str, float] = {}
             for case, path, allowed in (("first", "/r0/item", True), ("last", f"/r{rules - 1}/item", True),

@@ -36,7 +36,10 @@ async def _started(*stores: RedisStore) -> None:
 
 
 async def test_replicas_share_sessions_and_revocations_reach_every_replica_fast(store_url: str) -> None:
-    one, two = RedisStore(store_url, near_cache_ttl=30), RedisStore(store_url, near_cache_ttl=30)
+    # sharing, not timing, is tested here: a busy machine's replica may take more than the
+    # default 0.25 s socket timeout (WAIT: 125 ms) to acknowledge
+    one, two = (RedisStore(store_url, near_cache_ttl=30, timeout=5.0),
+                RedisStore(store_url, near_cache_ttl=30, timeout=5.0))
     await _started(one, two)
     try:
         now = time.time()
@@ -80,7 +83,7 @@ async def test_replicas_share_sessions_and_revocations_reach_every_replica_fast(
 
 async def test_cluster_spreads_sessions_over_shards_and_fans_out_through_sharded_pubsub(
         redis_cluster: ClusterGroup) -> None:
-    one, two = RedisStore(redis_cluster.url), RedisStore(redis_cluster.url)
+    one, two = RedisStore(redis_cluster.url, timeout=5.0), RedisStore(redis_cluster.url, timeout=5.0)
     await _started(one, two)
     try:
         now = time.time()

@@ -97,10 +97,11 @@ def test_a_timeout_denies_and_the_next_request_is_decided(tmp_path: Path) -> Non
     runtime = PolicyRuntime(str(tmp_path), isolation="thread")
     runtime.load()
     try:
-        pipeline = Pipeline(runtime, settings=DecisionSettings(policy_timeout=0.02))
+        hasty = Pipeline(runtime, settings=DecisionSettings(policy_timeout=0.02))
+        patient = Pipeline(runtime, settings=DecisionSettings(policy_timeout=60))  # a busy machine is slow
 
         async def both() -> tuple[Decision, Decision]:
-            return (await pipeline.decide(request("/slow"), now=NOW), await pipeline.decide(request("/yes"), now=NOW))
+            return (await hasty.decide(request("/slow"), now=NOW), await patient.decide(request("/yes"), now=NOW))
 
         slow, fast = asyncio.run(both())
         assert (slow.allowed, slow.code, slow.http_status) == (False, "policy_timeout", 403)

@@ -23,9 +23,9 @@ from .errors import AuthzError, IdentityError, PolicyError, RequestError, Unavai
 from .facts import Facts, build_input
 from .policy.cache import DecisionCache
 from .policy.engine import UNDEFINED, Traced, encode_input
-from .policy.inputs import project, values_at, without
 from .policy.loader import ActivePolicy, PolicyRuntime
 from .response import Headers, Verdict, read_result
+from .trees import project, values_at, without
 
 log = logging.getLogger("authz_server.decision")
 

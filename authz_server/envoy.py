@@ -27,7 +27,7 @@ from .decision import DECISION_ID_HEADER, Decision
 from .errors import RequestError
 from .facts import VOLATILE_ATTRIBUTES, VOLATILE_HEADERS, Facts, Volatile, with_volatile
 from .limits import Limits
-from .policy.inputs import overlaps, project
+from .trees import overlaps, project
 
 try:
     from . import _volatile_cut
@@ -53,7 +53,7 @@ _Converter = Callable[[Any], Any]
 
 
 def protomap(message: Message, tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The OPA-Envoy form of ``message``; with ``tree`` (see ``policy.inputs``), only the
+    """The OPA-Envoy form of ``message``; with ``tree`` (see ``trees``), only the
     parts it names."""
     descriptor = message.DESCRIPTOR
     if descriptor.full_name == _STRUCT:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .errors import RequestError
-from .policy.inputs import project
+from .trees import project
 
 INPUT_VERSION = {"ext_authz": "v3", "encoding": "protojson"}
 

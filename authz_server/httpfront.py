@@ -38,8 +38,8 @@ from .decision import DECISION_ID_HEADER, Decision, Pipeline
 from .errors import RequestError
 from .facts import VOLATILE_HEADERS, Facts, Volatile, with_volatile
 from .http import HttpRequest, HttpResponse
-from .policy.inputs import project
 from .repeats import RepeatCache
+from .trees import project
 
 CONTEXT_HEADER_PREFIX = "x-authz-ctx-"
 XFCC = "x-forwarded-client-cert"

@@ -25,7 +25,8 @@ from typing import Any, Callable
 from ..errors import PolicyError
 from ..facts import VOLATILE_ATTRIBUTES
 from .engine import CompiledPolicy, Traced, reserve_processors, validate_query
-from .inputs import Tree, input_paths, leaf_paths, named_within, overlaps, subtract
+from ..trees import Tree, leaf_paths, named_within, overlaps, subtract
+from .inputs import input_paths
 from .pool import EvaluatorPool
 from .source import CacheSettings, PolicySet, load_policy_set, snapshot
 from .testing import check_tests

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError, Message
 
 from .decision import DECISION_ID_HEADER, Decision
 from .errors import RequestError
-from .facts import VOLATILE_ATTRIBUTES, VOLATILE_HEADERS, Facts, Volatile, with_volatile
+from .facts import VOLATILE_ATTRIBUTES, VOLATILE_HEADERS, Facts, Volatile, build_input, with_volatile
 from .limits import Limits
 from .trees import overlaps, project
 
@@ -156,6 +156,13 @@ def check_request_from_json(document: Mapping[str, Any]) -> CheckRequest:
         return json_format.ParseDict(dict(document), CheckRequest(), ignore_unknown_fields=False)
     except json_format.ParseError as exc:
         raise RequestError(f"malformed CheckRequest JSON: {exc}", code="malformed_request") from None
+
+
+def input_from_request_json(request: Mapping[str, Any], identity: Mapping[str, Any],
+                            signals: Mapping[str, Any]) -> dict[str, Any]:
+    """The input document of a CheckRequest in protobuf JSON: how a policy test case given as
+    a ``request`` is read (``policy.testing.RequestReader``)."""
+    return build_input(facts_from_check_request(check_request_from_json(request)), identity, signals)
 
 
 def _joined_raw_headers(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dict[str, str]:
@@ -367,5 +374,5 @@ def check_response_bytes(decision: Decision) -> bytes:
 
 __all__ = [
     "CheckRequest", "CheckResponse", "check_request_from_json", "check_response", "check_response_bytes",
-    "cut_volatile", "facts_from_check_request", "parse_check_request", "protomap", "repeat_facts",
+    "cut_volatile", "facts_from_check_request", "input_from_request_json", "parse_check_request", "protomap", "repeat_facts",
 ]

@@ -25,7 +25,8 @@ from .bundles.plane import ControlPlaneClient
 from .shadow.evaluator import ShadowEvaluator
 from .config import Config
 from .decision import Decision, Pipeline
-from .envoy import check_response_bytes, cut_volatile, facts_from_check_request, parse_check_request, repeat_facts
+from .envoy import (check_response_bytes, cut_volatile, facts_from_check_request, input_from_request_json,
+                    parse_check_request, repeat_facts)
 from .errors import AuthzError, RequestError, WorkloadError, where_it_failed
 from .http import serve_http
 from .identity.redis_store import RedisStore
@@ -432,6 +433,7 @@ def build_app(config: Config, *, reuse_port: bool = False) -> App:
     bundles = plane.live_bundles if plane is not None else ()
     runtime = PolicyRuntime("bundle:" + ",".join(b.name for b in bundles) if bundles else config.policies,
                             query=config.query, isolation=config.policy_isolation, strict=config.strict_builtin_errors,
+                            read_request=input_from_request_json,
                             **({"pool_size": config.policy_threads} if config.policy_threads else {}))
     shadow_runtime = _shadow_runtime(config)
     labels = default_labels()
@@ -479,4 +481,4 @@ def _shadow_runtime(config: Config) -> PolicyRuntime | None:
     if shadow is None:
         return None
     root = shadow.policies or f"bundle:{shadow.bundle}"
-    return PolicyRuntime(root, query=config.query, isolation="thread")
+    return PolicyRuntime(root, query=config.query, isolation="thread", read_request=input_from_request_json)

@@ -29,7 +29,7 @@ from ..trees import Tree, leaf_paths, named_within, overlaps, subtract
 from .inputs import input_paths
 from .pool import EvaluatorPool
 from .source import CacheSettings, PolicySet, load_policy_set, snapshot
-from .testing import check_tests
+from .testing import RequestReader, check_tests
 
 INLINE_POLL_SECONDS = 0.002
 GATE_TIMEOUT = 60.0
@@ -111,6 +111,7 @@ class PolicyRuntime:
     isolation: str = "thread"  # see policy.pool
     strict: bool = False  # strict_builtin_errors
     run_tests: bool = True
+    read_request: RequestReader | None = None  # for the set's tests given as Envoy requests (see policy.testing)
     active: ActivePolicy | None = None
     status: ReloadStatus = field(default_factory=ReloadStatus)
     listeners: list[Callable[["PolicyRuntime"], None]] = field(default_factory=list)
@@ -230,7 +231,7 @@ class PolicyRuntime:
         """The gate, then the engines: compile, run the set's own tests, load the evaluators."""
         compiled = CompiledPolicy.compile(policy_set, self.query, strict=self.strict)
         if self.run_tests:
-            check_tests(policy_set, self.query, strict=self.strict)
+            check_tests(policy_set, self.query, strict=self.strict, read_request=self.read_request)
         pool = EvaluatorPool(compiled, size=self.pool_size, on_timeout=self._count_timeout, isolation=self.isolation)
         return ActivePolicy(policy_set, self.query, pool, loaded_at=time.time())
 

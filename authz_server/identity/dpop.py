@@ -257,12 +257,13 @@ def parse_dpop_setting(value: Any, key: str, *, base_dir: str | None = None) -> 
     ``nonce_lifetime``, ``nonce_secret_file`` (shared by replicas so each accepts the others'
     nonces). Returns the settings and the secret file's path."""
     from ..errors import ConfigError
-    from .configread import only, path, seconds_between, strings
+    from ..configkeys import only
+    from .configread import path, seconds_between, strings
 
     data: Mapping[str, Any] = {"mode": value} if isinstance(value, str) else value
     if not isinstance(data, Mapping):
         raise ConfigError(f"expected off, allowed, required or a mapping, got {value!r}", key=key)
-    only(data, _SETTING_KEYS, key)
+    only(data, _SETTING_KEYS, f"{key}.")
     changes: dict[str, Any] = {"mode": data.get("mode", "allowed")}
     if changes["mode"] not in DPOP_MODES:
         raise ConfigError(f"expected one of {', '.join(DPOP_MODES)}, got {changes['mode']!r}", key=key)

@@ -49,7 +49,8 @@ from typing import Any, Callable, Mapping, Sequence
 import httpx
 
 from ..errors import ConfigError, TokenError
-from .configread import int_between as _int, only as _only, path as _path, seconds as _seconds, strings as _strings
+from ..configkeys import only as _only
+from .configread import int_between as _int, path as _path, seconds as _seconds, strings as _strings
 from .configread import url as _url
 from .dpop import DpopSettings, NonceSource, ProofChecker, parse_dpop_setting
 from .introspection import IntrospectionConfig, TokenIntrospector
@@ -77,7 +78,7 @@ _REFRESH_KEYS = {"default_max_age", "min_max_age", "max_max_age", "unknown_kid_i
 def _refresh_settings(value: Any, key: str) -> RefreshSettings:
     if not isinstance(value, Mapping):
         raise ConfigError(f"expected a mapping, got {value!r}", key=key)
-    _only(value, _REFRESH_KEYS, key)
+    _only(value, _REFRESH_KEYS, f"{key}.")
     changes: dict[str, Any] = {}
     for name in _REFRESH_KEYS - {"max_bytes"}:
         if name in value:
@@ -123,7 +124,7 @@ class IssuerConfig:
         """Parse one ``issuers[]`` entry; ``ConfigError(key="issuers[0].algorithms")`` names the bad key."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected a mapping with issuer, audiences, ..., got {data!r}", key=key)
-        _only(data, _KEYS, key)
+        _only(data, _KEYS, f"{key}.")
         if "issuer" not in data:
             raise ConfigError("is required", key=f"{key}.issuer")
         issuer = _url(data["issuer"], f"{key}.issuer", what="issuer")

@@ -43,6 +43,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 
+from ..configkeys import only as _only
 from ..durations import parse_duration
 from ..errors import ConfigError, WorkloadError
 from ..identity.spiffe import split_spiffe_id
@@ -209,12 +210,6 @@ def _list(value: Any, key: str) -> list[Any]:
     return value
 
 
-def _only(data: Mapping[str, Any], allowed: set[str], key: str) -> None:
-    for name in data:
-        if name not in allowed:
-            raise ConfigError(f"unknown key; expected one of {', '.join(sorted(allowed))}", key=f"{key}.{name}")
-
-
 def _domain_name(value: Any, key: str) -> str:
     name = _text(value, key)
     if name.startswith("spiffe://"):
@@ -247,7 +242,7 @@ def _trust_domains(value: Any, base: Path) -> tuple[tuple[TrustDomainConfig, ...
         key = f"trust_domains[{i}]"
         if not isinstance(entry, Mapping):
             raise ConfigError(f"expected a mapping with 'name', got {entry!r}", key=key)
-        _only(entry, {"name", "federates_with"}, key)
+        _only(entry, {"name", "federates_with"}, f"{key}.")
         name = _domain_name(entry.get("name"), f"{key}.name")
         if name in names:
             raise ConfigError(f"{name!r} is listed twice", key=f"{key}.name")
@@ -290,7 +285,7 @@ def _trust_domains(value: Any, base: Path) -> tuple[tuple[TrustDomainConfig, ...
 
 def _remote_partner(entry: Mapping[str, Any], key: str, base: Path) -> RemotePartner:
     """SPIFFE Federation §5: the bundle endpoint URL and profile, per federated trust domain."""
-    _only(entry, {"trust_domain", "bundle_endpoint_url", "profile", "ca_file"}, key)
+    _only(entry, {"trust_domain", "bundle_endpoint_url", "profile", "ca_file"}, f"{key}.")
     domain = _domain_name(entry.get("trust_domain"), f"{key}.trust_domain")
     url = _text(entry.get("bundle_endpoint_url"), f"{key}.bundle_endpoint_url")
     parsed = urlsplit(url)
@@ -310,7 +305,7 @@ def _remote_partner(entry: Mapping[str, Any], key: str, base: Path) -> RemotePar
 def _bundle_endpoint(value: Any, base: Path) -> BundleEndpointConfig:
     if not isinstance(value, Mapping):
         raise ConfigError(f"expected a mapping with addr, cert_file and key_file, got {value!r}", key="bundle_endpoint")
-    _only(value, {"addr", "cert_file", "key_file"}, "bundle_endpoint")
+    _only(value, {"addr", "cert_file", "key_file"}, "bundle_endpoint.")
     addr = _text(value.get("addr"), "bundle_endpoint.addr")
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
@@ -339,7 +334,7 @@ def _workloads(value: Any, domains: set[str], base: Path) -> tuple[WorkloadConfi
         key = f"workloads[{i}]"
         if not isinstance(entry, Mapping):
             raise ConfigError(f"expected a mapping with name, spiffe_id and socket, got {entry!r}", key=key)
-        _only(entry, {"name", "spiffe_id", "socket", "dns_names"}, key)
+        _only(entry, {"name", "spiffe_id", "socket", "dns_names"}, f"{key}.")
         name = _text(entry.get("name"), f"{key}.name")
         spiffe_id = _text(entry.get("spiffe_id"), f"{key}.spiffe_id")
         try:

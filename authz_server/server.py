@@ -28,6 +28,7 @@ from .decision import Decision, Pipeline
 from .envoy import (check_response_bytes, cut_volatile, facts_from_check_request, input_from_request_json,
                     parse_check_request, repeat_facts)
 from .errors import AuthzError, RequestError, WorkloadError, where_it_failed
+from .exchangefront import ExchangeEndpoint
 from .http import serve_http
 from .identity.redis_store import RedisStore
 from .identity.resolver import IdentityService, accept_actor
@@ -297,7 +298,7 @@ class App:
             ssl_context = ServerSslContext(self.tls)
             context = ssl_context.context
             self._tasks.append(asyncio.create_task(_follow_rotation(ssl_context), name="exchange-tls"))
-        server, address = await serve_http(self.exchange.handle, exchange_config.addr, ssl=context)
+        server, address = await serve_http(ExchangeEndpoint(self.exchange).handle, exchange_config.addr, ssl=context)
         self._http_servers.append(server)
         self.bound["exchange_addr"] = address
 

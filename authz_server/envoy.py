@@ -14,7 +14,6 @@ its own ``x-authz-subject`` to the upstream.
 from __future__ import annotations
 
 import base64
-import hashlib
 from typing import Any, Callable, Mapping
 
 from envoy.config.core.v3 import base_pb2
@@ -24,6 +23,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from .decision import DECISION_ID_HEADER, Decision
+from .decisioncache import request_fingerprint
 from .errors import RequestError
 from .facts import VOLATILE_ATTRIBUTES, VOLATILE_HEADERS, Facts, Volatile, build_input, with_volatile
 from .limits import Limits
@@ -193,7 +193,7 @@ def facts_from_check_request(request: CheckRequest) -> Facts:
         # Nothing is removed from the request, so nothing is put back into the attributes
         # (the facts still carry the request id and port, for the audit record).
         attributes_factory = _AttributesAsSent(attributes, None)
-        fingerprint = hashlib.blake2b(_without_volatile(request), digest_size=20).digest()
+        fingerprint = request_fingerprint(_without_volatile(request))
     else:
         headers = http.headers
         volatile = {}
@@ -211,7 +211,7 @@ def facts_from_check_request(request: CheckRequest) -> Facts:
         # Sorted map keys: the headers map's iteration order depends on its insertion and
         # deletion history (which volatile headers came and went), and an unsorted digest
         # then misses the cache for requests that differ only in those (~0.4 µs).
-        fingerprint = hashlib.blake2b(request.SerializeToString(deterministic=True), digest_size=20).digest()
+        fingerprint = request_fingerprint(request.SerializeToString(deterministic=True))
         attributes_factory = _AttributesAsSent(attributes, Volatile(request_id, time_value, port, volatile))
     return Facts(
         http.method, http.path, headers, http.body, http.raw_body, http.host, socket.address, port,

@@ -278,7 +278,8 @@ def _parse_multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] 
         name = part.get_param("name", header="content-disposition")
         if not name:
             continue
-        data = part.get_payload(decode=True) or b""
+        decoded = part.get_payload(decode=True)  # bytes for a leaf part, which every form field is
+        data = decoded if isinstance(decoded, bytes) else b""
         if "application/json" in (part.get_content_type() or ""):
             try:
                 value: Any = json.loads(data, parse_constant=_not_json)

@@ -30,11 +30,11 @@ whole request, is answered from its kept rendering without parsing them again (s
 from __future__ import annotations
 
 import base64
-import hashlib
 import time
 from typing import Any, Callable, Mapping
 
 from .decision import DECISION_ID_HEADER, Decision, Pipeline
+from .decisioncache import request_digest
 from .errors import RequestError
 from .facts import VOLATILE_HEADERS, Facts, Volatile, with_volatile
 from .http import HttpRequest, HttpResponse
@@ -131,7 +131,7 @@ def facts_from_http(request: HttpRequest, path_prefix: str) -> Facts:
     method = request.method
     address = _client_address(headers)
 
-    digest = hashlib.blake2b(digest_size=20)
+    digest = request_digest()
     digest.update(f"{method}\0{target}\0{principal}\0{certificate}\0".encode("utf-8", "surrogateescape"))
     for name in sorted(request.headers):
         if name not in VOLATILE_HEADERS and name != XFCC:  # as in gRPC mode

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,7 +308,7 @@ class IssuerRegistry:
                     self._http = httpx.AsyncClient(verify=_tls(config), follow_redirects=False, trust_env=False)
                 entry.introspector = TokenIntrospector(
                     config.issuer, config.introspection, entry.policy, client=self._http, keys=keys.current,
-                    metadata=lambda issuer=config.issuer: self.metadata(issuer))
+                    metadata=functools.partial(self.metadata, config.issuer))
         self._introspecting = [e for e in self._issuers.values() if e.introspector is not None]
         self._max_token_bytes = max((c.max_token_bytes for c in configs), default=DEFAULT_MAX_TOKEN_BYTES)
         self._max_payload_bytes = max((c.max_payload_bytes for c in configs), default=DEFAULT_MAX_PAYLOAD_BYTES)

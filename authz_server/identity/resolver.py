@@ -33,7 +33,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
-from ..decision import Identity
+from ..decisioncache import identity_fingerprint, token_fingerprint
 from ..errors import AuthzError, ReplayError, SessionError, TokenError
 from ..facts import Facts
 from .credentials import (SESSION_COOKIE, SESSION_HEADER, access_token, dpop_proof, is_browser_route,
@@ -42,6 +42,7 @@ from .browser import BrowserLogin
 from .dpop import DpopSettings, ProofChecker, dpop_error
 from .sessions import (Binding, MemoryStore, Session, SessionStore, describe_token, new_session_id, replay_error,
                        session_key, sha256_hex)
+from .verified import Identity
 from .workloads import WorkloadIdentity, WorkloadVerifier
 
 log = logging.getLogger("authz_server.identity")
@@ -317,7 +318,7 @@ class IdentityService:
         claims = {k: v for k, v in verified.claims.items() if k in self.settings.claims}
         if self.store is None or not self.settings.enabled:
             return self._identity("jwt", workload, None, (), facts, now, removes_token=True, token=verified,
-                                  claims=claims, token_fingerprint=hashlib.blake2b(token.encode(), digest_size=16).digest())
+                                  claims=claims, credential_fingerprint=token_fingerprint(token))
         expires = now + self.settings.max_lifetime
         if expires_at and not self.settings.outlive_token:
             expires = min(expires, expires_at)
@@ -331,7 +332,7 @@ class IdentityService:
     def _identity(self, method: str, workload: WorkloadIdentity | None, session: Session | None,
                   delegation: tuple[Mapping[str, str], ...], facts: Facts, now: float, *,
                   removes_token: bool = False, token: Any = None, claims: Mapping[str, Any] | None = None,
-                  token_fingerprint: bytes = b"", new_session_id: str = "") -> Identity:
+                  credential_fingerprint: bytes = b"", new_session_id: str = "") -> Identity:
         user: dict[str, Any] | None = None
         if session is not None:
             user = {"sub": session.subject, "iss": session.issuer, "claims": dict(session.claims),
@@ -346,11 +347,6 @@ class IdentityService:
             "session": session.to_input() if session else None,
             "delegation": [dict(d) for d in delegation],
         }
-        digest = hashlib.blake2b(method.encode(), digest_size=16)
-        digest.update(workload.fingerprint if workload else b"-")
-        digest.update(session.fingerprint if session else token_fingerprint or b"-")
-        for hop in delegation:
-            digest.update(f"{hop.get('actor', '')}>{hop.get('on_behalf_of', '')};".encode())
         expires: list[float] = []
         if session is not None:
             expires.append(session.ends_at())
@@ -373,7 +369,10 @@ class IdentityService:
                 response += (("set-cookie", f"{self.settings.cookie}={new_session_id}; Path=/; Secure; HttpOnly; "
                                             f"SameSite=Lax; Max-Age={max_age}"),)
         return Identity(
-            document=document, fingerprint=digest.digest(), expires_at=min(expires) if expires else None,
+            document=document,
+            fingerprint=identity_fingerprint(method, workload.fingerprint if workload else b"",
+                                             session.fingerprint if session else credential_fingerprint, delegation),
+            expires_at=min(expires) if expires else None,
             upstream_headers=upstream, response_headers=response,
             headers_to_remove=("authorization",) if removes_token else (),
         )

@@ -15,17 +15,17 @@ past its timeout is rejected and its thread left to finish; what it built is the
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..decisioncache import policy_key_prefix
 from ..errors import PolicyError
 from ..facts import VOLATILE_ATTRIBUTES
-from .engine import CompiledPolicy, Traced, reserve_processors, validate_query
 from ..trees import Tree, leaf_paths, named_within, overlaps, subtract
+from .engine import CompiledPolicy, Traced, reserve_processors, validate_query
 from .inputs import input_paths
 from .pool import EvaluatorPool
 from .source import CacheSettings, PolicySet, load_policy_set, snapshot
@@ -59,7 +59,7 @@ class ActivePolicy:
     unnamed_volatile: Tree | None = None
 
     def __post_init__(self) -> None:
-        self.key_prefix = hashlib.blake2b(f"{self.version}\0{self.query}".encode(), digest_size=16).digest()
+        self.key_prefix = policy_key_prefix(self.version, self.query)
         self.reads_clock = self.policy_set.reads_clock
         self.input_tree = input_paths(self.policy_set.serving_modules)
         signals = None if self.input_tree is None else self.input_tree.get("signals", {})
@@ -241,7 +241,7 @@ class PolicyRuntime:
             return await asyncio.wait_for(asyncio.shield(work), GATE_TIMEOUT)
         except TimeoutError:
             # The thread cannot be stopped; whatever it builds when it ends is thrown away.
-            work.add_done_callback(lambda done: done.exception() is None and done.result().pool.close())
+            work.add_done_callback(_close_when_built)
             raise PolicyError(f"compiling and testing the policy set took longer than {GATE_TIMEOUT:.0f}s",
                               code="policy_timeout") from None
 
@@ -283,3 +283,9 @@ class PolicyRuntime:
     def close(self) -> None:
         if self.active is not None:
             self.active.pool.close()
+
+
+def _close_when_built(done: "asyncio.Future[ActivePolicy]") -> None:
+    """A policy built after the gate gave up on it: its evaluators are closed, never served."""
+    if done.exception() is None:
+        done.result().pool.close()

@@ -256,4 +256,4 @@ def _matches(value: Any, expected: Any) -> bool:
         return all(k in value and _matches(value[k], v) for k, v in expected.items())
     if isinstance(expected, bool) or isinstance(value, bool):
         return value is expected
-    return value == expected
+    return bool(value == expected)

@@ -8,7 +8,7 @@ as numbers (int64 too), enums as their numbers, bytes as base64, ``Timestamp`` a
 
 ``check_response`` renders a ``Decision``. Identity headers are set with overwrite
 semantics, and identity headers we did not set are removed, so a client can never smuggle
-its own ``x-authz-subject`` to the upstream.
+its own ``x-authz-subject`` to the upstream (the rule: ``identity.verified.upstream_removals``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError, Message
 from .decision import DECISION_ID_HEADER, Decision
 from .decisioncache import request_fingerprint
 from .errors import RequestError
+from .identity.verified import upstream_removals
 from .facts import VOLATILE_ATTRIBUTES, VOLATILE_HEADERS, Facts, Volatile, build_input, with_volatile
 from .limits import Limits
 from .trees import overlaps, project
@@ -40,10 +41,6 @@ CheckResponse = external_auth_pb2.CheckResponse
 OK, INVALID_ARGUMENT, PERMISSION_DENIED, UNAVAILABLE, UNAUTHENTICATED = 0, 3, 7, 14, 16
 DEFAULT_LIMITS = Limits()
 
-# VOLATILE_HEADERS (ids, tracing) are left out of the decision-cache key, or the cache would
-# never hit; a policy that names one of them is keyed on it (see facts.VOLATILE_ATTRIBUTES).
-# Identity headers we own upstream: always set by us or removed.
-IDENTITY_HEADERS = ("x-authz-subject", "x-authz-spiffe-id")
 
 
 # -- protomap
@@ -316,9 +313,7 @@ def _fill(response: CheckResponse, decision: Decision) -> None:
         ok = response.ok_response
         upstream = decision.upstream_headers
         ok.headers.extend(_header_options(upstream, overwrite=True))
-        ours = {name.lower() for name, _ in upstream}  # Envoy lowercases both lists
-        ok.headers_to_remove.extend(
-            list(dict.fromkeys([*decision.headers_to_remove, *(h for h in IDENTITY_HEADERS if h not in ours)])))
+        ok.headers_to_remove.extend(upstream_removals(upstream, decision.headers_to_remove))
         ok.response_headers_to_add.extend(_header_options(decision.response_headers, overwrite=False))
         for key, value in decision.query_parameters_to_set:
             ok.query_parameters_to_set.add(key=key, value=value)

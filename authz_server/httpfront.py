@@ -38,6 +38,7 @@ from .decisioncache import request_digest
 from .errors import RequestError
 from .facts import VOLATILE_HEADERS, Facts, Volatile, with_volatile
 from .http import HttpRequest, HttpResponse
+from .identity.verified import upstream_removals
 from .repeats import RepeatCache
 from .trees import project
 
@@ -45,7 +46,6 @@ CONTEXT_HEADER_PREFIX = "x-authz-ctx-"
 XFCC = "x-forwarded-client-cert"
 # Added by Envoy to the authorization request itself, not sent by the client.
 _AUTHZ_REQUEST_ONLY = frozenset({"x-envoy-internal", "x-envoy-expected-rq-timeout-ms", "content-length"})
-IDENTITY_HEADERS = ("x-authz-subject", "x-authz-spiffe-id")
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 
 
@@ -206,8 +206,7 @@ def http_response(decision: Decision) -> HttpResponse:
         # One header reaches both sides when Envoy's lists name it for both (x-session-id):
         # sending it twice would give the client "id,id".
         headers.extend(h for h in decision.response_headers if h not in upstream)
-        ours = {name for name, _ in upstream}
-        remove = list(dict.fromkeys([*decision.headers_to_remove, *(h for h in IDENTITY_HEADERS if h not in ours)]))
+        remove = upstream_removals(upstream, decision.headers_to_remove)
         if remove:
             headers.append((HEADERS_TO_REMOVE, ",".join(remove)))
         return HttpResponse(200, headers, b"")

@@ -40,9 +40,9 @@ from .credentials import (SESSION_COOKIE, SESSION_HEADER, access_token, dpop_pro
                           request_uri, session_cookie, session_header, user_agent)
 from .browser import BrowserLogin
 from .dpop import DpopSettings, ProofChecker, dpop_error
-from .sessions import (Binding, MemoryStore, Session, SessionStore, describe_token, new_session_id, replay_error,
+from .sessions import (Binding, MemoryStore, Session, SessionStore, describe_token, mint_session, replay_error,
                        session_key, sha256_hex)
-from .verified import Identity
+from .verified import SPIFFE_ID_HEADER, SUBJECT_HEADER, Identity
 from .workloads import WorkloadIdentity, WorkloadVerifier
 
 log = logging.getLogger("authz_server.identity")
@@ -220,7 +220,7 @@ class IdentityService:
                 raise SessionError("browser sign-in needs sessions", code="sessions_disabled")
 
             async def open_session(subject: str, claims: Mapping[str, Any]) -> tuple[str, float]:
-                new_id, session = await self._new_session(
+                new_id, session = await self._mint_session(
                     subject, browser.config.issuer, claims, self._binding(workload, facts), now,
                     expires=now + self.settings.max_lifetime)
                 return new_id, session.expires
@@ -245,20 +245,17 @@ class IdentityService:
             user_agent_sha256=sha256_hex(user_agent(facts)) if self.settings.bind_user_agent else "",
         )
 
-    async def _new_session(self, subject: str, issuer: str, claims: Mapping[str, Any], client: Binding, now: float,
-                           *, expires: float, jti: str = "", delegation: tuple[Mapping[str, str], ...] = (),
-                           jkt: str = "") -> tuple[str, Session]:
+    async def _mint_session(self, subject: str, issuer: str, claims: Mapping[str, Any], client: Binding, now: float,
+                            *, expires: float, jti: str = "", delegation: tuple[Mapping[str, str], ...] = (),
+                            jkt: str = "") -> tuple[str, Session]:
+        """A session for a verified token or sign-in, minted by ``sessions.mint_session``."""
         assert self.store is not None
-        new_id = new_session_id()
-        session = Session(
-            key=session_key(new_id), subject=subject, issuer=issuer,
-            claims={k: v for k, v in claims.items() if k in self.settings.claims}, created=now, expires=expires,
-            idle_timeout=self.settings.idle_timeout, binding=client, generation=0, jti=jti, last_seen=now,
-            delegation=delegation, jkt=jkt,
-        )
-        session = await self.store.create(session, now=now)
+        minted = await mint_session(
+            self.store, subject=subject, issuer=issuer,
+            claims={k: v for k, v in claims.items() if k in self.settings.claims}, binding=client, now=now,
+            expires=expires, idle_timeout=self.settings.idle_timeout, jti=jti, delegation=delegation, jkt=jkt)
         self.stats.sessions_created += 1
-        return new_id, session
+        return minted
 
     # -- DPoP
     def _checker(self, issuer: str) -> ProofChecker:
@@ -322,7 +319,7 @@ class IdentityService:
         expires = now + self.settings.max_lifetime
         if expires_at and not self.settings.outlive_token:
             expires = min(expires, expires_at)
-        new_id, session = await self._new_session(
+        new_id, session = await self._mint_session(
             verified.subject, verified.issuer, claims, client, now, expires=expires, jti=jti,
             delegation=_act_chain(verified.claims.get("act"), verified.subject), jkt=jkt)
         return self._identity("jwt", workload, session, session.delegation, facts, now, removes_token=True,
@@ -357,9 +354,9 @@ class IdentityService:
         subject = user["sub"] if user else (workload.spiffe_id if workload else "")
         upstream: tuple[tuple[str, str], ...] = ()
         if subject:
-            upstream += (("x-authz-subject", subject),)
+            upstream += ((SUBJECT_HEADER, subject),)
         if workload is not None:
-            upstream += (("x-authz-spiffe-id", workload.spiffe_id),)
+            upstream += ((SPIFFE_ID_HEADER, workload.spiffe_id),)
         response: tuple[tuple[str, str], ...] = ()
         if new_session_id:
             upstream += ((SESSION_HEADER, new_session_id),)  # so the service can forward it on the user's behalf

@@ -271,6 +271,21 @@ class MemoryStore:
         self._sessions.clear()
 
 
+async def mint_session(store: "SessionStore", *, subject: str, issuer: str, claims: Mapping[str, Any],
+                       binding: Binding, now: float, expires: float, idle_timeout: float, jti: str = "",
+                       delegation: tuple[Mapping[str, str], ...] = (), jkt: str = "") -> tuple[str, Session]:
+    """Where every session is minted: a new random id, given to the client once, and the
+    session stored under its digest. Returns ``(id, session)``. ``claims`` are the ones the
+    policy may read (the caller filters them); nothing of the token itself is kept."""
+    new_id = new_session_id()
+    session = Session(
+        key=session_key(new_id), subject=subject, issuer=issuer, claims=dict(claims), created=now, expires=expires,
+        idle_timeout=idle_timeout, binding=binding, generation=0, jti=jti, last_seen=now,
+        delegation=delegation, jkt=jkt,
+    )
+    return new_id, await store.create(session, now=now)
+
+
 def replay_error(issuer: str, jti: str, first: str, second: str) -> ReplayError:
     return ReplayError(f"{describe_token(issuer, jti)} was first used by {first}, now presented by {second}",
                        code="token_replay")

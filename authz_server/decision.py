@@ -84,7 +84,7 @@ class DecisionSettings:
 _JSON = (("content-type", "application/json"),)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Decision:
     """The answer to one request. The fronts render it; the decision-id header is theirs
     to add, so a cached allow can share one rendering (``memo``) across requests."""
@@ -292,10 +292,12 @@ class Pipeline:
                 return None
         self.cache.stats.hits += 1
         dry_run = self.settings.dry_run  # recorded as decide() records it (only allows are replayed)
-        decision = Decision(previous.allowed, previous.code, previous.reason, previous.http_status,
-                            self.new_decision_id(), previous.phase, previous.policy_version, True, previous.verdict,
-                            previous.identity, previous.signals, dry_run, True if dry_run else None, None,
-                            previous.result, previous.memo, previous.valid_until)
+        decision = Decision(allowed=previous.allowed, code=previous.code, reason=previous.reason,
+                            http_status=previous.http_status, decision_id=self.new_decision_id(), phase=previous.phase,
+                            policy_version=previous.policy_version, cached=True, verdict=previous.verdict,
+                            identity=previous.identity, signals=previous.signals, dry_run=dry_run,
+                            would_allow=True if dry_run else None, input=None, result=previous.result,
+                            memo=previous.memo, valid_until=previous.valid_until)
         for observe in self.observers:
             observe(decision, facts, now)
         return decision
@@ -358,13 +360,17 @@ class Pipeline:
                 signals: Mapping[str, Any], document: dict[str, Any] | None, *, cached: bool,
                 memo: dict[str, Any] | None = None) -> Decision:
         if verdict.allowed:
-            return Decision(True, verdict.reason or "allowed", "allowed by policy", 200, decision_id, "policy",
-                            active.version, cached, verdict, identity, signals, False, None, document, result,
-                            memo if not identity.response_headers else None)
+            return Decision(allowed=True, code=verdict.reason or "allowed", reason="allowed by policy", http_status=200,
+                            decision_id=decision_id, phase="policy", policy_version=active.version, cached=cached,
+                            verdict=verdict, identity=identity, signals=signals, dry_run=False, would_allow=None,
+                            input=document, result=result, memo=memo if not identity.response_headers else None)
         code = verdict.reason or "policy_denied"
-        return Decision(False, code, f"denied by policy ({code})" if verdict.reason else "denied by policy",
-                        verdict.http_status, decision_id, "policy", active.version, cached, verdict, identity, signals,
-                        False, None, document, result, explain_denial=self.settings.explain_policy_denies)
+        return Decision(allowed=False, code=code,
+                        reason=f"denied by policy ({code})" if verdict.reason else "denied by policy",
+                        http_status=verdict.http_status, decision_id=decision_id, phase="policy",
+                        policy_version=active.version, cached=cached, verdict=verdict, identity=identity,
+                        signals=signals, dry_run=False, would_allow=None, input=document, result=result,
+                        explain_denial=self.settings.explain_policy_denies)
 
     def _error_decision(self, error: AuthzError, decision_id: str, active: ActivePolicy | None,
                         identity: Identity, signals: Mapping[str, Any]) -> Decision:

@@ -211,9 +211,10 @@ def facts_from_check_request(request: CheckRequest) -> Facts:
         fingerprint = request_fingerprint(request.SerializeToString(deterministic=True))
         attributes_factory = _AttributesAsSent(attributes, Volatile(request_id, time_value, port, volatile))
     return Facts(
-        http.method, http.path, headers, http.body, http.raw_body, http.host, socket.address, port,
-        source.principal, source.certificate, attributes.context_extensions, request_id, fingerprint, "grpc",
-        attributes_factory,
+        method=http.method, path=http.path, headers=headers, body=http.body, raw_body=http.raw_body, host=http.host,
+        source_address=socket.address, source_port=port, source_principal=source.principal,
+        source_certificate=source.certificate, context_extensions=attributes.context_extensions,
+        request_id=request_id, fingerprint=fingerprint, transport="grpc", attributes_factory=attributes_factory,
     )
 
 
@@ -241,9 +242,11 @@ def repeat_facts(first: Facts, volatile: Volatile) -> Facts:
     if not isinstance(factory, _AttributesAsSent) or factory.volatile is None:
         raise ValueError("only a gRPC request read without its volatile values can be repeated")
     return Facts(
-        first.method, first.path, first.headers, first.body, first.raw_body, first.host, first.source_address,
-        volatile.port, first.source_principal, first.source_certificate, first.context_extensions,
-        volatile.request_id, first.fingerprint, "grpc", _AttributesAsSent(factory.attributes, volatile),
+        method=first.method, path=first.path, headers=first.headers, body=first.body, raw_body=first.raw_body,
+        host=first.host, source_address=first.source_address, source_port=volatile.port,
+        source_principal=first.source_principal, source_certificate=first.source_certificate,
+        context_extensions=first.context_extensions, request_id=volatile.request_id, fingerprint=first.fingerprint,
+        transport="grpc", attributes_factory=_AttributesAsSent(factory.attributes, volatile),
     )
 
 

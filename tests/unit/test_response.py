@@ -109,7 +109,8 @@ def test_reason_codes() -> None:
 
 
 def _decision(verdict: Verdict) -> Decision:
-    return Decision(verdict.allowed, "policy_denied", "denied by policy", verdict.http_status, "d" * 32,
+    return Decision(allowed=verdict.allowed, code="policy_denied", reason="denied by policy",
+                    http_status=verdict.http_status, decision_id="d" * 32,
                     verdict=verdict)
 
 

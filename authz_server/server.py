@@ -42,6 +42,7 @@ from .signals import Signals
 from .policy.loader import PolicyRuntime
 from .explaining import ExplainMode
 from .repeats import RepeatCache
+from .tasks import cancel_all
 from .tracing import tracing_from_env
 from .identity.exchange import ExchangeSigner, TokenExchange
 from .tls import ServerSslContext, SpiffeIdCheck, TlsSource, server_credentials, tls_source_from
@@ -337,14 +338,7 @@ class App:
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.drain()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         if self.shadow is not None:
             await self.shadow.stop()
         if self.control is not None:

@@ -58,7 +58,8 @@ def parse_xfcc(value: str) -> dict[str, str]:
     contain either separator inside the quotes."""
     elements: list[dict[str, str]] = []
     current: dict[str, str] = {}
-    key, buf, quoted, escaped = "", [], False, False
+    buf: list[str] = []
+    key, quoted, escaped = "", False, False
     reading_key = True
 
     def flush_pair() -> None:

@@ -83,7 +83,7 @@ def _interval(value: Any) -> float:
 def _store(value: Any, key: str) -> str:
     if value != "memory":
         parse_store_url(value, key=key)
-    return value
+    return str(value)
 
 
 def _number(value: Any, key: str) -> float:

@@ -2,7 +2,8 @@
 
 The modules are the ``[tool.mypy] files`` of pyproject.toml: ``decision``, ``facts``,
 ``response``, ``decisioncache``, ``trees``, ``errors`` and the ``policy`` and ``identity``
-packages, the parts a newcomer reads first and where a wrong type is a wrong decision.
+packages, the parts a newcomer reads first and where a wrong type is a wrong decision; and
+the HTTP front, signals and config reading around them.
 Modules they import are read for their types, not reported on (``follow_imports = silent``).
 """
 

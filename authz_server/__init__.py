@@ -28,26 +28,18 @@ if TYPE_CHECKING:  # for readers and type checkers; at run time each name is imp
     from .identity.verified import Identity
     from .response import Verdict
 
-_WHERE = {
-    "AuthzError": "errors",
-    "Config": "config",
-    "ConfigError": "errors",
-    "Decision": "decision",
-    "Facts": "facts",
-    "Identity": "identity.verified",
-    "IdentityError": "errors",
-    "Pipeline": "decision",
-    "PolicyError": "errors",
-    "ReplayError": "errors",
-    "RequestError": "errors",
-    "SessionError": "errors",
-    "TokenError": "errors",
-    "UnavailableError": "errors",
-    "Verdict": "response",
-    "WorkloadError": "errors",
-    "load_config": "config",
+_FROM = {
+    "config": ("Config", "load_config"),
+    "decision": ("Decision", "Pipeline"),
+    "errors": (
+        "AuthzError", "ConfigError", "IdentityError", "PolicyError", "ReplayError", "RequestError",
+        "SessionError", "TokenError", "UnavailableError", "WorkloadError",
+    ),
+    "facts": ("Facts",),
+    "identity.verified": ("Identity",),
+    "response": ("Verdict",),
 }
-__getattr__ = lazy_exports(__name__, _WHERE)
+__getattr__ = lazy_exports(__name__, _FROM)
 
 __all__ = [
     "AuthzError", "Config", "ConfigError", "Decision", "Facts", "Identity", "IdentityError", "Pipeline", "PolicyError",

@@ -9,12 +9,14 @@ forks afterwards) for a tool that only reads a bundle's files.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 
-def lazy_exports(package: str, where: Mapping[str, str]) -> Callable[[str], Any]:
-    """The package's ``__getattr__``: ``where`` maps each public name to the submodule
-    (relative to ``package``) that defines it."""
+def lazy_exports(package: str, modules: Mapping[str, Iterable[str]]) -> Callable[[str], Any]:
+    """The package's ``__getattr__``: ``modules`` maps each submodule (relative to
+    ``package``) to the public names it defines, as the package's ``TYPE_CHECKING``
+    imports list them for readers and type checkers."""
+    where = {name: module for module, names in modules.items() for name in names}
 
     def __getattr__(name: str) -> Any:
         module = where.get(name)

@@ -26,25 +26,22 @@ if TYPE_CHECKING:  # for readers and type checkers; at run time each name is imp
     from .signing import sign_files, verify_signatures
     from .status import StatusReporter
 
-_WHERE = {
-    "Bundle": "bundle",
-    "BundleError": "errors",
-    "BundleManager": "manager",
-    "ControlPlane": "config",
-    "ControlPlaneClient": "plane",
-    "ControlPlaneServer": "server",
-    "Downloader": "download",
-    "ServiceClient": "service",
-    "StatusReporter": "status",
-    "load_bundle": "bundle",
-    "parse_control_plane": "config",
-    "sign_files": "signing",
-    "verify_signatures": "signing",
+_FROM = {
+    "bundle": ("Bundle", "load_bundle"),
+    "config": ("ControlPlane", "parse_control_plane"),
+    "download": ("Downloader",),
+    "errors": ("BundleError",),
+    "manager": ("BundleManager",),
+    "plane": ("ControlPlaneClient",),
+    "server": ("ControlPlaneServer",),
+    "service": ("ServiceClient",),
+    "signing": ("sign_files", "verify_signatures"),
+    "status": ("StatusReporter",),
 }
-__getattr__ = lazy_exports(__name__, _WHERE)
+__getattr__ = lazy_exports(__name__, _FROM)
 
 __all__ = [
     "Bundle", "BundleError", "BundleManager", "ControlPlane", "ControlPlaneClient", "ControlPlaneServer",
     "Downloader", "ServiceClient", "StatusReporter", "load_bundle", "parse_control_plane", "sign_files",
-    "verify_signatures"
+    "verify_signatures",
 ]

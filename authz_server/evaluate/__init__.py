@@ -25,13 +25,12 @@ if TYPE_CHECKING:  # for readers and type checkers; at run time each name is imp
     from .oracle import Oracle
     from .traffic import generate
 
-_WHERE = {
-    "Options": "cli",
-    "Oracle": "oracle",
-    "evaluate": "cli",
-    "generate": "traffic",
-    "run_accuracy": "accuracy",
+_FROM = {
+    "accuracy": ("run_accuracy",),
+    "cli": ("Options", "evaluate"),
+    "oracle": ("Oracle",),
+    "traffic": ("generate",),
 }
-__getattr__ = lazy_exports(__name__, _WHERE)
+__getattr__ = lazy_exports(__name__, _FROM)
 
 __all__ = ["Options", "Oracle", "evaluate", "generate", "run_accuracy"]

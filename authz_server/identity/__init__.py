@@ -28,40 +28,19 @@ if TYPE_CHECKING:  # for readers and type checkers; at run time each name is imp
     from .verified import IDENTITY_HEADERS, Identity, NO_IDENTITY, upstream_removals
     from .workloads import PrincipalVerifier, WorkloadIdentity, WorkloadVerifier
 
-_WHERE = {
-    "BrowserLogin": "browser",
-    "BrowserLoginConfig": "browser",
-    "DpopSettings": "dpop",
-    "ExchangeConfig": "exchange",
-    "ExchangeSigner": "exchange",
-    "IDENTITY_HEADERS": "verified",
-    "Identity": "verified",
-    "IdentityService": "resolver",
-    "IssuerConfig": "oidc",
-    "IssuerPolicy": "tokens",
-    "IssuerRegistry": "oidc",
-    "MemoryStore": "sessions",
-    "NO_IDENTITY": "verified",
-    "PrincipalVerifier": "workloads",
-    "ProofChecker": "dpop",
-    "RedisStore": "redis_store",
-    "Session": "sessions",
-    "SessionSettings": "resolver",
-    "SessionStore": "sessions",
-    "TokenExchange": "exchange",
-    "TokenValidator": "resolver",
-    "VerifiedToken": "tokens",
-    "WorkloadIdentity": "workloads",
-    "WorkloadVerifier": "workloads",
-    "mint_session": "sessions",
-    "parse_issuers": "oidc",
-    "session_key": "sessions",
-    "upstream_removals": "verified",
-    "validate_claims": "tokens",
-    "validate_jwt": "tokens",
-    "verify_jws": "tokens",
+_FROM = {
+    "browser": ("BrowserLogin", "BrowserLoginConfig"),
+    "dpop": ("DpopSettings", "ProofChecker"),
+    "exchange": ("ExchangeConfig", "ExchangeSigner", "TokenExchange"),
+    "oidc": ("IssuerConfig", "IssuerRegistry", "parse_issuers"),
+    "redis_store": ("RedisStore",),
+    "resolver": ("IdentityService", "SessionSettings", "TokenValidator"),
+    "sessions": ("MemoryStore", "Session", "SessionStore", "mint_session", "session_key"),
+    "tokens": ("IssuerPolicy", "VerifiedToken", "validate_claims", "validate_jwt", "verify_jws"),
+    "verified": ("IDENTITY_HEADERS", "Identity", "NO_IDENTITY", "upstream_removals"),
+    "workloads": ("PrincipalVerifier", "WorkloadIdentity", "WorkloadVerifier"),
 }
-__getattr__ = lazy_exports(__name__, _WHERE)
+__getattr__ = lazy_exports(__name__, _FROM)
 
 __all__ = [
     "BrowserLogin", "BrowserLoginConfig", "DpopSettings", "ExchangeConfig", "ExchangeSigner",
@@ -69,5 +48,5 @@ __all__ = [
     "MemoryStore", "NO_IDENTITY", "PrincipalVerifier", "ProofChecker", "RedisStore", "Session",
     "SessionSettings", "SessionStore", "TokenExchange", "TokenValidator", "VerifiedToken", "WorkloadIdentity",
     "WorkloadVerifier", "mint_session", "parse_issuers", "session_key", "upstream_removals", "validate_claims",
-    "validate_jwt", "verify_jws"
+    "validate_jwt", "verify_jws",
 ]

@@ -17,15 +17,13 @@ if TYPE_CHECKING:  # for readers and type checkers; at run time each name is imp
     from .launcher import Mesh, MeshOptions, running_mesh
     from .tour import run_tour
 
-_WHERE = {
-    "Mesh": "launcher",
-    "MeshOptions": "launcher",
-    "mesh_demo": "demo",
-    "run_tour": "tour",
-    "running_mesh": "launcher",
+_FROM = {
+    "demo": ("mesh_demo",),
+    "launcher": ("Mesh", "MeshOptions", "running_mesh"),
+    "tour": ("run_tour",),
 }
-__getattr__ = lazy_exports(__name__, _WHERE)
+__getattr__ = lazy_exports(__name__, _FROM)
 
 __all__ = [
-    "Mesh", "MeshOptions", "mesh_demo", "run_tour", "running_mesh"
+    "Mesh", "MeshOptions", "mesh_demo", "run_tour", "running_mesh",
 ]

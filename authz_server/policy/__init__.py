@@ -20,25 +20,17 @@ if TYPE_CHECKING:  # for readers and type checkers; at run time each name is imp
     from .source import CacheSettings, PolicySet, load_policy_set
     from .testing import RequestReader, TestReport, check_tests, run_policy_tests
 
-_WHERE = {
-    "ActivePolicy": "loader",
-    "CacheSettings": "source",
-    "CompiledPolicy": "engine",
-    "PolicyRuntime": "loader",
-    "PolicySet": "source",
-    "RequestReader": "testing",
-    "TestReport": "testing",
-    "UNDEFINED": "engine",
-    "check_tests": "testing",
-    "input_paths": "inputs",
-    "load_policy_set": "source",
-    "run_policy_tests": "testing",
-    "validate_query": "engine",
+_FROM = {
+    "engine": ("CompiledPolicy", "UNDEFINED", "validate_query"),
+    "inputs": ("input_paths",),
+    "loader": ("ActivePolicy", "PolicyRuntime"),
+    "source": ("CacheSettings", "PolicySet", "load_policy_set"),
+    "testing": ("RequestReader", "TestReport", "check_tests", "run_policy_tests"),
 }
-__getattr__ = lazy_exports(__name__, _WHERE)
+__getattr__ = lazy_exports(__name__, _FROM)
 
 __all__ = [
     "ActivePolicy", "CacheSettings", "CompiledPolicy", "PolicyRuntime", "PolicySet", "RequestReader",
     "TestReport", "UNDEFINED", "check_tests", "input_paths", "load_policy_set", "run_policy_tests",
-    "validate_query"
+    "validate_query",
 ]

@@ -17,15 +17,13 @@ if TYPE_CHECKING:  # for readers and type checkers; at run time each name is imp
     from .evaluator import ShadowEvaluator, ShadowStats
     from .report import ShadowReport, summarize
 
-_WHERE = {
-    "ShadowEvaluator": "evaluator",
-    "ShadowReport": "report",
-    "ShadowStats": "evaluator",
-    "disagreement": "compare",
-    "summarize": "report",
+_FROM = {
+    "compare": ("disagreement",),
+    "evaluator": ("ShadowEvaluator", "ShadowStats"),
+    "report": ("ShadowReport", "summarize"),
 }
-__getattr__ = lazy_exports(__name__, _WHERE)
+__getattr__ = lazy_exports(__name__, _FROM)
 
 __all__ = [
-    "ShadowEvaluator", "ShadowReport", "ShadowStats", "disagreement", "summarize"
+    "ShadowEvaluator", "ShadowReport", "ShadowStats", "disagreement", "summarize",
 ]

@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 
 
 from ..configkeys import only as _only
+from ..configkeys import readable_file as _readable_file
 from ..durations import parse_duration
 from ..errors import ConfigError, WorkloadError
 from ..identity.spiffe import split_spiffe_id
@@ -298,7 +299,7 @@ def _remote_partner(entry: Mapping[str, Any], key: str, base: Path) -> RemotePar
                           key=f"{key}.profile")
     ca_file = None
     if entry.get("ca_file") is not None:
-        ca_file = _readable(_path(entry["ca_file"], f"{key}.ca_file", base), f"{key}.ca_file")
+        ca_file = _readable_file(_path(entry["ca_file"], f"{key}.ca_file", base), f"{key}.ca_file")
     return RemotePartner(domain, url, profile, ca_file)
 
 
@@ -315,16 +316,8 @@ def _bundle_endpoint(value: Any, base: Path) -> BundleEndpointConfig:
             raise ConfigError("the https_web profile serves with a Web PKI certificate: give cert_file and "
                               "key_file", key=f"bundle_endpoint.{name}")
     return BundleEndpointConfig(
-        addr, _readable(_path(value["cert_file"], "bundle_endpoint.cert_file", base), "bundle_endpoint.cert_file"),
-        _readable(_path(value["key_file"], "bundle_endpoint.key_file", base), "bundle_endpoint.key_file"))
-
-
-def _readable(path: str, key: str) -> str:
-    try:
-        with open(path, "rb"):
-            return path
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}", key=key) from None
+        addr, _readable_file(_path(value["cert_file"], "bundle_endpoint.cert_file", base), "bundle_endpoint.cert_file"),
+        _readable_file(_path(value["key_file"], "bundle_endpoint.key_file", base), "bundle_endpoint.key_file"))
 
 
 def _workloads(value: Any, domains: set[str], base: Path) -> tuple[WorkloadConfig, ...]:

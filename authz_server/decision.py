@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
-from .errors import AuthzError, IdentityError, PolicyError, RequestError, UnavailableError, where_it_failed
 from .decisioncache import BearerExpiry, DecisionCache, full_key, narrow_key, read_key
+from .errors import AuthzError, IdentityError, PolicyError, RequestError, UnavailableError, where_it_failed
 from .facts import Facts, build_input
 from .identity.verified import NO_IDENTITY, Identity
 from .policy.engine import UNDEFINED, Traced, encode_input
@@ -296,7 +296,7 @@ class Pipeline:
                             http_status=previous.http_status, decision_id=self.new_decision_id(), phase=previous.phase,
                             policy_version=previous.policy_version, cached=True, verdict=previous.verdict,
                             identity=previous.identity, signals=previous.signals, dry_run=dry_run,
-                            would_allow=True if dry_run else None, input=None, result=previous.result,
+                            would_allow=True if dry_run else None, result=previous.result,
                             memo=previous.memo, valid_until=previous.valid_until)
         for observe in self.observers:
             observe(decision, facts, now)
@@ -361,16 +361,15 @@ class Pipeline:
                 memo: dict[str, Any] | None = None) -> Decision:
         if verdict.allowed:
             return Decision(allowed=True, code=verdict.reason or "allowed", reason="allowed by policy", http_status=200,
-                            decision_id=decision_id, phase="policy", policy_version=active.version, cached=cached,
-                            verdict=verdict, identity=identity, signals=signals, dry_run=False, would_allow=None,
-                            input=document, result=result, memo=memo if not identity.response_headers else None)
+                            decision_id=decision_id, policy_version=active.version, cached=cached, verdict=verdict,
+                            identity=identity, signals=signals, input=document, result=result,
+                            memo=memo if not identity.response_headers else None)
         code = verdict.reason or "policy_denied"
         return Decision(allowed=False, code=code,
                         reason=f"denied by policy ({code})" if verdict.reason else "denied by policy",
-                        http_status=verdict.http_status, decision_id=decision_id, phase="policy",
-                        policy_version=active.version, cached=cached, verdict=verdict, identity=identity,
-                        signals=signals, dry_run=False, would_allow=None, input=document, result=result,
-                        explain_denial=self.settings.explain_policy_denies)
+                        http_status=verdict.http_status, decision_id=decision_id, policy_version=active.version,
+                        cached=cached, verdict=verdict, identity=identity, signals=signals, input=document,
+                        result=result, explain_denial=self.settings.explain_policy_denies)
 
     def _error_decision(self, error: AuthzError, decision_id: str, active: ActivePolicy | None,
                         identity: Identity, signals: Mapping[str, Any]) -> Decision:

@@ -141,9 +141,7 @@ class IdentityConfig:
         """Build and check a config from parsed YAML; raises ``ConfigError`` naming the key."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"the identity config must be a mapping, got {type(data).__name__}")
-        for key in data:
-            if key not in _TOP_KEYS:
-                raise ConfigError(f"unknown key; expected one of {', '.join(sorted(_TOP_KEYS))}", key=str(key))
+        _only(data, _TOP_KEYS, "")
         base = Path(base_dir) if base_dir is not None else Path.cwd()
         values: dict[str, Any] = {}
         if "state_dir" in data:

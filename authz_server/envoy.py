@@ -25,8 +25,8 @@ from google.protobuf.message import DecodeError, Message
 from .decision import DECISION_ID_HEADER, Decision
 from .decisioncache import request_fingerprint
 from .errors import RequestError
-from .identity.verified import upstream_removals
 from .facts import VOLATILE_ATTRIBUTES, VOLATILE_HEADERS, Facts, Volatile, build_input, with_volatile
+from .identity.verified import upstream_removals
 from .limits import Limits
 from .trees import overlaps, project
 
@@ -40,7 +40,6 @@ CheckResponse = external_auth_pb2.CheckResponse
 
 OK, INVALID_ARGUMENT, PERMISSION_DENIED, UNAVAILABLE, UNAUTHENTICATED = 0, 3, 7, 14, 16
 DEFAULT_LIMITS = Limits()
-
 
 
 # -- protomap
@@ -372,5 +371,6 @@ def check_response_bytes(decision: Decision) -> bytes:
 
 __all__ = [
     "CheckRequest", "CheckResponse", "check_request_from_json", "check_response", "check_response_bytes",
-    "cut_volatile", "facts_from_check_request", "input_from_request_json", "parse_check_request", "protomap", "repeat_facts",
+    "cut_volatile", "facts_from_check_request", "input_from_request_json", "parse_check_request", "protomap",
+    "repeat_facts",
 ]

@@ -84,14 +84,15 @@ def challenge(code: str, message: str, algorithms: tuple[str, ...], nonce: str |
     error = "use_dpop_nonce" if code == "use_dpop_nonce" else (
         "invalid_dpop_proof" if code in ("invalid_dpop_proof", "dpop_replay") else "invalid_token")
     description = message.replace('"', "'").replace("\\", "/")[:200]
-    headers: tuple[tuple[str, str], ...] = (("www-authenticate", f'DPoP error="{error}", error_description="{description}", '
-                                    f'algs="{" ".join(algorithms)}"'),)
+    value = f'DPoP error="{error}", error_description="{description}", algs="{" ".join(algorithms)}"'
+    headers: tuple[tuple[str, str], ...] = (("www-authenticate", value),)
     if nonce is not None:
         headers += (("dpop-nonce", nonce),)
     return headers
 
 
-def dpop_error(code: str, message: str, settings: DpopSettings, nonce: str | None = None) -> TokenError | ReplayError:
+def dpop_error(code: str, message: str, settings: DpopSettings,
+               nonce: str | None = None) -> TokenError | ReplayError:
     error_class: type[TokenError | ReplayError] = ReplayError if code == "dpop_replay" else TokenError
     return error_class(message, code=code, headers=challenge(code, message, settings.algorithms, nonce))
 
@@ -156,7 +157,8 @@ class ProofChecker:
                                                                                            settings.nonce_lifetime)
         self._headers: dict[str, tuple[JwsAlgorithm, Jwk, str]] = {}
 
-    def _fail(self, message: str, code: str = "invalid_dpop_proof", nonce: str | None = None) -> TokenError | ReplayError:
+    def _fail(self, message: str, code: str = "invalid_dpop_proof",
+              nonce: str | None = None) -> TokenError | ReplayError:
         return dpop_error(code, message, self.settings, nonce)
 
     def check(self, proof: str | None, *, method: str, url: str, now: float, access_token: str | None = None,

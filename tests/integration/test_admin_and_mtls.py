@@ -37,9 +37,11 @@ def _channel(address: str, ca: ScratchCA, spiffe_id: str | None) -> grpc.aio.Cha
     return grpc.aio.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", "localhost")])
 
 
+Stubs = tuple[admin_grpc.AdminStub, external_auth_pb2_grpc.AuthorizationStub]
+
+
 @contextlib.asynccontextmanager
-async def operator_and_sidecar(bound: Mapping[str, str], ca: ScratchCA
-                               ) -> AsyncIterator[tuple[admin_grpc.AdminStub, external_auth_pb2_grpc.AuthorizationStub]]:
+async def operator_and_sidecar(bound: Mapping[str, str], ca: ScratchCA) -> AsyncIterator[Stubs]:
     """The admin API as the allowed operator, and the check API as a sidecar, over mTLS."""
     async with _channel(bound["admin_addr"], ca, "spiffe://example.org/ops") as admin_channel, \
             _channel(bound["addr"], ca, "spiffe://example.org/sidecar/a") as check_channel:

@@ -13,7 +13,8 @@ import pytest
 
 from authz_server._proto import authz_admin_pb2 as admin_pb
 from authz_server.config import AdminConfig, Config
-from tests.integration.test_admin_and_mtls import POLICY, _check, operator_and_sidecar, pki  # noqa: F401 (pki: a fixture)
+from tests.integration.test_admin_and_mtls import POLICY, _check, operator_and_sidecar  # noqa: F401
+from tests.integration.test_admin_and_mtls import pki  # noqa: F401 (a fixture)
 from tests.support.audit import jsonl
 from tests.support.authz import running_app, write_policy
 

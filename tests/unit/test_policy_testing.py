@@ -289,6 +289,7 @@ def test_inputs_with_quotes_and_backslashes_reach_the_rule_unchanged() -> None:
 def test_a_request_case_needs_the_envoy_reader() -> None:
     """The policy package reads no protobuf: a run not given the Envoy side's reader reports
     a ``request`` case as an error instead of importing the transport."""
-    report = run_policy_tests(policy_set({"policy.rego": POLICY}, cases={"x_test.yaml": CASES}), "data.envoy.authz.allow")
+    report = run_policy_tests(policy_set({"policy.rego": POLICY}, cases={"x_test.yaml": CASES}),
+                              "data.envoy.authz.allow")
     outcome, detail = outcomes(report)["x_test.yaml#an ext_authz request"]
     assert outcome == "error" and "Envoy side" in detail

@@ -18,6 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 
+from .configkeys import boolean as _bool
+from .configkeys import mapping as _mapping
+from .configkeys import only as _only
+from .configkeys import readable_file as _readable_file
+from .configkeys import resolve_path
+from .configkeys import show as _show
+from .configkeys import string as _string
 from .decision import DecisionSettings
 from .identity.browser import BrowserLoginConfig
 from .identity.exchange import ExchangeConfig, ExchangeRule
@@ -107,25 +114,11 @@ class Config:
 
 # -- small checked readers: each names the key it reads
 
-def _string(value: Any, key: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"expected a string, got {_show(value)}", key=key)
-    return value
-
-
 def check_query(value: Any, key: str) -> str:
     try:
         return validate_query(_string(value, key))
     except PolicyError as exc:
         raise ConfigError(exc.message, key=key) from None
-
-
-def _readable_file(path: str, key: str) -> str:
-    try:
-        with open(path, "rb"):
-            return path
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}", key=key) from None
 
 
 def _address(value: Any, key: str, *, allow_empty: bool = True) -> str:
@@ -153,12 +146,6 @@ def _int(value: Any, key: str, *, minimum: int = 0, maximum: int | None = None) 
     return value
 
 
-def _bool(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"expected true or false, got {_show(value)}", key=key)
-    return value
-
-
 def _duration(value: Any, key: str, *, positive: bool = True) -> float:
     try:
         seconds = parse_duration(value)
@@ -169,37 +156,6 @@ def _duration(value: Any, key: str, *, positive: bool = True) -> float:
     if positive and seconds <= 0:
         raise ConfigError(f"must be greater than zero, got {value!r}", key=key)
     return seconds
-
-
-def _mapping(value: Any, key: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"expected a mapping, got {_show(value)}", key=key)
-    return value
-
-
-def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"[:80]
-
-
-def _only(data: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
-    for key in data:
-        if key not in allowed:
-            close = sorted(a for a in allowed if a[:3] == str(key)[:3])
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown key{hint}", key=f"{prefix}{key}")
-
-
-def resolve_path(value: str, base_dir: str | None) -> str:
-    """Config-relative first, then the working directory."""
-    path = Path(os.path.expanduser(value))
-    if path.is_absolute() or base_dir is None:
-        return str(path)
-    beside = Path(base_dir) / path
-    if beside.exists() or not path.exists():
-        return str(beside)
-    return str(path)
 
 
 def _decision_settings(data: Mapping[str, Any], defaults: DecisionSettings) -> DecisionSettings:

@@ -10,8 +10,6 @@ Nothing here knows about gRPC or HTTP: the fronts build ``Facts`` and render ``D
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import itertools
 import json
 import logging
@@ -19,32 +17,18 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
+from .decisioncache import BearerExpiry, DecisionCache, full_key, narrow_key, read_key
 from .errors import AuthzError, IdentityError, PolicyError, RequestError, UnavailableError, where_it_failed
 from .facts import Facts, build_input
-from .policy.cache import DecisionCache
+from .identity.verified import NO_IDENTITY, Identity
 from .policy.engine import UNDEFINED, Traced, encode_input
-from .policy.inputs import project, values_at, without
 from .policy.loader import ActivePolicy, PolicyRuntime
 from .response import Headers, Verdict, read_result
+from .trees import project, without
 
 log = logging.getLogger("authz_server.decision")
 
 DECISION_ID_HEADER = "x-authz-decision-id"
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who is calling, once verified. ``document`` is ``input.identity``."""
-
-    document: Mapping[str, Any]
-    fingerprint: bytes = b""  # stable digest of ``document`` (part of the cache key)
-    expires_at: float | None = None  # no decision about this identity outlives it
-    upstream_headers: Headers = ()  # e.g. x-authz-subject, x-authz-spiffe-id
-    response_headers: Headers = ()  # to the client on allow, e.g. a new x-session-id
-    headers_to_remove: tuple[str, ...] = ()  # e.g. the raw Authorization header
-
-
-NO_IDENTITY = Identity({})
 
 
 class IdentityResolver(Protocol):
@@ -100,7 +84,7 @@ class DecisionSettings:
 _JSON = (("content-type", "application/json"),)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Decision:
     """The answer to one request. The fronts render it; the decision-id header is theirs
     to add, so a cached allow can share one rendering (``memo``) across requests."""
@@ -230,6 +214,7 @@ class Pipeline:
         self.tracing = tracing  # None: no phase clock is read (tracing off costs one test per decision)
         self.explaining: Explaining | None = None  # set by explaining.ExplainMode while a rule is live
         self.cache: DecisionCache[_CachedVerdict] = DecisionCache(self.settings.cache_max_entries)
+        self.bearer_expiry = BearerExpiry()  # how long a policy reading the token's exp may cache
         self.new_decision_id = decision_ids()
         self._cached_version = ""
 
@@ -307,10 +292,12 @@ class Pipeline:
                 return None
         self.cache.stats.hits += 1
         dry_run = self.settings.dry_run  # recorded as decide() records it (only allows are replayed)
-        decision = Decision(previous.allowed, previous.code, previous.reason, previous.http_status,
-                            self.new_decision_id(), previous.phase, previous.policy_version, True, previous.verdict,
-                            previous.identity, previous.signals, dry_run, True if dry_run else None, None,
-                            previous.result, previous.memo, previous.valid_until)
+        decision = Decision(allowed=previous.allowed, code=previous.code, reason=previous.reason,
+                            http_status=previous.http_status, decision_id=self.new_decision_id(), phase=previous.phase,
+                            policy_version=previous.policy_version, cached=True, verdict=previous.verdict,
+                            identity=previous.identity, signals=previous.signals, dry_run=dry_run,
+                            would_allow=True if dry_run else None, result=previous.result,
+                            memo=previous.memo, valid_until=previous.valid_until)
         for observe in self.observers:
             observe(decision, facts, now)
         return decision
@@ -329,9 +316,9 @@ class Pipeline:
                 phases.mark("cache", cached is not None)
             if cached is not None:
                 # The rendering carries identity headers: shared only with the identity it was made for.
-                memo = cached.memo if cached.identity == identity.fingerprint else None
+                shared = cached.memo if cached.identity == identity.fingerprint else None
                 decision = self._render(cached.verdict, cached.result, decision_id, active, identity, signals,
-                                        None, cached=True, memo=memo)
+                                        None, cached=True, memo=shared)
                 decision.valid_until = cached.valid_until
                 return decision
         document, input_json = _complete_input(prepared, active, facts, identity, signals)
@@ -344,8 +331,9 @@ class Pipeline:
             explain.explain(traced, document, active.policy_set.serving_modules)
         if phases is not None:
             phases.mark("policy", explain.mode if explain is not None else None)
+        recorded: dict[str, Any] | None = document
         if active.input_tree is not None:
-            document = None  # partial: the audit log builds the full input from the facts
+            recorded = None  # partial: the audit log builds the full input from the facts
         if result is UNDEFINED:
             raise PolicyError("the policy decision is undefined", code="policy_undefined")
         verdict = read_result(result)
@@ -353,14 +341,14 @@ class Pipeline:
         if use_cache:
             deadline = self._deadline(active, facts, identity, now)
             self.cache.put(key, _CachedVerdict(verdict, result, memo, deadline, identity.fingerprint), deadline, now)
-        return self._render(verdict, result, decision_id, active, identity, signals, document, cached=False,
+        return self._render(verdict, result, decision_id, active, identity, signals, recorded, cached=False,
                             memo=memo)
 
     def _deadline(self, active: ActivePolicy, facts: Facts, identity: Identity, now: float) -> float:
         ttl = active.cache.ttl if active.cache.ttl is not None else self.settings.cache_ttl
         if active.reads_clock:
             ttl = min(ttl, self.settings.clock_ttl)
-            token_exp = _bearer_expiry(facts)
+            token_exp = self.bearer_expiry.of(facts)
             if token_exp is not None:
                 ttl = min(ttl, token_exp - now)
         deadline = now + ttl
@@ -372,13 +360,16 @@ class Pipeline:
                 signals: Mapping[str, Any], document: dict[str, Any] | None, *, cached: bool,
                 memo: dict[str, Any] | None = None) -> Decision:
         if verdict.allowed:
-            return Decision(True, verdict.reason or "allowed", "allowed by policy", 200, decision_id, "policy",
-                            active.version, cached, verdict, identity, signals, False, None, document, result,
-                            memo if not identity.response_headers else None)
+            return Decision(allowed=True, code=verdict.reason or "allowed", reason="allowed by policy", http_status=200,
+                            decision_id=decision_id, policy_version=active.version, cached=cached, verdict=verdict,
+                            identity=identity, signals=signals, input=document, result=result,
+                            memo=memo if not identity.response_headers else None)
         code = verdict.reason or "policy_denied"
-        return Decision(False, code, f"denied by policy ({code})" if verdict.reason else "denied by policy",
-                        verdict.http_status, decision_id, "policy", active.version, cached, verdict, identity, signals,
-                        False, None, document, result, explain_denial=self.settings.explain_policy_denies)
+        return Decision(allowed=False, code=code,
+                        reason=f"denied by policy ({code})" if verdict.reason else "denied by policy",
+                        http_status=verdict.http_status, decision_id=decision_id, policy_version=active.version,
+                        cached=cached, verdict=verdict, identity=identity, signals=signals, input=document,
+                        result=result, explain_denial=self.settings.explain_policy_denies)
 
     def _error_decision(self, error: AuthzError, decision_id: str, active: ActivePolicy | None,
                         identity: Identity, signals: Mapping[str, Any]) -> Decision:
@@ -412,29 +403,6 @@ def _as_dry_run(decision: Decision) -> Decision:
     )
 
 
-def _full_key(active: ActivePolicy, facts: Facts, identity: Identity, signals: Mapping[str, Any]) -> bytes:
-    # Fixed-width digests side by side (the identity's prefixed by its length): no ambiguity,
-    # and no hashing on the hot path.
-    key = active.key_prefix + facts.fingerprint + bytes((len(identity.fingerprint),)) + identity.fingerprint
-    volatile = active.volatile_tree
-    if volatile is not None:
-        # The fingerprint leaves out per-request fields (request id, time, port); this policy
-        # names some of them, so its answers depend on them.
-        named = project(facts.attributes(volatile), volatile)
-        key += b"\x03" + hashlib.blake2b(json.dumps(named, sort_keys=True, separators=(",", ":")).encode(),
-                                         digest_size=20).digest()
-    if signals:
-        # Only the signal fields the policy can read: a policy reading rate.limited keeps its
-        # cache hits while the observed rate moves on every request.
-        paths = active.signal_paths
-        if paths is None:
-            key += hashlib.blake2b(json.dumps(signals, sort_keys=True, separators=(",", ":")).encode(),
-                                   digest_size=20).digest()
-        elif paths:
-            key += b"\x02" + repr(values_at(signals, paths)).encode()
-    return key
-
-
 @dataclass(slots=True)
 class _Prepared:
     """The cache key of a request's input, and as much of the input as making it took."""
@@ -450,19 +418,20 @@ def _prepare_input(active: ActivePolicy, facts: Facts, identity: Identity, signa
     if use_cache:
         if active.cache.key_paths:
             prepared.document = build_input(facts, identity.document, signals)
-            prepared.key = _narrow_key(active, prepared.document)
+            prepared.key = narrow_key(active.key_prefix, prepared.document, active.cache.key_paths)
         elif active.input_tree is not None:
             # Keyed on what the policy reads, as the engine gets it (one encoding serves both
             # when it can), so a (user, route) pair repeats whatever else in the request varies.
             document = prepared.document = build_input(facts, identity.document, signals, active.input_tree)
             if active.unnamed_volatile is None:
                 prepared.input_json = encode_input(document)
-                prepared.key = _read_key(active, prepared.input_json)
+                prepared.key = read_key(active.key_prefix, prepared.input_json)
             else:
-                prepared.key = _read_key(active, encode_input(
+                prepared.key = read_key(active.key_prefix, encode_input(
                     {**document, "attributes": without(document["attributes"], active.unnamed_volatile)}))
         else:
-            prepared.key = _full_key(active, facts, identity, signals)
+            prepared.key = full_key(active.key_prefix, facts, identity.fingerprint, signals,
+                                    volatile_tree=active.volatile_tree, signal_paths=active.signal_paths)
     return prepared
 
 
@@ -476,57 +445,3 @@ def _complete_input(prepared: _Prepared, active: ActivePolicy, facts: Facts, ide
         document = project(document, active.input_tree)
     input_json = prepared.input_json if prepared.input_json is not None else encode_input(document)
     return document, input_json
-
-
-def _read_key(active: ActivePolicy, input_json: bytes) -> bytes:
-    return active.key_prefix + hashlib.blake2b(input_json, digest_size=20).digest()
-
-
-def _narrow_key(active: ActivePolicy, document: Mapping[str, Any]) -> bytes:
-    values = [_lookup(document, path) for path in active.cache.key_paths]
-    blob = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.blake2b(active.key_prefix + b"\x01" + blob, digest_size=20).digest()
-
-
-_MISSING = {"__missing__": True}
-
-
-def _lookup(document: Mapping[str, Any], path: str) -> Any:
-    node: Any = document
-    for part in path.split("."):
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return _MISSING
-    return node
-
-
-def _bearer_expiry(facts: Facts) -> float | None:
-    """The ``exp`` of a bearer JWT the policy may check itself (read unverified: it only
-    shortens how long a decision is cached)."""
-    header = facts.header("authorization")
-    if not header[:7].lower() == "bearer ":
-        return None
-    parts = header[7:].strip().split(".")
-    if len(parts) != 3 or len(parts[1]) > 16384:
-        return None
-    encoded = parts[1]
-    if encoded in _expiry_by_payload:  # a client sends the same token many times
-        return _expiry_by_payload[encoded]
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
-        exp = payload.get("exp") if isinstance(payload, dict) else None
-        # The token is the caller's: an exp of 10**400 or a payload nested thousands deep must
-        # not turn into an internal error (float() overflows, json.loads recurses).
-        expiry = float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
-    except (ValueError, TypeError, OverflowError, RecursionError):
-        expiry = None
-    if len(_expiry_by_payload) >= 4096:
-        _expiry_by_payload.clear()
-    _expiry_by_payload[encoded] = expiry
-    return expiry
-
-
-_expiry_by_payload: dict[str, float | None] = {}

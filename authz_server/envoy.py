@@ -8,13 +8,12 @@ as numbers (int64 too), enums as their numbers, bytes as base64, ``Timestamp`` a
 
 ``check_response`` renders a ``Decision``. Identity headers are set with overwrite
 semantics, and identity headers we did not set are removed, so a client can never smuggle
-its own ``x-authz-subject`` to the upstream.
+its own ``x-authz-subject`` to the upstream (the rule: ``identity.verified.upstream_removals``).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 from typing import Any, Callable, Mapping
 
 from envoy.config.core.v3 import base_pb2
@@ -24,10 +23,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from .decision import DECISION_ID_HEADER, Decision
+from .decisioncache import request_fingerprint
 from .errors import RequestError
-from .facts import VOLATILE_ATTRIBUTES, VOLATILE_HEADERS, Facts, Volatile, with_volatile
+from .facts import VOLATILE_ATTRIBUTES, VOLATILE_HEADERS, Facts, Volatile, build_input, with_volatile
+from .identity.verified import upstream_removals
 from .limits import Limits
-from .policy.inputs import overlaps, project
+from .trees import overlaps, project
 
 try:
     from . import _volatile_cut
@@ -40,11 +41,6 @@ CheckResponse = external_auth_pb2.CheckResponse
 OK, INVALID_ARGUMENT, PERMISSION_DENIED, UNAVAILABLE, UNAUTHENTICATED = 0, 3, 7, 14, 16
 DEFAULT_LIMITS = Limits()
 
-# VOLATILE_HEADERS (ids, tracing) are left out of the decision-cache key, or the cache would
-# never hit; a policy that names one of them is keyed on it (see facts.VOLATILE_ATTRIBUTES).
-# Identity headers we own upstream: always set by us or removed.
-IDENTITY_HEADERS = ("x-authz-subject", "x-authz-spiffe-id")
-
 
 # -- protomap
 
@@ -53,7 +49,7 @@ _Converter = Callable[[Any], Any]
 
 
 def protomap(message: Message, tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The OPA-Envoy form of ``message``; with ``tree`` (see ``policy.inputs``), only the
+    """The OPA-Envoy form of ``message``; with ``tree`` (see ``trees``), only the
     parts it names."""
     descriptor = message.DESCRIPTOR
     if descriptor.full_name == _STRUCT:
@@ -158,6 +154,13 @@ def check_request_from_json(document: Mapping[str, Any]) -> CheckRequest:
         raise RequestError(f"malformed CheckRequest JSON: {exc}", code="malformed_request") from None
 
 
+def input_from_request_json(request: Mapping[str, Any], identity: Mapping[str, Any],
+                            signals: Mapping[str, Any]) -> dict[str, Any]:
+    """The input document of a CheckRequest in protobuf JSON: how a policy test case given as
+    a ``request`` is read (``policy.testing.RequestReader``)."""
+    return build_input(facts_from_check_request(check_request_from_json(request)), identity, signals)
+
+
 def _joined_raw_headers(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dict[str, str]:
     headers: dict[str, str] = {}
     for entry in http.header_map.headers:  # Envoy's encode_raw_headers form
@@ -186,7 +189,7 @@ def facts_from_check_request(request: CheckRequest) -> Facts:
         # Nothing is removed from the request, so nothing is put back into the attributes
         # (the facts still carry the request id and port, for the audit record).
         attributes_factory = _AttributesAsSent(attributes, None)
-        fingerprint = hashlib.blake2b(_without_volatile(request), digest_size=20).digest()
+        fingerprint = request_fingerprint(_without_volatile(request))
     else:
         headers = http.headers
         volatile = {}
@@ -204,12 +207,13 @@ def facts_from_check_request(request: CheckRequest) -> Facts:
         # Sorted map keys: the headers map's iteration order depends on its insertion and
         # deletion history (which volatile headers came and went), and an unsorted digest
         # then misses the cache for requests that differ only in those (~0.4 µs).
-        fingerprint = hashlib.blake2b(request.SerializeToString(deterministic=True), digest_size=20).digest()
+        fingerprint = request_fingerprint(request.SerializeToString(deterministic=True))
         attributes_factory = _AttributesAsSent(attributes, Volatile(request_id, time_value, port, volatile))
     return Facts(
-        http.method, http.path, headers, http.body, http.raw_body, http.host, socket.address, port,
-        source.principal, source.certificate, attributes.context_extensions, request_id, fingerprint, "grpc",
-        attributes_factory,
+        method=http.method, path=http.path, headers=headers, body=http.body, raw_body=http.raw_body, host=http.host,
+        source_address=socket.address, source_port=port, source_principal=source.principal,
+        source_certificate=source.certificate, context_extensions=attributes.context_extensions,
+        request_id=request_id, fingerprint=fingerprint, transport="grpc", attributes_factory=attributes_factory,
     )
 
 
@@ -237,9 +241,11 @@ def repeat_facts(first: Facts, volatile: Volatile) -> Facts:
     if not isinstance(factory, _AttributesAsSent) or factory.volatile is None:
         raise ValueError("only a gRPC request read without its volatile values can be repeated")
     return Facts(
-        first.method, first.path, first.headers, first.body, first.raw_body, first.host, first.source_address,
-        volatile.port, first.source_principal, first.source_certificate, first.context_extensions,
-        volatile.request_id, first.fingerprint, "grpc", _AttributesAsSent(factory.attributes, volatile),
+        method=first.method, path=first.path, headers=first.headers, body=first.body, raw_body=first.raw_body,
+        host=first.host, source_address=first.source_address, source_port=volatile.port,
+        source_principal=first.source_principal, source_certificate=first.source_certificate,
+        context_extensions=first.context_extensions, request_id=volatile.request_id, fingerprint=first.fingerprint,
+        transport="grpc", attributes_factory=_AttributesAsSent(factory.attributes, volatile),
     )
 
 
@@ -309,9 +315,7 @@ def _fill(response: CheckResponse, decision: Decision) -> None:
         ok = response.ok_response
         upstream = decision.upstream_headers
         ok.headers.extend(_header_options(upstream, overwrite=True))
-        ours = {name.lower() for name, _ in upstream}  # Envoy lowercases both lists
-        ok.headers_to_remove.extend(
-            list(dict.fromkeys([*decision.headers_to_remove, *(h for h in IDENTITY_HEADERS if h not in ours)])))
+        ok.headers_to_remove.extend(upstream_removals(upstream, decision.headers_to_remove))
         ok.response_headers_to_add.extend(_header_options(decision.response_headers, overwrite=False))
         for key, value in decision.query_parameters_to_set:
             ok.query_parameters_to_set.add(key=key, value=value)
@@ -367,5 +371,6 @@ def check_response_bytes(decision: Decision) -> bytes:
 
 __all__ = [
     "CheckRequest", "CheckResponse", "check_request_from_json", "check_response", "check_response_bytes",
-    "cut_volatile", "facts_from_check_request", "parse_check_request", "protomap", "repeat_facts",
+    "cut_volatile", "facts_from_check_request", "input_from_request_json", "parse_check_request", "protomap",
+    "repeat_facts",
 ]

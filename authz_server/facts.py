@@ -15,10 +15,10 @@ import email.policy
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping, Protocol
 
 from .errors import RequestError
-from .policy.inputs import project
+from .trees import project
 
 INPUT_VERSION = {"ext_authz": "v3", "encoding": "protojson"}
 
@@ -73,12 +73,29 @@ def with_volatile(document: dict[str, Any], volatile: Volatile) -> dict[str, Any
     return document
 
 
+class AttributeSource(Protocol):
+    """How a front gives ``input.attributes`` without building it until asked (a cached
+    decision never asks): a plain dict of plain values, built from whatever the front read
+    the request from. The core calls this and nothing else of the front; the fronts own
+    their protobuf or HTTP request (``envoy._AttributesAsSent``, ``httpfront._HttpAttributes``)."""
+
+    def __call__(self, tree: Mapping[str, Any] | None = None) -> dict[str, Any]: ...
+
+
+class StableAttributeSource(AttributeSource, Protocol):
+    """One that can also tell the volatile values apart (``stable_input``)."""
+
+    volatile: Volatile | None
+
+    def stable_attributes(self) -> dict[str, Any]: ...
+
+
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 _DECIMAL = re.compile(r"[+-]?[0-9]+\Z")
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, kw_only=True)
 class Facts:
     """One request to authorize. ``attributes`` (the OPA-Envoy ``input.attributes``) is
     built lazily: a cached decision never needs it. An ``attributes_factory`` that can tell
@@ -100,7 +117,7 @@ class Facts:
     request_id: str = ""
     fingerprint: bytes = b""  # digest of every non-volatile part of the request
     transport: str = "grpc"
-    attributes_factory: Callable[..., dict[str, Any]] | None = None  # (tree=None) -> attributes
+    attributes_factory: AttributeSource | None = None
     _attributes: dict[str, Any] | None = None
 
     def attributes(self, tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -147,7 +164,8 @@ def stable_input(facts: Facts) -> dict[str, Any] | None:
     volatile = getattr(factory, "volatile", None)
     if not isinstance(volatile, Volatile) or not facts.fingerprint:
         return None
-    return _request_members(facts, factory.stable_attributes())  # type: ignore[union-attr]
+    stable: StableAttributeSource = factory  # type: ignore[assignment]  # it has a Volatile: it is one
+    return _request_members(facts, stable.stable_attributes())
 
 
 def _request_members(facts: Facts, attributes: dict[str, Any]) -> dict[str, Any]:
@@ -278,7 +296,8 @@ def _parse_multipart(content_type: str, payload: bytes) -> dict[str, list[Any]] 
         name = part.get_param("name", header="content-disposition")
         if not name:
             continue
-        data = part.get_payload(decode=True) or b""
+        decoded = part.get_payload(decode=True)  # bytes for a leaf part, which every form field is
+        data = decoded if isinstance(decoded, bytes) else b""
         if "application/json" in (part.get_content_type() or ""):
             try:
                 value: Any = json.loads(data, parse_constant=_not_json)

@@ -30,22 +30,22 @@ whole request, is answered from its kept rendering without parsing them again (s
 from __future__ import annotations
 
 import base64
-import hashlib
 import time
 from typing import Any, Callable, Mapping
 
 from .decision import DECISION_ID_HEADER, Decision, Pipeline
+from .decisioncache import request_digest
 from .errors import RequestError
 from .facts import VOLATILE_HEADERS, Facts, Volatile, with_volatile
 from .http import HttpRequest, HttpResponse
-from .policy.inputs import project
+from .identity.verified import upstream_removals
 from .repeats import RepeatCache
+from .trees import project
 
 CONTEXT_HEADER_PREFIX = "x-authz-ctx-"
 XFCC = "x-forwarded-client-cert"
 # Added by Envoy to the authorization request itself, not sent by the client.
 _AUTHZ_REQUEST_ONLY = frozenset({"x-envoy-internal", "x-envoy-expected-rq-timeout-ms", "content-length"})
-IDENTITY_HEADERS = ("x-authz-subject", "x-authz-spiffe-id")
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 
 
@@ -58,7 +58,8 @@ def parse_xfcc(value: str) -> dict[str, str]:
     contain either separator inside the quotes."""
     elements: list[dict[str, str]] = []
     current: dict[str, str] = {}
-    key, buf, quoted, escaped = "", [], False, False
+    buf: list[str] = []
+    key, quoted, escaped = "", False, False
     reading_key = True
 
     def flush_pair() -> None:
@@ -131,7 +132,7 @@ def facts_from_http(request: HttpRequest, path_prefix: str) -> Facts:
     method = request.method
     address = _client_address(headers)
 
-    digest = hashlib.blake2b(digest_size=20)
+    digest = request_digest()
     digest.update(f"{method}\0{target}\0{principal}\0{certificate}\0".encode("utf-8", "surrogateescape"))
     for name in sorted(request.headers):
         if name not in VOLATILE_HEADERS and name != XFCC:  # as in gRPC mode
@@ -206,8 +207,7 @@ def http_response(decision: Decision) -> HttpResponse:
         # One header reaches both sides when Envoy's lists name it for both (x-session-id):
         # sending it twice would give the client "id,id".
         headers.extend(h for h in decision.response_headers if h not in upstream)
-        ours = {name for name, _ in upstream}
-        remove = list(dict.fromkeys([*decision.headers_to_remove, *(h for h in IDENTITY_HEADERS if h not in ours)]))
+        remove = upstream_removals(upstream, decision.headers_to_remove)
         if remove:
             headers.append((HEADERS_TO_REMOVE, ",".join(remove)))
         return HttpResponse(200, headers, b"")

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, check_query, load_config, resolve_path
+from .config import Config, check_query, load_config
+from .configkeys import resolve_path
 from .errors import AuthzError, ConfigError
 
 log = logging.getLogger("authz_server.serve")

@@ -25,8 +25,10 @@ from .bundles.plane import ControlPlaneClient
 from .shadow.evaluator import ShadowEvaluator
 from .config import Config
 from .decision import Decision, Pipeline
-from .envoy import check_response_bytes, cut_volatile, facts_from_check_request, parse_check_request, repeat_facts
+from .envoy import (check_response_bytes, cut_volatile, facts_from_check_request, input_from_request_json,
+                    parse_check_request, repeat_facts)
 from .errors import AuthzError, RequestError, WorkloadError, where_it_failed
+from .exchangefront import ExchangeEndpoint
 from .http import serve_http
 from .identity.redis_store import RedisStore
 from .identity.resolver import IdentityService, accept_actor
@@ -40,6 +42,7 @@ from .signals import Signals
 from .policy.loader import PolicyRuntime
 from .explaining import ExplainMode
 from .repeats import RepeatCache
+from .tasks import cancel_all
 from .tracing import tracing_from_env
 from .identity.exchange import ExchangeSigner, TokenExchange
 from .tls import ServerSslContext, SpiffeIdCheck, TlsSource, server_credentials, tls_source_from
@@ -296,7 +299,7 @@ class App:
             ssl_context = ServerSslContext(self.tls)
             context = ssl_context.context
             self._tasks.append(asyncio.create_task(_follow_rotation(ssl_context), name="exchange-tls"))
-        server, address = await serve_http(self.exchange.handle, exchange_config.addr, ssl=context)
+        server, address = await serve_http(ExchangeEndpoint(self.exchange).handle, exchange_config.addr, ssl=context)
         self._http_servers.append(server)
         self.bound["exchange_addr"] = address
 
@@ -335,14 +338,7 @@ class App:
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.drain()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         if self.shadow is not None:
             await self.shadow.stop()
         if self.control is not None:
@@ -432,6 +428,7 @@ def build_app(config: Config, *, reuse_port: bool = False) -> App:
     bundles = plane.live_bundles if plane is not None else ()
     runtime = PolicyRuntime("bundle:" + ",".join(b.name for b in bundles) if bundles else config.policies,
                             query=config.query, isolation=config.policy_isolation, strict=config.strict_builtin_errors,
+                            read_request=input_from_request_json,
                             **({"pool_size": config.policy_threads} if config.policy_threads else {}))
     shadow_runtime = _shadow_runtime(config)
     labels = default_labels()
@@ -479,4 +476,4 @@ def _shadow_runtime(config: Config) -> PolicyRuntime | None:
     if shadow is None:
         return None
     root = shadow.policies or f"bundle:{shadow.bundle}"
-    return PolicyRuntime(root, query=config.query, isolation="thread")
+    return PolicyRuntime(root, query=config.query, isolation="thread", read_request=input_from_request_json)

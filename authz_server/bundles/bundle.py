@@ -25,8 +25,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from ..errors import PolicyError
-from ..policy.source import DATA_FILES, TEST_CASE_SUFFIXES, CacheSettings, PolicySet, _cache_settings, _merge_at, \
-    _parse_document
+from ..policy.source import DATA_FILES, TEST_CASE_SUFFIXES, CacheSettings, PolicySet, cache_settings, merge_at, \
+    parse_document
 from .archive import DEFAULT_SIZE_LIMIT, read_tarball
 from .errors import BundleError
 from .signing import SIGNATURES_FILE, VerificationConfig, parse_signatures_file, verify_files, verify_signatures
@@ -86,17 +86,17 @@ def bundle_from_files(name: str, files: Sequence[tuple[str, bytes]], *,
         if base in UNSUPPORTED:
             raise BundleError(f"{path}: {UNSUPPORTED[base]} are not supported", code="bundle_invalid")
         if path == MANIFEST:
-            raw_manifest = _parse_document(_text(raw, path), path)
+            raw_manifest = parse_document(_text(raw, path), path)
             manifest = _manifest(raw_manifest)
         elif path.endswith(".rego"):
             modules[path] = _text(raw, path)
         elif base in DATA_FILES:
             _lay_data(data, path, raw)
         elif path.endswith(TEST_CASE_SUFFIXES):
-            cases[path] = _parse_document(_text(raw, path), path)
+            cases[path] = parse_document(_text(raw, path), path)
         # other files are carried (and verified) but not used, as OPA does
     _check_roots(manifest, modules, data)
-    _cache_settings(raw_manifest)  # a bad decision_cache section fails here, not at activation
+    cache_settings(raw_manifest)  # a bad decision_cache section fails here, not at activation
     digest = hashlib.sha256()
     for path, raw in sorted(content):
         digest.update(path.encode() + b"\0" + hashlib.sha256(raw).digest())
@@ -132,9 +132,9 @@ def _lay_data(data: dict[str, Any], path: str, raw: bytes) -> None:
     except (ValueError, yaml.YAMLError) as exc:
         raise BundleError(f"{path}: cannot parse: {str(exc).splitlines()[0]}", code="bundle_invalid") from None
     if isinstance(value, dict):
-        _merge_at(data, parts, value, path)
+        merge_at(data, parts, value, path)
     elif parts:
-        _merge_at(data, parts[:-1], {parts[-1]: value}, path)
+        merge_at(data, parts[:-1], {parts[-1]: value}, path)
     elif value is not None:
         raise BundleError(f"{path}: the data document at the root must be an object", code="bundle_invalid")
 
@@ -237,11 +237,11 @@ def merge(bundles: Sequence[Bundle]) -> PolicySet:
         modules.update({f"{bundle.name}/{path}": src for path, src in bundle.modules.items()})
         cases.update({f"{bundle.name}/{path}": case for path, case in bundle.test_cases.items()})
         try:
-            _merge_at(data, [], json.loads(json.dumps(bundle.data)), f"bundle {bundle.name}")
+            merge_at(data, [], json.loads(json.dumps(bundle.data)), f"bundle {bundle.name}")
         except PolicyError as exc:
             raise BundleError(exc.message, code="bundle_roots_overlap") from None
         if "decision_cache" in bundle.manifest.metadata:
-            caches.append((bundle.name, _cache_settings({"metadata": bundle.manifest.metadata})))
+            caches.append((bundle.name, cache_settings({"metadata": bundle.manifest.metadata})))
         version.update(bundle.name.encode() + b"\0" + bundle.digest.encode() + b"\0")
     if len(caches) > 1:
         raise BundleError(f"bundles {', '.join(name for name, _ in caches)} each set metadata.decision_cache: "

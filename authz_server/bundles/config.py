@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from ..config import _bool, _mapping, _readable_file, _show, _string, resolve_path
+from ..configkeys import boolean as _bool
+from ..configkeys import mapping as _mapping
+from ..configkeys import only as _only
+from ..configkeys import readable_file as _readable_file
+from ..configkeys import resolve_path
+from ..configkeys import show as _show
+from ..configkeys import string as _string
 from ..errors import ConfigError
 from .archive import DEFAULT_SIZE_LIMIT
 from .errors import BundleError
@@ -114,7 +120,7 @@ class ControlPlane:
         return next(b for b in self.bundles if b.name == self.shadow.bundle)
 
 
-# -- readers; each names the key it reads (the generic ones are config.py's)
+# -- readers; each names the key it reads (the generic ones are configkeys.py's)
 
 def _number(value: Any, key: str, *, minimum: float = 0.0, integer: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
@@ -122,14 +128,6 @@ def _number(value: Any, key: str, *, minimum: float = 0.0, integer: bool = False
     if not math.isfinite(value) or value < minimum:
         raise ConfigError(f"must be at least {minimum:g}, got {value!r}", key=key)
     return value
-
-
-def _only(data: Mapping[str, Any], allowed: set[str], prefix: str, unsupported: Mapping[str, str] = {}) -> None:
-    for name in data:
-        if name in unsupported:
-            raise ConfigError(f"not supported by authz-server: {unsupported[name]}", key=f"{prefix}{name}")
-        if name not in allowed:
-            raise ConfigError("unknown key", key=f"{prefix}{name}")
 
 
 def _path(value: Any, key: str, base_dir: str | None) -> str:

@@ -33,6 +33,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 
+from ..configkeys import only as _only
 from ..durations import parse_duration
 from ..errors import ConfigError
 from ..yamlfile import read_yaml_file
@@ -128,12 +129,6 @@ class DevIdPConfig:
 
 def load_devidp_config(path: str | os.PathLike[str]) -> DevIdPConfig:
     return DevIdPConfig.from_mapping(read_yaml_file(path))
-
-
-def _only(data: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
-    for name in data:
-        if name not in allowed:
-            raise ConfigError(f"unknown key; expected one of {', '.join(sorted(allowed))}", key=f"{prefix}{name}")
 
 
 def _text(value: Any, key: str) -> str:

@@ -12,3 +12,25 @@ Three questions, each answered by its own module:
 ``report.py`` turns the results into ``report.md``, PNG charts and ``results.json``; ``cli.py``
 is the command.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..exports import lazy_exports
+
+if TYPE_CHECKING:  # for readers and type checkers; at run time each name is imported on first use
+    from .accuracy import run_accuracy
+    from .cli import Options, evaluate
+    from .oracle import Oracle
+    from .traffic import generate
+
+_FROM = {
+    "accuracy": ("run_accuracy",),
+    "cli": ("Options", "evaluate"),
+    "oracle": ("Oracle",),
+    "traffic": ("generate",),
+}
+__getattr__ = lazy_exports(__name__, _FROM)
+
+__all__ = ["Options", "Oracle", "evaluate", "generate", "run_accuracy"]

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .inprocess import InProcessTarget, InProcessWorld
 from .model import Request
-from .oracle import GUESSED, Ask, Bucket, Expected, Oracle, OracleSettings, load_route_table
+from .oracle import GUESSED, Bucket, Expected, Oracle, OracleSettings, load_route_table
 from .traffic import Revoke, Step, Traffic, generate, guessed_session_id
 from .world import Limits
 
@@ -118,15 +118,16 @@ async def run_accuracy(policies: Path, folder: Path, *, count: int, seed: int = 
                 continue
             got, expected = await _one(item, target, oracle, credentials, world)
             done += 1
-            sensitivity = world.context(item.service, item.path)["sensitivity"]
-            for table, key in ((by_kind, item.kind), (by_sensitivity, f"{item.service}/{sensitivity}")):
+            service = item.ask.service
+            sensitivity = world.context(service, item.ask.path)["sensitivity"]
+            for table, key in ((by_kind, item.kind), (by_sensitivity, f"{service}/{sensitivity}")):
                 counts = table.setdefault(key, Counter())
                 counts["requests"] += 1
                 counts["expected_allowed"] += expected.allowed
             statuses[str(got[0])] += 1
             if (got[0] == 200) != expected.allowed or (not expected.allowed and got[0] != expected.status):
                 by_kind[item.kind]["mismatches"] += 1
-                by_sensitivity[f"{item.service}/{sensitivity}"]["mismatches"] += 1
+                by_sensitivity[f"{service}/{sensitivity}"]["mismatches"] += 1
                 mismatches.append(Mismatch(item.index, item.kind, _describe(item), expected.allowed, expected.status,
                                            expected.why, got[0], got[1]))
             if done % 2500 == 0:
@@ -140,28 +141,29 @@ async def run_accuracy(policies: Path, folder: Path, *, count: int, seed: int = 
 
 async def _one(step: Step, target: InProcessTarget, oracle: Oracle, credentials: _Credentials,
                world: InProcessWorld) -> tuple[tuple[int, str], Expected]:
-    world.at(step.at)  # tokens are minted at the request's own time
+    ask = step.ask
+    world.at(ask.at)  # tokens are minted at the request's own time
     headers: list[tuple[str, str]] = []
-    if step.session is not None:
-        headers.append(("x-session-id", credentials.session(step.session)))
-    if step.token is not None:
-        headers.append(("authorization", f"Bearer {await credentials.token(step.token)}"))
-    request = Request(step.service, step.method, step.path, step.workload, tuple(headers), step.source,
-                      step.user_agent, at=step.at)
+    if ask.session is not None:
+        headers.append(("x-session-id", credentials.session(ask.session)))
+    if ask.token is not None:
+        headers.append(("authorization", f"Bearer {await credentials.token(ask.token)}"))
+    request = Request(ask.service, ask.method, ask.path, ask.workload, tuple(headers), ask.source, ask.user_agent,
+                      at=ask.at)
     outcome = await target.send(request)
-    expected = oracle.decide(Ask(step.service, step.method, step.path, step.workload, step.source, step.user_agent,
-                                 step.at, step.session, step.token), capture=step.capture)
+    expected = oracle.decide(ask, capture=step.capture)
     if step.capture and outcome.allowed and outcome.session_id:
         credentials.sessions[step.capture] = outcome.session_id
     return (outcome.status if not outcome.allowed else 200, outcome.code), expected
 
 
 def _describe(step: Step) -> str:
-    who = step.workload or f"plain client {step.source} ({step.user_agent})"
+    ask = step.ask
+    who = ask.workload or f"plain client {ask.source} ({ask.user_agent})"
     presented = []
-    if step.session:
-        presented.append(f"session {step.session}")
-    if step.token:
-        presented.append(f"token {step.token}")
-    return (f"#{step.index} t={step.at:.2f}s {step.method} {step.service}{step.path} from {who} with "
+    if ask.session:
+        presented.append(f"session {ask.session}")
+    if ask.token:
+        presented.append(f"token {ask.token}")
+    return (f"#{step.index} t={ask.at:.2f}s {ask.method} {ask.service}{ask.path} from {who} with "
             f"{', '.join(presented) or 'no credential'}")

@@ -31,7 +31,7 @@ from typing import Any, Awaitable, Callable
 import yaml
 
 from ..decision import DecisionSettings, Pipeline
-from ..envoy import check_request_from_json, facts_from_check_request
+from ..envoy import check_request_from_json, facts_from_check_request, input_from_request_json
 from ..identity.resolver import IdentityService, SessionSettings
 from ..identity.sessions import Binding, MemoryStore, Session, new_session_id, session_key
 from ..identity.spiffe import accept_trust_domains
@@ -96,7 +96,7 @@ async def policy_growth(shipped: Path, folder: Path, *, sizes: tuple[int, ...] =
         for variant in ("route table (shipped authz.rego)", "Rego allow rules"):
             where = folder / f"{'data' if variant.startswith('route') else 'rego'}-{rules}"
             source = data_policy(where, rules, shipped) if variant.startswith("route") else rego_policy(where, rules)
-            runtime = PolicyRuntime(str(source))
+            runtime = PolicyRuntime(str(source), read_request=input_from_request_json)
             started = time.perf_counter()
             runtime.load()
             load_s = time.perf_counter() - started

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .model import AUDITOR, EXCHANGE_AUDIENCE, FRONTEND, INTRUDER, ORDERS, PAYMENTS, SCANNER
-from .oracle import GUESSED, TOKEN_DEFECTS, Route, TokenFacts
+from .oracle import GUESSED, TOKEN_DEFECTS, Ask, Route, TokenFacts
 
 USERS = ("alice", "bob", "carol", "dave", "erin", "grace", "heidi", "ivan")
 LISTED_USER = "mallory"  # on the threat list
@@ -35,19 +35,12 @@ STEP_SECONDS = 0.05  # 20 requests per simulated second in all
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One request. ``capture``: remember the session id the answer hands out under this label."""
+    """One request, as the oracle is asked about it (``ask.at``: seconds from the start of the
+    run). ``capture``: remember the session id the answer hands out under this label."""
 
     index: int
     kind: str  # the identity method or attack class, for the report
-    service: str
-    method: str
-    path: str
-    workload: str | None
-    source: str
-    user_agent: str
-    at: float  # seconds from the start of the run
-    session: str | None = None
-    token: str | None = None
+    ask: Ask
     capture: str | None = None
 
 
@@ -99,8 +92,8 @@ class _Generator:
             source = "10.0.2.1" if workload else "10.0.3.1"
         agent = agent or ("sidecar/1" if workload else "curl/8")
         index = len(self.traffic.items)
-        self.traffic.items.append(Step(index, kind, service, method, path, workload, source, agent, self.clock,
-                                       session, token, capture))
+        self.traffic.items.append(Step(index, kind, Ask(service, method, path, workload, source, agent, self.clock,
+                                                        session, token), capture))
 
     def token(self, facts: TokenFacts) -> str:
         self.fresh += 1

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from ..configkeys import only
 from ..durations import parse_duration
 from ..errors import ConfigError
 
@@ -71,19 +72,11 @@ def path(value: Any, key: str, base_dir: str | None) -> str:
     return str(found)
 
 
-def only(data: Mapping[str, Any], allowed: set[str], key: str) -> None:
-    for name in data:
-        if name not in allowed:
-            close = sorted(a for a in allowed if a[:3] == str(name)[:3])
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown key{hint}", key=f"{key}.{name}")
-
-
 def section(data: Any, key: str, allowed: set[str], required: tuple[str, ...], what: str) -> Mapping[str, Any]:
     """A config mapping with only ``allowed`` keys and each ``required`` one a non-empty string."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"expected a mapping with {what}, got {data!r}", key=key)
-    only(data, allowed, key)
+    only(data, allowed, f"{key}.")
     for name in required:
         if not isinstance(data.get(name), str) or not data[name]:
             raise ConfigError("is required", key=f"{key}.{name}")

@@ -84,15 +84,16 @@ def challenge(code: str, message: str, algorithms: tuple[str, ...], nonce: str |
     error = "use_dpop_nonce" if code == "use_dpop_nonce" else (
         "invalid_dpop_proof" if code in ("invalid_dpop_proof", "dpop_replay") else "invalid_token")
     description = message.replace('"', "'").replace("\\", "/")[:200]
-    headers = (("www-authenticate", f'DPoP error="{error}", error_description="{description}", '
-                                    f'algs="{" ".join(algorithms)}"'),)
+    value = f'DPoP error="{error}", error_description="{description}", algs="{" ".join(algorithms)}"'
+    headers: tuple[tuple[str, str], ...] = (("www-authenticate", value),)
     if nonce is not None:
         headers += (("dpop-nonce", nonce),)
     return headers
 
 
-def dpop_error(code: str, message: str, settings: DpopSettings, nonce: str | None = None) -> TokenError:
-    error_class = ReplayError if code == "dpop_replay" else TokenError
+def dpop_error(code: str, message: str, settings: DpopSettings,
+               nonce: str | None = None) -> TokenError | ReplayError:
+    error_class: type[TokenError | ReplayError] = ReplayError if code == "dpop_replay" else TokenError
     return error_class(message, code=code, headers=challenge(code, message, settings.algorithms, nonce))
 
 
@@ -143,7 +144,7 @@ class NonceSource:
         stamp, mac = raw[:8], raw[8:]
         if not hmac.compare_digest(mac, hmac.new(self._secret, stamp, "sha256").digest()[:16]):
             return False
-        made = struct.unpack(">Q", stamp)[0]
+        made: int = struct.unpack(">Q", stamp)[0]
         return made - 5 <= now <= made + self.lifetime
 
 
@@ -156,7 +157,8 @@ class ProofChecker:
                                                                                            settings.nonce_lifetime)
         self._headers: dict[str, tuple[JwsAlgorithm, Jwk, str]] = {}
 
-    def _fail(self, message: str, code: str = "invalid_dpop_proof", nonce: str | None = None) -> TokenError:
+    def _fail(self, message: str, code: str = "invalid_dpop_proof",
+              nonce: str | None = None) -> TokenError | ReplayError:
         return dpop_error(code, message, self.settings, nonce)
 
     def check(self, proof: str | None, *, method: str, url: str, now: float, access_token: str | None = None,
@@ -257,12 +259,13 @@ def parse_dpop_setting(value: Any, key: str, *, base_dir: str | None = None) -> 
     ``nonce_lifetime``, ``nonce_secret_file`` (shared by replicas so each accepts the others'
     nonces). Returns the settings and the secret file's path."""
     from ..errors import ConfigError
-    from .configread import only, path, seconds_between, strings
+    from ..configkeys import only
+    from .configread import path, seconds_between, strings
 
     data: Mapping[str, Any] = {"mode": value} if isinstance(value, str) else value
     if not isinstance(data, Mapping):
         raise ConfigError(f"expected off, allowed, required or a mapping, got {value!r}", key=key)
-    only(data, _SETTING_KEYS, key)
+    only(data, _SETTING_KEYS, f"{key}.")
     changes: dict[str, Any] = {"mode": data.get("mode", "allowed")}
     if changes["mode"] not in DPOP_MODES:
         raise ConfigError(f"expected one of {', '.join(DPOP_MODES)}, got {changes['mode']!r}", key=key)

@@ -13,17 +13,18 @@ short lifetime never beyond the subject token's, the delegation chain in ``act``
 §4.1, most recent actor outermost), and ``cnf.x5t#S256`` binding it to the actor's
 certificate (RFC 8705), so only the actor can use it. authz-server trusts its own exchange
 issuer, so the token works at once on every sidecar.
+
+This module is the exchange itself, on plain values (the form, the actor); the HTTP endpoint
+that reads them from a request is ``exchangefront``.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
 import os
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import AuthzError, ConfigError
-from ..http import HttpRequest, HttpResponse, json_response
+from .encoding import b64url_encode
 from .jose import encode_jwt
 from .resolver import TokenValidator, accept_actor
 from .sessions import SessionStore, session_key
@@ -82,10 +83,10 @@ class ExchangeSigner:
         public = key.public_key().public_numbers()
         self._jwk = {
             "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256",
-            "x": _b64(public.x.to_bytes(32, "big")), "y": _b64(public.y.to_bytes(32, "big")),
+            "x": b64url_encode(public.x.to_bytes(32, "big")), "y": b64url_encode(public.y.to_bytes(32, "big")),
         }
         thumb = json.dumps({k: self._jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True)
-        self.kid = _b64(hashlib.sha256(thumb.encode()).digest())  # RFC 7638 thumbprint
+        self.kid = b64url_encode(hashlib.sha256(thumb.encode()).digest())  # RFC 7638 thumbprint
         self._jwk["kid"] = self.kid
 
     @classmethod
@@ -117,10 +118,6 @@ class ExchangeSigner:
         return encode_jwt(claims, self._key, "ES256", {"typ": "at+jwt", "kid": self.kid})
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 class TokenExchange:
     def __init__(self, config: ExchangeConfig, *, signer: ExchangeSigner, tokens: TokenValidator | None,
                  store: SessionStore | None, delegation_actors: tuple[str, ...] = (),
@@ -134,50 +131,6 @@ class TokenExchange:
         self._delegates = accept_actor(delegation_actors)
         self.issued = 0
         self.refused = 0
-
-    # -- HTTP
-    async def handle(self, request: HttpRequest) -> HttpResponse:
-        if request.path in ("/.well-known/jwks.json", "/jwks"):
-            return json_response(200, self.signer.jwks)
-        if request.path == "/.well-known/openid-configuration":
-            base = self.config.issuer.rstrip("/")
-            return json_response(200, {"issuer": self.config.issuer, "token_endpoint": f"{base}/token",
-                                       "jwks_uri": f"{base}/.well-known/jwks.json",
-                                       "grant_types_supported": [GRANT_TYPE]})
-        if request.path != "/token":
-            return json_response(404, {"error": "not_found", "error_description": "POST /token"})
-        if request.method != "POST":
-            return json_response(405, {"error": "invalid_request", "error_description": "use POST"},
-                                 [("allow", "POST")])
-        try:
-            answer = await self.exchange(_form(request), self._actor(request))
-        except ExchangeError as exc:
-            self.refused += 1
-            log.info("token exchange refused (%s): %s", exc.code, exc.message)
-            headers = [("www-authenticate", "mTLS")] if exc.status == 401 else []
-            return json_response(exc.status, {"error": exc.code, "error_description": exc.message},
-                                 [("pragma", "no-cache"), *headers])
-        self.issued += 1
-        return json_response(200, answer, [("pragma", "no-cache")])
-
-    def _actor(self, request: HttpRequest) -> tuple[str, str]:
-        """The caller's SPIFFE ID and certificate thumbprint (x5t#S256)."""
-        from ..tls import spiffe_id_of
-
-        if request.peer_certificate:
-            spiffe_id = spiffe_id_of(request.peer_certificate)
-            if spiffe_id:
-                return spiffe_id, _b64(hashlib.sha256(request.peer_certificate).digest())
-        if self.config.trust_forwarded_client_cert and "x-forwarded-client-cert" in request.headers:
-            from ..httpfront import parse_xfcc
-            from .workloads import der_sha256
-
-            xfcc = parse_xfcc(request.headers["x-forwarded-client-cert"])
-            if xfcc.get("uri", "").startswith("spiffe://") and xfcc.get("cert"):
-                thumb = _b64(bytes.fromhex(der_sha256(xfcc["cert"])))
-                return xfcc["uri"], thumb
-        raise ExchangeError("invalid_client", "the actor must present a client certificate with a SPIFFE ID",
-                            status=401)
 
     # -- the exchange itself
     async def exchange(self, form: Mapping[str, str], actor: tuple[str, str]) -> dict[str, Any]:
@@ -212,7 +165,7 @@ class TokenExchange:
             act["act"] = previous_act
         claims: dict[str, Any] = {
             "iss": self.config.issuer, "sub": subject, "aud": audience, "iat": int(now), "nbf": int(now),
-            "exp": int(now + lifetime), "jti": _b64(os.urandom(16)), "client_id": actor_id, "act": act,
+            "exp": int(now + lifetime), "jti": b64url_encode(os.urandom(16)), "client_id": actor_id, "act": act,
             "cnf": {"x5t#S256": actor_thumbprint},
             **{k: subject_claims[k] for k in CARRIED_CLAIMS if k in subject_claims},
         }
@@ -258,24 +211,6 @@ class TokenExchange:
             claims = verified.claims
             return verified.subject, claims, verified.expires_at, claims.get("act")
         raise ExchangeError("invalid_request", "unsupported subject_token_type")
-
-
-def _form(request: HttpRequest) -> dict[str, str]:
-    content_type = request.headers.get("content-type", "")
-    if "application/x-www-form-urlencoded" not in content_type:
-        raise ExchangeError("invalid_request", "send the parameters form-encoded")
-    if len(request.body) > MAX_FORM_BYTES:
-        raise ExchangeError("invalid_request", "request too large")
-    try:
-        pairs = urllib.parse.parse_qsl(request.body.decode("utf-8"), strict_parsing=True, max_num_fields=32)
-    except (UnicodeDecodeError, ValueError):
-        raise ExchangeError("invalid_request", "malformed form body") from None
-    form: dict[str, str] = {}
-    for key, value in pairs:
-        if key in form:  # RFC 6749 §3.2: parameters MUST NOT be included more than once
-            raise ExchangeError("invalid_request", "a parameter is given more than once")
-        form[key] = value
-    return form
 
 
 def _narrow_scopes(requested: str, rules: list[ExchangeRule], subject_claims: Mapping[str, Any]) -> list[str]:

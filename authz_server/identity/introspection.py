@@ -192,8 +192,9 @@ class TokenIntrospector:
         keys = await self._keys(now)
         jws = verify_jws(text.strip(), policy, keys)
         claims = json_object(jws.payload)
+        audience = claims.get("aud")
         if claims.get("iss") != self.issuer or self.config.client_id not in (
-                claims.get("aud") if isinstance(claims.get("aud"), list) else [claims.get("aud")]):
+                audience if isinstance(audience, list) else [audience]):
             raise TokenError("signed introspection response is not from our issuer for us", code="wrong_issuer")
         inner = claims.get("token_introspection")
         if not isinstance(inner, dict):

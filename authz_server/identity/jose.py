@@ -88,7 +88,8 @@ class JwsAlgorithm:
             return False
 
     def sign(self, private_key: Any, signing_input: bytes) -> bytes:
-        return self._impl.sign(signing_input, private_key)
+        signature: bytes = self._impl.sign(signing_input, private_key)
+        return signature
 
 
 def _algorithm(name: str, kty: str, crv: str | None = None, min_secret: int = 0) -> JwsAlgorithm:
@@ -280,7 +281,7 @@ def public_jwk(public_key: Any, *, alg: str | None = None, kid: str | None = Non
         exported = jwt.algorithms.OKPAlgorithm.to_jwk(public_key, as_dict=True)
     else:
         raise JwkError(f"cannot publish a {type(public_key).__name__}")
-    out = {name: exported[name] for name in ("kty", "crv", "n", "e", "x", "y") if name in exported}
+    out: dict[str, Any] = {name: exported[name] for name in ("kty", "crv", "n", "e", "x", "y") if name in exported}
     out["kid"] = kid if kid is not None else thumbprint(out)
     out["use"] = use
     if alg is not None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,8 @@ from typing import Any, Callable, Mapping, Sequence
 import httpx
 
 from ..errors import ConfigError, TokenError
-from .configread import int_between as _int, only as _only, path as _path, seconds as _seconds, strings as _strings
+from ..configkeys import only as _only
+from .configread import int_between as _int, path as _path, seconds as _seconds, strings as _strings
 from .configread import url as _url
 from .dpop import DpopSettings, NonceSource, ProofChecker, parse_dpop_setting
 from .introspection import IntrospectionConfig, TokenIntrospector
@@ -77,7 +79,7 @@ _REFRESH_KEYS = {"default_max_age", "min_max_age", "max_max_age", "unknown_kid_i
 def _refresh_settings(value: Any, key: str) -> RefreshSettings:
     if not isinstance(value, Mapping):
         raise ConfigError(f"expected a mapping, got {value!r}", key=key)
-    _only(value, _REFRESH_KEYS, key)
+    _only(value, _REFRESH_KEYS, f"{key}.")
     changes: dict[str, Any] = {}
     for name in _REFRESH_KEYS - {"max_bytes"}:
         if name in value:
@@ -123,7 +125,7 @@ class IssuerConfig:
         """Parse one ``issuers[]`` entry; ``ConfigError(key="issuers[0].algorithms")`` names the bad key."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected a mapping with issuer, audiences, ..., got {data!r}", key=key)
-        _only(data, _KEYS, key)
+        _only(data, _KEYS, f"{key}.")
         if "issuer" not in data:
             raise ConfigError("is required", key=f"{key}.issuer")
         issuer = _url(data["issuer"], f"{key}.issuer", what="issuer")
@@ -306,7 +308,7 @@ class IssuerRegistry:
                     self._http = httpx.AsyncClient(verify=_tls(config), follow_redirects=False, trust_env=False)
                 entry.introspector = TokenIntrospector(
                     config.issuer, config.introspection, entry.policy, client=self._http, keys=keys.current,
-                    metadata=lambda issuer=config.issuer: self.metadata(issuer))
+                    metadata=functools.partial(self.metadata, config.issuer))
         self._introspecting = [e for e in self._issuers.values() if e.introspector is not None]
         self._max_token_bytes = max((c.max_token_bytes for c in configs), default=DEFAULT_MAX_TOKEN_BYTES)
         self._max_payload_bytes = max((c.max_payload_bytes for c in configs), default=DEFAULT_MAX_PAYLOAD_BYTES)

@@ -45,6 +45,7 @@ from typing import Any
 
 from ..errors import SessionError, UnavailableError
 from ..sharedstate import STORE_ERRORS, SharedRedis, connect, tag
+from ..tasks import cancel_all
 from .sessions import Session, StoreStats
 
 log = logging.getLogger("authz_server.sessions.redis")
@@ -144,14 +145,7 @@ class RedisStore:
                            asyncio.create_task(self._replay_pending(), name="sessions-revocations")]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._tasks = []
+        await cancel_all(self._tasks)
         await self._shared.close()
 
     @property
@@ -243,11 +237,7 @@ class RedisStore:
         session = entry[0]
         if (self._pending_keys or self._pending_subjects) and self._revoked_here(session):
             return None
-        try:
-            session.check_alive(now, self._generations.get(session.subject, 0))
-        except SessionError:
-            return None
-        return session
+        return session if session.alive(now, self._generations.get(session.subject, 0)) else None
 
     # -- the store
     async def create(self, session: Session, *, now: float) -> Session:

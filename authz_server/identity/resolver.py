@@ -33,15 +33,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
-from ..decision import Identity
+from ..decisioncache import identity_fingerprint, token_fingerprint
 from ..errors import AuthzError, ReplayError, SessionError, TokenError
 from ..facts import Facts
 from .credentials import (SESSION_COOKIE, SESSION_HEADER, access_token, dpop_proof, is_browser_route,
                           request_uri, session_cookie, session_header, user_agent)
 from .browser import BrowserLogin
 from .dpop import DpopSettings, ProofChecker, dpop_error
-from .sessions import (Binding, MemoryStore, Session, SessionStore, describe_token, new_session_id, replay_error,
+from .sessions import (Binding, MemoryStore, Session, SessionStore, describe_token, mint_session, replay_error,
                        session_key, sha256_hex)
+from .verified import SPIFFE_ID_HEADER, SUBJECT_HEADER, Identity
 from .workloads import WorkloadIdentity, WorkloadVerifier
 
 log = logging.getLogger("authz_server.identity")
@@ -219,7 +220,7 @@ class IdentityService:
                 raise SessionError("browser sign-in needs sessions", code="sessions_disabled")
 
             async def open_session(subject: str, claims: Mapping[str, Any]) -> tuple[str, float]:
-                new_id, session = await self._new_session(
+                new_id, session = await self._mint_session(
                     subject, browser.config.issuer, claims, self._binding(workload, facts), now,
                     expires=now + self.settings.max_lifetime)
                 return new_id, session.expires
@@ -244,20 +245,17 @@ class IdentityService:
             user_agent_sha256=sha256_hex(user_agent(facts)) if self.settings.bind_user_agent else "",
         )
 
-    async def _new_session(self, subject: str, issuer: str, claims: Mapping[str, Any], client: Binding, now: float,
-                           *, expires: float, jti: str = "", delegation: tuple[Mapping[str, str], ...] = (),
-                           jkt: str = "") -> tuple[str, Session]:
+    async def _mint_session(self, subject: str, issuer: str, claims: Mapping[str, Any], client: Binding, now: float,
+                            *, expires: float, jti: str = "", delegation: tuple[Mapping[str, str], ...] = (),
+                            jkt: str = "") -> tuple[str, Session]:
+        """A session for a verified token or sign-in, minted by ``sessions.mint_session``."""
         assert self.store is not None
-        new_id = new_session_id()
-        session = Session(
-            key=session_key(new_id), subject=subject, issuer=issuer,
-            claims={k: v for k, v in claims.items() if k in self.settings.claims}, created=now, expires=expires,
-            idle_timeout=self.settings.idle_timeout, binding=client, generation=0, jti=jti, last_seen=now,
-            delegation=delegation, jkt=jkt,
-        )
-        session = await self.store.create(session, now=now)
+        minted = await mint_session(
+            self.store, subject=subject, issuer=issuer,
+            claims={k: v for k, v in claims.items() if k in self.settings.claims}, binding=client, now=now,
+            expires=expires, idle_timeout=self.settings.idle_timeout, jti=jti, delegation=delegation, jkt=jkt)
         self.stats.sessions_created += 1
-        return new_id, session
+        return minted
 
     # -- DPoP
     def _checker(self, issuer: str) -> ProofChecker:
@@ -317,11 +315,11 @@ class IdentityService:
         claims = {k: v for k, v in verified.claims.items() if k in self.settings.claims}
         if self.store is None or not self.settings.enabled:
             return self._identity("jwt", workload, None, (), facts, now, removes_token=True, token=verified,
-                                  claims=claims, token_fingerprint=hashlib.blake2b(token.encode(), digest_size=16).digest())
+                                  claims=claims, credential_fingerprint=token_fingerprint(token))
         expires = now + self.settings.max_lifetime
         if expires_at and not self.settings.outlive_token:
             expires = min(expires, expires_at)
-        new_id, session = await self._new_session(
+        new_id, session = await self._mint_session(
             verified.subject, verified.issuer, claims, client, now, expires=expires, jti=jti,
             delegation=_act_chain(verified.claims.get("act"), verified.subject), jkt=jkt)
         return self._identity("jwt", workload, session, session.delegation, facts, now, removes_token=True,
@@ -331,7 +329,7 @@ class IdentityService:
     def _identity(self, method: str, workload: WorkloadIdentity | None, session: Session | None,
                   delegation: tuple[Mapping[str, str], ...], facts: Facts, now: float, *,
                   removes_token: bool = False, token: Any = None, claims: Mapping[str, Any] | None = None,
-                  token_fingerprint: bytes = b"", new_session_id: str = "") -> Identity:
+                  credential_fingerprint: bytes = b"", new_session_id: str = "") -> Identity:
         user: dict[str, Any] | None = None
         if session is not None:
             user = {"sub": session.subject, "iss": session.issuer, "claims": dict(session.claims),
@@ -346,11 +344,6 @@ class IdentityService:
             "session": session.to_input() if session else None,
             "delegation": [dict(d) for d in delegation],
         }
-        digest = hashlib.blake2b(method.encode(), digest_size=16)
-        digest.update(workload.fingerprint if workload else b"-")
-        digest.update(session.fingerprint if session else token_fingerprint or b"-")
-        for hop in delegation:
-            digest.update(f"{hop.get('actor', '')}>{hop.get('on_behalf_of', '')};".encode())
         expires: list[float] = []
         if session is not None:
             expires.append(session.ends_at())
@@ -361,9 +354,9 @@ class IdentityService:
         subject = user["sub"] if user else (workload.spiffe_id if workload else "")
         upstream: tuple[tuple[str, str], ...] = ()
         if subject:
-            upstream += (("x-authz-subject", subject),)
+            upstream += ((SUBJECT_HEADER, subject),)
         if workload is not None:
-            upstream += (("x-authz-spiffe-id", workload.spiffe_id),)
+            upstream += ((SPIFFE_ID_HEADER, workload.spiffe_id),)
         response: tuple[tuple[str, str], ...] = ()
         if new_session_id:
             upstream += ((SESSION_HEADER, new_session_id),)  # so the service can forward it on the user's behalf
@@ -373,7 +366,10 @@ class IdentityService:
                 response += (("set-cookie", f"{self.settings.cookie}={new_session_id}; Path=/; Secure; HttpOnly; "
                                             f"SameSite=Lax; Max-Age={max_age}"),)
         return Identity(
-            document=document, fingerprint=digest.digest(), expires_at=min(expires) if expires else None,
+            document=document,
+            fingerprint=identity_fingerprint(method, workload.fingerprint if workload else b"",
+                                             session.fingerprint if session else credential_fingerprint, delegation),
+            expires_at=min(expires) if expires else None,
             upstream_headers=upstream, response_headers=response,
             headers_to_remove=("authorization",) if removes_token else (),
         )

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ..envoy import input_from_request_json
 from ..errors import AuthzError, PolicyError
 from .engine import CompiledPolicy, Evaluator, Traced, encode_input
 from .explain import MODES, Explanation, explain
@@ -67,7 +68,8 @@ def run_test(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    results = run_policy_tests(policy_set, args.query, strict=args.strict_builtin_errors).results
+    results = run_policy_tests(policy_set, args.query, strict=args.strict_builtin_errors,
+                               read_request=input_from_request_json).results
     if results and results[0].name == "compile":  # nothing ran: the set itself is broken
         print(f"error: {results[0].detail}", file=sys.stderr)
         return 1

@@ -15,20 +15,21 @@ past its timeout is rejected and its thread left to finish; what it built is the
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..decisioncache import policy_key_prefix
 from ..errors import PolicyError
 from ..facts import VOLATILE_ATTRIBUTES
+from ..trees import Tree, leaf_paths, named_within, overlaps, subtract
 from .engine import CompiledPolicy, Traced, reserve_processors, validate_query
-from .inputs import Tree, input_paths, leaf_paths, named_within, overlaps, subtract
+from .inputs import input_paths
 from .pool import EvaluatorPool
 from .source import CacheSettings, PolicySet, load_policy_set, snapshot
-from .testing import check_tests
+from .testing import RequestReader, check_tests
 
 INLINE_POLL_SECONDS = 0.002
 GATE_TIMEOUT = 60.0
@@ -58,7 +59,7 @@ class ActivePolicy:
     unnamed_volatile: Tree | None = None
 
     def __post_init__(self) -> None:
-        self.key_prefix = hashlib.blake2b(f"{self.version}\0{self.query}".encode(), digest_size=16).digest()
+        self.key_prefix = policy_key_prefix(self.version, self.query)
         self.reads_clock = self.policy_set.reads_clock
         self.input_tree = input_paths(self.policy_set.serving_modules)
         signals = None if self.input_tree is None else self.input_tree.get("signals", {})
@@ -110,6 +111,7 @@ class PolicyRuntime:
     isolation: str = "thread"  # see policy.pool
     strict: bool = False  # strict_builtin_errors
     run_tests: bool = True
+    read_request: RequestReader | None = None  # for the set's tests given as Envoy requests (see policy.testing)
     active: ActivePolicy | None = None
     status: ReloadStatus = field(default_factory=ReloadStatus)
     listeners: list[Callable[["PolicyRuntime"], None]] = field(default_factory=list)
@@ -229,7 +231,7 @@ class PolicyRuntime:
         """The gate, then the engines: compile, run the set's own tests, load the evaluators."""
         compiled = CompiledPolicy.compile(policy_set, self.query, strict=self.strict)
         if self.run_tests:
-            check_tests(policy_set, self.query, strict=self.strict)
+            check_tests(policy_set, self.query, strict=self.strict, read_request=self.read_request)
         pool = EvaluatorPool(compiled, size=self.pool_size, on_timeout=self._count_timeout, isolation=self.isolation)
         return ActivePolicy(policy_set, self.query, pool, loaded_at=time.time())
 
@@ -239,7 +241,7 @@ class PolicyRuntime:
             return await asyncio.wait_for(asyncio.shield(work), GATE_TIMEOUT)
         except TimeoutError:
             # The thread cannot be stopped; whatever it builds when it ends is thrown away.
-            work.add_done_callback(lambda done: done.exception() is None and done.result().pool.close())
+            work.add_done_callback(_close_when_built)
             raise PolicyError(f"compiling and testing the policy set took longer than {GATE_TIMEOUT:.0f}s",
                               code="policy_timeout") from None
 
@@ -281,3 +283,9 @@ class PolicyRuntime:
     def close(self) -> None:
         if self.active is not None:
             self.active.pool.close()
+
+
+def _close_when_built(done: "asyncio.Future[ActivePolicy]") -> None:
+    """A policy built after the gate gave up on it: its evaluators are closed, never served."""
+    if done.exception() is None:
+        done.result().pool.close()

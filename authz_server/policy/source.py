@@ -126,15 +126,15 @@ def load_policy_set(root: str | os.PathLike[str]) -> PolicySet:
         if rel.endswith(".rego"):
             modules[rel] = text
         elif path.name in DATA_FILES:
-            _merge_at(data, list(path.parent.relative_to(base).parts), _parse_document(text, rel), rel)
+            merge_at(data, list(path.parent.relative_to(base).parts), parse_document(text, rel), rel)
         elif path.name == ".manifest":
-            manifest = _parse_document(text, rel)
+            manifest = parse_document(text, rel)
         else:
-            cases[rel] = _parse_document(text, rel)
+            cases[rel] = parse_document(text, rel)
     if not modules:
         raise PolicyError(f"no .rego files in {str(base)!r}", code="policy_load_error")
     return PolicySet(
-        modules=modules, data=data, test_cases=cases, cache=_cache_settings(manifest),
+        modules=modules, data=data, test_cases=cases, cache=cache_settings(manifest),
         version=digest.hexdigest()[:16], root=str(base), revision=str(manifest.get("revision", "")),
         files=tuple(files),
     )
@@ -163,7 +163,7 @@ def load_documents(paths: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
             if name.endswith(".rego"):
                 modules[name] = text
             else:
-                _merge_at(data, prefix, _parse_document(text, name), name)
+                merge_at(data, prefix, parse_document(text, name), name)
     return modules, data
 
 
@@ -183,7 +183,9 @@ def _decode(raw: bytes, rel: str) -> str:
         raise PolicyError(f"{rel}: not UTF-8", code="policy_load_error") from None
 
 
-def _parse_document(text: str, rel: str) -> Any:
+def parse_document(text: str, rel: str) -> Any:
+    """A data, manifest or test-case file's value (JSON by its suffix, else YAML); errors name ``rel``.
+    Shared with ``bundles.bundle``, which reads the same files out of a tarball."""
     try:
         value = json.loads(text) if rel.endswith((".json", ".manifest")) else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
@@ -195,7 +197,9 @@ def _parse_document(text: str, rel: str) -> Any:
     return value
 
 
-def _merge_at(target: dict[str, Any], path: list[str], value: dict[str, Any], rel: str) -> None:
+def merge_at(target: dict[str, Any], path: list[str], value: dict[str, Any], rel: str) -> None:
+    """Merge ``value`` into ``target`` at ``path`` (a data file's folder), refusing a conflict
+    with what an earlier file put there, as OPA does."""
     node = target
     for part in path:
         child = node.setdefault(part, {})
@@ -204,14 +208,15 @@ def _merge_at(target: dict[str, Any], path: list[str], value: dict[str, Any], re
         node = child
     for key, item in value.items():
         if key in node and isinstance(node[key], dict) and isinstance(item, dict):
-            _merge_at(node, [key], item, rel)
+            merge_at(node, [key], item, rel)
         elif key in node:
             raise PolicyError(f"{rel}: data key {'.'.join([*path, key])} is defined twice", code="policy_load_error")
         else:
             node[key] = item
 
 
-def _cache_settings(manifest: Mapping[str, Any]) -> CacheSettings:
+def cache_settings(manifest: Mapping[str, Any]) -> CacheSettings:
+    """The manifest's ``metadata.decision_cache`` (key paths, TTL), checked."""
     metadata = manifest.get("metadata") or {}
     raw = metadata.get("decision_cache") if isinstance(metadata, dict) else None
     if raw is None:

@@ -22,7 +22,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import AuthzError, PolicyError
 from .engine import UNDEFINED, CompiledPolicy, encode_input, load_engine, validate_query
@@ -64,16 +64,25 @@ class TestReport:
         ]}
 
 
-def run_policy_tests(policy_set: PolicySet, query: str, *, strict: bool = False) -> TestReport:
+# (request, identity, signals) -> the input document: how a case given as an ext_authz
+# CheckRequest (protobuf JSON) becomes input. The Envoy side owns that reading
+# (``envoy.input_from_request_json``); whoever runs the tests passes it in, so the policy
+# package imports nothing of the transports above it.
+RequestReader = Callable[[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]], Any]
+
+
+def run_policy_tests(policy_set: PolicySet, query: str, *, strict: bool = False,
+                     read_request: RequestReader | None = None) -> TestReport:
     report = TestReport()
     report.results.extend(_run_rego_tests(policy_set, query, strict))
-    report.results.extend(_run_case_files(policy_set, query, strict))
+    report.results.extend(_run_case_files(policy_set, query, strict, read_request))
     return report
 
 
-def check_tests(policy_set: PolicySet, query: str, *, strict: bool = False) -> TestReport:
+def check_tests(policy_set: PolicySet, query: str, *, strict: bool = False,
+                read_request: RequestReader | None = None) -> TestReport:
     """The reload gate: raises ``PolicyError(policy_tests_failed)`` (with ``.report``) on a failure."""
-    report = run_policy_tests(policy_set, query, strict=strict)
+    report = run_policy_tests(policy_set, query, strict=strict, read_request=read_request)
     failures = report.failures
     if failures:
         shown = "; ".join(f"{r.name}: {r.outcome.upper()} {r.detail}".strip() for r in failures[:5])
@@ -179,7 +188,8 @@ def _ref_text(path: list[dict[str, Any]], *, head: bool = True) -> str:
 
 # -- case files
 
-def _run_case_files(policy_set: PolicySet, query: str, strict: bool) -> Iterator[TestResult]:
+def _run_case_files(policy_set: PolicySet, query: str, strict: bool,
+                    read_request: RequestReader | None) -> Iterator[TestResult]:
     for location, document in policy_set.test_cases.items():
         file_query = document.get("query", query)
         cases = document.get("cases")
@@ -197,18 +207,19 @@ def _run_case_files(policy_set: PolicySet, query: str, strict: bool) -> Iterator
             continue
         try:
             for index, case in enumerate(cases):
-                yield _run_case(evaluator, location, index, case)
+                yield _run_case(evaluator, location, index, case, read_request)
         finally:
             evaluator.close()
 
 
-def _run_case(evaluator: Any, location: str, index: int, case: Any) -> TestResult:
+def _run_case(evaluator: Any, location: str, index: int, case: Any,
+              read_request: RequestReader | None) -> TestResult:
     if not isinstance(case, dict):
         return TestResult(f"{location}#{index}", location, "error", "a case must be an object")
     name = f"{location}#{case.get('name', index)}"
     started = time.perf_counter()
     try:
-        value = evaluator.evaluate(encode_input(case_input(case)))
+        value = evaluator.evaluate(encode_input(case_input(case, read_request)))
     except AuthzError as exc:
         return TestResult(name, location, "error", exc.message, time.perf_counter() - started)
     except (TypeError, ValueError) as exc:  # e.g. `request: text` or `identity: [..]`: a bad case, not a crash
@@ -228,16 +239,15 @@ def _run_case(evaluator: Any, location: str, index: int, case: Any) -> TestResul
     return TestResult(name, location, "fail", f"expected {expected}, got {shown}", elapsed)
 
 
-def case_input(case: dict[str, Any]) -> Any:
+def case_input(case: dict[str, Any], read_request: RequestReader | None = None) -> Any:
     """The input document of a case: given directly, or built from an ext_authz request."""
     if "input" in case:
         return case["input"]
     if "request" in case:
-        from ..envoy import check_request_from_json, facts_from_check_request
-        from ..facts import build_input
-
-        facts = facts_from_check_request(check_request_from_json(case["request"]))
-        return build_input(facts, case.get("identity", {}), case.get("signals", {}))
+        if read_request is None:
+            raise AuthzError("a 'request' case is read by the server's Envoy side, which this run was not given",
+                             code="test_case_invalid")
+        return read_request(case["request"], case.get("identity", {}), case.get("signals", {}))
     raise AuthzError("a case needs 'input' or 'request'", code="test_case_invalid")
 
 
@@ -246,4 +256,4 @@ def _matches(value: Any, expected: Any) -> bool:
         return all(k in value and _matches(value[k], v) for k, v in expected.items())
     if isinstance(expected, bool) or isinstance(value, bool):
         return value is expected
-    return value == expected
+    return bool(value == expected)

@@ -12,6 +12,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..configkeys import only as _only
+from ..configkeys import resolve_path
 from ..durations import parse_duration
 from ..errors import ConfigError, IdentityError
 from ..sharedstate import parse_store_url
@@ -37,8 +39,6 @@ class SignalsConfig:
 
     @classmethod
     def from_mapping(cls, data: Any, *, base_dir: str | None = None) -> "SignalsConfig":
-        from ..config import resolve_path
-
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected a mapping, got {data!r}", key="signals")
         _only(data, {"rate", "anomaly", "threat_lists", "default_sensitivity", "auth_failures"}, "signals.")
@@ -70,12 +70,6 @@ class SignalsConfig:
         return cls(**values)
 
 
-def _only(data: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
-    for key in data:
-        if key not in allowed:
-            raise ConfigError(f"unknown key; expected one of {', '.join(sorted(allowed))}", key=f"{prefix}{key}")
-
-
 def _interval(value: Any) -> float:
     try:
         seconds = parse_duration(value)
@@ -89,7 +83,7 @@ def _interval(value: Any) -> float:
 def _store(value: Any, key: str) -> str:
     if value != "memory":
         parse_store_url(value, key=key)
-    return value
+    return str(value)
 
 
 def _number(value: Any, key: str) -> float:

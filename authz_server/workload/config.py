@@ -43,6 +43,8 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 
+from ..configkeys import only as _only
+from ..configkeys import readable_file as _readable_file
 from ..durations import parse_duration
 from ..errors import ConfigError, WorkloadError
 from ..identity.spiffe import split_spiffe_id
@@ -139,9 +141,7 @@ class IdentityConfig:
         """Build and check a config from parsed YAML; raises ``ConfigError`` naming the key."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"the identity config must be a mapping, got {type(data).__name__}")
-        for key in data:
-            if key not in _TOP_KEYS:
-                raise ConfigError(f"unknown key; expected one of {', '.join(sorted(_TOP_KEYS))}", key=str(key))
+        _only(data, _TOP_KEYS, "")
         base = Path(base_dir) if base_dir is not None else Path.cwd()
         values: dict[str, Any] = {}
         if "state_dir" in data:
@@ -209,12 +209,6 @@ def _list(value: Any, key: str) -> list[Any]:
     return value
 
 
-def _only(data: Mapping[str, Any], allowed: set[str], key: str) -> None:
-    for name in data:
-        if name not in allowed:
-            raise ConfigError(f"unknown key; expected one of {', '.join(sorted(allowed))}", key=f"{key}.{name}")
-
-
 def _domain_name(value: Any, key: str) -> str:
     name = _text(value, key)
     if name.startswith("spiffe://"):
@@ -247,7 +241,7 @@ def _trust_domains(value: Any, base: Path) -> tuple[tuple[TrustDomainConfig, ...
         key = f"trust_domains[{i}]"
         if not isinstance(entry, Mapping):
             raise ConfigError(f"expected a mapping with 'name', got {entry!r}", key=key)
-        _only(entry, {"name", "federates_with"}, key)
+        _only(entry, {"name", "federates_with"}, f"{key}.")
         name = _domain_name(entry.get("name"), f"{key}.name")
         if name in names:
             raise ConfigError(f"{name!r} is listed twice", key=f"{key}.name")
@@ -290,7 +284,7 @@ def _trust_domains(value: Any, base: Path) -> tuple[tuple[TrustDomainConfig, ...
 
 def _remote_partner(entry: Mapping[str, Any], key: str, base: Path) -> RemotePartner:
     """SPIFFE Federation §5: the bundle endpoint URL and profile, per federated trust domain."""
-    _only(entry, {"trust_domain", "bundle_endpoint_url", "profile", "ca_file"}, key)
+    _only(entry, {"trust_domain", "bundle_endpoint_url", "profile", "ca_file"}, f"{key}.")
     domain = _domain_name(entry.get("trust_domain"), f"{key}.trust_domain")
     url = _text(entry.get("bundle_endpoint_url"), f"{key}.bundle_endpoint_url")
     parsed = urlsplit(url)
@@ -303,14 +297,14 @@ def _remote_partner(entry: Mapping[str, Any], key: str, base: Path) -> RemotePar
                           key=f"{key}.profile")
     ca_file = None
     if entry.get("ca_file") is not None:
-        ca_file = _readable(_path(entry["ca_file"], f"{key}.ca_file", base), f"{key}.ca_file")
+        ca_file = _readable_file(_path(entry["ca_file"], f"{key}.ca_file", base), f"{key}.ca_file")
     return RemotePartner(domain, url, profile, ca_file)
 
 
 def _bundle_endpoint(value: Any, base: Path) -> BundleEndpointConfig:
     if not isinstance(value, Mapping):
         raise ConfigError(f"expected a mapping with addr, cert_file and key_file, got {value!r}", key="bundle_endpoint")
-    _only(value, {"addr", "cert_file", "key_file"}, "bundle_endpoint")
+    _only(value, {"addr", "cert_file", "key_file"}, "bundle_endpoint.")
     addr = _text(value.get("addr"), "bundle_endpoint.addr")
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
@@ -320,16 +314,8 @@ def _bundle_endpoint(value: Any, base: Path) -> BundleEndpointConfig:
             raise ConfigError("the https_web profile serves with a Web PKI certificate: give cert_file and "
                               "key_file", key=f"bundle_endpoint.{name}")
     return BundleEndpointConfig(
-        addr, _readable(_path(value["cert_file"], "bundle_endpoint.cert_file", base), "bundle_endpoint.cert_file"),
-        _readable(_path(value["key_file"], "bundle_endpoint.key_file", base), "bundle_endpoint.key_file"))
-
-
-def _readable(path: str, key: str) -> str:
-    try:
-        with open(path, "rb"):
-            return path
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}", key=key) from None
+        addr, _readable_file(_path(value["cert_file"], "bundle_endpoint.cert_file", base), "bundle_endpoint.cert_file"),
+        _readable_file(_path(value["key_file"], "bundle_endpoint.key_file", base), "bundle_endpoint.key_file"))
 
 
 def _workloads(value: Any, domains: set[str], base: Path) -> tuple[WorkloadConfig, ...]:
@@ -339,7 +325,7 @@ def _workloads(value: Any, domains: set[str], base: Path) -> tuple[WorkloadConfi
         key = f"workloads[{i}]"
         if not isinstance(entry, Mapping):
             raise ConfigError(f"expected a mapping with name, spiffe_id and socket, got {entry!r}", key=key)
-        _only(entry, {"name", "spiffe_id", "socket", "dns_names"}, key)
+        _only(entry, {"name", "spiffe_id", "socket", "dns_names"}, f"{key}.")
         name = _text(entry.get("name"), f"{key}.name")
         spiffe_id = _text(entry.get("spiffe_id"), f"{key}.spiffe_id")
         try:

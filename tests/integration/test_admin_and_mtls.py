@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import AsyncIterator, Mapping
 
 import grpc
 import pytest
@@ -33,6 +35,17 @@ def _channel(address: str, ca: ScratchCA, spiffe_id: str | None) -> grpc.aio.Cha
         credentials = grpc.ssl_channel_credentials(root_certificates=ca.pem, private_key=leaf.key_pem,
                                                    certificate_chain=leaf.cert_pem)
     return grpc.aio.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", "localhost")])
+
+
+Stubs = tuple[admin_grpc.AdminStub, external_auth_pb2_grpc.AuthorizationStub]
+
+
+@contextlib.asynccontextmanager
+async def operator_and_sidecar(bound: Mapping[str, str], ca: ScratchCA) -> AsyncIterator[Stubs]:
+    """The admin API as the allowed operator, and the check API as a sidecar, over mTLS."""
+    async with _channel(bound["admin_addr"], ca, "spiffe://example.org/ops") as admin_channel, \
+            _channel(bound["addr"], ca, "spiffe://example.org/sidecar/a") as check_channel:
+        yield admin_grpc.AdminStub(admin_channel), external_auth_pb2_grpc.AuthorizationStub(check_channel)
 
 
 def _check(session_id: str | None = None) -> external_auth_pb2.CheckRequest:
@@ -78,10 +91,7 @@ async def test_admin_api_sessions_lifecycle_for_allowed_operators(tmp_path: Path
     config = Config(policies=str(tmp_path / "policies"), metrics_addr="", tls=replace(tls, allowed_clients=()),
                     admin=AdminConfig(addr="127.0.0.1:0", allowed=("spiffe://example.org/ops",)))
     async with running_app(config) as app:
-        async with _channel(app.bound["admin_addr"], ca, "spiffe://example.org/ops") as admin_channel, \
-                _channel(app.bound["addr"], ca, "spiffe://example.org/sidecar/a") as check_channel:
-            admin = admin_grpc.AdminStub(admin_channel)
-            check = external_auth_pb2_grpc.AuthorizationStub(check_channel)
+        async with operator_and_sidecar(app.bound, ca) as (admin, check):
             created = await admin.CreateSession(admin_pb.CreateSessionRequest(
                 subject="dana", claims_json='{"roles": ["buyer"]}', ttl_seconds=600))
             assert len(created.id) == 43 and created.session.subject == "dana"
@@ -133,10 +143,7 @@ async def test_live_policy_data_through_the_admin_api(tmp_path: Path, pki) -> No
     config = Config(policies=str(folder), metrics_addr="", tls=replace(tls, allowed_clients=()),
                     admin=AdminConfig(addr="127.0.0.1:0", allowed=("spiffe://example.org/ops",)))
     async with running_app(config) as app:
-        async with _channel(app.bound["admin_addr"], ca, "spiffe://example.org/ops") as admin_channel, \
-                _channel(app.bound["addr"], ca, "spiffe://example.org/sidecar/a") as check_channel:
-            admin = admin_grpc.AdminStub(admin_channel)
-            check = external_auth_pb2_grpc.AuthorizationStub(check_channel)
+        async with operator_and_sidecar(app.bound, ca) as (admin, check):
 
             def path(p: str) -> external_auth_pb2.CheckRequest:
                 request = _check()

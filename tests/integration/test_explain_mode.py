@@ -10,12 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz_server._proto import authz_admin_pb2 as admin_pb
-from authz_server._proto import authz_admin_pb2_grpc as admin_grpc
 from authz_server.config import AdminConfig, Config
-from tests.integration.test_admin_and_mtls import POLICY, _channel, _check, pki  # noqa: F401 (pki: a fixture)
+from tests.integration.test_admin_and_mtls import POLICY, _check, operator_and_sidecar  # noqa: F401
+from tests.integration.test_admin_and_mtls import pki  # noqa: F401 (a fixture)
 from tests.support.audit import jsonl
 from tests.support.authz import running_app, write_policy
 
@@ -28,10 +27,7 @@ async def test_the_next_n_decisions_of_a_route_are_explained_in_the_audit_log(tm
                     audit=(f"file:{log_file}",),
                     admin=AdminConfig(addr="127.0.0.1:0", allowed=("spiffe://example.org/ops",)))
     async with running_app(config) as app:
-        async with _channel(app.bound["admin_addr"], ca, "spiffe://example.org/ops") as admin_channel, \
-                _channel(app.bound["addr"], ca, "spiffe://example.org/sidecar/a") as check_channel:
-            admin = admin_grpc.AdminStub(admin_channel)
-            check = external_auth_pb2_grpc.AuthorizationStub(check_channel)
+        async with operator_and_sidecar(app.bound, ca) as (admin, check):
             await check.Check(_check())  # decided and cached before the switch
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await admin.StartExplain(admin_pb.StartExplainRequest(route="x", count=2))

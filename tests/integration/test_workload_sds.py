@@ -18,6 +18,7 @@ from google.rpc import status_pb2
 
 from authz_server.workload import IdentityConfig, IdentityServer
 from authz_server.workload.sds import SECRET_TYPE_URL
+from tests.support.sds import secrets_of
 
 A = "spiffe://example.org/a"
 TIMEOUT = 10
@@ -53,15 +54,6 @@ class Stream:
 
     async def ack(self, response: discovery_pb2.DiscoveryResponse, *names: str) -> None:
         await self.send(*names, version=response.version_info, nonce=response.nonce)
-
-
-def secrets_of(response: discovery_pb2.DiscoveryResponse) -> dict[str, secret_pb2.Secret]:
-    out = {}
-    for resource in response.resources:
-        secret = secret_pb2.Secret()
-        assert resource.Unpack(secret)
-        out[secret.name] = secret
-    return out
 
 
 def serial(secret: secret_pb2.Secret) -> int:

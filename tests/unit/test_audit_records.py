@@ -37,7 +37,8 @@ TARGET, PATH_SECRETS = secret_path("/orders/7")
 
 
 def decision(n: int, identity: Identity = IDENTITY, signals: dict[str, Any] | None = None) -> Decision:
-    return Decision(True, "allowed", "allowed by policy", 200, f"{n:032x}", cached=True, identity=identity,
+    return Decision(allowed=True, code="allowed", reason="allowed by policy", http_status=200, decision_id=f"{n:032x}",
+                    cached=True, identity=identity,
                     signals=signals or {"rate": {"remaining": 100 - n}}, result=True, policy_version="v1")
 
 
@@ -128,7 +129,8 @@ def test_an_uncached_decision_keeps_the_input_the_policy_saw() -> None:
     facts, _ = grpc_facts(1, "request-1")
     policy_input = {"attributes": {"request": {"http": {"headers": {"authorization": "Bearer " + "q" * 20}}}},
                     "identity": {}, "signals": {}}
-    d = Decision(False, "policy_denied", "denied by policy", 403, "0" * 32, identity=IDENTITY,
+    d = Decision(allowed=False, code="policy_denied", reason="denied by policy", http_status=403, decision_id="0" * 32,
+                 identity=IDENTITY,
                  input=policy_input, result=False)
     record = RecordBuilder(path=PATH, labels=LABELS, redactor=Redactor()).build(d, facts, NOW, handler_ns=1)
     assert record.document["input"]["attributes"] == {

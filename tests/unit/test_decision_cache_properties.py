@@ -30,8 +30,9 @@ from hypothesis import strategies as st
 from authz_server.decision import DECISION_ID_HEADER, Decision, DecisionSettings, Identity, Pipeline
 from authz_server.envoy import CheckResponse, check_request_from_json, check_response, facts_from_check_request
 from authz_server.facts import Facts
-from authz_server.policy.cache import DecisionCache
-from authz_server.policy.inputs import input_paths, leaf_paths
+from authz_server.decisioncache import DecisionCache
+from authz_server.policy.inputs import input_paths
+from authz_server.trees import leaf_paths
 from authz_server.policy.loader import PolicyRuntime
 from tests.support.authz import write_policy
 

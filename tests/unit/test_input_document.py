@@ -20,7 +20,8 @@ from authz_server.decision import Pipeline
 from authz_server.envoy import check_request_from_json, facts_from_check_request, parse_check_request
 from authz_server.errors import RequestError
 from authz_server.facts import build_input
-from authz_server.policy.inputs import input_paths, project
+from authz_server.policy.inputs import input_paths
+from authz_server.trees import project
 from authz_server.policy.loader import PolicyRuntime
 from tests.support.authz import REPO, write_policy
 

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from authz_server.envoy import check_request_from_json, facts_from_check_request
 from authz_server.facts import build_input
 from authz_server.policy.engine import CompiledPolicy, encode_input
-from authz_server.policy.inputs import input_paths, project
+from authz_server.policy.inputs import input_paths
+from authz_server.trees import project
 from authz_server.policy.source import load_policy_set
 from tests.support.authz import REPO, TUTORIAL_POLICY
 

@@ -341,7 +341,7 @@ def test_bundles_follow_the_workload_api(ca: ScratchCA, frontend: Leaf, now: flo
 
 def facts(principal: str, leaf: Leaf | None = None, tls_version: str | None = None) -> Facts:
     headers = {TLS_VERSION_HEADER: tls_version} if tls_version is not None else {}
-    return Facts("GET", "/", headers, source_principal=principal,
+    return Facts(method="GET", path="/", headers=headers, source_principal=principal,
                  source_certificate=envoy_text(leaf.cert_pem) if leaf else "")
 
 

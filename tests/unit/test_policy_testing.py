@@ -10,6 +10,7 @@ import pytest
 
 from authz_server.policy.source import CacheSettings, PolicySet
 from authz_server.policy import testing
+from authz_server.envoy import input_from_request_json
 from authz_server.policy.testing import run_policy_tests
 
 Report = testing.TestReport  # not collected as a test class
@@ -233,7 +234,7 @@ def test_case_files() -> None:
                                           "broken_test.yaml": {"cases": "nope"},
                                           "badquery_test.yaml": {"query": "allow", "cases": [{"input": {}, "expect": True}]},
                                           "numberquery_test.yaml": {"query": 1, "cases": [{"input": {}, "expect": 1}]}}),
-                              "data.envoy.authz.allow")
+                              "data.envoy.authz.allow", read_request=input_from_request_json)
     found = outcomes(report)
     assert found["allow_test.yaml#a plain input"] == ("pass", "")
     assert found["allow_test.yaml#an ext_authz request"] == ("pass", "")  # built exactly as the server builds it
@@ -257,7 +258,7 @@ def test_a_case_request_the_server_would_refuse_is_an_error() -> None:
     cases = {"cases": [{"name": "bad escape", "request": {"attributes": {"request": {"http": {"path": "/%zz"}}}},
                         "expect": False}]}
     report = run_policy_tests(policy_set({"policy.rego": POLICY}, cases={"x_test.yaml": cases}),
-                              "data.envoy.authz.allow")
+                              "data.envoy.authz.allow", read_request=input_from_request_json)
     [result] = report.results
     assert (result.outcome, result.detail) == ("error", "invalid URL escape at offset 1 in path")
 
@@ -268,7 +269,7 @@ def test_a_malformed_case_is_an_error_not_a_crash() -> None:
                        {"name": "not a CheckRequest", "request": {"attributes": {"nope": 1}}, "expect": False},
                        {"name": "fine", "input": {}, "expect": False}]}
     report = run_policy_tests(policy_set({"policy.rego": POLICY}, cases={"x_test.yaml": cases}),
-                              "data.envoy.authz.allow")
+                              "data.envoy.authz.allow", read_request=input_from_request_json)
     found = outcomes(report)
     assert found["x_test.yaml#request as text"][1].startswith("invalid case: ")
     assert found["x_test.yaml#identity as a list"][1].startswith("invalid case: ")
@@ -283,3 +284,12 @@ def test_inputs_with_quotes_and_backslashes_reach_the_rule_unchanged() -> None:
              'test_other if not t.same with input as {"s": "say \\"hi\\" \\\\n"}\n')
     report = run_policy_tests(policy_set({"t.rego": policy, "t_test.rego": tests}), "data.t.same")
     assert outcomes(report) == {"test_same": ("pass", ""), "test_other": ("pass", "")}
+
+
+def test_a_request_case_needs_the_envoy_reader() -> None:
+    """The policy package reads no protobuf: a run not given the Envoy side's reader reports
+    a ``request`` case as an error instead of importing the transport."""
+    report = run_policy_tests(policy_set({"policy.rego": POLICY}, cases={"x_test.yaml": CASES}),
+                              "data.envoy.authz.allow")
+    outcome, detail = outcomes(report)["x_test.yaml#an ext_authz request"]
+    assert outcome == "error" and "Envoy side" in detail

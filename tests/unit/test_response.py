@@ -109,7 +109,8 @@ def test_reason_codes() -> None:
 
 
 def _decision(verdict: Verdict) -> Decision:
-    return Decision(verdict.allowed, "policy_denied", "denied by policy", verdict.http_status, "d" * 32,
+    return Decision(allowed=verdict.allowed, code="policy_denied", reason="denied by policy",
+                    http_status=verdict.http_status, decision_id="d" * 32,
                     verdict=verdict)
 
 
@@ -132,3 +133,13 @@ def test_an_allow_never_carries_a_body_or_deny_headers_upstream() -> None:
     assert decision.body == ""
     assert decision.upstream_headers == (("x-a", "1"),)
     assert decision.response_headers == (("x-b", "2"),)
+
+
+def test_the_status_table_is_envoys_enum() -> None:
+    """response.py writes Envoy's StatusCode values out (the core imports no protobuf); they
+    must stay the enum's, or Envoy drops an answer we thought valid."""
+    from envoy.type.v3 import http_status_pb2
+
+    from authz_server.response import VALID_STATUS
+
+    assert VALID_STATUS == {v.number for v in http_status_pb2.StatusCode.DESCRIPTOR.values if v.number >= 200}

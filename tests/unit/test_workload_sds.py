@@ -18,6 +18,7 @@ from google.rpc import status_pb2
 
 from authz_server.workload import IdentityConfig, Issuer
 from authz_server.workload.sds import SECRET_TYPE_URL, SdsError, SecretStream, build_secrets
+from tests.support.sds import secrets_of
 
 NOW = 1_700_000_000.0  # a fixed clock: every check here takes `now`
 A = "spiffe://example.org/a"
@@ -31,15 +32,6 @@ def issuer(tmp_path: Path) -> Issuer:
                           {"name": "evil.org"}],
         "workloads": [{"name": "a", "spiffe_id": A, "socket": "a.sock"}],
     }, base_dir=tmp_path), now=NOW)
-
-
-def secrets_of(response: discovery_pb2.DiscoveryResponse) -> dict[str, secret_pb2.Secret]:
-    out = {}
-    for resource in response.resources:
-        secret = secret_pb2.Secret()
-        assert resource.Unpack(secret)
-        out[secret.name] = secret
-    return out
 
 
 def validator_domains(secret: secret_pb2.Secret) -> dict[str, list[x509.Certificate]]:

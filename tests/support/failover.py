@@ -25,6 +25,7 @@ from authz_server.identity.sessions import Binding, Session, new_session_id, ses
 
 PROPAGATION = 0.2  # a revocation made this long before a lookup elsewhere must be known there
 TIMED_REVOCATIONS = 5
+NEAR_CACHE_TTL = 5.0  # the longest a replica trusts a session it looked up without asking again
 
 
 @dataclass
@@ -40,6 +41,8 @@ class FailoverReport:
     revocations: int = 0
     revocations_in_window: int = 0
     wrongly_allowed: int = 0
+    allowed_by_revoker: int = 0  # of those, by the replica that took the revocation (no timing involved)
+    latest_allow_elsewhere_s: float = 0.0  # after a revocation the store had, how late another replica allowed it
     lag_ms: list[float] = field(default_factory=list)  # per timed revocation issued in the window
     window_revocations_not_enforced: int = 0  # at the end of the run, on some replica
 
@@ -70,9 +73,10 @@ def _session(subject: str, now: float) -> Session:
 
 
 async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas: int = 3, kill_after: float = 1.5,
-                                 settle_after: float = 2.0, timeout: float = 60.0, seed: int = 1) -> FailoverReport:
+                                 settle_after: float = 2.0, timeout: float = 60.0, seed: int = 1,
+                                 store_timeout: float = 0.25) -> FailoverReport:
     rng = random.Random(seed)
-    stores = [RedisStore(url, near_cache_ttl=5.0) for _ in range(replicas)]
+    stores = [RedisStore(url, near_cache_ttl=NEAR_CACHE_TTL, timeout=store_timeout) for _ in range(replicas)]
     for store in stores:
         await store.start()
     await asyncio.wait_for(asyncio.gather(*(s.subscribed.wait() for s in stores)), 15)
@@ -127,8 +131,12 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
             else:
                 if key in revoked:
                     at, by, in_window = revoked[key]
+                    if replica == by and started > at:
+                        report.allowed_by_revoker += 1
                     if (replica == by and started > at) or (not in_window and started > at + PROPAGATION):
                         report.wrongly_allowed += 1
+                    if replica != by and not in_window:
+                        report.latest_allow_elsewhere_s = max(report.latest_allow_elsewhere_s, started - at)
             await asyncio.sleep(0)
 
     async def revocations() -> None:

@@ -1,6 +1,9 @@
 """Audit log numbers: the observer's cost per decision, the record cost, writer throughput.
 
-    python -m tests.bench.audit [--records 20000] [--postgres postgresql://postgres@127.0.0.1:5432/test]
+    python -m tests.bench.audit [--records 20000] [--postgres URL | --postgres '']
+
+Without ``--postgres`` the PostgreSQL sink is measured on the private server of
+``tests/support/postgres.py`` (never the machine's own); ``''`` skips it.
 
 The writer's rate is records observed → records on disk / in PostgreSQL, all of it on
 one event loop (as in the server): build the input for cache hits, redact, render JSON,
@@ -25,7 +28,7 @@ from authz_server.config import Config
 from authz_server.decision import Pipeline
 from authz_server.policy.loader import PolicyRuntime
 from authz_server.server import build_identity
-from tests.support.audit import (POSTGRES_URL, facts_for, open_session, secret_headers, secret_path, unique_table,
+from tests.support.audit import (facts_for, open_session, secret_headers, secret_path, unique_table,
                                  workload, write_audit_policy)
 
 from .harness import timed
@@ -120,7 +123,12 @@ async def main(records: int, postgres: str | None) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m tests.bench.audit")
     parser.add_argument("--records", type=int, default=20_000)
-    parser.add_argument("--postgres", default=POSTGRES_URL, help="'' to skip PostgreSQL")
+    parser.add_argument("--postgres", default=None, help="a server's URL, '' to skip PostgreSQL (default: a private "
+                                                          "server, tests/support/postgres.py)")
     args = parser.parse_args()
+    if args.postgres is None:
+        from tests.support.postgres import postgres_url
+
+        args.postgres = postgres_url()
     print(json.dumps(asyncio.run(main(args.records, args.postgres or None)), indent=2))
     sys.exit(0)

@@ -37,10 +37,12 @@ from ..facts import Volatile
 REDACTED = "[REDACTED]"
 
 # Query, form and JSON member names whose values are credentials (RFC 6749, RFC 8693, OIDC).
+# ``code`` is OAuth's authorization code (RFC 6749 § 4.1.2): the browser sign-in callback
+# carries it in its query, and with the PKCE verifier it is worth a token until redeemed.
 TOKEN_PARAMETERS = frozenset({
     "access_token", "id_token", "refresh_token", "token", "session", "session_id", "sessionid",
     "client_secret", "password", "passwd", "api_key", "apikey", "jwt", "assertion", "client_assertion",
-    "subject_token", "actor_token", "code_verifier",
+    "subject_token", "actor_token", "code_verifier", "code",
 })
 _SCHEME_HEADERS = frozenset({"authorization", "proxy-authorization"})
 _SECRET_HEADER_WORDS = ("token", "secret", "session", "password", "passwd", "api-key", "apikey", "credential")

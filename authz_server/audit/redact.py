@@ -413,6 +413,18 @@ class Redactor:
         run = _Pass()
         return Redacted(run.input(parts), tuple(run.masked), tuple(run.erased))
 
+    def redact_member(self, name: str, value: Any) -> tuple[Any, list[str], list[str]]:
+        """One top-level member of a record (not ``input``), redacted as ``redact`` would:
+        (value, masked, erased)."""
+        run = _Pass()
+        if name == "result":
+            out = run.result(value)
+        elif name in _OWN_MEMBERS:
+            out = value
+        else:
+            out = run.any(value, (None, name))
+        return out, run.masked, run.erased
+
     def redact_volatile(self, value: Volatile) -> tuple[Volatile, tuple[str, ...]]:
         """The per-request attribute values redacted, and where they were masked."""
         run = _Pass()

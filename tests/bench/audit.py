@@ -70,8 +70,7 @@ async def observer_cost(decisions: list[Any], facts: list[Any]) -> dict[str, flo
         audit.observe(d, f, 0.0)
         n += 1
         if n % 10_000 == 0:
-            while not audit.queue.empty():
-                audit.queue.get_nowait()
+            audit.queue.clear()
 
     accepted = timed(enqueue, seconds=1.0, min_runs=10_000)
     full = AuditLog([], queue_size=1)

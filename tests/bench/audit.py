@@ -1,19 +1,29 @@
-"""Audit log numbers: the observer's cost per decision, the record cost, writer throughput.
+"""Audit log numbers: in process (the observer, a record's CPU, the writers' rate, the event
+loop's lag), and through real Envoy with the audit log off and on (``make bench`` section
+``audit``, issue 28).
 
+    python -m tests.bench --only audit [--quick | --smoke]
     python -m tests.bench.audit [--records 20000] [--postgres URL | --postgres '']
+
+Through Envoy: two authz-server processes with the same policy and the same sessions set-up
+(the route table of ``routes.py``, 1,000 users signed in once with a JWT each), one with no
+audit log and one writing every decision to a file; each behind an Envoy in gRPC ext_authz
+mode and one in HTTP ext_authz mode. Two kinds of traffic: one repeated request (one user's
+session, one path: the decision cache answers) and traffic that does not repeat (an id in
+every path, a query string, users at random: every decision is the policy's). Each is
+measured with one connection (latency: p50, p99) and 32 (throughput), audit off and on
+back to back, and the audit log's CPU per decision is the difference of the two servers'
+CPU per request at 32 connections.
 
 Without ``--postgres`` the PostgreSQL sink is measured on the private server of
 ``tests/support/postgres.py`` (never the machine's own); ``''`` skips it.
-
-The writer's rate is records observed → records on disk / in PostgreSQL, all of it on
-one event loop (as in the server): build the input for cache hits, redact, render JSON,
-write.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import tempfile
@@ -31,16 +41,19 @@ from authz_server.server import build_identity
 from tests.support.audit import (facts_for, open_session, secret_headers, secret_path, unique_table,
                                  workload, write_audit_policy)
 
-from .harness import timed
+from .harness import LoadResult, Settings, bench_supervisor, load_with_cpu, start_authz_server, table, timed
 
 
 TYPICAL_HEADERS = {"user-agent": "curl/8.5.0", "accept": "application/json", "x-forwarded-proto": "https",
                    "x-request-id": "5f0c2a8e-2f3b-4a8e-9c1d-7b6e5d4c3b2a", "content-type": "application/json"}
 
 
-async def _decisions(folder: Path, count: int, *, secrets: bool = False) -> tuple[list[Any], list[Any]]:
+async def _decisions(folder: Path, count: int, *, secrets: bool = False,
+                     unique: bool = False) -> tuple[list[Any], list[Any]]:
     """``count`` decisions, half of them cache hits: a typical request (a bearer token and a
-    few ordinary headers), or with ``secrets`` one carrying credentials in a dozen places."""
+    few ordinary headers), or with ``secrets`` one carrying credentials in a dozen places;
+    with ``unique``, every request has a path of its own (no record part repeats but the
+    identity)."""
     runtime = PolicyRuntime(str(write_audit_policy(folder)))
     runtime.load()
     identity = build_identity(Config(trust_domains=("example.org",)))
@@ -53,7 +66,8 @@ async def _decisions(folder: Path, count: int, *, secrets: bool = False) -> tupl
     else:
         headers = {**TYPICAL_HEADERS, "x-session-id": session}
         path = "/orders/1?page=2"
-    facts = [facts_for(path if i % 2 else f"/public/{i % 50}", principal=workload("web"), headers=headers)
+    facts = [facts_for((f"/orders/{i}?page=2" if unique else path) if i % 2 else
+                       f"/public/{i if unique else i % 50}", principal=workload("web"), headers=headers)
              for i in range(count)]
     decisions = [await pipeline.decide(f, now=now) for f in facts]
     runtime.close()
@@ -84,6 +98,17 @@ async def observer_cost(decisions: list[Any], facts: list[Any]) -> dict[str, flo
             "record_us_cache_hit": render_hit}
 
 
+def record_cpu(decisions: list[Any], facts: list[Any]) -> float:
+    """CPU µs per record (building, redacting, rendering; the collector's share included) over
+    every decision once, in batches as the audit log's thread takes them."""
+    audit = AuditLog([], queue_size=len(decisions) + 10)
+    items = [(d, f, time.time(), time.time()) for d, f in zip(decisions, facts)]
+    started = time.thread_time()
+    for start in range(0, len(items), 500):
+        audit.render(items[start:start + 500])
+    return (time.thread_time() - started) / len(items) * 1e6
+
+
 async def throughput(sink: Any, decisions: list[Any], facts: list[Any]) -> float:
     audit = AuditLog([sink], queue_size=len(decisions) + 10, sink_backlog=len(decisions) + 10)
     audit.start()
@@ -105,6 +130,10 @@ async def main(records: int, postgres: str | None) -> dict[str, Any]:
         decisions, facts = await _decisions(Path(tmp) / "policies", records)
         results: dict[str, Any] = await observer_cost(decisions, facts)
         results["record_us_with_secrets_everywhere"] = worst["record_us_policy_ran"]
+        results["record_cpu_us_repeating"] = record_cpu(decisions, facts)
+        unique_decisions, unique_facts = await _decisions(Path(tmp) / "unique-policies", min(records, 4000),
+                                                          unique=True)
+        results["record_cpu_us_each_request_new"] = record_cpu(unique_decisions, unique_facts)
         results["file_records_per_s"] = await throughput(FileSink(Path(tmp) / "audit.jsonl"), decisions, facts)
         if postgres:
             table = unique_table()
@@ -117,6 +146,173 @@ async def main(records: int, postgres: str | None) -> dict[str, Any]:
                 with psycopg.connect(PostgresSink(url).conninfo, autocommit=True) as conn:
                     conn.execute(f'DROP TABLE IF EXISTS "{table}"')
     return results
+
+
+async def loop_lag(folder: Path, *, audit_on: bool, seconds: float, rate: int = 2000) -> dict[str, float]:
+    """The event loop's lag (how late a 1 ms ticker wakes) while decisions that do not repeat
+    arrive at ``rate`` a second, the audit log writing each to a file or off."""
+    decisions, facts = await _decisions(folder / ("lag-on" if audit_on else "lag-off"), 200)
+    audit = AuditLog([FileSink(folder / "lag.jsonl")]) if audit_on else None
+    if audit is not None:
+        audit.start()
+    lags: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def ticker() -> None:
+        while time.perf_counter() < stop:
+            asked = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - asked - 0.001)
+
+    async def arrivals() -> None:
+        n = 0
+        tick = 0.005
+        while time.perf_counter() < stop:
+            for _ in range(int(rate * tick)):  # a decision's observer call, as the pipeline makes it
+                if audit is not None:
+                    audit.observe(decisions[n % len(decisions)], facts[n % len(facts)], time.time())
+                n += 1
+            await asyncio.sleep(tick)
+
+    await asyncio.gather(ticker(), arrivals())
+    if audit is not None:
+        await audit.stop()
+    lags.sort()
+    return {"p50_ms": lags[len(lags) // 2] * 1e3, "p99_ms": lags[int(len(lags) * 0.99)] * 1e3,
+            "max_ms": lags[-1] * 1e3, "ticks": len(lags)}
+
+
+# -- through Envoy
+
+TRAFFIC = {"repeat": "one repeated request", "varied": "traffic that does not repeat"}
+MODES = ("grpc", "http")
+
+
+def _server_config(folder: Path, name: str, policy: Path, jwks: Path, audit: list[str]) -> Path:
+    from .traffic import AUDIENCE, ISSUER
+
+    path = folder / f"{name}.yaml"
+    path.write_text(json.dumps({
+        "policies": str(policy), "addr": "127.0.0.1:0", "http_addr": "127.0.0.1:0", "metrics_addr": "",
+        "workers": 1, "log_level": "warning", "audit": audit,
+        "issuers": [{"issuer": ISSUER, "jwks_file": str(jwks), "audiences": [AUDIENCE], "algorithms": ["ES256"]}],
+        "sessions": {"store": "memory", "idle_timeout": "1h", "max_lifetime": "8h"}}))
+    return path
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _repeated(sessions: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """One allowed GET of a user who has a session: the path and its headers."""
+    from . import routes
+
+    request = next(r for r in routes.requests(500, seed=5)
+                   if r.allowed and r.method == "GET" and r.user in sessions)
+    return request.path, {"x-session-id": sessions[request.user], "user-agent": "wrk", "accept": "*/*"}
+
+
+def through_envoy(settings: Settings) -> dict[str, Any]:
+    from authz_server.mesh.envoy import start_envoy
+    from authz_server.mesh.extauthz import AuthzTarget
+    from authz_server.mesh.front import FrontProxy, render_front_proxy
+
+    from . import routes, traffic
+    from .harness import start_upstream
+
+    results: dict[str, Any] = {}
+    with bench_supervisor("audit") as sup:
+        work = sup.log_dir.parent
+        upstream_addr, _ = start_upstream(sup)
+        policy = routes.write_policy(work / "route_table")
+        key, jwks = traffic._issuer(work)
+        audit_file = work / "audit.jsonl"
+        servers: dict[str, dict[str, Any]] = {}
+        for audit in ("off", "file"):
+            config = _server_config(work, f"authz-audit-{audit}", policy, jwks,
+                                    [f"file:{audit_file}"] if audit == "file" else [])
+            pid, bound = start_authz_server(sup, f"authz-audit-{audit}", ["--config", str(config)])
+            fronts = {}
+            for mode in MODES:
+                envoy = start_envoy(sup, f"front-{audit}-{mode}", render_front_proxy(FrontProxy(
+                    upstream=upstream_addr,
+                    authz=AuthzTarget(bound["addr"] if mode == "grpc" else bound["http_addr"], mode=mode))))
+                fronts[mode] = f"http://127.0.0.1:{envoy.port('ingress')}"
+            sessions = asyncio.run(traffic._sign_in(fronts["grpc"], key))
+            servers[audit] = {"pid": pid, "fronts": fronts, "sessions": sessions,
+                              # a folder each: the script's name is the same, its sessions are this server's
+                              "script": traffic.write_script(_folder(sup.log_dir / audit), "session",
+                                                             routes.lua_tables()
+                                                             + traffic._lua_table("sessions", sessions))}
+        one = dataclasses.replace(settings, connections=1, threads=1)
+        for mode in MODES:
+            for kind in TRAFFIC:
+                for label, load_settings in (("c1", one), ("c32", settings)):
+                    for audit in ("off", "file"):  # back to back: the machine's other load hits both alike
+                        server = servers[audit]
+                        url = server["fronts"][mode]
+                        name = f"{mode}, {TRAFFIC[kind]}, {load_settings.connections} conn., audit {audit}"
+                        if kind == "repeat":
+                            path, headers = _repeated(server["sessions"])
+                            result = load_with_cpu(url + path, load_settings, server["pid"], name=name,
+                                                   headers=headers)
+                        else:
+                            result = load_with_cpu(url + "/", load_settings, server["pid"], name=name,
+                                                   script=server["script"])
+                        results[f"{mode}_{kind}_{label}_{audit}"] = result
+        results["records_in_file"] = sum(1 for _ in audit_file.open("rb")) if audit_file.exists() else 0
+        results["requests_audited"] = sum(r.requests for k, r in results.items()
+                                          if isinstance(r, LoadResult) and k.endswith("_file"))
+    return results
+
+
+def report_envoy(results: dict[str, Any]) -> str:
+    rows = []
+    for mode in MODES:
+        for kind in TRAFFIC:
+            def get(label: str, audit: str) -> LoadResult:
+                return results[f"{mode}_{kind}_{label}_{audit}"]
+
+            off32, on32, off1, on1 = get("c32", "off"), get("c32", "file"), get("c1", "off"), get("c1", "file")
+            audit_cpu = ((on32.authz_cpu_us_per_req or 0) - (off32.authz_cpu_us_per_req or 0))
+            wrong = sum(r.extra.get("counts", {}).get("wrong", 0) for r in (off32, on32, off1, on1))
+            rows.append([mode, TRAFFIC[kind], f"{off32.rps:,.0f}", f"{on32.rps:,.0f}",
+                         f"{on32.rps / (off32.rps or 1):.2f}",
+                         f"{off1.p50_ms:.2f} / {off1.p99_ms:.2f}", f"{on1.p50_ms:.2f} / {on1.p99_ms:.2f}",
+                         f"{on1.p99_ms / (off1.p99_ms or 1):.2f}",
+                         f"{off32.authz_cpu_us_per_req or 0:.0f} / {on32.authz_cpu_us_per_req or 0:.0f}",
+                         f"{audit_cpu:.0f}",
+                         sum(r.errors + r.extra.get("counts", {}).get("other", 0)
+                             for r in (off32, on32, off1, on1)), wrong])
+    text = table("Audit log off and on, through Envoy (1 Envoy worker, 1 authz-server process, sessions; "
+                 "targets: on/off req/s >= 0.85, p99 on/off <= 1.3, audit CPU <= 40 µs)",
+                 ["mode", "traffic", "req/s off (32 c.)", "req/s on", "on / off", "1 conn. p50/p99 ms off",
+                  "on", "p99 on / off", "authz CPU µs/req off / on", "audit CPU µs/decision", "errors", "wrong allows"], rows)
+    return text + (f"\nrecords in the audit file: {results['records_in_file']:,} for "
+                   f"{results['requests_audited']:,} measured requests (plus warm-ups and sign-ins)")
+
+
+def run(settings: Settings, *, with_envoy: bool = True) -> tuple[dict[str, Any], str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        inproc = asyncio.run(main(500 if settings.smoke else 20_000, None))
+        lag_seconds = 1.0 if settings.smoke else 5.0
+        lag = {audit: asyncio.run(loop_lag(folder, audit_on=audit == "on", seconds=lag_seconds))
+               for audit in ("off", "on")}
+    rows = [[name, f"{value:,.1f}"] for name, value in inproc.items()]
+    text = table("Audit log in process (µs of CPU per call; writer rates in records/s)", ["what", "value"], rows)
+    text += "\n" + table("Event loop lag, a 1 ms ticker, 2,000 decisions/s observed (ms)",
+                          ["audit", "p50", "p99", "max"],
+                          [[audit, f"{v['p50_ms']:.3f}", f"{v['p99_ms']:.3f}", f"{v['max_ms']:.3f}"]
+                           for audit, v in lag.items()])
+    results: dict[str, Any] = {"in_process": inproc, "loop_lag": lag}
+    if with_envoy:
+        envoy = through_envoy(settings)
+        results["envoy"] = envoy
+        text += "\n" + report_envoy(envoy)
+    return results, text
 
 
 if __name__ == "__main__":

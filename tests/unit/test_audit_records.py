@@ -121,7 +121,7 @@ def test_what_is_kept_is_bounded() -> None:
         identity = Identity(IDENTITY.document, fingerprint=f"identity-{n}".encode())
         record = builder.build(decision(n, identity), facts, NOW, handler_ns=1)
         assert record.document["input"]["parsed_path"] == ["orders", str(n)]
-    assert len(builder._requests) <= 8 and len(builder._identities) <= 8
+    assert len(builder._templates) <= 8 and len(builder._identities) <= 8
 
 
 def test_an_uncached_decision_keeps_the_input_the_policy_saw() -> None:

@@ -79,6 +79,8 @@ class AuditLog:
         self.slice_records = slice_records  # records built before the thread offers the GIL back
         self.flush_timeout = flush_timeout
         self.stats = WriterStats()  # before the fan-out: queue_full, render_failed, shutdown
+        self.built = 0  # records the thread built (short ones included)
+        self.cpu_seconds = 0.0  # CPU the thread spent on them: the audit log's cost, measured where it is paid
         self._clock = clock
         self._closed = False
         self._stopped = False
@@ -168,7 +170,9 @@ class AuditLog:
         while not self._halt.is_set():
             self._wake.wait(self.linger)
             self._wake.clear()
+            started = time.thread_time()
             self._drain_until(None)
+            self.cpu_seconds += time.thread_time() - started
 
     def _drain_until(self, deadline: float | None) -> None:
         """Build and hand over every queued record (until ``deadline``, monotonic, if given)."""
@@ -187,6 +191,7 @@ class AuditLog:
                 # thread takes the GIL straight back before the waiting one wakes, and the
                 # waiter's 5 ms switch interval starts over. A real sleep lets it in.
                 time.sleep(_HAND_OVER)
+            self.built += len(records)
             self._hand_over(records, count)
 
     def _hand_over(self, records: list[AuditRecord], taken: int) -> None:
@@ -245,6 +250,11 @@ class AuditLog:
         depth = GaugeMetricFamily("authz_audit_queue_depth", "Records waiting: the decision queue and each sink",
                                   labels=["queue"])
         depth.add_metric(["decisions"], self.pending)
+        built = CounterMetricFamily("authz_audit_records_built", "Audit records the audit thread built")
+        built.add_metric([], self.built)
+        cpu = CounterMetricFamily("authz_audit_cpu_seconds", "CPU time the audit thread spent building, redacting "
+                                  "and rendering records (the sinks' own threads not included)")
+        cpu.add_metric([], self.cpu_seconds)
         for reason in ("queue_full", "render_failed", "shutdown"):
             dropped.add_metric([_ALL, reason], self.stats.dropped.get(reason, 0))
         for writer in self.writers:
@@ -254,4 +264,4 @@ class AuditLog:
             for reason in ("sink_backlog", "sink_failed", "shutdown"):
                 dropped.add_metric([name, reason], writer.stats.dropped.get(reason, 0))
             depth.add_metric([name], writer.depth)
-        yield from (written, dropped, errors, depth)
+        yield from (written, dropped, errors, depth, built, cpu)

@@ -193,7 +193,7 @@ def _server_config(folder: Path, name: str, policy: Path, jwks: Path, audit: lis
 
     path = folder / f"{name}.yaml"
     path.write_text(json.dumps({
-        "policies": str(policy), "addr": "127.0.0.1:0", "http_addr": "127.0.0.1:0", "metrics_addr": "",
+        "policies": str(policy), "addr": "127.0.0.1:0", "http_addr": "127.0.0.1:0", "metrics_addr": "127.0.0.1:0",
         "workers": 1, "log_level": "warning", "audit": audit,
         "issuers": [{"issuer": ISSUER, "jwks_file": str(jwks), "audiences": [AUDIENCE], "algorithms": ["ES256"]}],
         "sessions": {"store": "memory", "idle_timeout": "1h", "max_lifetime": "8h"}}))
@@ -214,6 +214,37 @@ def _repeated(sessions: dict[str, str]) -> tuple[str, dict[str, str]]:
     return request.path, {"x-session-id": sessions[request.user], "user-agent": "wrk", "accept": "*/*"}
 
 
+ROUNDS = 3  # each cell's off/on pair, interleaved; the report takes the median of the rounds
+
+
+def _audit_counters(metrics_addr: str) -> tuple[float, float]:
+    """(CPU seconds of the audit thread, records it built), from the server's /metrics."""
+    import httpx
+
+    text = httpx.get(f"http://{metrics_addr}/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("authz_audit_cpu_seconds_total", "authz_audit_records_built_total"):
+            values[name] = float(value)
+    return values.get("authz_audit_cpu_seconds_total", 0.0), values.get("authz_audit_records_built_total", 0.0)
+
+
+def _load(server: dict[str, Any], mode: str, kind: str, settings: Settings) -> LoadResult:
+    url = server["fronts"][mode]
+    name = f"{mode}, {TRAFFIC[kind]}, {settings.connections} conn."
+    cpu, built = _audit_counters(server["metrics"])
+    if kind == "repeat":
+        path, headers = _repeated(server["sessions"])
+        result = load_with_cpu(url + path, settings, server["pid"], name=name, headers=headers)
+    else:
+        result = load_with_cpu(url + "/", settings, server["pid"], name=name, script=server["script"])
+    cpu_after, built_after = _audit_counters(server["metrics"])
+    if built_after > built:  # warm-up included: the thread's CPU per record it built
+        result.extra["audit_thread_us_per_record"] = (cpu_after - cpu) / (built_after - built) * 1e6
+    return result
+
+
 def through_envoy(settings: Settings) -> dict[str, Any]:
     from authz_server.mesh.envoy import start_envoy
     from authz_server.mesh.extauthz import AuthzTarget
@@ -224,7 +255,7 @@ def through_envoy(settings: Settings) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     with bench_supervisor("audit") as sup:
-        work = sup.log_dir.parent
+        work = sup.log_dir  # its own folder: /tmp (the parent) is shared with every other run
         upstream_addr, _ = start_upstream(sup)
         policy = routes.write_policy(work / "route_table")
         key, jwks = traffic._issuer(work)
@@ -241,57 +272,73 @@ def through_envoy(settings: Settings) -> dict[str, Any]:
                     authz=AuthzTarget(bound["addr"] if mode == "grpc" else bound["http_addr"], mode=mode))))
                 fronts[mode] = f"http://127.0.0.1:{envoy.port('ingress')}"
             sessions = asyncio.run(traffic._sign_in(fronts["grpc"], key))
-            servers[audit] = {"pid": pid, "fronts": fronts, "sessions": sessions,
+            servers[audit] = {"pid": pid, "fronts": fronts, "sessions": sessions, "metrics": bound["metrics_addr"],
                               # a folder each: the script's name is the same, its sessions are this server's
                               "script": traffic.write_script(_folder(sup.log_dir / audit), "session",
                                                              routes.lua_tables()
                                                              + traffic._lua_table("sessions", sessions))}
         one = dataclasses.replace(settings, connections=1, threads=1)
-        for mode in MODES:
-            for kind in TRAFFIC:
-                for label, load_settings in (("c1", one), ("c32", settings)):
-                    for audit in ("off", "file"):  # back to back: the machine's other load hits both alike
-                        server = servers[audit]
-                        url = server["fronts"][mode]
-                        name = f"{mode}, {TRAFFIC[kind]}, {load_settings.connections} conn., audit {audit}"
-                        if kind == "repeat":
-                            path, headers = _repeated(server["sessions"])
-                            result = load_with_cpu(url + path, load_settings, server["pid"], name=name,
-                                                   headers=headers)
-                        else:
-                            result = load_with_cpu(url + "/", load_settings, server["pid"], name=name,
-                                                   script=server["script"])
-                        results[f"{mode}_{kind}_{label}_{audit}"] = result
-        results["records_in_file"] = sum(1 for _ in audit_file.open("rb")) if audit_file.exists() else 0
-        results["requests_audited"] = sum(r.requests for k, r in results.items()
-                                          if isinstance(r, LoadResult) and k.endswith("_file"))
+        rounds = 1 if settings.smoke or settings.duration < 10 else ROUNDS
+        for round_ in range(rounds):
+            # off and on back to back, in turn first: the machine's other load hits both alike
+            order = ("off", "file") if round_ % 2 == 0 else ("file", "off")
+            for mode in MODES:
+                for kind in TRAFFIC:
+                    for label, load_settings in (("c1", one), ("c32", settings)):
+                        for audit in order:
+                            server = servers[audit]
+                            result = _load(server, mode, kind, load_settings)
+                            results.setdefault(f"{mode}_{kind}_{label}_{audit}", []).append(result)
+        from authz_server.audit.sinks.file import log_files
+
+        results["requests_audited"] = sum(r.requests for k, runs in results.items() if k.endswith("_file")
+                                          for r in runs)
+        results["records_in_file"] = sum(sum(1 for _ in path.open("rb")) for path in log_files(audit_file))
     return results
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values) if values else 0.0
 
 
 def report_envoy(results: dict[str, Any]) -> str:
     rows = []
     for mode in MODES:
         for kind in TRAFFIC:
-            def get(label: str, audit: str) -> LoadResult:
+            def runs(label: str, audit: str) -> list[LoadResult]:
                 return results[f"{mode}_{kind}_{label}_{audit}"]
 
-            off32, on32, off1, on1 = get("c32", "off"), get("c32", "file"), get("c1", "off"), get("c1", "file")
-            audit_cpu = ((on32.authz_cpu_us_per_req or 0) - (off32.authz_cpu_us_per_req or 0))
-            wrong = sum(r.extra.get("counts", {}).get("wrong", 0) for r in (off32, on32, off1, on1))
-            rows.append([mode, TRAFFIC[kind], f"{off32.rps:,.0f}", f"{on32.rps:,.0f}",
-                         f"{on32.rps / (off32.rps or 1):.2f}",
-                         f"{off1.p50_ms:.2f} / {off1.p99_ms:.2f}", f"{on1.p50_ms:.2f} / {on1.p99_ms:.2f}",
-                         f"{on1.p99_ms / (off1.p99_ms or 1):.2f}",
-                         f"{off32.authz_cpu_us_per_req or 0:.0f} / {on32.authz_cpu_us_per_req or 0:.0f}",
-                         f"{audit_cpu:.0f}",
-                         sum(r.errors + r.extra.get("counts", {}).get("other", 0)
-                             for r in (off32, on32, off1, on1)), wrong])
-    text = table("Audit log off and on, through Envoy (1 Envoy worker, 1 authz-server process, sessions; "
-                 "targets: on/off req/s >= 0.85, p99 on/off <= 1.3, audit CPU <= 40 µs)",
-                 ["mode", "traffic", "req/s off (32 c.)", "req/s on", "on / off", "1 conn. p50/p99 ms off",
-                  "on", "p99 on / off", "authz CPU µs/req off / on", "audit CPU µs/decision", "errors", "wrong allows"], rows)
-    return text + (f"\nrecords in the audit file: {results['records_in_file']:,} for "
-                   f"{results['requests_audited']:,} measured requests (plus warm-ups and sign-ins)")
+            off32, on32, off1, on1 = runs("c32", "off"), runs("c32", "file"), runs("c1", "off"), runs("c1", "file")
+            pairs32, pairs1 = list(zip(off32, on32)), list(zip(off1, on1))
+            throughput = _median([on.rps / (off.rps or 1) for off, on in pairs32])
+            tail = _median([on.p99_ms / (off.p99_ms or 1) for off, on in pairs1])
+            cpu_off = _median([r.authz_cpu_us_per_req or 0 for r in off32])
+            cpu_on = _median([r.authz_cpu_us_per_req or 0 for r in on32])
+            difference = _median([(on.authz_cpu_us_per_req or 0) - (off.authz_cpu_us_per_req or 0)
+                                  for off, on in pairs32])
+            thread = _median([r.extra["audit_thread_us_per_record"] for r in on32 + on1
+                              if "audit_thread_us_per_record" in r.extra])
+            everything = off32 + on32 + off1 + on1
+            rows.append([
+                mode, TRAFFIC[kind], f"{_median([r.rps for r in off32]):,.0f}", f"{_median([r.rps for r in on32]):,.0f}",
+                f"{throughput:.2f}",
+                f"{_median([r.p50_ms for r in off1]):.2f} / {_median([r.p99_ms for r in off1]):.2f}",
+                f"{_median([r.p50_ms for r in on1]):.2f} / {_median([r.p99_ms for r in on1]):.2f}", f"{tail:.2f}",
+                f"{cpu_off:.0f} / {cpu_on:.0f}", f"{difference:.0f}", f"{thread:.1f}",
+                sum(r.errors + r.extra.get("counts", {}).get("other", 0) for r in everything),
+                sum(r.extra.get("counts", {}).get("wrong", 0) for r in everything)])
+    rounds = len(results[f"{MODES[0]}_repeat_c32_off"])
+    text = table(f"Audit log off and on, through Envoy (1 Envoy worker, 1 authz-server process, 1,000 users with "
+                 f"sessions; median of {rounds} interleaved round(s); targets: req/s on/off >= 0.85, 1-conn. p99 "
+                 f"on/off <= 1.3, audit CPU <= 40 µs)",
+                 ["mode", "traffic", "req/s off (32 c.)", "req/s on", "on / off", "1 conn. p50/p99 ms off", "on",
+                  "p99 on / off", "authz CPU µs/req off / on", "Δ CPU µs/req", "audit thread µs/record",
+                  "errors", "wrong allows"], rows)
+    return text + (f"\nrecords in the audit files (the current one and the rotated ones): "
+                   f"{results['records_in_file']:,} for {results['requests_audited']:,} measured requests "
+                   "(plus warm-ups and sign-ins)")
 
 
 def run(settings: Settings, *, with_envoy: bool = True) -> tuple[dict[str, Any], str]:

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .record import AuditRecord, RecordBuilder, query_path
+from .builder import RecordBuilder
+from .record import AuditRecord, query_path
 from .redact import Redactor
 from .sinks import open_sink
 from .sinks.base import Sink

@@ -18,7 +18,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz_server.audit.record import RecordBuilder, build_document
+from authz_server.audit.builder import RecordBuilder
+from authz_server.audit.record import build_document
 from authz_server.audit.redact import Redactor
 from authz_server.audit.render import reference_line, render_line
 from authz_server.decision import Decision, Identity

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from authz_server.audit.record import RecordBuilder, build_document
+from authz_server.audit.builder import RecordBuilder
+from authz_server.audit.record import build_document
 from authz_server.audit.redact import Redactor
 from authz_server.decision import Decision, Identity
 from authz_server.envoy import check_request_from_json, facts_from_check_request

@@ -46,6 +46,7 @@ _SLOT = re.compile(rb'"\\u0000\\u0001(\d+)\\u0000"')
 _REQUEST_ID, _PORT, _TIME, _HEADERS = 0, 1, 2, 3
 _BOOL = {True: b"true", False: b"false"}
 _dumps = orjson.dumps
+_BUNDLES = b'"bundles":{' + _dumps(BUNDLE_NAME) + b':{"revision":'
 
 
 def _slot(index: int) -> str:
@@ -157,7 +158,7 @@ class RecordBuilder:
         redacted, volatile_masked = self.redactor.redact_volatile(volatile)
         values = self._volatile_values(redacted)
         pieces = [b'{"decision_id":', _dumps(decision.decision_id), b',"timestamp":"',
-                  self._timestamp(now).encode(), b'",', self._head, b'"bundles":{"authz":{"revision":',
+                  self._timestamp(now).encode(), b'",', self._head, _BUNDLES,
                   _dumps(decision.policy_version), b'}},"input":{']
         fragments = template.fragments
         for index, slot in enumerate(template.slots):

@@ -7,26 +7,22 @@ server instance, ``version``), ``metrics`` (``timer_server_handler_ns``), ``requ
 (the peer address Envoy saw), ``masked``/``erased`` (what redaction changed).
 Ours, beside them: ``allowed``, ``reason`` (the stable code), ``message``, ``http_status``,
 ``phase``, ``cached``, ``dry_run``/``would_allow``, ``subject``, ``spiffe_id``,
-``transport`` and ``request_id`` (Envoy's ``x-request-id``).
+``transport`` and ``request_id`` (Envoy's ``x-request-id``); ``audit_error`` only on the
+short record of a decision whose full record could not be built (``build_failed``).
 
-Built by the writer, off the request path: a cache hit carries no input document, so it
-is built here from the facts. Most of it (the attributes, ``parsed_*``) depends only on the
-request's fingerprint, the decision cache's key, and ``identity`` only on the identity's
-fingerprint: ``RecordBuilder`` keeps both, redacted, for the next request that repeats them,
-and redacts only what differs per request (the volatile attribute values, ``signals``, the
-result, the message).
+Records are built by ``builder.RecordBuilder`` (the fast path); ``build_document`` +
+``Redactor.redact`` + ``render.reference_line`` is the straightforward whole path it must
+agree with (tests/unit/test_audit_fast_path.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import AuthzError
-from ..facts import Facts, build_input, stable_input, with_volatile
-from .redact import Redacted, Redactor
+from ..facts import Facts, build_input
 
 if TYPE_CHECKING:
     from ..decision import Decision
@@ -34,20 +30,35 @@ if TYPE_CHECKING:
 BUNDLE_NAME = "authz"
 
 
-@dataclass(frozen=True, slots=True)
 class AuditRecord:
-    """A redacted record plus the columns sinks index on. ``line`` is ``document`` as one
-    line of JSON, rendered once for every sink that writes text."""
+    """A redacted record plus the columns sinks index on. ``line`` is the record as one line
+    of JSON, rendered once for every sink that writes text; ``document`` is the same record
+    as a dict, parsed from ``line`` the first time something asks (the fast path renders
+    the line from kept fragments and never builds the tree; sinks only read the line)."""
 
-    decision_id: str
-    timestamp: float  # Unix seconds
-    subject: str
-    spiffe_id: str
-    allowed: bool
-    code: str
-    policy_version: str
-    document: Mapping[str, Any]
-    line: str
+    __slots__ = ("decision_id", "timestamp", "subject", "spiffe_id", "allowed", "code", "policy_version",
+                 "_document", "line")
+
+    def __init__(self, decision_id: str, timestamp: float, subject: str, spiffe_id: str, allowed: bool, code: str,
+                 policy_version: str, document: Mapping[str, Any] | None, line: str) -> None:
+        self.decision_id = decision_id
+        self.timestamp = timestamp  # Unix seconds
+        self.subject = subject
+        self.spiffe_id = spiffe_id
+        self.allowed = allowed
+        self.code = code
+        self.policy_version = policy_version
+        self._document = document
+        self.line = line
+
+    @property
+    def document(self) -> Mapping[str, Any]:
+        if self._document is None:
+            self._document = json.loads(self.line)
+        return self._document
+
+    def __repr__(self) -> str:
+        return f"AuditRecord({self.decision_id!r}, allowed={self.allowed!r}, code={self.code!r})"
 
 
 def rfc3339(seconds: float) -> str:
@@ -130,69 +141,3 @@ def build_document(decision: "Decision", facts: Facts | None, now: float, *, han
         if facts.request_id:
             document["request_id"] = facts.request_id
     return document
-
-
-_UNSPLIT = object()  # a fingerprint whose input cannot be split (or built): the whole path each time
-
-
-class RecordBuilder:
-    """Decisions → redacted ``AuditRecord``s, keeping the redacted fingerprint-only parts of
-    the input documents for the requests that repeat them (``memo_size`` of each kind)."""
-
-    def __init__(self, *, path: str, labels: Mapping[str, str], redactor: Redactor, memo_size: int = 4096) -> None:
-        self.path = path
-        self.labels = labels
-        self.redactor = redactor
-        self.memo_size = memo_size
-        self._requests: dict[bytes, Any] = {}  # Facts.fingerprint -> Redacted stable members, or _UNSPLIT
-        self._identities: dict[bytes, Redacted] = {}  # Identity.fingerprint -> Redacted {"identity": ...}
-
-    def build(self, decision: "Decision", facts: Facts | None, now: float, *, handler_ns: int) -> AuditRecord:
-        clean: tuple[Redacted, ...] = ()
-        input_document = None
-        if decision.input is None and facts is not None:
-            stable = self._stable(facts)
-            if stable is not None:
-                volatile, volatile_masked = self.redactor.redact_volatile(
-                    facts.attributes_factory.volatile)  # type: ignore[union-attr]
-                identity = self._identity(decision)
-                input_document = {**stable.members,
-                                  "attributes": with_volatile(stable.members["attributes"], volatile),
-                                  **identity.members, "signals": dict(decision.signals)}
-                clean = (stable, identity, Redacted({}, volatile_masked))
-        document = build_document(decision, facts, now, handler_ns=handler_ns, path=self.path, labels=self.labels,
-                                  input_document=input_document)
-        document = self.redactor.redact(document, clean=clean)
-        return AuditRecord(
-            decision_id=decision.decision_id, timestamp=now, subject=document["subject"],
-            spiffe_id=document["spiffe_id"], allowed=decision.allowed, code=decision.code,
-            policy_version=decision.policy_version, document=document,
-            line=json.dumps(document, separators=(",", ":"), default=str),
-        )
-
-    def _stable(self, facts: Facts) -> Redacted | None:
-        key = facts.fingerprint
-        entry = self._requests.get(key) if key else _UNSPLIT
-        if entry is None:
-            try:
-                split = stable_input(facts)
-            except AuthzError:  # the whole path builds what it can of such a request
-                split = None
-            entry = _UNSPLIT if split is None else self.redactor.redact_input_parts(split)
-            self._remember(self._requests, key, entry)
-        return None if entry is _UNSPLIT else entry
-
-    def _identity(self, decision: "Decision") -> Redacted:
-        identity = decision.identity
-        key = identity.fingerprint
-        entry = self._identities.get(key) if key else None
-        if entry is None:
-            entry = self.redactor.redact_input_parts({"identity": dict(identity.document)})
-            if key:
-                self._remember(self._identities, key, entry)
-        return entry
-
-    def _remember(self, memo: dict[bytes, Any], key: bytes, entry: Any) -> None:
-        if len(memo) >= self.memo_size:
-            memo.clear()
-        memo[key] = entry

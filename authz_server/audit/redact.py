@@ -37,10 +37,12 @@ from ..facts import Volatile
 REDACTED = "[REDACTED]"
 
 # Query, form and JSON member names whose values are credentials (RFC 6749, RFC 8693, OIDC).
+# ``code`` is OAuth's authorization code (RFC 6749 § 4.1.2): the browser sign-in callback
+# carries it in its query, and with the PKCE verifier it is worth a token until redeemed.
 TOKEN_PARAMETERS = frozenset({
     "access_token", "id_token", "refresh_token", "token", "session", "session_id", "sessionid",
     "client_secret", "password", "passwd", "api_key", "apikey", "jwt", "assertion", "client_assertion",
-    "subject_token", "actor_token", "code_verifier",
+    "subject_token", "actor_token", "code_verifier", "code",
 })
 _SCHEME_HEADERS = frozenset({"authorization", "proxy-authorization"})
 _SECRET_HEADER_WORDS = ("token", "secret", "session", "password", "passwd", "api-key", "apikey", "credential")
@@ -209,8 +211,23 @@ class _Pass:
                 self.masked.append(_pointer(where))
             return redacted
         if kind is dict:
-            walk = self.any
-            return {k: walk(v, (where, k)) for k, v in value.items()}
+            # Leaves inline: most members are short strings and numbers, and a call plus a
+            # (where, key) tuple per leaf was a third of a new request's redaction.
+            out = {}
+            for k, v in value.items():
+                leaf = type(v)
+                if leaf is str:
+                    if len(v) >= 8:
+                        redacted = scrub_text(v)
+                        if redacted is not v and redacted != v:
+                            self.masked.append(_pointer((where, k)))
+                        v = redacted
+                    out[k] = v
+                elif leaf is int or leaf is bool or v is None:
+                    out[k] = v
+                else:
+                    out[k] = self.any(v, (where, k))
+            return out
         if kind is list:
             walk = self.any
             return [walk(v, (where, i)) for i, v in enumerate(value)]
@@ -410,6 +427,18 @@ class Redactor:
         """Members of an input document, redacted as ``redact`` would."""
         run = _Pass()
         return Redacted(run.input(parts), tuple(run.masked), tuple(run.erased))
+
+    def redact_member(self, name: str, value: Any) -> tuple[Any, list[str], list[str]]:
+        """One top-level member of a record (not ``input``), redacted as ``redact`` would:
+        (value, masked, erased)."""
+        run = _Pass()
+        if name == "result":
+            out = run.result(value)
+        elif name in _OWN_MEMBERS:
+            out = value
+        else:
+            out = run.any(value, (None, name))
+        return out, run.masked, run.erased
 
     def redact_volatile(self, value: Volatile) -> tuple[Volatile, tuple[str, ...]]:
         """The per-request attribute values redacted, and where they were masked."""

@@ -35,14 +35,16 @@ class RateLimitedLog:
         self._last: float | None = None
         self.suppressed = 0
 
-    def warning(self, message: str, *args: object) -> None:
+    def warning(self, message: str, *args: object, exc_info: BaseException | bool | None = None) -> None:
+        """``logging.Logger.warning``, held back when the last one was under ``interval`` ago;
+        ``exc_info`` as the logging module takes it (an exception, or True for the current one)."""
         now = self._clock()
         if self._last is not None and now - self._last < self._interval:
             self.suppressed += 1
             return
         if self.suppressed:
             message += f" ({self.suppressed} similar messages suppressed)"
-        self._logger.warning(message, *args)
+        self._logger.warning(message, *args, exc_info=exc_info)
         self._last = now
         self.suppressed = 0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from .harness import Settings, save, wrk_binary
 
 SECTIONS = ["traffic", "core", "sessions", "browser", "transport", "signals", "handshake", "workload", "hostile",
-            "tracing"]
+            "tracing", "audit"]
 OPT_IN = ["ladder", "control_plane", "scaling"]  # only with --only: ladder explains a figure above; control_plane
 # holds a collector down for 60 s; scaling kills stores and replicas (all add minutes)
 
@@ -97,6 +97,11 @@ def main() -> int:
         from . import tracing
 
         results["tracing"], text = tracing.run(smoke=settings.smoke)
+        print(text)
+    if "audit" in chosen:
+        from . import audit
+
+        results["audit"], text = audit.run(settings, with_envoy=wrk_binary() is not None)
         print(text)
     save(results, Path(args.json))
     print(f"\nraw numbers saved to {args.json}")

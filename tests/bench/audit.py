@@ -1,16 +1,29 @@
-"""Audit log numbers: the observer's cost per decision, the record cost, writer throughput.
+"""Audit log numbers: in process (the observer, a record's CPU, the writers' rate, the event
+loop's lag), and through real Envoy with the audit log off and on (``make bench`` section
+``audit``, issue 28).
 
-    python -m tests.bench.audit [--records 20000] [--postgres postgresql://postgres@127.0.0.1:5432/test]
+    python -m tests.bench --only audit [--quick | --smoke]
+    python -m tests.bench.audit [--records 20000] [--postgres URL | --postgres '']
 
-The writer's rate is records observed → records on disk / in PostgreSQL, all of it on
-one event loop (as in the server): build the input for cache hits, redact, render JSON,
-write.
+Through Envoy: two authz-server processes with the same policy and the same sessions set-up
+(the route table of ``routes.py``, 1,000 users signed in once with a JWT each), one with no
+audit log and one writing every decision to a file; each behind an Envoy in gRPC ext_authz
+mode and one in HTTP ext_authz mode. Two kinds of traffic: one repeated request (one user's
+session, one path: the decision cache answers) and traffic that does not repeat (an id in
+every path, a query string, users at random: every decision is the policy's). Each is
+measured with one connection (latency: p50, p99) and 32 (throughput), audit off and on
+back to back, and the audit log's CPU per decision is the difference of the two servers'
+CPU per request at 32 connections.
+
+Without ``--postgres`` the PostgreSQL sink is measured on the private server of
+``tests/support/postgres.py`` (never the machine's own); ``''`` skips it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import tempfile
@@ -25,19 +38,22 @@ from authz_server.config import Config
 from authz_server.decision import Pipeline
 from authz_server.policy.loader import PolicyRuntime
 from authz_server.server import build_identity
-from tests.support.audit import (POSTGRES_URL, facts_for, open_session, secret_headers, secret_path, unique_table,
+from tests.support.audit import (facts_for, open_session, secret_headers, secret_path, unique_table,
                                  workload, write_audit_policy)
 
-from .harness import timed
+from .harness import LoadResult, Settings, bench_supervisor, load_with_cpu, start_authz_server, table, timed
 
 
 TYPICAL_HEADERS = {"user-agent": "curl/8.5.0", "accept": "application/json", "x-forwarded-proto": "https",
                    "x-request-id": "5f0c2a8e-2f3b-4a8e-9c1d-7b6e5d4c3b2a", "content-type": "application/json"}
 
 
-async def _decisions(folder: Path, count: int, *, secrets: bool = False) -> tuple[list[Any], list[Any]]:
+async def _decisions(folder: Path, count: int, *, secrets: bool = False,
+                     unique: bool = False) -> tuple[list[Any], list[Any]]:
     """``count`` decisions, half of them cache hits: a typical request (a bearer token and a
-    few ordinary headers), or with ``secrets`` one carrying credentials in a dozen places."""
+    few ordinary headers), or with ``secrets`` one carrying credentials in a dozen places;
+    with ``unique``, every request has a path of its own (no record part repeats but the
+    identity)."""
     runtime = PolicyRuntime(str(write_audit_policy(folder)))
     runtime.load()
     identity = build_identity(Config(trust_domains=("example.org",)))
@@ -50,7 +66,8 @@ async def _decisions(folder: Path, count: int, *, secrets: bool = False) -> tupl
     else:
         headers = {**TYPICAL_HEADERS, "x-session-id": session}
         path = "/orders/1?page=2"
-    facts = [facts_for(path if i % 2 else f"/public/{i % 50}", principal=workload("web"), headers=headers)
+    facts = [facts_for((f"/orders/{i}?page=2" if unique else path) if i % 2 else
+                       f"/public/{i if unique else i % 50}", principal=workload("web"), headers=headers)
              for i in range(count)]
     decisions = [await pipeline.decide(f, now=now) for f in facts]
     runtime.close()
@@ -67,8 +84,7 @@ async def observer_cost(decisions: list[Any], facts: list[Any]) -> dict[str, flo
         audit.observe(d, f, 0.0)
         n += 1
         if n % 10_000 == 0:
-            while not audit.queue.empty():
-                audit.queue.get_nowait()
+            audit.queue.clear()
 
     accepted = timed(enqueue, seconds=1.0, min_runs=10_000)
     full = AuditLog([], queue_size=1)
@@ -80,6 +96,17 @@ async def observer_cost(decisions: list[Any], facts: list[Any]) -> dict[str, flo
     render_hit = timed(lambda: audit.render([(decisions[hit], facts[hit], 0.0, 0.0)]), seconds=1.0)
     return {"observe_us": accepted, "observe_full_queue_us": dropped, "record_us_policy_ran": render_miss,
             "record_us_cache_hit": render_hit}
+
+
+def record_cpu(decisions: list[Any], facts: list[Any]) -> float:
+    """CPU µs per record (building, redacting, rendering; the collector's share included) over
+    every decision once, in batches as the audit log's thread takes them."""
+    audit = AuditLog([], queue_size=len(decisions) + 10)
+    items = [(d, f, time.time(), time.time()) for d, f in zip(decisions, facts)]
+    started = time.thread_time()
+    for start in range(0, len(items), 500):
+        audit.render(items[start:start + 500])
+    return (time.thread_time() - started) / len(items) * 1e6
 
 
 async def throughput(sink: Any, decisions: list[Any], facts: list[Any]) -> float:
@@ -103,6 +130,10 @@ async def main(records: int, postgres: str | None) -> dict[str, Any]:
         decisions, facts = await _decisions(Path(tmp) / "policies", records)
         results: dict[str, Any] = await observer_cost(decisions, facts)
         results["record_us_with_secrets_everywhere"] = worst["record_us_policy_ran"]
+        results["record_cpu_us_repeating"] = record_cpu(decisions, facts)
+        unique_decisions, unique_facts = await _decisions(Path(tmp) / "unique-policies", min(records, 4000),
+                                                          unique=True)
+        results["record_cpu_us_each_request_new"] = record_cpu(unique_decisions, unique_facts)
         results["file_records_per_s"] = await throughput(FileSink(Path(tmp) / "audit.jsonl"), decisions, facts)
         if postgres:
             table = unique_table()
@@ -117,10 +148,229 @@ async def main(records: int, postgres: str | None) -> dict[str, Any]:
     return results
 
 
+async def loop_lag(folder: Path, *, audit_on: bool, seconds: float, rate: int = 2000) -> dict[str, float]:
+    """The event loop's lag (how late a 1 ms ticker wakes) while decisions that do not repeat
+    arrive at ``rate`` a second, the audit log writing each to a file or off."""
+    decisions, facts = await _decisions(folder / ("lag-on" if audit_on else "lag-off"), 200)
+    audit = AuditLog([FileSink(folder / "lag.jsonl")]) if audit_on else None
+    if audit is not None:
+        audit.start()
+    lags: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def ticker() -> None:
+        while time.perf_counter() < stop:
+            asked = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - asked - 0.001)
+
+    async def arrivals() -> None:
+        n = 0
+        tick = 0.005
+        while time.perf_counter() < stop:
+            for _ in range(int(rate * tick)):  # a decision's observer call, as the pipeline makes it
+                if audit is not None:
+                    audit.observe(decisions[n % len(decisions)], facts[n % len(facts)], time.time())
+                n += 1
+            await asyncio.sleep(tick)
+
+    await asyncio.gather(ticker(), arrivals())
+    if audit is not None:
+        await audit.stop()
+    lags.sort()
+    return {"p50_ms": lags[len(lags) // 2] * 1e3, "p99_ms": lags[int(len(lags) * 0.99)] * 1e3,
+            "max_ms": lags[-1] * 1e3, "ticks": len(lags)}
+
+
+# -- through Envoy
+
+TRAFFIC = {"repeat": "one repeated request", "varied": "traffic that does not repeat"}
+MODES = ("grpc", "http")
+
+
+def _server_config(folder: Path, name: str, policy: Path, jwks: Path, audit: list[str]) -> Path:
+    from .traffic import AUDIENCE, ISSUER
+
+    path = folder / f"{name}.yaml"
+    path.write_text(json.dumps({
+        "policies": str(policy), "addr": "127.0.0.1:0", "http_addr": "127.0.0.1:0", "metrics_addr": "127.0.0.1:0",
+        "workers": 1, "log_level": "warning", "audit": audit,
+        "issuers": [{"issuer": ISSUER, "jwks_file": str(jwks), "audiences": [AUDIENCE], "algorithms": ["ES256"]}],
+        "sessions": {"store": "memory", "idle_timeout": "1h", "max_lifetime": "8h"}}))
+    return path
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _repeated(sessions: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """One allowed GET of a user who has a session: the path and its headers."""
+    from . import routes
+
+    request = next(r for r in routes.requests(500, seed=5)
+                   if r.allowed and r.method == "GET" and r.user in sessions)
+    return request.path, {"x-session-id": sessions[request.user], "user-agent": "wrk", "accept": "*/*"}
+
+
+ROUNDS = 3  # each cell's off/on pair, interleaved; the report takes the median of the rounds
+
+
+def _audit_counters(metrics_addr: str) -> tuple[float, float]:
+    """(CPU seconds of the audit thread, records it built), from the server's /metrics."""
+    import httpx
+
+    text = httpx.get(f"http://{metrics_addr}/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("authz_audit_cpu_seconds_total", "authz_audit_records_built_total"):
+            values[name] = float(value)
+    return values.get("authz_audit_cpu_seconds_total", 0.0), values.get("authz_audit_records_built_total", 0.0)
+
+
+def _load(server: dict[str, Any], mode: str, kind: str, settings: Settings) -> LoadResult:
+    url = server["fronts"][mode]
+    name = f"{mode}, {TRAFFIC[kind]}, {settings.connections} conn."
+    cpu, built = _audit_counters(server["metrics"])
+    if kind == "repeat":
+        path, headers = _repeated(server["sessions"])
+        result = load_with_cpu(url + path, settings, server["pid"], name=name, headers=headers)
+    else:
+        result = load_with_cpu(url + "/", settings, server["pid"], name=name, script=server["script"])
+    cpu_after, built_after = _audit_counters(server["metrics"])
+    if built_after > built:  # warm-up included: the thread's CPU per record it built
+        result.extra["audit_thread_us_per_record"] = (cpu_after - cpu) / (built_after - built) * 1e6
+    return result
+
+
+def through_envoy(settings: Settings) -> dict[str, Any]:
+    from authz_server.mesh.envoy import start_envoy
+    from authz_server.mesh.extauthz import AuthzTarget
+    from authz_server.mesh.front import FrontProxy, render_front_proxy
+
+    from . import routes, traffic
+    from .harness import start_upstream
+
+    results: dict[str, Any] = {}
+    with bench_supervisor("audit") as sup:
+        work = sup.log_dir  # its own folder: /tmp (the parent) is shared with every other run
+        upstream_addr, _ = start_upstream(sup)
+        policy = routes.write_policy(work / "route_table")
+        key, jwks = traffic._issuer(work)
+        audit_file = work / "audit.jsonl"
+        servers: dict[str, dict[str, Any]] = {}
+        for audit in ("off", "file"):
+            config = _server_config(work, f"authz-audit-{audit}", policy, jwks,
+                                    [f"file:{audit_file}"] if audit == "file" else [])
+            pid, bound = start_authz_server(sup, f"authz-audit-{audit}", ["--config", str(config)])
+            fronts = {}
+            for mode in MODES:
+                envoy = start_envoy(sup, f"front-{audit}-{mode}", render_front_proxy(FrontProxy(
+                    upstream=upstream_addr,
+                    authz=AuthzTarget(bound["addr"] if mode == "grpc" else bound["http_addr"], mode=mode))))
+                fronts[mode] = f"http://127.0.0.1:{envoy.port('ingress')}"
+            sessions = asyncio.run(traffic._sign_in(fronts["grpc"], key))
+            servers[audit] = {"pid": pid, "fronts": fronts, "sessions": sessions, "metrics": bound["metrics_addr"],
+                              # a folder each: the script's name is the same, its sessions are this server's
+                              "script": traffic.write_script(_folder(sup.log_dir / audit), "session",
+                                                             routes.lua_tables()
+                                                             + traffic._lua_table("sessions", sessions))}
+        one = dataclasses.replace(settings, connections=1, threads=1)
+        rounds = 1 if settings.smoke or settings.duration < 10 else ROUNDS
+        for round_ in range(rounds):
+            # off and on back to back, in turn first: the machine's other load hits both alike
+            order = ("off", "file") if round_ % 2 == 0 else ("file", "off")
+            for mode in MODES:
+                for kind in TRAFFIC:
+                    for label, load_settings in (("c1", one), ("c32", settings)):
+                        for audit in order:
+                            server = servers[audit]
+                            result = _load(server, mode, kind, load_settings)
+                            results.setdefault(f"{mode}_{kind}_{label}_{audit}", []).append(result)
+        from authz_server.audit.sinks.file import log_files
+
+        results["requests_audited"] = sum(r.requests for k, runs in results.items() if k.endswith("_file")
+                                          for r in runs)
+        results["records_in_file"] = sum(sum(1 for _ in path.open("rb")) for path in log_files(audit_file))
+    return results
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values) if values else 0.0
+
+
+def report_envoy(results: dict[str, Any]) -> str:
+    rows = []
+    for mode in MODES:
+        for kind in TRAFFIC:
+            def runs(label: str, audit: str) -> list[LoadResult]:
+                return results[f"{mode}_{kind}_{label}_{audit}"]
+
+            off32, on32, off1, on1 = runs("c32", "off"), runs("c32", "file"), runs("c1", "off"), runs("c1", "file")
+            pairs32, pairs1 = list(zip(off32, on32)), list(zip(off1, on1))
+            throughput = _median([on.rps / (off.rps or 1) for off, on in pairs32])
+            tail = _median([on.p99_ms / (off.p99_ms or 1) for off, on in pairs1])
+            cpu_off = _median([r.authz_cpu_us_per_req or 0 for r in off32])
+            cpu_on = _median([r.authz_cpu_us_per_req or 0 for r in on32])
+            difference = _median([(on.authz_cpu_us_per_req or 0) - (off.authz_cpu_us_per_req or 0)
+                                  for off, on in pairs32])
+            thread = _median([r.extra["audit_thread_us_per_record"] for r in on32 + on1
+                              if "audit_thread_us_per_record" in r.extra])
+            everything = off32 + on32 + off1 + on1
+            rows.append([
+                mode, TRAFFIC[kind], f"{_median([r.rps for r in off32]):,.0f}", f"{_median([r.rps for r in on32]):,.0f}",
+                f"{throughput:.2f}",
+                f"{_median([r.p50_ms for r in off1]):.2f} / {_median([r.p99_ms for r in off1]):.2f}",
+                f"{_median([r.p50_ms for r in on1]):.2f} / {_median([r.p99_ms for r in on1]):.2f}", f"{tail:.2f}",
+                f"{cpu_off:.0f} / {cpu_on:.0f}", f"{difference:.0f}", f"{thread:.1f}",
+                sum(r.errors + r.extra.get("counts", {}).get("other", 0) for r in everything),
+                sum(r.extra.get("counts", {}).get("wrong", 0) for r in everything)])
+    rounds = len(results[f"{MODES[0]}_repeat_c32_off"])
+    text = table(f"Audit log off and on, through Envoy (1 Envoy worker, 1 authz-server process, 1,000 users with "
+                 f"sessions; median of {rounds} interleaved round(s); targets: req/s on/off >= 0.85, 1-conn. p99 "
+                 f"on/off <= 1.3, audit CPU <= 40 µs)",
+                 ["mode", "traffic", "req/s off (32 c.)", "req/s on", "on / off", "1 conn. p50/p99 ms off", "on",
+                  "p99 on / off", "authz CPU µs/req off / on", "Δ CPU µs/req", "audit thread µs/record",
+                  "errors", "wrong allows"], rows)
+    return text + (f"\nrecords in the audit files (the current one and the rotated ones): "
+                   f"{results['records_in_file']:,} for {results['requests_audited']:,} measured requests "
+                   "(plus warm-ups and sign-ins)")
+
+
+def run(settings: Settings, *, with_envoy: bool = True) -> tuple[dict[str, Any], str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        inproc = asyncio.run(main(500 if settings.smoke else 20_000, None))
+        lag_seconds = 1.0 if settings.smoke else 5.0
+        lag = {audit: asyncio.run(loop_lag(folder, audit_on=audit == "on", seconds=lag_seconds))
+               for audit in ("off", "on")}
+    rows = [[name, f"{value:,.1f}"] for name, value in inproc.items()]
+    text = table("Audit log in process (µs of CPU per call; writer rates in records/s)", ["what", "value"], rows)
+    text += "\n" + table("Event loop lag, a 1 ms ticker, 2,000 decisions/s observed (ms)",
+                          ["audit", "p50", "p99", "max"],
+                          [[audit, f"{v['p50_ms']:.3f}", f"{v['p99_ms']:.3f}", f"{v['max_ms']:.3f}"]
+                           for audit, v in lag.items()])
+    results: dict[str, Any] = {"in_process": inproc, "loop_lag": lag}
+    if with_envoy:
+        envoy = through_envoy(settings)
+        results["envoy"] = envoy
+        text += "\n" + report_envoy(envoy)
+    return results, text
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m tests.bench.audit")
     parser.add_argument("--records", type=int, default=20_000)
-    parser.add_argument("--postgres", default=POSTGRES_URL, help="'' to skip PostgreSQL")
+    parser.add_argument("--postgres", default=None, help="a server's URL, '' to skip PostgreSQL (default: a private "
+                                                          "server, tests/support/postgres.py)")
     args = parser.parse_args()
+    if args.postgres is None:
+        from tests.support.postgres import postgres_url
+
+        args.postgres = postgres_url()
     print(json.dumps(asyncio.run(main(args.records, args.postgres or None)), indent=2))
     sys.exit(0)

@@ -1,11 +1,11 @@
 """Helpers for the audit log tests: requests with secrets in every place, a policy that
-allows some and denies others by path, a private PostgreSQL table per test."""
+allows some and denies others by path, a private PostgreSQL table per test (on the test run's
+own server, ``tests/support/postgres.py``: never the machine's)."""
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +17,6 @@ from authz_server.envoy import check_request_from_json, facts_from_check_request
 from authz_server.facts import Facts
 from authz_server.identity.sessions import Binding, Session, new_session_id, session_key
 
-POSTGRES_URL = os.environ.get("AUTHZ_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 TRUST_DOMAIN = "example.org"
 
 AUDIT_POLICY = """
@@ -165,12 +164,15 @@ def drop_table(url: str) -> None:
 
 
 def postgres_table() -> Any:
-    """A PostgreSQL audit sink URL with a table of its own, dropped afterwards (a fixture body)."""
+    """A PostgreSQL audit sink URL with a table of its own on the test run's private server
+    (started on first use), dropped afterwards (a fixture body)."""
     import contextlib
+
+    from tests.support.postgres import postgres_url
 
     @contextlib.contextmanager
     def scope() -> Iterator[str]:
-        url = f"{POSTGRES_URL}?table={unique_table()}"
+        url = f"{postgres_url()}?table={unique_table()}"
         try:
             yield url
         finally:

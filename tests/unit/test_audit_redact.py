@@ -141,3 +141,23 @@ def test_no_secret_survives(secret: str, scheme: str, cookie: str, other_cookie:
     assert jwt_like(secret) not in out
     for encoded in (base64.b64encode(f"{scheme} {secret}".encode()).decode(), b64url(secret.encode())):
         assert encoded not in out
+
+
+def test_authorization_code_is_redacted() -> None:
+    """The browser sign-in callback (``/_authz/callback?code=...&state=...``, RFC 6749 § 4.1.2)
+    and the token request's form body carry the authorization code: it goes, ``state`` stays."""
+    code = "SplxlOBeZQQYbYS6WxSbIA"
+    path = f"/_authz/callback?code={code}&state=af0ifjsldkj"
+    original = record({"accept": "text/html", "referer": f"https://idp.test/authorize?x=1&code={code}"}, path=path,
+                      parsed_query={"code": [code], "state": ["af0ifjsldkj"]},
+                      parsed_body={"grant_type": "authorization_code", "code": code})
+    out = Redactor().redact(original)
+    http = out["input"]["attributes"]["request"]["http"]
+    assert http["path"] == f"/_authz/callback?code={REDACTED}&state=af0ifjsldkj"
+    assert http["headers"]["referer"] == f"https://idp.test/authorize?x=1&code={REDACTED}"
+    assert out["input"]["parsed_query"] == {"code": [REDACTED], "state": ["af0ifjsldkj"]}
+    assert out["input"]["parsed_body"] == {"grant_type": "authorization_code", "code": REDACTED}
+    assert code not in json.dumps(out)
+    assert "/input/parsed_query/code" in out["masked"]
+    # a word that merely starts with it is not the parameter
+    assert scrub_text("https://a.test/?codec=h264&page=2") == "https://a.test/?codec=h264&page=2"

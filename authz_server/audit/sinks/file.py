@@ -8,7 +8,7 @@ record is.
 
 Several server processes may share one path: each batch is written under an exclusive
 ``flock`` on the folder, and a process that finds the file rotated by another reopens it.
-Disk I/O runs in a thread so a slow disk never stalls the event loop.
+Encoding and disk I/O run in a thread so neither a batch nor a slow disk stalls the event loop.
 """
 
 from __future__ import annotations
@@ -52,9 +52,8 @@ class FileSink:
                    keep=parse_count(options["keep"], key="audit: keep") if "keep" in options else DEFAULT_KEEP)
 
     async def write_batch(self, records: Sequence[AuditRecord]) -> None:
-        lines = [(record.line + "\n").encode("utf-8", "surrogateescape") for record in records]
         try:
-            await asyncio.to_thread(self._write, lines)
+            await asyncio.to_thread(self._write_records, records)
         except OSError as exc:
             self._close_fd()
             raise SinkUnavailable(f"cannot write {self.path}: {exc.strerror or exc}") from None
@@ -63,6 +62,9 @@ class FileSink:
         self._close_fd()
 
     # -- in the writer thread (one batch at a time per sink)
+    def _write_records(self, records: Sequence[AuditRecord]) -> None:
+        self._write([(record.line + "\n").encode("utf-8", "surrogateescape") for record in records])
+
     def _write(self, lines: list[bytes]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)

@@ -3,7 +3,7 @@
 Lines are written in chunks of at most ``PIPE_BUF`` bytes cut at line ends, so when
 several worker processes share one pipe their lines never interleave mid-line (POSIX makes
 pipe writes up to ``PIPE_BUF`` atomic); a single line longer than that is written alone.
-Writes happen in a thread: a slow reader never stalls the event loop.
+Encoding and writes happen in a thread: neither a batch nor a slow reader stalls the event loop.
 """
 
 from __future__ import annotations
@@ -46,14 +46,13 @@ class StdoutSink:
         self.name = "stdout" if fd == 1 else f"fd:{fd}"
 
     async def write_batch(self, records: Sequence[AuditRecord]) -> None:
-        chunks = line_chunks([record.line for record in records])
         try:
-            await asyncio.to_thread(self._write, chunks)
+            await asyncio.to_thread(self._write_records, records)
         except OSError as exc:
             raise SinkUnavailable(f"cannot write to {self.name}: {exc.strerror or exc}") from None
 
-    def _write(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
+    def _write_records(self, records: Sequence[AuditRecord]) -> None:
+        for chunk in line_chunks([record.line for record in records]):
             write_all(self.fd, chunk)
 
     async def close(self) -> None:

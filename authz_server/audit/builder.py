@@ -1,0 +1,360 @@
+"""Decisions → audit records, the fast path (issue 28).
+
+Built by the audit log's thread, off the request path: a cache hit carries no input document,
+so it is built here from the facts. Most of a record repeats. The request's members of the
+input document (attributes, ``parsed_*``, ...) depend only on the request's fingerprint (the
+decision cache's key) and on which volatile values it has (request id, port, time, tracing
+headers): ``RecordBuilder`` redacts them once per such pair and keeps them rendered, with a
+slot for each volatile value (``_Template``). ``input.identity`` is kept rendered per
+identity fingerprint, ``signals`` and an object ``result`` per rendered value, the strings
+that repeat (reason, message, subject) per value, the timestamp's seconds per second. A
+record is then those fragments joined around the request's own volatile values, redacted and
+rendered (orjson); no tree is built. A decision whose policy saw the whole input takes the
+same path when that input was built from these very facts (its attributes are the facts'
+own), so a record costs the same whether the policy ran or the cache answered.
+
+What cannot be split (a request read in Envoy's raw-headers form, an input the policy was
+given otherwise, a value orjson refuses) takes the straightforward whole path:
+``record.build_document``, ``Redactor.redact``, ``render_line``. The fast path must mean
+what that path means, record for record: tests/unit/test_audit_fast_path.py.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Mapping
+
+import orjson
+
+from ..errors import AuthzError
+from ..facts import Facts, Volatile, stable_input, with_volatile
+from .record import BUNDLE_NAME, AuditRecord, build_document, who
+from .redact import Redactor, scrub_text
+from .render import render_line
+
+if TYPE_CHECKING:
+    from ..decision import Decision
+
+_UNSPLIT = object()  # a request whose input cannot be split (or built): the whole path each time
+# attributes, parsed_path, parsed_query, parsed_body, truncated_body, version, identity, signals
+# (and source_principal when there is one): build_input's whole document
+_WHOLE_INPUT_MEMBERS = 8
+# A slot in a rendered template: a string no request can hold (Envoy sends no NUL), checked anyway.
+_SLOT = re.compile(rb'"\\u0000\\u0001(\d+)\\u0000"')
+_REQUEST_ID, _PORT, _TIME, _HEADERS = 0, 1, 2, 3
+_BOOL = {True: b"true", False: b"false"}
+_dumps = orjson.dumps
+_BUNDLES = b'"bundles":{' + _dumps(BUNDLE_NAME) + b':{"revision":'
+
+
+def _slot(index: int) -> str:
+    return f"\x00\x01{index}\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """The request's members of the input document (attributes, ``parsed_*``, ...), redacted
+    and rendered once, with a slot wherever a per-request (volatile) value goes: ``fragments``
+    around ``slots`` (which value: request id, port, time, or the n-th volatile header)."""
+
+    fragments: tuple[bytes, ...]
+    slots: tuple[int, ...]
+    masked: tuple[str, ...]
+    erased: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Who:
+    """An identity's ``"identity":{...}`` member rendered, its pointers, and its (subject,
+    spiffe_id) columns."""
+
+    rendered: bytes
+    masked: tuple[str, ...]
+    erased: tuple[str, ...]
+    subject: str
+    spiffe_id: str
+
+
+class _Strings:
+    """Strings that repeat (codes, messages, subjects) scrubbed and rendered once per value:
+    (redacted, its JSON, whether scrubbing changed it); at most ``size`` kept, oldest out first."""
+
+    __slots__ = ("size", "_seen")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._seen: dict[str, tuple[str, bytes, bool]] = {}
+
+    def __call__(self, text: str) -> tuple[str, bytes, bool]:
+        seen = self._seen
+        entry = seen.get(text)
+        if entry is None:
+            redacted = scrub_text(text) if len(text) >= 8 else text
+            entry = (redacted, _dumps(redacted), redacted != text)
+            if len(seen) >= self.size:
+                del seen[next(iter(seen))]
+            seen[text] = entry
+        return entry
+
+
+class _Timestamps:
+    """``rfc3339`` with its seconds formatted once per second rather than once per record."""
+
+    __slots__ = ("_second", "_prefix")
+
+    def __init__(self) -> None:
+        self._second: tuple[int, ...] = ()
+        self._prefix = ""
+
+    def __call__(self, seconds: float) -> str:
+        moment = datetime.fromtimestamp(seconds, timezone.utc)
+        second = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
+        if second != self._second:
+            self._second, self._prefix = second, moment.strftime("%Y-%m-%dT%H:%M:%S.")
+        return f"{self._prefix}{moment.microsecond:06d}Z"
+
+
+class RecordBuilder:
+    """Decisions → redacted ``AuditRecord``s. The fast path renders a record's line from
+    fragments kept across requests (``memo_size`` of each kind, oldest out first): the
+    request's members per (fingerprint, which volatile values it has), the identity per
+    identity fingerprint, results and signals per rendered value, strings per value. Only the
+    volatile values, and what no fragment holds, are redacted and rendered per record. The
+    fragments are bytes, not trees: thousands kept cost the garbage collector nothing.
+    Used by one thread at a time (the audit log's worker)."""
+
+    def __init__(self, *, path: str, labels: Mapping[str, str], redactor: Redactor, memo_size: int = 4096) -> None:
+        self.path = path
+        self.labels = labels
+        self.redactor = redactor
+        self.memo_size = memo_size
+        self._templates: dict[tuple[Any, ...], Any] = {}  # (fingerprint, volatile shape) -> _Template | _UNSPLIT
+        self._identities: dict[bytes, _Who] = {}
+        self._results: dict[bytes, tuple[bytes, tuple[str, ...]]] = {}  # rendered result -> redacted JSON, masked
+        self._signals: dict[bytes, tuple[bytes, tuple[str, ...], tuple[str, ...]]] = {}
+        self._strings = _Strings(memo_size)
+        self._timestamp = _Timestamps()
+        self._head = b'"path":' + _dumps(path) + b',"labels":' + _dumps(dict(labels)) + b','
+
+    def build(self, decision: "Decision", facts: Facts | None, now: float, *, handler_ns: int) -> AuditRecord:
+        if facts is not None and self._from_facts(decision, facts):
+            volatile = getattr(facts.attributes_factory, "volatile", None)
+            if isinstance(volatile, Volatile) and facts.fingerprint:
+                try:
+                    record = self._fast(decision, facts, volatile, now, handler_ns)
+                except (TypeError, orjson.JSONEncodeError):  # a value orjson refuses: the whole path renders it
+                    record = None
+                if record is not None:
+                    return record
+        return self._whole(decision, facts, now, handler_ns)
+
+    def _fast(self, decision: "Decision", facts: Facts, volatile: Volatile, now: float,
+              handler_ns: int) -> AuditRecord | None:
+        template = self._template(facts, volatile)
+        if template is _UNSPLIT:
+            return None
+        redacted, volatile_masked = self.redactor.redact_volatile(volatile)
+        values = self._volatile_values(redacted)
+        pieces = [b'{"decision_id":', _dumps(decision.decision_id), b',"timestamp":"',
+                  self._timestamp(now).encode(), b'",', self._head, _BUNDLES,
+                  _dumps(decision.policy_version), b'}},"input":{']
+        fragments = template.fragments
+        for index, slot in enumerate(template.slots):
+            pieces.append(fragments[index])
+            pieces.append(values[slot])
+        pieces.append(fragments[-1])
+        person = self._who(decision)
+        signals, signals_masked, signals_erased = self._signals_member(decision.signals)
+        pieces += (b",", person.rendered, b",", signals, b"}")
+        masked = [*template.masked, *person.masked, *volatile_masked, *signals_masked]
+        erased = [*template.erased, *person.erased, *signals_erased]
+        if decision.result is not None:
+            result, result_masked = self._result(decision.result)
+            pieces += (b',"result":', result)
+            masked += result_masked
+        if facts.source_address:
+            requested_by = f"{facts.source_address}:{facts.source_port}" if facts.source_port else \
+                facts.source_address
+            pieces += (b',"requested_by":', self._scanned("requested_by", requested_by, masked, repeats=False)[1])
+        pieces += (b',"metrics":{"timer_server_handler_ns":', _dumps(handler_ns), b'},"allowed":',
+                   _dumps(decision.allowed), b',"reason":', self._scanned("reason", decision.code, masked)[1],
+                   b',"message":', self._scanned("message", decision.reason, masked)[1],
+                   b',"http_status":', _dumps(decision.http_status), b',"phase":', _dumps(decision.phase),
+                   b',"cached":', _dumps(decision.cached), b',"dry_run":', _dumps(decision.dry_run))
+        subject, subject_json = self._scanned("subject", person.subject, masked)
+        spiffe_id, spiffe_id_json = self._scanned("spiffe_id", person.spiffe_id, masked)
+        pieces += (b',"subject":', subject_json, b',"spiffe_id":', spiffe_id_json)
+        if decision.dry_run:
+            pieces += (b',"would_allow":', _dumps(decision.would_allow))
+        explanation = getattr(decision, "explanation", None)
+        if explanation is not None:  # explain mode: rare, redacted as the whole path does
+            explained, explanation_masked, explanation_erased = self.redactor.redact_member("explanation",
+                                                                                           explanation)
+            pieces += (b',"explanation":', _dumps(explained, default=str))
+            masked += explanation_masked
+            erased += explanation_erased
+        pieces += (b',"transport":', _dumps(facts.transport))
+        if facts.request_id:
+            pieces += (b',"request_id":', self._scanned("request_id", facts.request_id, masked, repeats=False)[1])
+        if erased:
+            pieces += (b',"erased":', _dumps(erased))
+        if masked:
+            pieces += (b',"masked":', _dumps(masked))
+        pieces.append(b"}")
+        return AuditRecord(
+            decision_id=decision.decision_id, timestamp=now, subject=subject, spiffe_id=spiffe_id,
+            allowed=decision.allowed, code=decision.code, policy_version=decision.policy_version, document=None,
+            line=b"".join(pieces).decode("utf-8"))
+
+    @staticmethod
+    def _volatile_values(redacted: Volatile) -> list[bytes]:
+        time_value = redacted.time_value
+        values = [_dumps(redacted.request_id), _dumps(redacted.port),
+                  _dumps({k: v for k, v in (("seconds", time_value[0]), ("nanos", time_value[1])) if v})
+                  if time_value is not None else b""]
+        values += [_dumps(value) for value in redacted.headers.values()]
+        return values
+
+    def _template(self, facts: Facts, volatile: Volatile) -> Any:
+        key = (facts.fingerprint, bool(volatile.request_id), bool(volatile.port), volatile.time_value is not None,
+               tuple(volatile.headers))
+        entry = self._templates.get(key)
+        if entry is None:
+            entry = self._make_template(facts, volatile)
+            self._remember(self._templates, key, entry)
+        return entry
+
+    def _make_template(self, facts: Facts, volatile: Volatile) -> Any:
+        try:
+            split = stable_input(facts)
+        except AuthzError:  # the whole path builds what it can of such a request
+            return _UNSPLIT
+        if split is None:
+            return _UNSPLIT
+        stable = self.redactor.redact_input_parts(split)
+        placeholders = Volatile(
+            request_id=_slot(_REQUEST_ID) if volatile.request_id else "", time_value=None,
+            port=_slot(_PORT) if volatile.port else 0,  # type: ignore[arg-type]
+            headers={name: _slot(_HEADERS + index) for index, name in enumerate(volatile.headers)})
+        attributes = with_volatile(stable.members["attributes"], placeholders)
+        if volatile.time_value is not None:  # where with_volatile puts it: last in ``request``
+            attributes = dict(attributes)
+            request = attributes["request"] = dict(attributes.get("request", {}))
+            request["time"] = _slot(_TIME)
+        expected = sorted([_REQUEST_ID] * bool(volatile.request_id) + [_PORT] * bool(volatile.port)
+                          + [_TIME] * (volatile.time_value is not None)
+                          + [_HEADERS + index for index in range(len(volatile.headers))])
+        try:
+            rendered = _dumps({**stable.members, "attributes": attributes})
+        except (TypeError, orjson.JSONEncodeError):
+            return _UNSPLIT
+        parts = _SLOT.split(rendered[1:-1])
+        slots = tuple(int(index) for index in parts[1::2])
+        if sorted(slots) != expected:  # a request holding our placeholder text: never spliced
+            return _UNSPLIT
+        return _Template(tuple(parts[0::2]), slots, stable.masked, stable.erased)
+
+    def _who(self, decision: "Decision") -> _Who:
+        identity = decision.identity
+        key = identity.fingerprint
+        entry = self._identities.get(key) if key else None
+        if entry is None:
+            subject, spiffe_id = who(identity.document)
+            redacted = self.redactor.redact_input_parts({"identity": dict(identity.document)})
+            entry = _Who(_dumps(redacted.members)[1:-1], redacted.masked, redacted.erased, subject, spiffe_id)
+            if key:
+                self._remember(self._identities, key, entry)
+        return entry
+
+    def _signals_member(self, signals: Mapping[str, Any]) -> tuple[bytes, tuple[str, ...], tuple[str, ...]]:
+        key = _dumps(signals)
+        entry = self._signals.get(key)
+        if entry is None:
+            redacted = self.redactor.redact_input_parts({"signals": dict(signals)})
+            entry = (_dumps(redacted.members)[1:-1], redacted.masked, redacted.erased)
+            self._remember(self._signals, key, entry)
+        return entry
+
+    def _result(self, result: Any) -> tuple[bytes, tuple[str, ...]]:
+        if type(result) is bool:
+            return _BOOL[result], ()
+        key = _dumps(result)
+        entry = self._results.get(key)
+        if entry is None:
+            redacted, masked, _ = self.redactor.redact_member("result", result)
+            entry = (_dumps(redacted), tuple(masked))
+            self._remember(self._results, key, entry)
+        return entry
+
+    def _scanned(self, member: str, value: Any, masked: list[str], *, repeats: bool = True) -> tuple[Any, bytes]:
+        """A top-level member as ``Redactor.redact`` leaves it, and its JSON; strings that
+        ``repeats`` are scrubbed once per distinct value."""
+        if type(value) is not str:
+            redacted, more, _ = self.redactor.redact_member(member, value)
+            masked += more
+            return redacted, _dumps(redacted)
+        if repeats:
+            redacted, rendered, changed = self._strings(value)
+        else:
+            redacted = scrub_text(value)
+            rendered, changed = _dumps(redacted), redacted != value
+        if changed:
+            masked.append("/" + member)
+        return redacted, rendered
+
+    def _whole(self, decision: "Decision", facts: Facts | None, now: float, handler_ns: int) -> AuditRecord:
+        """The straightforward path: the whole record built, then redacted as one tree."""
+        document = build_document(decision, facts, now, handler_ns=handler_ns, path=self.path, labels=self.labels)
+        document = self.redactor.redact(document)
+        return AuditRecord(
+            decision_id=decision.decision_id, timestamp=now, subject=document["subject"],
+            spiffe_id=document["spiffe_id"], allowed=decision.allowed, code=decision.code,
+            policy_version=decision.policy_version, document=document, line=render_line(document))
+
+    def build_failed(self, decision: "Decision", facts: Facts | None, now: float, error: BaseException) -> AuditRecord:
+        """The record of a decision whose full record could not be built (a bug, or a request
+        too deep to walk): what the server decided, from values it made itself, with
+        ``input`` and ``result`` erased and ``audit_error`` naming why. Zero trust records
+        every decision; this one says that its details are missing, not that it never happened."""
+        document: dict[str, Any] = {
+            "decision_id": str(decision.decision_id),
+            "timestamp": self._timestamp(now),
+            "path": self.path,
+            "labels": dict(self.labels),
+            "bundles": {BUNDLE_NAME: {"revision": str(decision.policy_version)}},
+            "allowed": bool(decision.allowed),
+            "reason": scrub_text(str(decision.code)),
+            "http_status": int(decision.http_status),
+            "phase": str(decision.phase),
+            "cached": bool(decision.cached),
+            "dry_run": bool(decision.dry_run),
+            "audit_error": f"record_failed: {type(error).__name__}",
+            "erased": ["/input", "/result"],
+        }
+        if facts is not None:
+            document["transport"] = str(facts.transport)
+        return AuditRecord(
+            decision_id=document["decision_id"], timestamp=now, subject="", spiffe_id="",
+            allowed=document["allowed"], code=document["reason"], policy_version=str(decision.policy_version),
+            document=document, line=render_line(document))
+
+    @staticmethod
+    def _from_facts(decision: "Decision", facts: Facts) -> bool:
+        """Whether the record's input is what ``build_input`` makes of ``facts``: none was kept
+        (a cache hit, a projected input), or the one kept is whole and holds the facts' own
+        attributes (``build_input`` puts them there, so the rest is a function of the facts)."""
+        kept = decision.input
+        if kept is None:
+            return True
+        attributes = facts._attributes
+        return (attributes is not None and kept.get("attributes") is attributes
+                and len(kept) == (_WHOLE_INPUT_MEMBERS + 1 if facts.source_principal else _WHOLE_INPUT_MEMBERS))
+
+    def _remember(self, memo: dict[Any, Any], key: Any, entry: Any) -> None:
+        # The oldest entry goes, one at a time: clearing all 4,096 at once freed their trees in
+        # one go, a pause of milliseconds on the thread that holds the GIL.
+        if len(memo) >= self.memo_size:
+            del memo[next(iter(memo))]
+        memo[key] = entry

@@ -1,0 +1,153 @@
+"""The audit log's fast path writes what the straightforward path writes.
+
+The reference is the record as it was made before issue 28, kept here on purpose: build the
+whole document (``build_document``), redact it as one tree (``Redactor.redact``), render it
+with the standard library (``reference_line``). The fast path (``RecordBuilder.build``: parts
+kept per request fingerprint and per identity, strings and results redacted once per value,
+orjson) must give the same record in meaning (the same members and values; ``masked`` and
+``erased`` the same pointers) for generated requests, through both fronts, with and without
+the input the policy saw, with secrets in the places a request can hold them, and with one
+builder across examples so that what it keeps is reused and evicted as in a server.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from authz_server.audit.builder import RecordBuilder
+from authz_server.audit.record import build_document
+from authz_server.audit.redact import Redactor
+from authz_server.audit.render import reference_line, render_line
+from authz_server.decision import Decision, Identity
+from authz_server.envoy import check_request_from_json, facts_from_check_request
+from authz_server.facts import Facts, build_input
+from authz_server.http import HttpRequest
+from authz_server.httpfront import facts_from_http
+from tests.support.audit import a_jwt, check_request_json, workload
+
+NOW = 1_790_000_000.0
+LABELS = {"app": "authz-server", "id": "test", "version": "0"}
+PATH = "envoy/authz/allow"
+JWT = a_jwt("mallory", scope="admin")
+BUILDER = RecordBuilder(path=PATH, labels=LABELS, redactor=Redactor(), memo_size=16)  # small: evictions happen
+
+segments = st.sampled_from(["orders", "users", "public", "v1", "items", "a%2Fb", "é", "x y"])
+ids = st.one_of(st.integers(0, 5).map(str), st.uuids().map(str))
+# plain parameters take plain values; token parameters (TOKEN_PARAMETERS) take secrets
+query_pairs = st.one_of(
+    st.tuples(st.sampled_from(["page", "q", "state"]), st.sampled_from(["1", "abc", "", "a%20b"])),
+    st.tuples(st.sampled_from(["access_token", "code", "token", "id_token"]),
+              st.sampled_from([JWT, "opaque-secret-1234", "authz-code-1234"])))
+paths = st.builds(lambda parts, query: "/" + "/".join(parts) + ("?" + "&".join(f"{k}={v}" for k, v in query)
+                                                                 if query else ""),
+                  st.lists(st.one_of(segments, ids), min_size=1, max_size=4), st.lists(query_pairs, max_size=3))
+header_values = {
+    "authorization": st.sampled_from([f"Bearer {JWT}", "Basic dXNlcjpwYXNzd29yZA==", "opaque-no-scheme-123"]),
+    "cookie": st.sampled_from(["theme=dark; __Host-authz-session=s3cr3t-s3ss10n", "sid=abc123456789"]),
+    "x-session-id": st.sampled_from(["session-aaaaaaaaaaaaaaaa", "session-bbbbbbbbbbbbbbbb"]),
+    "user-agent": st.sampled_from(["curl/8.5.0", "Mozilla/5.0 (X11; Linux x86_64)"]),
+    "accept": st.just("application/json"),
+    "x-forwarded-jwt": st.just(JWT),
+    "referer": st.sampled_from(["https://app.test/cb?state=1&code=authz-code-1234", "https://app.test/home"]),
+    "x-request-id": ids,  # volatile: differs per request
+    "traceparent": st.integers(1, 10**6).map(lambda n: f"00-{n:032x}-{n:016x}-01"),  # volatile
+    "x-note": st.sampled_from(["plain words", '{"refresh_token": "rt-123456789"}', "Bearer in text 12345678"]),
+}
+headers = st.fixed_dictionaries({}, optional=header_values)
+users = st.sampled_from([None, "alice", "bob", JWT])
+signals = st.fixed_dictionaries({"rate": st.fixed_dictionaries({"remaining": st.integers(0, 100)})},
+                                optional={"anomaly": st.fixed_dictionaries({"score": st.floats(0, 1)}),
+                                          "note": st.sampled_from(["ok", f"token={JWT}"])})
+results = st.one_of(st.booleans(), st.fixed_dictionaries(
+    {"allowed": st.booleans()},
+    optional={"headers": st.fixed_dictionaries({}, optional={"x-session-id": st.just("new-session-123456"),
+                                                             "x-user": st.just("alice")}),
+              "http_status": st.sampled_from([200, 403, 429]), "body": st.sampled_from(["", "slow down"])}))
+messages = st.sampled_from(["allowed by policy", "denied by policy", f"token {JWT} expired",
+                            "bad cookie sid=abcdefgh12345"])
+
+
+def identity_for(user: str | None, principal: str) -> Identity:
+    document: dict[str, Any] = {"method": "session" if user else "mtls",
+                                "workload": {"spiffe_id": principal, "trust_domain": "example.org"},
+                                "user": None, "session": None, "delegation": []}
+    if user:
+        document["user"] = {"sub": user, "iss": "https://idp.test", "claims": {"sub": user, "note": "hi there"}}
+        document["session"] = {"id_sha256": "ab" * 32, "created": NOW, "expires": NOW + 60, "bound_to": {},
+                               "raw": "s3ss10n-secret-value"}
+    return Identity(document, fingerprint=f"{user}|{principal}".encode())
+
+
+def grpc_facts(path: str, request_headers: dict[str, str], principal: str, request_id: str, port: int) -> Facts:
+    document = check_request_json(path, principal=principal, headers=request_headers, request_id=request_id)
+    document["attributes"]["source"]["address"]["socketAddress"]["portValue"] = port
+    return facts_from_check_request(check_request_from_json(document))
+
+
+def http_facts(path: str, request_headers: dict[str, str], principal: str, request_id: str, port: int) -> Facts:
+    return facts_from_http(HttpRequest("GET", path, {**request_headers, "host": "orders",
+                                                     "x-request-id": request_id or "none",
+                                                     "x-forwarded-for": "10.0.0.7",
+                                                     "x-authz-ctx-service": "orders"}), "")
+
+
+def meaning(line: str) -> dict[str, Any]:
+    document = json.loads(line)
+    return {**document, "masked": sorted(document.get("masked", [])), "erased": sorted(document.get("erased", []))}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(front=st.sampled_from([grpc_facts, http_facts]), path=paths, request_headers=headers, user=users,
+       principal=st.sampled_from([workload("web"), workload("batch")]), request_id=st.one_of(ids, st.just(JWT)),
+       port=st.integers(1024, 65535), signals_value=signals, result=results, message=messages,
+       policy_saw_input=st.booleans(), cached=st.booleans(), dry_run=st.booleans(), n=st.integers(0, 2**64))
+def test_fast_path_records_mean_what_the_whole_path_records(
+        front: Any, path: str, request_headers: dict[str, str], user: str | None, principal: str, request_id: str,
+        port: int, signals_value: dict[str, Any], result: Any, message: str, policy_saw_input: bool, cached: bool,
+        dry_run: bool, n: int) -> None:
+    identity = identity_for(user, principal)
+    facts = front(path, request_headers, principal, request_id, port)
+    reference_facts = front(path, request_headers, principal, request_id, port)
+    policy_input = None
+    if policy_saw_input and not cached:
+        try:
+            policy_input = build_input(facts, identity.document, signals_value)
+        except Exception:  # a request OPA-Envoy would answer 400: no input document
+            policy_input = None
+    reference_input = build_input(reference_facts, identity.document, signals_value) if policy_input else None
+
+    def decision(input_document: Any) -> Decision:
+        return Decision(bool(result), "allowed" if result else "policy_denied", message, 200 if result else 403,
+                        f"{n:032x}", cached=cached, identity=identity, signals=signals_value, result=result,
+                        policy_version="v1", input=input_document, dry_run=dry_run, would_allow=bool(result))
+
+    fast = BUILDER.build(decision(policy_input), facts, NOW + n % 1000 / 7, handler_ns=5)
+    expected = Redactor().redact(build_document(decision(reference_input), reference_facts, NOW + n % 1000 / 7,
+                                                handler_ns=5, path=PATH, labels=LABELS))
+    assert meaning(fast.line) == meaning(reference_line(expected))
+    assert fast.document == json.loads(fast.line)  # the document the sinks index is the line they write
+    assert (fast.subject, fast.spiffe_id) == (expected["subject"], expected["spiffe_id"])
+    for secret in (JWT, "s3cr3t-s3ss10n", "opaque-secret-1234", "authz-code-1234", "rt-123456789",
+                   "session-aaaaaaaaaaaaaaaa", "s3ss10n-secret-value", "dXNlcjpwYXNzd29yZA=="):
+        assert secret not in fast.line
+
+
+@given(value=st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False, allow_infinity=False),
+                                    st.text()),
+                          lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                  st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                          max_leaves=20))
+@settings(max_examples=300, deadline=None)
+def test_orjson_lines_mean_what_the_standard_library_wrote(value: Any) -> None:
+    """Surrogates, integers beyond 64 bits and the rest: the same JSON value either way."""
+    assert json.loads(render_line(value)) == json.loads(reference_line(value))
+
+
+def test_what_orjson_spells_differently_on_purpose() -> None:
+    assert render_line({"a": float("inf"), "b": float("nan")}) == '{"a":null,"b":null}'  # was Infinity/NaN: not JSON
+    assert render_line({"é": "\u2028"}) == '{"é":"\u2028"}'  # UTF-8, not \\u escapes
+    assert render_line({"s": "\udcff", 1: 2**70}) == reference_line({"s": "\udcff", 1: 2**70})

@@ -129,6 +129,11 @@ class Facts:
             self._attributes = factory() if factory is not None else {}
         return self._attributes
 
+    @property
+    def built_attributes(self) -> dict[str, Any] | None:
+        """``input.attributes`` if something already built them whole, else None (nothing is built here)."""
+        return self._attributes
+
     def header(self, name: str) -> str:
         return self.headers.get(name, "")
 

@@ -348,7 +348,7 @@ class RecordBuilder:
         kept = decision.input
         if kept is None:
             return True
-        attributes = facts._attributes
+        attributes = facts.built_attributes
         return (attributes is not None and kept.get("attributes") is attributes
                 and len(kept) == (_WHOLE_INPUT_MEMBERS + 1 if facts.source_principal else _WHOLE_INPUT_MEMBERS))
 

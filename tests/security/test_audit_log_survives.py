@@ -77,7 +77,8 @@ async def test_a_record_whose_short_form_fails_too_is_counted_and_the_next_is_wr
     audit = AuditLog([FileSink(tmp_path / "audit.jsonl")], linger=0.001)
     pipeline = Pipeline(runtime, observers=[audit.observe])
     audit.start()
-    broken: Any = Decision(True, "allowed", "allowed", "two hundred", Unprintable())  # type: ignore[arg-type]
+    broken: Any = Decision(allowed=True, code="allowed", reason="allowed", http_status="two hundred",  # type: ignore[arg-type]
+                           decision_id=Unprintable())  # type: ignore[arg-type]
     audit.observe(broken, facts_for("/public/broken"), time.time())
     audit.observe(broken, None, time.time())
     after = [await pipeline.decide(facts_for(f"/public/{i}"), now=time.time()) for i in range(5)]

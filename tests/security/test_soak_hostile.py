@@ -1,7 +1,8 @@
 """A bounded soak on loopback (issue 23): legit clients keep asking the HTTP front while 200
 hostile connections attack it (slowloris, smuggling, oversize heads and bodies, JSON nested
 900 deep), from a process of their own. Every legit request is answered, and answered right,
-and in good time; each attack meets its defence; the server's memory stays bounded.
+and in good time; each attack meets its defence; the server's memory stays bounded; the audit
+log records every legit decision, during the attack too.
 
 The time bound is generous on purpose (a busy 2-core machine is slow, never fast): the target
 of issue 23 (p99 within twice the quiet p99) is measured by ``make bench`` (tests/bench/hostile.py)."""
@@ -29,9 +30,10 @@ GENEROUS = 5.0  # seconds: no legit request may take longer, however busy the ma
 async def test_legit_clients_are_answered_right_and_in_time_under_200_hostile_connections(
         supervisor: Supervisor, tmp_path: Path) -> None:
     write_policy(tmp_path / "policies", POLICY)
-    config, ready = tmp_path / "config.yaml", tmp_path / "ready.json"
+    config, ready, audit = tmp_path / "config.yaml", tmp_path / "ready.json", tmp_path / "audit.jsonl"
     config.write_text(yaml.safe_dump({"addr": "", "http_addr": "127.0.0.1:0", "metrics_addr": "",
-                                      "policies": str(tmp_path / "policies"), "limits": {"header_timeout": "2s"}}))
+                                      "policies": str(tmp_path / "policies"), "limits": {"header_timeout": "2s"},
+                                      "audit": [f"file:{audit}"]}))
     server = supervisor.start("authz", [sys.executable, "-m", "authz_server.cli", "serve", "--config", str(config),
                                         "--workers", "1", "--ready-file", str(ready)], ready=ready.exists, timeout=60)
     address = json.loads(ready.read_text())["http_addr"]
@@ -64,3 +66,10 @@ async def test_legit_clients_are_answered_right_and_in_time_under_200_hostile_co
         assert what in defences[kind], f"{outcome} ({times} times)"
     assert all(any(o.startswith(kind) for o in outcomes) for kind in defences), outcomes
     assert rss_during - rss_before < 100, (rss_before, rss_during)  # bounded: no per-connection pile-up
+
+    legit = len(quiet.latencies) + len(loaded.latencies)
+    server.stop()  # SIGTERM: the audit log is flushed before the process exits
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    decided = [r for r in records if "/item-" in r.get("input", {}).get("attributes", {}).get("request", {})
+               .get("http", {}).get("path", "")]
+    assert len(decided) >= legit, (len(decided), legit)  # the attack silenced nothing

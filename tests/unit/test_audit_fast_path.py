@@ -121,8 +121,8 @@ def test_fast_path_records_mean_what_the_whole_path_records(
     reference_input = build_input(reference_facts, identity.document, signals_value) if policy_input else None
 
     def decision(input_document: Any) -> Decision:
-        return Decision(bool(result), "allowed" if result else "policy_denied", message, 200 if result else 403,
-                        f"{n:032x}", cached=cached, identity=identity, signals=signals_value, result=result,
+        return Decision(allowed=bool(result), code="allowed" if result else "policy_denied", reason=message,
+                        http_status=200 if result else 403, decision_id=f"{n:032x}", cached=cached, identity=identity, signals=signals_value, result=result,
                         policy_version="v1", input=input_document, dry_run=dry_run, would_allow=bool(result))
 
     fast = BUILDER.build(decision(policy_input), facts, NOW + n % 1000 / 7, handler_ns=5)

@@ -307,7 +307,7 @@ def report_in_process(figures: dict[str, float]) -> str:
 
 def run(settings: Settings, *, with_envoy: bool = True) -> tuple[dict[str, Any], str]:
     with bench_supervisor("traffic") as sup:
-        work = sup.log_dir.parent
+        work = sup.log_dir  # a folder of this run's own (its parent is the shared /tmp)
         inproc = asyncio.run(in_process(routes.write_policy(work / "route_table"), 300 if settings.smoke else 3000))
         if not with_envoy:
             return {"in_process": inproc}, report_in_process(inproc)

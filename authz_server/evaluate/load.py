@@ -89,7 +89,10 @@ def _percentiles_script() -> str:
 
     path = Path(tempfile.gettempdir()) / f"authz-wrk-percentiles-{os.getuid()}.lua"
     if not path.exists() or path.read_text() != PERCENTILES_LUA:
-        path.write_text(PERCENTILES_LUA)
+        # other runs on the machine may read it meanwhile: they see the old file or the new, whole
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".lua", delete=False) as fresh:
+            fresh.write(PERCENTILES_LUA)
+        os.replace(fresh.name, path)
     return str(path)
 
 

@@ -102,14 +102,18 @@ async def test_nack_is_not_answered_with_the_same_secret(identity: IdentityServe
         await stream.send(A, version="", nonce=first.nonce, error="Failed to load certificate chain")
         # a stale request (old nonce) is ignored too
         await stream.send(A, "ALL", nonce="not-a-nonce-we-sent")
+        (server_stream,) = identity._sds["a"].streams
+        for _ in range(600):  # both read by the server before the rotation (a busy machine reads late)
+            if (server_stream.counters.nacks, server_stream.counters.stale) == (1, 1):
+                break
+            await asyncio.sleep(0.05)
+        assert (server_stream.counters.nacks, server_stream.counters.stale) == (1, 1)
         # the next thing on the stream is the next rotation, not a re-send of the rejected version
         assert await identity.rotate_now("a") == 1
         after = await stream.receive()
         assert set(secrets_of(after)) == {A}
         assert serial(secrets_of(after)[A]) != serial(secrets_of(first)[A])
         assert after.version_info == str(int(first.version_info) + 1)
-        (server_stream,) = identity._sds["a"].streams
-        assert (server_stream.counters.nacks, server_stream.counters.stale) == (1, 1)
         assert server_stream.last_error == "Failed to load certificate chain"
         # names changed on the current nonce: answered at once
         await stream.send(A, "ROOTCA", version=after.version_info, nonce=after.nonce)

@@ -24,8 +24,8 @@ from authz_server.audit.sinks.postgres import split_url
 from authz_server.config import Config, SessionsConfig
 from authz_server.identity.sessions import session_key
 from authz_server.mesh.processes import Supervisor, free_port
-from tests.support.audit import (AUDIT_POLICY, TRUST_DOMAIN, check_request_bytes, eventually, grpc_check, jsonl,
-                                 open_session, unique_table, workload, write_audit_policy)
+from tests.support.audit import (AUDIT_POLICY, TRUST_DOMAIN, check_request_bytes, drop_table, eventually, grpc_check,
+                                 jsonl, open_session, unique_table, workload, write_audit_policy)
 from tests.support.authz import running_app, write_policy
 from tests.support.postgres import available as postgres_available
 from tests.support.postgres import postgres_url
@@ -78,21 +78,20 @@ class CuttableLink:
 
 
 @contextlib.asynccontextmanager
-async def audit_database() -> AsyncIterator[tuple[str, CuttableLink]]:
-    """A table of its own on the test PostgreSQL, reached through a link the test can cut."""
+async def audit_database() -> AsyncIterator[tuple[str, str, CuttableLink]]:
+    """A table of its own on the test PostgreSQL: its URL, the same reached through a link the
+    test can cut, and the link."""
     direct = f"{postgres_url()}?table={unique_table()}"
-    conninfo, table = split_url(direct)
     host_port = direct.split("@", 1)[1].split("/", 1)[0]
     host, port = host_port.rsplit(":", 1)
     link = CuttableLink(host, int(port))
     await link.restore()
     try:
-        yield direct.replace(host_port, f"127.0.0.1:{link.port}"), link
+        yield direct, direct.replace(host_port, f"127.0.0.1:{link.port}"), link
     finally:
         with contextlib.suppress(Exception):
             await link.cut()
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            conn.execute(f'DROP TABLE IF EXISTS "{table[-1]}"')
+        drop_table(direct)
 
 
 def rows(direct_url: str) -> int:
@@ -111,8 +110,7 @@ async def test_audit_sink_store_and_policy_folder_die_mid_traffic(tmp_path: Path
     redis_server = RedisServer(supervisor, free_port(), extra=("--appendonly", "yes", "--appendfsync", "always")).start()
     policies = write_audit_policy(tmp_path / "policies")
     audit_file = tmp_path / "audit.jsonl"
-    async with audit_database() as (relayed_url, link):
-        direct_url = relayed_url.replace(f"127.0.0.1:{link.port}", f"{link.target[0]}:{link.target[1]}")
+    async with audit_database() as (direct_url, relayed_url, link):
         config = Config(policies=str(policies), metrics_addr="", trust_domains=(TRUST_DOMAIN,),
                         sessions=SessionsConfig(store=redis_server.url),
                         audit=(f"file:{audit_file}", relayed_url))

@@ -131,9 +131,9 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
             else:
                 if key in revoked:
                     at, by, in_window = revoked[key]
-                    if replica == by and started > at:
-                        report.allowed_by_revoker += 1
-                    if (replica == by and started > at) or (not in_window and started > at + PROPAGATION):
+                    by_revoker = replica == by and started > at
+                    report.allowed_by_revoker += by_revoker
+                    if by_revoker or (not in_window and started > at + PROPAGATION):
                         report.wrongly_allowed += 1
                     if replica != by and not in_window:
                         report.latest_allow_elsewhere_s = max(report.latest_allow_elsewhere_s, started - at)

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
-from .decisioncache import BearerExpiry, DecisionCache, full_key, narrow_key, read_key
+from .decisioncache import BearerExpiry, DecisionCache, ReadKeys, full_key, narrow_key, read_key
 from .errors import AuthzError, IdentityError, PolicyError, RequestError, UnavailableError, where_it_failed
 from .facts import Facts, build_input
 from .identity.verified import NO_IDENTITY, Identity
@@ -214,6 +214,7 @@ class Pipeline:
         self.tracing = tracing  # None: no phase clock is read (tracing off costs one test per decision)
         self.explaining: Explaining | None = None  # set by explaining.ExplainMode while a rule is live
         self.cache: DecisionCache[_CachedVerdict] = DecisionCache(self.settings.cache_max_entries)
+        self.read_keys = ReadKeys()  # a repeated request's cache key, without building its input again
         self.bearer_expiry = BearerExpiry()  # how long a policy reading the token's exp may cache
         self.new_decision_id = decision_ids()
         self._cached_version = ""
@@ -307,9 +308,10 @@ class Pipeline:
                                   phases: PhaseClock | None = None, explain: ExplainTicket | None = None) -> Decision:
         if active.version != self._cached_version:
             self.cache.clear()  # a new policy or data version: nothing cached still holds
+            self.read_keys.clear()
             self._cached_version = active.version
         use_cache = explain is None and active.cache.enabled and self.settings.cache_max_entries > 0
-        prepared = _prepare_input(active, facts, identity, signals, use_cache)
+        prepared = _prepare_input(active, facts, identity, signals, use_cache, self.read_keys)
         if use_cache:
             cached = self.cache.get(prepared.key, now)
             if phases is not None:
@@ -413,7 +415,7 @@ class _Prepared:
 
 
 def _prepare_input(active: ActivePolicy, facts: Facts, identity: Identity, signals: Mapping[str, Any],
-                   use_cache: bool) -> _Prepared:
+                   use_cache: bool, read_keys: ReadKeys) -> _Prepared:
     prepared = _Prepared()
     if use_cache:
         if active.cache.key_paths:
@@ -422,6 +424,13 @@ def _prepare_input(active: ActivePolicy, facts: Facts, identity: Identity, signa
         elif active.input_tree is not None:
             # Keyed on what the policy reads, as the engine gets it (one encoding serves both
             # when it can), so a (user, route) pair repeats whatever else in the request varies.
+            request_key = full_key(active.key_prefix, facts, identity.fingerprint, signals,
+                                   volatile_tree=active.volatile_tree,
+                                   signal_paths=active.signal_paths) if facts.fingerprint else b""
+            known = read_keys.get(request_key) if request_key else None
+            if known is not None:
+                prepared.key = known
+                return prepared
             document = prepared.document = build_input(facts, identity.document, signals, active.input_tree)
             if active.unnamed_volatile is None:
                 prepared.input_json = encode_input(document)
@@ -429,6 +438,8 @@ def _prepare_input(active: ActivePolicy, facts: Facts, identity: Identity, signa
             else:
                 prepared.key = read_key(active.key_prefix, encode_input(
                     {**document, "attributes": without(document["attributes"], active.unnamed_volatile)}))
+            if request_key:
+                read_keys.put(request_key, prepared.key)
         else:
             prepared.key = full_key(active.key_prefix, facts, identity.fingerprint, signals,
                                     volatile_tree=active.volatile_tree, signal_paths=active.signal_paths)

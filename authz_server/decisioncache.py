@@ -11,6 +11,9 @@ policy's prefix (``policy_key_prefix``: version and query) followed by one of:
 * ``read_key``: the digest of the projected input, when the policy reads only part of it;
 * ``narrow_key``: the values at the policy's declared ``cache.key_paths``.
 
+``ReadKeys`` remembers a request's ``read_key`` by its ``full_key``, so a request sent again
+is found without projecting its input again.
+
 The pipeline (``decision``) picks which and asks; this module imports nothing above the
 plain vocabulary (facts, trees), so the fronts and identity can call it too.
 """
@@ -149,6 +152,34 @@ def read_key(prefix: bytes, input_json: bytes) -> bytes:
     return prefix + hashlib.blake2b(input_json, digest_size=20).digest()
 
 
+class ReadKeys:
+    """Each request's ``read_key``, remembered by its ``full_key``: the same request from the
+    same identity (a browser reloading a page, a client polling) finds its cache entry without
+    building and encoding the projected input again. ``full_key`` covers everything a read key
+    is made of (the request's non-volatile parts, the volatile values the policy names, the
+    identity, the signals it reads), so one always stands for the other. Bounded: emptied when
+    full or when the policy changes (the prefix is in both keys, so a stale entry could only
+    miss, never answer wrongly)."""
+
+    __slots__ = ("max_entries", "_keys")
+
+    def __init__(self, max_entries: int = 16_384) -> None:
+        self.max_entries = max_entries
+        self._keys: dict[bytes, bytes] = {}
+
+    def get(self, request_key: bytes) -> bytes | None:
+        return self._keys.get(request_key)
+
+    def put(self, request_key: bytes, read_key: bytes) -> None:
+        keys = self._keys
+        if len(keys) >= self.max_entries:
+            keys.clear()
+        keys[request_key] = read_key
+
+    def clear(self) -> None:
+        self._keys.clear()
+
+
 def narrow_key(prefix: bytes, document: Mapping[str, Any], key_paths: Iterable[str]) -> bytes:
     """Keyed on the values at the policy's declared ``cache.key_paths`` only."""
     values = [_lookup(document, path) for path in key_paths]
@@ -209,6 +240,6 @@ class BearerExpiry:
 
 
 __all__ = [
-    "BearerExpiry", "CacheStats", "DecisionCache", "full_key", "identity_fingerprint", "narrow_key",
+    "BearerExpiry", "CacheStats", "DecisionCache", "ReadKeys", "full_key", "identity_fingerprint", "narrow_key",
     "policy_key_prefix", "read_key", "request_digest", "request_fingerprint", "token_fingerprint",
 ]

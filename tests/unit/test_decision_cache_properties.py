@@ -13,7 +13,9 @@ counter. Properties:
 * a policy that does name a per-request field is keyed on it;
 * an entry lives exactly its TTL; the cache never holds more than its bound and evicts
   the least recently used;
-* a policy reload or a data change invalidates: no answer reflects the old set.
+* a policy reload or a data change invalidates: no answer reflects the old set;
+* a request sent again finds its entry by the request alone (``ReadKeys``) and gets its own
+  answer, never the answer of a request that shares the entry's key but not the request.
 """
 
 from __future__ import annotations
@@ -260,6 +262,11 @@ def test_a_request_shares_a_decision_only_when_it_differs_in_nothing_the_policy_
             assert as_envoy_sees_it(decision) == as_envoy_sees_it(truth), (name, changed)
             if model is second:
                 assert decision.cached == shares[name], (name, changed)
+    # Each request again: found by the request itself (``ReadKeys``), never the other's answer.
+    for model in (first, second, first):
+        world.set(model)
+        decision = loop.run_until_complete(pipelines["default"].decide(check_request(model), now=NOW))
+        assert decision.cached and seen_header(decision) == expected_seen(model), changed
 
 
 NAMES_NOISE = """

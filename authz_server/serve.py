@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -193,6 +194,19 @@ async def _first(*events: asyncio.Event) -> None:
             waiter.cancel()
 
 
+def settle_heap() -> None:
+    """Take what starting made (modules, config, the first policy set: it lives as long as the
+    process) out of the cyclic garbage collector's sight, after collecting start-up garbage.
+
+    A full collection walks every tracked object and holds the event loop, and every check in
+    flight, while it does: measured on the route-table benchmark's server heap, one full
+    collection took 36–68 ms, the whole p99 at 32 connections. Frozen, a full collection walks
+    only what traffic made since. Frozen objects are still freed by reference counting; only
+    a reference cycle among them would stay, and start-up objects are not garbage."""
+    gc.collect()
+    gc.freeze()
+
+
 def write_ready_file(path: str | None, bound: dict[str, Any]) -> None:
     if not path:
         return
@@ -212,6 +226,7 @@ async def _serve_one(config: Config, ready_file: str | None, *, reuse_port: bool
         await app.stop(0)
         raise
     log.info("serving %s", ", ".join(f"{k}={v}" for k, v in bound.items()))
+    settle_heap()
     write_ready_file(ready_file, bound)
     drain = _drain_event()
     await _first(stop, drain)

@@ -21,6 +21,7 @@ generator and the W3C propagators (``tracecontext``, ``baggage``: the default); 
 
 from __future__ import annotations
 
+import binascii
 import logging
 import random
 import re
@@ -37,7 +38,8 @@ log = logging.getLogger("authz_server.tracing")
 # The W3C traceparent grammar, as the SDK's TraceContextTextMapPropagator reads it.
 _TRACEPARENT = re.compile(r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:(-.*)|[ \t]*)$")
 _TRACEPARENT_MAX = 512
-_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+_ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
+_unhexlify = binascii.unhexlify
 _RATIO_MASK = (1 << 64) - 1  # TraceIdRatioBased.TRACE_ID_LIMIT: the ratio reads the low 64 bits
 _clock_ns = time.time_ns
 _getrandbits = random.getrandbits  # as the SDK's RandomIdGenerator draws ids
@@ -142,13 +144,11 @@ class OtlpSpans:
                 return False
             trace_id, parent_fields_ = trace_number.to_bytes(16, "big"), ROOT_FLAGS
         else:
-            trace_hex, span_hex, sampled = parent
+            trace_id, span_id, sampled = parent
             rule = self._sampled_parent if sampled else self._unsampled_parent
-            if rule is not True and not _sampled(rule, trace_hex):
+            if rule is not True and not _sampled(rule, int.from_bytes(trace_id, "big")):
                 return False
-            trace_id = bytes.fromhex(trace_hex)
-            parent_fields_ = parent_fields(bytes.fromhex(span_hex), _trace_state(traceparent, tracestate)
-                                           if tracestate else "")
+            parent_fields_ = parent_fields(span_id, _trace_state(traceparent, tracestate) if tracestate else "")
         start_ns = span_start(phases, now, end_ns)
         event_shape, timings = phase_timeline(phases, last, start_ns, end_ns)
         attributes = self._attributes.get(key)
@@ -196,24 +196,36 @@ class OtlpSpans:
         self.exporter.shutdown()
 
 
-def _sampled(rule: Rule, trace_id: int | str) -> bool:
+def _sampled(rule: Rule, trace_id: int) -> bool:
     if rule is True or rule is False:
         return bool(rule)
-    number = int(trace_id, 16) if isinstance(trace_id, str) else trace_id
-    return bool(number & _RATIO_MASK < rule)
+    return bool(trace_id & _RATIO_MASK < rule)
 
 
-def _parse_traceparent(value: str) -> tuple[str, str, bool] | None:
+def _parse_traceparent(value: str) -> tuple[bytes, bytes, bool] | None:
     """(trace id, parent span id, sampled) of a valid W3C ``traceparent``, as the SDK judges it."""
+    if len(value) == 55 and value[2] == "-" and value[35] == "-" and value[52] == "-" and value[:2] == "00" \
+            and value == value.lower():
+        # The usual form without the regular expression (the same answers, tests/unit/test_tracing_otlp.py,
+        # in a third of the time): lowercase hex, where ``unhexlify`` would also take capitals.
+        try:
+            raw = _unhexlify(value.replace("-", ""))
+        except ValueError:
+            raw = b""
+        if len(raw) == 26:  # version, trace id, span id, flags: no other "-" was there
+            trace_id, span_id = raw[1:17], raw[17:25]
+            if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+                return None
+            return trace_id, span_id, bool(raw[25] & 1)
     if len(value) > _TRACEPARENT_MAX:
         return None
     match = _TRACEPARENT.search(value)
     if match is None:
         return None
-    version, trace_hex, span_hex, flags, rest = match.groups()
-    if trace_hex == _ZERO_TRACE or span_hex == _ZERO_SPAN or version == "ff" or version == "00" and rest:
+    version, trace_hex, span_hex, flags_hex, rest = match.groups()
+    if trace_hex == "0" * 32 or span_hex == "0" * 16 or version == "ff" or version == "00" and rest:
         return None
-    return trace_hex, span_hex, bool(int(flags, 16) & 1)
+    return bytes.fromhex(trace_hex), bytes.fromhex(span_hex), bool(int(flags_hex, 16) & 1)
 
 
 def _trace_state(traceparent: str, tracestate: str) -> str:

@@ -66,7 +66,8 @@ def otlp_tracer(protocol: str, resource: Any, environ: Mapping[str, str]) -> Dec
     if batch > max_queue:
         batch = max_queue
     sink = OtlpSpans(encoded_exporter(protocol), resource, rules, SpanLimits(), batch=batch)
-    return DecisionTracer(sink, max_queue=max_queue, delay=delay / 1000, batch=batch, slice_spans=32)
+    # 64 spans ≈ 0.3 ms of the GIL at a time, as the SDK path's slices of 8 spans hold it
+    return DecisionTracer(sink, max_queue=max_queue, delay=delay / 1000, batch=batch, slice_spans=64)
 
 
 def _bsp(environ: Mapping[str, str], name: str) -> int:

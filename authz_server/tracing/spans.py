@@ -89,6 +89,7 @@ class DecisionTracer:
         self.traced = 0
         self.dropped = 0
         self.unsampled = 0
+        self.cpu_seconds = 0.0  # the thread's own CPU: making and exporting spans
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._passes = threading.Condition()
@@ -123,10 +124,12 @@ class DecisionTracer:
             self._wake.clear()
             with self._passes:
                 self._started += 1
+            began = time.thread_time()
             try:
                 self._drain()
             except Exception:  # an exporter's bug costs a batch, never the tracer
                 log.exception("could not export spans")
+            self.cpu_seconds += time.thread_time() - began
             with self._passes:
                 self._finished += 1
                 self._passes.notify_all()
@@ -179,7 +182,10 @@ class DecisionTracer:
         unsampled = CounterMetricFamily("authz_tracing_unsampled", "Decisions not traced: the request's "
                                         "traceparent (or the sampler) said not sampled")
         unsampled.add_metric([], self.unsampled)
-        yield from (traced, dropped, unsampled)
+        cpu = CounterMetricFamily("authz_tracing_cpu_seconds", "CPU time the tracer's thread spent making and "
+                                  "exporting spans (divide by authz_tracing_spans_total: the cost per span)")
+        cpu.add_metric([], self.cpu_seconds)
+        yield from (traced, dropped, unsampled, cpu)
 
 
 def unsampled(traceparent: str | None) -> bool:

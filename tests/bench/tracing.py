@@ -142,6 +142,7 @@ async def off_and_on(decisions: int, rounds: int) -> dict[str, Any]:
     runtime.load()
     sampled, unsampled = _requests(decisions), _requests(decisions, sampled=False)
     rounds_us: dict[str, list[float]] = {}
+    thread_cpu: dict[str, list[float]] = {}  # the tracer thread's own CPU per span, per round
     try:
         for kind, cached, requests in (("cached", True, sampled), ("uncached", False, sampled),
                                        ("cached_unsampled", True, unsampled)):
@@ -160,6 +161,8 @@ async def off_and_on(decisions: int, rounds: int) -> dict[str, Any]:
                         assert tracer.flush(120)
                         wall += time.perf_counter() - start
                         cpu += time.process_time() - start_cpu
+                        if mode == "on" and kind != "cached_unsampled":
+                            thread_cpu.setdefault(kind, []).append(tracer.cpu_seconds)
                     rounds_us.setdefault(f"{kind}_{mode}_wall", []).append(wall / decisions * 1e6)
                     rounds_us.setdefault(f"{kind}_{mode}_cpu", []).append(cpu / decisions * 1e6)
         facts = facts_from_check_request(parse_check_request(sampled[0]))
@@ -180,7 +183,10 @@ async def off_and_on(decisions: int, rounds: int) -> dict[str, Any]:
         collector.close()
         for name in environ:
             os.environ.pop(name, None)
+    per_span = {kind: statistics.median(after - before for before, after in zip(values, values[1:])) / decisions * 1e6
+                for kind, values in thread_cpu.items() if len(values) > 1}
     return {"us_per_decision": {name: statistics.median(values) for name, values in rounds_us.items()},
+            "tracer_thread_us_per_span": per_span,
             "rounds": rounds_us, "hooks_us": hooks_us, "spans_traced": traced,
             "spans_received_by_collector": received,
             "spans_dropped": sum(tracer.dropped for tracer in tracers.values() if tracer is not None),
@@ -258,6 +264,10 @@ def report(results: dict[str, Any], decisions: int) -> str:
     text = table(title, ["decision", "off CPU", "on CPU", "Δ CPU", "Δ wall", "SDK spans: Δ CPU", "Δ wall",
                          "off CPU round spread"], rows)
     text += f"\nrequest-path hooks when on (phase clock, 3 marks, what the span needs kept, queue append; CPU): {results['hooks_us']:.2f} µs"
+    per_span = results.get("tracer_thread_us_per_span", {})
+    if per_span:
+        text += "\ntracer thread's own CPU per span (on): " + ", ".join(f"{kind} {us:.2f} µs"
+                                                                   for kind, us in per_span.items())
     load = ", ".join(f"{value:.1f}" for value in results.get("load_average", ()))
     return text + (f"\nspans made {results['spans_traced']}, received by the collector "
                    f"{results['spans_received_by_collector']}, dropped {results['spans_dropped']}; "

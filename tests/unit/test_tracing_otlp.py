@@ -135,5 +135,8 @@ def test_the_queue_is_bounded_drops_are_counted_and_flush_waits_for_what_came_be
         assert tracer.flush(10)
         assert sink.added[-2:] == ["e", "f"]
         done.join()
+        metrics = {family.name: family.samples[0].value for family in tracer.collect()}
+        assert metrics["authz_tracing_spans"] == 4 and metrics["authz_tracing_spans_dropped"] == 2
+        assert metrics["authz_tracing_unsampled"] == 2 and metrics["authz_tracing_cpu_seconds"] >= 0
     finally:
         tracer.shutdown(timeout=5)

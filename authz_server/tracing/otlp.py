@@ -31,7 +31,7 @@ from typing import Any, Mapping
 from .attributes import SPAN_NAME, attribute_shape, failed, shape_attributes, w3c_headers
 from .spans import DecisionTracer, last_phase, phase_timeline, span_start, unsampled
 from .transport import EncodedSpans, encoded_exporter
-from .wire import ROOT_FLAGS, AttributesPart, EventsPart, export_request, parent_fields, span_frame
+from .wire import ROOT_FLAGS, AttributesPart, EventsPart, SpanLayout, export_request, parent_fields, span_frame
 
 log = logging.getLogger("authz_server.tracing")
 
@@ -143,13 +143,13 @@ class OtlpSpans:
             rule = self._root
             if rule is not True and not _sampled(rule, trace_number):
                 return False
-            trace_id, parent_fields_ = trace_number.to_bytes(16, "big"), ROOT_FLAGS
+            trace_id, parent_id = trace_number.to_bytes(16, "big"), None
         else:
-            trace_id, span_id, sampled = parent
+            trace_id, parent_id, sampled = parent
             rule = self._sampled_parent if sampled else self._unsampled_parent
             if rule is not True and not _sampled(rule, int.from_bytes(trace_id, "big")):
                 return False
-            parent_fields_ = parent_fields(span_id, _trace_state(traceparent, tracestate) if tracestate else "")
+        span_id = (_getrandbits(64) or 1).to_bytes(8, "big")
         start_ns = span_start(phases, now, end_ns)
         event_shape, timings = phase_timeline(phases, last, start_ns, end_ns)
         attributes = self._attributes.get(key)
@@ -158,8 +158,16 @@ class OtlpSpans:
         events = self._events.get(event_shape)
         if events is None:
             events = self._events_part(event_shape)
-        self._frames.append(span_frame(trace_id, (_getrandbits(64) or 1).to_bytes(8, "big"), parent_fields_, start_ns,
-                                       end_ns, attributes.id_field(decision_id), attributes, events, timings))
+        trace_state = _trace_state(traceparent, tracestate) if tracestate and parent_id is not None else ""
+        decision_id = attributes.id_value(decision_id)
+        layout = None if trace_state else SpanLayout.of(attributes, events, parent_id is not None, len(decision_id))
+        if layout is not None:
+            self._frames.append(layout.pack(trace_id, span_id, parent_id, start_ns, end_ns, decision_id, timings))
+        else:  # a trace state, or limits that dropped an event's duration: the general way
+            parent_part = ROOT_FLAGS if parent_id is None else parent_fields(parent_id, trace_state)
+            id_field = attributes.id_prefix(len(decision_id)) + decision_id if attributes.has_id else b""
+            self._frames.append(span_frame(trace_id, span_id, parent_part, start_ns, end_ns, id_field, attributes,
+                                           events, timings))
         if len(self._frames) >= self.batch:
             self.send()
         return True

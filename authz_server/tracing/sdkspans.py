@@ -52,7 +52,7 @@ class SdkSpans:
         if span.is_recording():
             shape, timings = phase_timeline(decision.phase_clock, last_phase(decision, failed(decision)), start_ns,
                                              end_ns)
-            for (name, extra), (at_ns, duration_us) in zip(shape, timings):
+            for (name, extra), at_ns, duration_us in zip(shape, timings[0::2], timings[1::2]):
                 span.add_event(name, {"authz.duration_us": duration_us, **dict(extra)}, timestamp=at_ns)
             if failed(decision):
                 status, error = self._error

@@ -35,10 +35,10 @@ log = logging.getLogger("authz_server.tracing")
 _clock_ns = time.time_ns
 _LATEST_START_SKEW_NS = 60 * 1_000_000_000  # a request's `now` further from the end than this is not a wall clock
 
-# One phase as an event: (name, its attributes after ``authz.duration_us``), and when it began
-# with how long it took (µs).
+# One phase as an event: (name, its attributes after ``authz.duration_us``); and for each, flat,
+# when it began (ns) and how long it took (µs).
 EventShape = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
-Timings = list[tuple[int, float]]
+Timings = list[Any]
 
 
 class PhaseClock:
@@ -219,8 +219,8 @@ def last_phase(decision: Any, error: bool) -> tuple[str, tuple[tuple[str, Any], 
 
 def phase_timeline(phases: PhaseClock | None, last: tuple[str, tuple[tuple[str, Any], ...]], start_ns: int,
                    end_ns: int) -> tuple[EventShape, Timings]:
-    """The phases as events: (name, attributes after ``authz.duration_us``) for each, and (when it
-    began, its µs): the marked ones, then ``last`` up to the end."""
+    """The phases as events: (name, attributes after ``authz.duration_us``) for each, and when it
+    began and its µs, flat: the marked ones, then ``last`` up to the end."""
     shape: list[tuple[str, tuple[tuple[str, Any], ...]]] = []
     timings: Timings = []
     began = start_ns
@@ -235,10 +235,10 @@ def phase_timeline(phases: PhaseClock | None, last: tuple[str, tuple[tuple[str, 
             else:
                 shape.append((name, ()))
             took = ended - began
-            timings.append((began, took / 1000 if took > 0 else 0.0))
+            timings += (began, took / 1000 if took > 0 else 0.0)
             began = ended
     took = end_ns - began
-    timings.append((began, took / 1000 if took > 0 else 0.0))
+    timings += (began, took / 1000 if took > 0 else 0.0)
     shape.append(last)
     return tuple(shape), timings
 

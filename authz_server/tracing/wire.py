@@ -9,7 +9,8 @@ duration, the decision id. So everything else (name, kind, the other attributes,
 names and attributes, status, what span limits dropped) is encoded *by upb* once per shape
 (``AttributesPart``, ``EventsPart``), and a span is those bytes with the changing fields put in
 front: only field tags, varint lengths, little-endian fixed64/double numbers and one string
-``KeyValue`` are written here (``span_frame``, ``export_request``). Protobuf parsers take fields
+``KeyValue`` are written here (``span_frame``, ``export_request``). ``SpanLayout`` makes the usual
+span (no trace state) with one ``struct`` call whose constant fields are those parts. Protobuf parsers take fields
 in any order and concatenate repeated ones, so the decision id comes first among the attributes
 and the duration first among an event's, as the SDK's encoder has them.
 tests/unit/test_tracing_wire.py parses these bytes with upb and compares them with the SDK's.
@@ -89,7 +90,7 @@ class AttributesPart:
     """Name, kind, status and every attribute but the decision id of one shape of span, encoded;
     ``id_field`` makes the decision id's attribute (None: span limits dropped it)."""
 
-    __slots__ = ("encoded", "_id_length", "_id_prefixes")
+    __slots__ = ("encoded", "layouts", "_id_length", "_id_prefixes")
 
     def __init__(self, name: str, attributes: dict[str, Any], error: str | None, limits: Any) -> None:
         from opentelemetry.attributes import BoundedAttributes
@@ -103,21 +104,34 @@ class AttributesPart:
         status = Status(code=Status.STATUS_CODE_ERROR, message=error) if error is not None else Status()
         self.encoded = Span(name=name, kind=Span.SPAN_KIND_SERVER, attributes=_key_values(kept),
                             dropped_attributes_count=bounded.dropped, status=status).SerializeToString()
+        self.layouts: dict[tuple[EventsPart, bool, int], SpanLayout | None] = {}  # see ``SpanLayout.of``
 
-    def id_field(self, decision_id: str) -> bytes:
+    @property
+    def has_id(self) -> bool:
+        return self._id_prefixes is not None
+
+    def id_value(self, decision_id: str) -> bytes:
+        """The decision id's bytes, cut as the span limits cut attribute values."""
+        return (decision_id[:self._id_length] if self._id_length is not None else decision_id).encode()
+
+    def id_prefix(self, length: int) -> bytes:
+        """The decision id's attribute up to its value, for a value of ``length`` bytes."""
         prefixes = self._id_prefixes
         if prefixes is None:
             return b""
-        if self._id_length is not None:
-            decision_id = decision_id[:self._id_length]
-        value = decision_id.encode()
-        prefix = prefixes.get(len(value))
+        prefix = prefixes.get(length)
         if prefix is None:  # everything before the value's bytes depends on its length only
             from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 
-            whole = field(_ATTRIBUTE, KeyValue(key=_KEY_DECISION_ID, value=any_value(decision_id)).SerializeToString())
-            prefix = prefixes[len(value)] = whole[:len(whole) - len(value)]
-        return prefix + value
+            value = KeyValue(key=_KEY_DECISION_ID, value=any_value("x" * length)).SerializeToString()
+            prefix = prefixes[length] = field(_ATTRIBUTE, value)[:-length]
+        return prefix
+
+    def id_field(self, decision_id: str) -> bytes:
+        if self._id_prefixes is None:
+            return b""
+        value = self.id_value(decision_id)
+        return self.id_prefix(len(value)) + value
 
 
 class EventsPart:
@@ -152,17 +166,83 @@ class EventsPart:
 
 
 def span_frame(trace_id: bytes, span_id: bytes, parent: bytes, start_ns: int, end_ns: int, id_field: bytes,
-               attributes: AttributesPart, events: EventsPart, timings: Sequence[tuple[int, float]]) -> bytes:
-    """One span, framed as an entry of ``ScopeSpans.spans``; ``parent``: ``parent_fields``, or
-    ``ROOT_FLAGS`` for a span that starts its trace."""
+               attributes: AttributesPart, events: EventsPart, timings: Sequence[Any]) -> bytes:
+    """One span, framed as an entry of ``ScopeSpans.spans``, for any parent: ``parent`` is
+    ``parent_fields`` or ``ROOT_FLAGS``; ``timings``: each event's start (ns) and µs, flat."""
     parts = [_TRACE_ID, trace_id, _SPAN_ID, span_id, parent, _TIMES.pack(0x39, start_ns, 0x41, end_ns), id_field,
              attributes.encoded, events.dropped]
-    first = events.first
-    for (packer, head, middle, rest), (at_ns, duration_us) in zip(events.events, timings[first:] if first else timings):
+    first = 2 * events.first
+    for (packer, head, middle, rest), at_ns, duration_us in zip(events.events, timings[first::2], timings[first + 1::2]):
         parts.append(packer.pack(head, at_ns, middle, duration_us, rest) if middle else packer.pack(head, at_ns, rest))
     body = b"".join(parts)
-    size = len(body)
-    return (_SPAN + bytes((size,)) if size < 0x80 else _SPAN + varint(size)) + body
+    return _SPAN + varint(len(body)) + body
+
+
+class SpanLayout:
+    """The spans of one shape (``AttributesPart``, ``EventsPart``), with a remote parent without
+    trace state or none, and a decision id of one length, as one ``struct``: the framed span's
+    constant bytes are its ``s`` fields, filled in already, so ``pack`` puts in the ids, the times
+    and the durations with one call (``span_frame``'s parts and join cost twice as much)."""
+
+    __slots__ = ("_packer", "_template", "_slots", "_ats", "_tooks", "_first")
+
+    @staticmethod
+    def of(attributes: AttributesPart, events: EventsPart, remote_parent: bool, id_length: int) -> SpanLayout | None:
+        """The layout for these parts (made once), or None when span limits dropped some event's
+        duration (then ``span_frame`` it is)."""
+        key = (events, remote_parent, id_length)
+        if key in attributes.layouts:
+            return attributes.layouts[key]
+        layout = SpanLayout(attributes, events, remote_parent, id_length)
+        found = attributes.layouts[key] = layout if layout._tooks is not None else None
+        return found
+
+    def __init__(self, attributes: AttributesPart, events: EventsPart, remote_parent: bool, id_length: int) -> None:
+        widths = {"trace": "16s", "span": "8s", "parent": "8s", "start": "Q", "end": "Q", "id": f"{id_length}s",
+                  "at": "Q", "took": "d"}
+        pieces: list[Any] = [_TRACE_ID, "trace", _SPAN_ID, "span"]
+        pieces += [_PARENT_ID, "parent", REMOTE_PARENT_FLAGS] if remote_parent else [ROOT_FLAGS]
+        pieces += [b"\x39", "start", b"\x41", "end"]
+        if attributes.has_id:
+            pieces += [attributes.id_prefix(id_length), "id"]
+        pieces += [attributes.encoded, events.dropped]
+        for _, head, middle, rest in events.events:
+            pieces += [head, "at", middle, "took", rest] if middle else [head, "at", rest]
+        merged: list[Any] = []
+        for piece in pieces:  # neighbouring constant bytes become one field
+            if isinstance(piece, bytes) and merged and isinstance(merged[-1], bytes):
+                merged[-1] += piece
+            elif piece != b"":
+                merged.append(piece)
+        size = sum(len(piece) if isinstance(piece, bytes) else struct.calcsize("<" + widths[piece]) for piece in merged)
+        merged.insert(0, _SPAN + varint(size))
+        if len(merged) > 1 and isinstance(merged[1], bytes):
+            merged[:2] = [merged[0] + merged[1]]
+        self._packer = struct.Struct("<" + "".join(f"{len(p)}s" if isinstance(p, bytes) else widths[p] for p in merged))
+        self._template: list[Any] = [piece if isinstance(piece, bytes) else 0 for piece in merged]
+        where = {name: index for index, name in enumerate(merged) if isinstance(name, str) and name not in ("at", "took")}
+        self._slots = (where["trace"], where["span"], where.get("parent"), where["start"], where["end"], where.get("id"))
+        self._ats = [index for index, name in enumerate(merged) if name == "at"]
+        tooks = [index for index, name in enumerate(merged) if name == "took"]
+        self._tooks: list[int] | None = tooks if len(tooks) == len(self._ats) else None
+        self._first = 2 * events.first
+
+    def pack(self, trace_id: bytes, span_id: bytes, parent_id: bytes | None, start_ns: int, end_ns: int,
+             decision_id: bytes, timings: list[Any]) -> bytes:
+        """The framed span; ``timings`` as ``span_frame`` takes them."""
+        args = self._template.copy()
+        trace, span, parent, start, end, id_slot = self._slots
+        args[trace], args[span], args[start], args[end] = trace_id, span_id, start_ns, end_ns
+        if parent is not None:
+            args[parent] = parent_id
+        if id_slot is not None:
+            args[id_slot] = decision_id
+        first = self._first
+        for index, at_ns in zip(self._ats, timings[first::2]):
+            args[index] = at_ns
+        for index, duration_us in zip(self._tooks or (), timings[first + 1::2]):
+            args[index] = duration_us
+        return self._packer.pack(*args)
 
 
 def export_request(resource_spans: bytes, scope_spans: bytes, frames: Sequence[bytes]) -> bytes:

@@ -4,7 +4,7 @@
 the fast path does not know, see ``otlp``) takes this path: each queued decision becomes an SDK
 span (``start_span`` with the decision's timestamps, ``add_event``, ``end``) handed to the
 provider's ``BatchSpanProcessor``s, so everything the SDK does (sampling, limits, batching,
-exporting) applies as if the span had been made live. It costs about 150 µs of CPU a sampled
+exporting) applies as if the span had been made live. It costs 150-200 µs of CPU a sampled
 decision (docs/observability.md), which is why OTLP alone does not come here.
 """
 

@@ -56,7 +56,8 @@ def attribute_shape(decision: Any, facts: Any) -> tuple[Any, ...]:
 
 def shape_attributes(shape: tuple[Any, ...]) -> dict[str, Any]:
     """The attributes an ``attribute_shape`` stands for (all but ``authz.decision_id``), in order."""
-    allowed, code, phase, cached, policy_version, http_status, would_allow, identity, signals, explained, request = shape
+    allowed, code, phase, cached, policy_version, http_status, would_allow, identity, signals, explained, \
+        request = shape
     attributes: dict[str, Any] = {
         "authz.allowed": allowed,
         "authz.code": code,

@@ -148,7 +148,8 @@ class EventsPart:
         kept = len(shape) if limits.max_events is None else min(len(shape), limits.max_events)
         self.first = len(shape) - kept  # the SDK's bounded list drops the oldest events
         self.dropped = b"\x60" + varint(self.first) if self.first else b""  # dropped_events_count (12)
-        duration_field = field(b"\x1a", KeyValue(key=_KEY_DURATION, value=AnyValue(double_value=0.5)).SerializeToString())
+        duration = KeyValue(key=_KEY_DURATION, value=AnyValue(double_value=0.5))
+        duration_field = field(b"\x1a", duration.SerializeToString())
         self.events: list[tuple[struct.Struct, bytes, bytes, bytes]] = []
         for name, extra in shape[self.first:]:
             bounded = BoundedAttributes(limits.max_event_attributes, {_KEY_DURATION: 0.0, **dict(extra)},
@@ -172,7 +173,8 @@ def span_frame(trace_id: bytes, span_id: bytes, parent: bytes, start_ns: int, en
     parts = [_TRACE_ID, trace_id, _SPAN_ID, span_id, parent, _TIMES.pack(0x39, start_ns, 0x41, end_ns), id_field,
              attributes.encoded, events.dropped]
     first = 2 * events.first
-    for (packer, head, middle, rest), at_ns, duration_us in zip(events.events, timings[first::2], timings[first + 1::2]):
+    for (packer, head, middle, rest), at_ns, duration_us in zip(events.events, timings[first::2],
+                                                                timings[first + 1::2]):
         parts.append(packer.pack(head, at_ns, middle, duration_us, rest) if middle else packer.pack(head, at_ns, rest))
     body = b"".join(parts)
     return _SPAN + varint(len(body)) + body
@@ -220,8 +222,10 @@ class SpanLayout:
             merged[:2] = [merged[0] + merged[1]]
         self._packer = struct.Struct("<" + "".join(f"{len(p)}s" if isinstance(p, bytes) else widths[p] for p in merged))
         self._template: list[Any] = [piece if isinstance(piece, bytes) else 0 for piece in merged]
-        where = {name: index for index, name in enumerate(merged) if isinstance(name, str) and name not in ("at", "took")}
-        self._slots = (where["trace"], where["span"], where.get("parent"), where["start"], where["end"], where.get("id"))
+        where = {name: index for index, name in enumerate(merged)
+                 if isinstance(name, str) and name not in ("at", "took")}
+        self._slots = (where["trace"], where["span"], where.get("parent"), where["start"], where["end"],
+                       where.get("id"))
         self._ats = [index for index, name in enumerate(merged) if name == "at"]
         tooks = [index for index, name in enumerate(merged) if name == "took"]
         self._tooks: list[int] | None = tooks if len(tooks) == len(self._ats) else None

@@ -263,7 +263,8 @@ def report(results: dict[str, Any], decisions: int) -> str:
              f"acknowledged the last span), {decisions} requests that never repeat, medians of the interleaved rounds")
     text = table(title, ["decision", "off CPU", "on CPU", "Δ CPU", "Δ wall", "SDK spans: Δ CPU", "Δ wall",
                          "off CPU round spread"], rows)
-    text += f"\nrequest-path hooks when on (phase clock, 3 marks, what the span needs kept, queue append; CPU): {results['hooks_us']:.2f} µs"
+    text += ("\nrequest-path hooks when on (phase clock, 3 marks, what the span needs kept, queue append; CPU): "
+             f"{results['hooks_us']:.2f} µs")
     per_span = results.get("tracer_thread_us_per_span", {})
     if per_span:
         text += "\ntracer thread's own CPU per span (on): " + ", ".join(f"{kind} {us:.2f} µs"

@@ -1,9 +1,9 @@
 """Decisions → OTLP export requests, with no SDK span in between: the fast path of tracing.
 
-Making an SDK span and encoding it costs ~150 µs of CPU per decision (the SDK's attribute
+Making an SDK span and encoding it costs 150-200 µs of CPU per decision (the SDK's attribute
 checks, span and event objects, its batch processor's queue, then its encoder building a
 protobuf message field by field). This sink makes the same span as ``sdkspans.SdkSpans`` would
-(tests/integration/test_tracing.py compares the two as a real collector receives them) for a
+(tests/integration/test_tracing_paths.py compares the two as real collectors receive them) for a
 few µs: it reads the parent from the request's ``traceparent`` itself, applies the sampler's
 rule, draws the ids, and encodes the span with ``wire`` from parts made once per shape of
 decision; every ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` spans (and whenever the tracer's thread

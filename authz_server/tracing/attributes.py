@@ -16,7 +16,7 @@ the request's in HTTP mode.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 from ..audit.record import who
 
@@ -30,35 +30,58 @@ _FAILED_CODES = frozenset({"policy_timeout", "policy_eval_error", "policy_engine
 
 def decision_attributes(decision: Any, facts: Any) -> dict[str, Any]:
     """The span attributes of ``decision`` (see the module docstring)."""
-    attributes: dict[str, Any] = {
-        "authz.decision_id": decision.decision_id,
-        "authz.allowed": decision.allowed,
-        "authz.code": decision.code,
-        "authz.phase": decision.phase,
-        "authz.cached": decision.cached,
-        "authz.policy_version": decision.policy_version,
-        "http.response.status_code": decision.http_status,
-    }
-    if decision.dry_run:
-        attributes["authz.dry_run"] = True
-        attributes["authz.would_allow"] = bool(decision.would_allow)
+    return {"authz.decision_id": decision.decision_id, **shape_attributes(attribute_shape(decision, facts))}
+
+
+def attribute_shape(decision: Any, facts: Any) -> tuple[Any, ...]:
+    """Everything the attributes say but the decision's id, as a hashable tuple: decisions of one
+    shape share every other attribute, so an encoder can make their bytes once (``otlp``)."""
     document = decision.identity.document
     if document:
         subject, spiffe_id = who(document)
-        attributes["authz.identity.method"] = str(document.get("method") or "none")
+        identity: tuple[str, str, str] | None = (str(document.get("method") or "none"), subject, spiffe_id)
+    else:
+        identity = None
+    explanation = getattr(decision, "explanation", None)
+    if facts is not None:
+        method = str(facts.method).upper()
+        request: tuple[str, str] | None = (facts.transport, method if method in _METHODS else "_OTHER")
+    else:
+        request = None
+    return (decision.allowed, decision.code, decision.phase, decision.cached, decision.policy_version,
+            decision.http_status, bool(decision.would_allow) if decision.dry_run else None, identity,
+            tuple(sorted(str(name) for name in decision.signals)) if decision.signals else None,
+            str(explanation.get("mode", "")) if explanation else None, request)
+
+
+def shape_attributes(shape: tuple[Any, ...]) -> dict[str, Any]:
+    """The attributes an ``attribute_shape`` stands for (all but ``authz.decision_id``), in order."""
+    allowed, code, phase, cached, policy_version, http_status, would_allow, identity, signals, explained, \
+        request = shape
+    attributes: dict[str, Any] = {
+        "authz.allowed": allowed,
+        "authz.code": code,
+        "authz.phase": phase,
+        "authz.cached": cached,
+        "authz.policy_version": policy_version,
+        "http.response.status_code": http_status,
+    }
+    if would_allow is not None:
+        attributes["authz.dry_run"] = True
+        attributes["authz.would_allow"] = would_allow
+    if identity is not None:
+        method, subject, spiffe_id = identity
+        attributes["authz.identity.method"] = method
         if subject:
             attributes["authz.subject"] = subject
         if spiffe_id:
             attributes["authz.spiffe_id"] = spiffe_id
-    if decision.signals:
-        attributes["authz.signals"] = sorted(str(name) for name in decision.signals)
-    explanation = getattr(decision, "explanation", None)
-    if explanation:
-        attributes["authz.explained"] = str(explanation.get("mode", ""))
-    if facts is not None:
-        attributes["authz.transport"] = facts.transport
-        method = str(facts.method).upper()
-        attributes["http.request.method"] = method if method in _METHODS else "_OTHER"
+    if signals is not None:
+        attributes["authz.signals"] = list(signals)
+    if explained is not None:
+        attributes["authz.explained"] = explained
+    if request is not None:
+        attributes["authz.transport"], attributes["http.request.method"] = request
     return attributes
 
 
@@ -71,11 +94,31 @@ def trace_carrier(facts: Any, fields: Iterable[str]) -> dict[str, str]:
     """The propagation headers (``fields``) the request carried."""
     if facts is None:
         return {}
-    headers: Mapping[str, str] = facts.headers
-    volatile = getattr(getattr(facts.attributes_factory, "volatile", None), "headers", None) or {}
     carrier = {}
     for name in fields:
-        value = headers.get(name) or volatile.get(name)
+        value = trace_header(facts, name)
         if value:
             carrier[name] = value
     return carrier
+
+
+def w3c_headers(facts: Any) -> tuple[str | None, str | None]:
+    """The request's ``traceparent`` and ``tracestate`` (as ``trace_header`` reads each)."""
+    headers = facts.headers
+    parent, state = headers.get("traceparent"), headers.get("tracestate")
+    if not parent or not state:
+        volatile = getattr(facts.attributes_factory, "volatile", None)
+        if volatile is not None:
+            parent = parent or volatile.headers.get("traceparent")
+            state = state or volatile.headers.get("tracestate")
+    return parent, state
+
+
+def trace_header(facts: Any, name: str) -> str | None:
+    """One propagation header of the request (in gRPC mode maybe among the volatile ones)."""
+    value: str | None = facts.headers.get(name)
+    if not value:
+        volatile = getattr(facts.attributes_factory, "volatile", None)
+        if volatile is not None:
+            value = volatile.headers.get(name)
+    return value

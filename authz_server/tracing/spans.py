@@ -1,24 +1,24 @@
 """Decisions → OpenTelemetry spans, made off the request path.
 
-Making an SDK span costs tens of microseconds of Python (ids, sampling, attribute checks, the
-processor's queue), more than a cached decision itself. So the request path only takes
-timestamps: ``DecisionTracer.start`` gives the pipeline a ``PhaseClock`` that notes when each
-phase ended (identity, signals, cache, policy), and ``observe`` (a pipeline observer) appends
-the finished decision to a bounded queue. A thread of this tracer turns the queue into spans
-through the SDK with those timestamps (``start_time``, event timestamps, ``end_time``): the
-same spans, sampled, limited, batched and exported by the SDK as if they had been made live,
-at a fraction of the cost where it matters. Each span is a SERVER span named
-``authz.decision`` whose parent is the trace context the request carried; its phases are
-span events (``identity``, ``signals``, ``cache``, ``policy``, ``response``), each stamped
-when the phase began, with its duration in ``authz.duration_us``; a phase that failed is named
-as the decision's ``authz.phase`` and carries ``authz.error``. When the queue is full a
-decision goes untraced and is counted (``authz_tracing_spans_dropped_total``); it is never
-waited for.
+Making a span costs microseconds of Python, more than a cached decision itself. So the request
+path only takes timestamps: ``DecisionTracer.start`` gives the pipeline a ``PhaseClock`` that
+notes when each phase ended (identity, signals, cache, policy), and ``observe`` (a pipeline
+observer) appends the finished decision to a bounded queue. A thread of this tracer turns the
+queue into spans with those timestamps, through a *sink*: ``otlp.OtlpSpans`` encodes them
+straight into OTLP requests and exports them (the default: a few µs a span), ``sdkspans.SdkSpans``
+makes them with the SDK's tracer for any other exporter. Both make the same span: a SERVER span
+named ``authz.decision`` whose parent is the trace context the request carried; its phases are
+span events (``identity``, ``signals``, ``cache``, ``policy``, ``response``), each stamped when
+the phase began, with its duration in ``authz.duration_us``; a phase that failed is named as the
+decision's ``authz.phase`` and carries ``authz.error``.
 
-Envoy samples: a ``traceparent`` whose sampled flag is off, under the SDK's parent-based sampler
-(the default: it drops such spans), never reaches the queue: ``observe`` reads the flag and
-stops there, so an unsampled decision costs about a microsecond, not a span the SDK would make
-only to drop it.
+When the queue is full a decision goes untraced and is counted (``authz_tracing_spans_dropped_total``);
+it is never waited for. The thread wakes every ``delay`` seconds, or as soon as ``batch``
+decisions wait, and hands the GIL back to the event loop every ``slice_spans`` spans.
+
+Envoy samples: a ``traceparent`` whose sampled flag is off, under a parent-based sampler (the
+default: it drops such spans), never reaches the queue: the sink's ``keep`` reads the flag and
+stops there, so an unsampled decision costs about a microsecond.
 """
 
 from __future__ import annotations
@@ -27,14 +27,18 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
-from .attributes import SPAN_NAME, decision_attributes, failed, trace_carrier
 
 log = logging.getLogger("authz_server.tracing")
 
 _clock_ns = time.time_ns
 _LATEST_START_SKEW_NS = 60 * 1_000_000_000  # a request's `now` further from the end than this is not a wall clock
+
+# One phase as an event: (name, its attributes after ``authz.duration_us``); and for each, flat,
+# when it began (ns) and how long it took (µs).
+EventShape = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+Timings = list[Any]
 
 
 class PhaseClock:
@@ -50,33 +54,46 @@ class PhaseClock:
         self.marks.append((phase, _clock_ns(), detail))
 
 
+class SpanSink(Protocol):
+    """Where the tracer's thread puts spans (``otlp.OtlpSpans``, ``sdkspans.SdkSpans``)."""
+
+    def keep(self, decision: Any, facts: Any, now: float) -> Any:
+        """On the request path: what ``add`` will need of a decision that just ended, as little
+        of it as will do (holding whole decisions and requests until the thread runs costs the
+        allocator more than reading them now); None when the decision's parent is not sampled
+        and the sampler drops such spans."""
+
+    def add(self, kept: Any) -> bool:
+        """Make the span of what ``keep`` kept; False when the sampler dropped it."""
+
+    def send(self) -> None:
+        """Export what ``add`` kept (blocking; the tracer's thread calls it)."""
+
+    def flush(self, timeout: float) -> bool: ...
+
+    def shutdown(self) -> None: ...
+
+
 class DecisionTracer:
-    """See the module docstring. ``provider`` is an SDK ``TracerProvider`` this tracer owns."""
+    """See the module docstring."""
 
-    def __init__(self, provider: Any, *, max_queue: int = 20_000, linger: float = 0.05, slice_spans: int = 8) -> None:
-        from opentelemetry import propagate
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-
-        self.provider = provider
-        self._tracer = provider.get_tracer("authz_server.decision")
-        self._propagator = propagate.get_global_textmap()
-        self._fields = sorted(self._propagator.fields)
-        # Decisions under an unsampled W3C parent are dropped before the queue when the sampler
-        # would drop them too (parent-based, remote unsampled parent -> AlwaysOff).
-        self._drop_unsampled = "traceparent" in self._fields and \
-            "remoteParentNotSampled:AlwaysOffSampler" in provider.sampler.get_description()
-        self.unsampled = 0
-        self._server, self._error = SpanKind.SERVER, (Status, StatusCode.ERROR)
-        self._queue: collections.deque[tuple[Any, Any, float, int]] = collections.deque()
+    def __init__(self, sink: SpanSink, *, max_queue: int = 20_000, delay: float = 0.05, batch: int = 0,
+                 slice_spans: int = 8) -> None:
+        self.sink = sink
+        self._keep = sink.keep
+        self._queue: collections.deque[Any] = collections.deque()
         self.max_queue = max_queue
-        self.linger = linger
+        self.delay = delay
+        self.batch = batch  # this many decisions waiting wake the thread before ``delay`` (0: never)
         self.slice_spans = slice_spans  # spans made before the thread lets the event loop run again
         self.traced = 0
         self.dropped = 0
+        self.unsampled = 0
+        self.cpu_seconds = 0.0  # the thread's own CPU: making and exporting spans
         self._stop = threading.Event()
-        self._wake = threading.Event()  # set by flush and shutdown: drain now, not at the next linger
-        self._idle = threading.Event()  # clear while a span is being made
-        self._idle.set()
+        self._wake = threading.Event()
+        self._passes = threading.Condition()
+        self._started = self._finished = 0  # drain passes begun and done (flush waits for one begun after it)
         self._thread = threading.Thread(target=self._run, name="authz-tracing", daemon=True)
         self._thread.start()
 
@@ -87,66 +104,64 @@ class DecisionTracer:
 
     def observe(self, decision: Any, facts: Any, now: float) -> None:
         """The pipeline observer: one append, or a drop counted. Never blocks."""
-        if self._drop_unsampled and facts is not None and _unsampled(facts):
+        kept = self._keep(decision, facts, now)
+        if kept is None:
             self.unsampled += 1
             return
-        if len(self._queue) >= self.max_queue:
+        queue = self._queue
+        if len(queue) >= self.max_queue:
             self.dropped += 1
             return
-        self._queue.append((decision, facts, now, _clock_ns()))
+        queue.append(kept)
+        if len(queue) == self.batch:
+            self._wake.set()
 
     # -- the tracer's thread
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self.linger)
+            self._wake.wait(self.delay)
             self._wake.clear()
-            self._drain()
+            with self._passes:
+                self._started += 1
+            began = time.thread_time()
+            try:
+                self._drain()
+            except Exception:  # an exporter's bug costs a batch, never the tracer
+                log.exception("could not export spans")
+            self.cpu_seconds += time.thread_time() - began
+            with self._passes:
+                self._finished += 1
+                self._passes.notify_all()
 
     def _drain(self) -> None:
-        queue = self._queue
+        queue, sink, add = self._queue, self.sink, self.sink.add
         made = 0
         while queue:
-            self._idle.clear()
-            decision, facts, now, end_ns = queue.popleft()
+            kept = queue.popleft()
             try:
-                self._span(decision, facts, now, end_ns)
-                self.traced += 1
+                if add(kept):
+                    self.traced += 1
+                else:
+                    self.unsampled += 1
             except Exception:  # a bug here costs one span, never the tracer
-                log.exception("could not trace decision %s", getattr(decision, "decision_id", "?"))
+                log.exception("could not trace a decision")
             made += 1
             if made % self.slice_spans == 0:
                 time.sleep(0)  # hand the GIL to the event loop between slices
-        self._idle.set()
-
-    def _span(self, decision: Any, facts: Any, now: float, end_ns: int) -> None:
-        carrier = trace_carrier(facts, self._fields)
-        parent = self._propagator.extract(carrier) if carrier else None
-        phases: PhaseClock | None = decision.phase_clock
-        start_ns = int(now * 1e9)
-        if not end_ns - _LATEST_START_SKEW_NS <= start_ns <= end_ns:  # `now` from a test's clock
-            start_ns = phases.start_ns if phases is not None else end_ns
-        span = self._tracer.start_span(SPAN_NAME, context=parent, kind=self._server,
-                                       attributes=decision_attributes(decision, facts), start_time=start_ns)
-        if span.is_recording():
-            for name, at_ns, attributes in _phase_events(decision, phases, start_ns, end_ns):
-                span.add_event(name, attributes, timestamp=at_ns)
-            if failed(decision):
-                status, error = self._error
-                span.set_status(status(error, decision.code))
-        span.end(end_time=end_ns)
+        sink.send()
 
     # -- lifecycle
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Make spans of everything observed so far and export them; True if done in time."""
         deadline = time.monotonic() + timeout
-        while (self._queue or not self._idle.is_set()) and time.monotonic() < deadline:
+        with self._passes:
+            target = self._started + 1  # a pass that begins after this call drains all it saw
             self._wake.set()
-            self._idle.wait(0.01)
-        if self._queue or not self._idle.is_set():
-            return False
-        return bool(self.provider.force_flush(int(max(deadline - time.monotonic(), 0.0) * 1000)))
+            if not self._passes.wait_for(lambda: self._finished >= target, timeout):
+                return False
+        return self.sink.flush(max(deadline - time.monotonic(), 0.0))
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Trace what is queued (within ``timeout``), export it, stop. Blocking: call it off the loop."""
@@ -154,55 +169,81 @@ class DecisionTracer:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-        self.provider.shutdown()
+        self.sink.shutdown()
 
     def collect(self) -> Iterable[object]:
         from prometheus_client.core import CounterMetricFamily
 
-        traced = CounterMetricFamily("authz_tracing_spans", "Decisions traced (spans handed to the OpenTelemetry SDK)")
+        traced = CounterMetricFamily("authz_tracing_spans", "Decisions traced (spans made for export)")
         traced.add_metric([], self.traced)
         dropped = CounterMetricFamily("authz_tracing_spans_dropped", "Decisions not traced: the tracer's queue "
                                       "was full")
         dropped.add_metric([], self.dropped)
         unsampled = CounterMetricFamily("authz_tracing_unsampled", "Decisions not traced: the request's "
-                                        "traceparent said not sampled")
+                                        "traceparent (or the sampler) said not sampled")
         unsampled.add_metric([], self.unsampled)
-        yield from (traced, dropped, unsampled)
+        cpu = CounterMetricFamily("authz_tracing_cpu_seconds", "CPU time the tracer's thread spent making and "
+                                  "exporting spans (divide by authz_tracing_spans_total: the cost per span)")
+        cpu.add_metric([], self.cpu_seconds)
+        yield from (traced, dropped, unsampled, cpu)
 
 
-def _unsampled(facts: Any) -> bool:
-    """The request's W3C ``traceparent`` says not sampled (a malformed one is the SDK's to judge)."""
-    parent = facts.headers.get("traceparent")
-    if parent is None and facts.transport == "grpc":  # kept apart from the headers there (facts.Volatile)
-        volatile = getattr(facts.attributes_factory, "volatile", None)
-        parent = volatile.headers.get("traceparent") if volatile is not None else None
-    if parent is None or len(parent) < 55 or parent[2] != "-" or parent[52] != "-":
+def unsampled(traceparent: str | None) -> bool:
+    """A W3C ``traceparent`` that says not sampled (a malformed one is the sink's to judge)."""
+    if traceparent is None or len(traceparent) < 55 or traceparent[2] != "-" or traceparent[52] != "-":
         return False
-    flags = parent[53:55]
-    return flags in _UNSAMPLED_FLAGS
+    return traceparent[53:55] in _UNSAMPLED_FLAGS
 
 
 # The sampled bit is the lowest of the flags byte (W3C trace context, version 00 and later).
 _UNSAMPLED_FLAGS = frozenset(f"{n:02x}" for n in range(0, 256, 2))  # lowercase: W3C rejects other forms
 
 
-def _phase_events(decision: Any, phases: PhaseClock | None, start_ns: int,
-                  end_ns: int) -> Iterable[tuple[str, int, dict[str, Any]]]:
-    """(name, when it began, attributes) for each phase: the marked ones, then the last one
-    (``response``, or the phase that failed) up to the end."""
-    began = max(start_ns, phases.start_ns) if phases is not None else start_ns
-    for name, ended, detail in phases.marks if phases is not None else ():
-        attributes: dict[str, Any] = {"authz.duration_us": max(ended - began, 0) / 1000}
-        if name == "cache":
-            attributes["authz.cache.hit"] = bool(detail)
-        elif name == "policy" and detail:
-            attributes["authz.explained"] = str(detail)
-        yield name, began, attributes
-        began = ended
-    last: dict[str, Any] = {"authz.duration_us": max(end_ns - began, 0) / 1000}
-    if phases is None and decision.cached:  # answered again from an earlier decision (see repeats)
-        yield "cache", began, {**last, "authz.cache.hit": True, "authz.cache.repeat": True}
-    elif decision.verdict is None and not decision.allowed or failed(decision):
-        yield decision.phase, began, {**last, "authz.error": decision.code}
-    else:
-        yield "response", began, last
+def span_start(phases: PhaseClock | None, now: float, end_ns: int) -> int:
+    """When the span began (ns): the request's ``now``, unless that is a test's clock."""
+    start_ns = int(now * 1e9)
+    if not end_ns - _LATEST_START_SKEW_NS <= start_ns <= end_ns:
+        start_ns = phases.start_ns if phases is not None else end_ns
+    return start_ns
+
+
+def last_phase(decision: Any, error: bool) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """The event that ends the span: ``response``, or the phase that failed (with ``authz.error``),
+    or ``cache`` for an answer repeated by a front (no phases of its own). ``error``: ``failed(decision)``."""
+    if decision.phase_clock is None and decision.cached:  # answered again from an earlier decision (see repeats)
+        return _CACHE_REPEAT
+    if error or decision.verdict is None and not decision.allowed:
+        return decision.phase, (("authz.error", decision.code),)
+    return _RESPONSE
+
+
+def phase_timeline(phases: PhaseClock | None, last: tuple[str, tuple[tuple[str, Any], ...]], start_ns: int,
+                   end_ns: int) -> tuple[EventShape, Timings]:
+    """The phases as events: (name, attributes after ``authz.duration_us``) for each, and when it
+    began and its µs, flat: the marked ones, then ``last`` up to the end."""
+    shape: list[tuple[str, tuple[tuple[str, Any], ...]]] = []
+    timings: Timings = []
+    began = start_ns
+    if phases is not None:
+        if phases.start_ns > began:
+            began = phases.start_ns
+        for name, ended, detail in phases.marks:
+            if name == "cache":
+                shape.append(_CACHE_HIT if detail else _CACHE_MISS)
+            elif name == "policy" and detail:
+                shape.append((name, (("authz.explained", str(detail)),)))
+            else:
+                shape.append((name, ()))
+            took = ended - began
+            timings += (began, took / 1000 if took > 0 else 0.0)
+            began = ended
+    took = end_ns - began
+    timings += (began, took / 1000 if took > 0 else 0.0)
+    shape.append(last)
+    return tuple(shape), timings
+
+
+_CACHE_HIT = ("cache", (("authz.cache.hit", True),))
+_CACHE_MISS = ("cache", (("authz.cache.hit", False),))
+_CACHE_REPEAT = ("cache", (("authz.cache.hit", True), ("authz.cache.repeat", True)))
+_RESPONSE = ("response", ())

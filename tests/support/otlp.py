@@ -25,6 +25,8 @@ class ReceivedSpan:
     span: Any  # opentelemetry.proto.trace.v1.Span
     resource: dict[str, Any]
     raw: bytes  # the span as it came over the wire (for looking for secrets)
+    scope: Any = None  # opentelemetry.proto.common.v1.InstrumentationScope
+    resource_spans: Any = None  # the ResourceSpans it came in, without its scope_spans
 
     @property
     def attributes(self) -> dict[str, Any]:
@@ -106,9 +108,10 @@ class OtlpReceiver:
         received = []
         for resource_spans in request.resource_spans:
             resource = {kv.key: _value(kv.value) for kv in resource_spans.resource.attributes}
+            outer = type(resource_spans)(resource=resource_spans.resource, schema_url=resource_spans.schema_url)
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    received.append(ReceivedSpan(span, resource, span.SerializeToString()))
+                    received.append(ReceivedSpan(span, resource, span.SerializeToString(), scope_spans.scope, outer))
         with self._lock:
             self._spans.extend(received)
             self.count += len(received)

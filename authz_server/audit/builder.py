@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import orjson
 
 from ..errors import AuthzError
-from ..facts import Facts, Volatile, stable_input, with_volatile
+from ..facts import Facts, Shape, Volatile, parse_body, parse_path_and_query, stable_input, with_volatile
 from .record import BUNDLE_NAME, AuditRecord, build_document, who
 from .redact import Redactor, scrub_text
 from .render import render_line
@@ -43,7 +43,9 @@ _UNSPLIT = object()  # a request whose input cannot be split (or built): the who
 _WHOLE_INPUT_MEMBERS = 8
 # A slot in a rendered template: a string no request can hold (Envoy sends no NUL), checked anyway.
 _SLOT = re.compile(rb'"\\u0000\\u0001(\d+)\\u0000"')
-_REQUEST_ID, _PORT, _TIME, _HEADERS = 0, 1, 2, 3
+_REQUEST_ID, _PORT, _TIME, _HEADERS = 0, 1, 2, 3  # a fingerprint's template: _HEADERS + n, the n-th volatile header
+# a shape's template: every header in one slot, then the values that change within a shape
+_HEADERS_ALL, _METHOD, _PATH, _PARSED_PATH, _PARSED_QUERY, _PARSED_BODY, _TRUNCATED = 3, 4, 5, 6, 7, 8, 9
 _BOOL = {True: b"true", False: b"false"}
 _dumps = orjson.dumps
 _BUNDLES = b'"bundles":{' + _dumps(BUNDLE_NAME) + b':{"revision":'
@@ -63,6 +65,20 @@ class _Template:
     slots: tuple[int, ...]
     masked: tuple[str, ...]
     erased: tuple[str, ...]
+
+
+def _fill(template: _Template, values: list[bytes]) -> list[bytes]:
+    pieces = []
+    fragments = template.fragments
+    for index, slot in enumerate(template.slots):
+        pieces.append(fragments[index])
+        pieces.append(values[slot])
+    pieces.append(fragments[-1])
+    return pieces
+
+
+# A request's input members: (rendered pieces, masked, erased, masked among the volatile values)
+_Request = tuple[list[bytes], tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +147,7 @@ class RecordBuilder:
         self.redactor = redactor
         self.memo_size = memo_size
         self._templates: dict[tuple[Any, ...], Any] = {}  # (fingerprint, volatile shape) -> _Template | _UNSPLIT
+        self._shapes: dict[tuple[Any, ...], Any] = {}  # (shape key, volatile shape) -> _Template | _UNSPLIT
         self._identities: dict[bytes, _Who] = {}
         self._results: dict[bytes, tuple[bytes, tuple[str, ...]]] = {}  # rendered result -> redacted JSON, masked
         self._signals: dict[bytes, tuple[bytes, tuple[str, ...], tuple[str, ...]]] = {}
@@ -152,24 +169,22 @@ class RecordBuilder:
 
     def _fast(self, decision: "Decision", facts: Facts, volatile: Volatile, now: float,
               handler_ns: int) -> AuditRecord | None:
-        template = self._template(facts, volatile)
-        if template is _UNSPLIT:
-            return None
-        redacted, volatile_masked = self.redactor.redact_volatile(volatile)
-        values = self._volatile_values(redacted)
         pieces = [b'{"decision_id":', _dumps(decision.decision_id), b',"timestamp":"',
                   self._timestamp(now).encode(), b'",', self._head, _BUNDLES,
                   _dumps(decision.policy_version), b'}},"input":{']
-        fragments = template.fragments
-        for index, slot in enumerate(template.slots):
-            pieces.append(fragments[index])
-            pieces.append(values[slot])
-        pieces.append(fragments[-1])
+        shape = getattr(facts.attributes_factory, "shape", None)
+        request = self._by_shape(facts, volatile, shape()) if shape is not None else _UNSPLIT
+        if request is _UNSPLIT:
+            request = self._by_fingerprint(facts, volatile)
+        if request is None:
+            return None
+        request_pieces, request_masked, request_erased, volatile_masked = request
+        pieces += request_pieces
         person = self._who(decision)
         signals, signals_masked, signals_erased = self._signals_member(decision.signals)
         pieces += (b",", person.rendered, b",", signals, b"}")
-        masked = [*template.masked, *person.masked, *volatile_masked, *signals_masked]
-        erased = [*template.erased, *person.erased, *signals_erased]
+        masked = [*request_masked, *person.masked, *volatile_masked, *signals_masked]
+        erased = [*request_erased, *person.erased, *signals_erased]
         if decision.result is not None:
             result, result_masked = self._result(decision.result)
             pieces += (b',"result":', result)
@@ -207,6 +222,111 @@ class RecordBuilder:
             decision_id=decision.decision_id, timestamp=now, subject=subject, spiffe_id=spiffe_id,
             allowed=decision.allowed, code=decision.code, policy_version=decision.policy_version, document=None,
             line=b"".join(pieces).decode("utf-8"))
+
+    def _by_fingerprint(self, facts: Facts, volatile: Volatile) -> _Request | None:
+        """The request's input members from the template of its fingerprint (a request whose
+        factory cannot tell its shape)."""
+        template = self._template(facts, volatile)
+        if template is _UNSPLIT:
+            return None
+        redacted, volatile_masked = self.redactor.redact_volatile(volatile)
+        return _fill(template, self._volatile_values(redacted)), template.masked, template.erased, volatile_masked
+
+    def _by_shape(self, facts: Facts, volatile: Volatile, shape: Shape | None) -> Any:
+        """The request's input members from the template of its shape (``facts.ShapedAttributeSource``),
+        the method, path, headers and what is parsed from them redacted and rendered here;
+        ``_UNSPLIT`` when the shape is unknown or cannot be templated (the fingerprint's
+        template may still serve), None when this request takes the whole path."""
+        if shape is None:
+            return _UNSPLIT
+        key, method, path, headers = shape
+        template_key = (key, bool(volatile.request_id), bool(volatile.port), volatile.time_value is not None,
+                        bool(volatile.headers))
+        template = self._shapes.get(template_key)
+        if template is None:
+            template = self._make_shape_template(facts, volatile, shape)
+            if template is None:
+                return None
+            self._remember(self._shapes, template_key, template)
+        if template is _UNSPLIT:
+            return _UNSPLIT
+        try:  # as build_input parses them (a request it refuses takes the whole path, which says so)
+            parsed_path, parsed_query = parse_path_and_query(facts.path)
+            parsed_body, truncated = parse_body(facts.headers, facts.body, facts.raw_body)
+        except AuthzError:
+            return None
+        redacted, volatile_masked = self.redactor.redact_volatile(volatile)
+        changing = self.redactor.redact_request(
+            {"method": method, "headers": headers, "path": path},
+            {"parsed_path": parsed_path, "parsed_query": parsed_query, "parsed_body": parsed_body})
+        members = changing.members
+        headers_json = _dumps(members["headers"])
+        if redacted.headers:  # with_volatile puts them last: two objects of distinct names joined
+            extra = _dumps(redacted.headers)
+            headers_json = extra if len(headers_json) == 2 else headers_json[:-1] + b"," + extra[1:]
+        time_value = redacted.time_value
+        values = [_dumps(redacted.request_id), _dumps(redacted.port),
+                  _dumps({k: v for k, v in (("seconds", time_value[0]), ("nanos", time_value[1])) if v})
+                  if time_value is not None else b"",
+                  headers_json, _dumps(members["method"]), _dumps(members["path"]), _dumps(members["parsed_path"]),
+                  _dumps(members["parsed_query"]), _dumps(members["parsed_body"]), _BOOL[truncated]]
+        return (_fill(template, values), (*template.masked, *changing.masked), (*template.erased, *changing.erased),
+                volatile_masked)
+
+    def _make_shape_template(self, facts: Facts, volatile: Volatile, shape: Shape) -> Any:
+        """The input members of ``facts`` with a slot for every value that changes within the
+        shape (the volatile ones, method, path, headers, ``parsed_*``), redacted and rendered."""
+        _, method, path, headers = shape
+        try:
+            split = stable_input(facts)
+        except AuthzError:  # this request: the whole path; the next of its shape may do
+            return None
+        if split is None:
+            return _UNSPLIT
+        placeholders = Volatile(
+            request_id=_slot(_REQUEST_ID) if volatile.request_id else "", time_value=None,
+            port=_slot(_PORT) if volatile.port else 0,  # type: ignore[arg-type]
+            headers=dict.fromkeys(volatile.headers, ""))
+        attributes = dict(with_volatile(split["attributes"], placeholders))
+        if "request" in attributes:
+            request = attributes["request"] = dict(attributes["request"])
+            http = dict(request.get("http", {}))
+        else:
+            request, http = {}, {}
+        stable_headers = [(k, v) for k, v in http.get("headers", {}).items() if k not in volatile.headers]
+        if (http.get("method", "") != method or http.get("path", "") != path
+                or stable_headers != list(headers.items())):  # not what the shape says: never templated
+            return _UNSPLIT
+        slots = [_REQUEST_ID] * bool(volatile.request_id) + [_PORT] * bool(volatile.port)
+        for name, slot in (("method", _METHOD), ("path", _PATH), ("headers", _HEADERS_ALL)):
+            if name in http:
+                http[name] = _slot(slot)
+                slots.append(slot)
+        if "http" in request:
+            request["http"] = http
+        if volatile.time_value is not None:  # where with_volatile puts it: last in ``request``
+            if "request" not in attributes:
+                return _UNSPLIT
+            request["time"] = _slot(_TIME)
+            slots.append(_TIME)
+        members = {**split, "attributes": attributes}
+        for name, slot in (("parsed_path", _PARSED_PATH), ("parsed_query", _PARSED_QUERY),
+                           ("parsed_body", _PARSED_BODY), ("truncated_body", _TRUNCATED)):
+            members[name] = _slot(slot)
+            slots.append(slot)
+        return self._render_template(members, sorted(slots))
+
+    def _render_template(self, members: dict[str, Any], expected: list[int]) -> Any:
+        stable = self.redactor.redact_input_parts(members)
+        try:
+            rendered = _dumps(stable.members)
+        except (TypeError, orjson.JSONEncodeError):
+            return _UNSPLIT
+        parts = _SLOT.split(rendered[1:-1])
+        slots = tuple(int(index) for index in parts[1::2])
+        if sorted(slots) != expected:  # a request holding our placeholder text: never spliced
+            return _UNSPLIT
+        return _Template(tuple(parts[0::2]), slots, stable.masked, stable.erased)
 
     @staticmethod
     def _volatile_values(redacted: Volatile) -> list[bytes]:

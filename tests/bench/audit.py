@@ -28,6 +28,7 @@ import json
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,90 @@ async def throughput(sink: Any, decisions: list[Any], facts: list[Any]) -> float
     await audit.stop()
     assert written == len(decisions), (written, len(decisions))
     return len(decisions) / elapsed
+
+
+# -- in process, traffic that does not repeat (issue 28)
+
+_ENVOY_HEADERS = {"user-agent": "wrk", "x-forwarded-proto": "http"}
+
+
+def _grpc_facts(request: Any, session: str | None, n: int, now: float) -> Any:
+    """Facts as the gRPC front reads them: a CheckRequest as Envoy sends it, serialized and parsed."""
+    from authz_server.envoy import check_request_from_json, facts_from_check_request, parse_check_request
+
+    headers = {":authority": "api", ":method": request.method, ":path": request.path, ":scheme": "http",
+               **_ENVOY_HEADERS, "x-request-id": str(uuid.UUID(int=n))}
+    if session is not None:
+        headers["x-session-id"] = session
+    seconds = int(now)
+    document = {"attributes": {
+        "source": {"address": {"socketAddress": {"address": "127.0.0.1", "portValue": 40000 + n % 20000}}},
+        "destination": {"address": {"socketAddress": {"address": "127.0.0.1", "portValue": 10000}}},
+        "request": {"time": f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{n % 10**6:06d}Z",
+                    "http": {"id": str(n), "method": request.method, "headers": headers,
+                             "path": request.path, "host": "api", "scheme": "http", "protocol": "HTTP/1.1"}},
+        "metadataContext": {}, "routeMetadataContext": {}}}
+    wire = check_request_from_json(document).SerializeToString()
+    return facts_from_check_request(parse_check_request(wire))
+
+
+def _http_facts(request: Any, session: str | None, n: int) -> Any:
+    """Facts as the HTTP front reads them: Envoy's HTTP ext_authz request."""
+    from authz_server.http import HttpRequest
+    from authz_server.httpfront import facts_from_http
+
+    headers = {"host": "api", **_ENVOY_HEADERS, "x-request-id": str(uuid.UUID(int=n)),
+               "x-forwarded-for": "127.0.0.1", "x-envoy-expected-rq-timeout-ms": "200", "content-length": "0"}
+    if session is not None:
+        headers["x-session-id"] = session
+    return facts_from_http(HttpRequest(method=request.method, target=request.path, headers=headers), "")
+
+
+async def varied_decisions(folder: Path, count: int, mode: str, *, seed: int = 11) -> tuple[list[Any], list[Any]]:
+    """``count`` decisions of traffic that does not repeat, as the Envoy section sends it: the
+    route table of ``routes.py`` (a new id and query string in every path, users drawn at
+    random from 1,000 with a session each), read by the ``mode`` front ("grpc": real
+    CheckRequest protobufs; "http": Envoy's HTTP ext_authz requests); every decision is the
+    policy's (the cache is off, as it misses on this traffic anyway)."""
+    from . import routes
+
+    runtime = PolicyRuntime(str(routes.write_policy(folder)))
+    runtime.load()
+    identity = build_identity(Config(trust_domains=("example.org",)))
+    pipeline = Pipeline(runtime, identity=identity)
+    now = time.time()
+    sessions = {user: await open_session(identity.store, subject=user, spiffe_id="", now=now)
+                for user in routes.users()}
+    decisions, facts = [], []
+    for n, request in enumerate(routes.requests(count, seed=seed)):
+        session = sessions.get(request.user)
+        fact = _grpc_facts(request, session, n, now) if mode == "grpc" else _http_facts(request, session, n)
+        decisions.append(await pipeline.decide(fact, now=now))
+        facts.append(fact)
+    runtime.close()
+    return decisions, facts
+
+
+def varied_record_cpu(folder: Path, count: int = 4000, *, profile: bool = False) -> dict[str, float]:
+    """CPU µs per record of traffic that does not repeat, per front (what the audit thread
+    pays in the server, without the server's other work)."""
+    results = {}
+    for mode in ("grpc", "http"):
+        decisions, facts = asyncio.run(varied_decisions(folder / f"varied-{mode}", count, mode))
+        assert not any(d.cached for d in decisions)
+        results[f"record_cpu_us_varied_{mode}"] = record_cpu(decisions, facts)
+        if profile:
+            import cProfile
+            import pstats
+
+            audit = AuditLog([], queue_size=len(decisions) + 10)
+            items = [(d, f, time.time(), time.time()) for d, f in zip(decisions, facts)]
+            profiler = cProfile.Profile()
+            profiler.enable()
+            audit.render(items)
+            profiler.disable()
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    return results
 
 
 async def main(records: int, postgres: str | None) -> dict[str, Any]:

@@ -292,8 +292,7 @@ class _AttributesAsSent:
         rest.ClearField("path")
         rest.ClearField("headers")
         present = _PRESENT[bool(http.method), bool(http.path), bool(headers)]
-        return (present + copy.SerializeToString(deterministic=True), http.method, http.path,
-                {str(name): value for name, value in headers.items()})
+        return present + copy.SerializeToString(deterministic=True), http.method, http.path, headers
 
 
 def _without_volatile(request: CheckRequest) -> bytes:

@@ -65,6 +65,7 @@ class _Template:
     slots: tuple[int, ...]
     masked: tuple[str, ...]
     erased: tuple[str, ...]
+    path_first: bool = False  # a shape's: whether its attributes list the path before the headers
 
 
 def _fill(template: _Template, values: list[bytes]) -> list[bytes]:
@@ -79,6 +80,20 @@ def _fill(template: _Template, values: list[bytes]) -> list[bytes]:
 
 # A request's input members: (rendered pieces, masked, erased, masked among the volatile values)
 _Request = tuple[list[bytes], tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Changing:
+    """What a request's shape template leaves out (method, path, headers without the volatile
+    ones, ``parsed_*``), redacted and rendered: a function of the request's fingerprint.
+    ``values`` fill the template's method, path, parsed_path, parsed_query, parsed_body and
+    truncated_body slots; ``key`` is the shape's."""
+
+    key: Any
+    headers: bytes
+    values: tuple[bytes, ...]
+    masked: tuple[str, ...]
+    erased: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,13 +156,16 @@ class RecordBuilder:
     fragments are bytes, not trees: thousands kept cost the garbage collector nothing.
     Used by one thread at a time (the audit log's worker)."""
 
-    def __init__(self, *, path: str, labels: Mapping[str, str], redactor: Redactor, memo_size: int = 4096) -> None:
+    def __init__(self, *, path: str, labels: Mapping[str, str], redactor: Redactor, memo_size: int = 4096,
+                 shapes: bool = True) -> None:
         self.path = path
+        self.shapes = shapes  # False: templates per fingerprint only (what came before shapes; tests compare)
         self.labels = labels
         self.redactor = redactor
         self.memo_size = memo_size
         self._templates: dict[tuple[Any, ...], Any] = {}  # (fingerprint, volatile shape) -> _Template | _UNSPLIT
         self._shapes: dict[tuple[Any, ...], Any] = {}  # (shape key, volatile shape) -> _Template | _UNSPLIT
+        self._changing: dict[bytes, _Changing] = {}  # fingerprint -> what its shape's template leaves out
         self._identities: dict[bytes, _Who] = {}
         self._results: dict[bytes, tuple[bytes, tuple[str, ...]]] = {}  # rendered result -> redacted JSON, masked
         self._signals: dict[bytes, tuple[bytes, tuple[str, ...], tuple[str, ...]]] = {}
@@ -172,8 +190,7 @@ class RecordBuilder:
         pieces = [b'{"decision_id":', _dumps(decision.decision_id), b',"timestamp":"',
                   self._timestamp(now).encode(), b'",', self._head, _BUNDLES,
                   _dumps(decision.policy_version), b'}},"input":{']
-        shape = getattr(facts.attributes_factory, "shape", None)
-        request = self._by_shape(facts, volatile, shape()) if shape is not None else _UNSPLIT
+        request = self._by_shape(facts, volatile) if self.shapes else _UNSPLIT
         if request is _UNSPLIT:
             request = self._by_fingerprint(facts, volatile)
         if request is None:
@@ -232,46 +249,68 @@ class RecordBuilder:
         redacted, volatile_masked = self.redactor.redact_volatile(volatile)
         return _fill(template, self._volatile_values(redacted)), template.masked, template.erased, volatile_masked
 
-    def _by_shape(self, facts: Facts, volatile: Volatile, shape: Shape | None) -> Any:
+    def _by_shape(self, facts: Facts, volatile: Volatile) -> Any:
         """The request's input members from the template of its shape (``facts.ShapedAttributeSource``),
-        the method, path, headers and what is parsed from them redacted and rendered here;
-        ``_UNSPLIT`` when the shape is unknown or cannot be templated (the fingerprint's
-        template may still serve), None when this request takes the whole path."""
-        if shape is None:
-            return _UNSPLIT
-        key, method, path, headers = shape
+        the method, path, headers and what is parsed from them redacted and rendered once per
+        fingerprint (a repeated request finds them); ``_UNSPLIT`` when the shape is unknown or
+        cannot be templated (the fingerprint's template may still serve), None when this
+        request takes the whole path."""
+        shape: Shape | None = None
+        changing = self._changing.get(facts.fingerprint)
+        if changing is None:
+            shape_of = getattr(facts.attributes_factory, "shape", None)
+            shape = shape_of() if shape_of is not None else None
+            if shape is None:
+                return _UNSPLIT
+            key = shape[0]
+        else:
+            key = changing.key
         template_key = (key, bool(volatile.request_id), bool(volatile.port), volatile.time_value is not None,
                         bool(volatile.headers))
         template = self._shapes.get(template_key)
         if template is None:
+            if shape is None:  # the shape's template went out of the memo: this request's shape again
+                shape = facts.attributes_factory.shape()  # type: ignore[union-attr]  # it had one
+                if shape is None:
+                    return _UNSPLIT
             template = self._make_shape_template(facts, volatile, shape)
             if template is None:
                 return None
             self._remember(self._shapes, template_key, template)
         if template is _UNSPLIT:
             return _UNSPLIT
-        try:  # as build_input parses them (a request it refuses takes the whole path, which says so)
-            parsed_path, parsed_query = parse_path_and_query(facts.path)
-            parsed_body, truncated = parse_body(facts.headers, facts.body, facts.raw_body)
-        except AuthzError:
-            return None
+        if changing is None:
+            assert shape is not None
+            changing = self._redact_changing(facts, shape, template.path_first)
+            if changing is None:
+                return None
+            self._remember(self._changing, facts.fingerprint, changing)
         redacted, volatile_masked = self.redactor.redact_volatile(volatile)
-        changing = self.redactor.redact_request(
-            {"method": method, "headers": headers, "path": path},
-            {"parsed_path": parsed_path, "parsed_query": parsed_query, "parsed_body": parsed_body})
-        members = changing.members
-        headers_json = _dumps(members["headers"])
+        headers_json = changing.headers
         if redacted.headers:  # with_volatile puts them last: two objects of distinct names joined
             extra = _dumps(redacted.headers)
             headers_json = extra if len(headers_json) == 2 else headers_json[:-1] + b"," + extra[1:]
         time_value = redacted.time_value
         values = [_dumps(redacted.request_id), _dumps(redacted.port),
                   _dumps({k: v for k, v in (("seconds", time_value[0]), ("nanos", time_value[1])) if v})
-                  if time_value is not None else b"",
-                  headers_json, _dumps(members["method"]), _dumps(members["path"]), _dumps(members["parsed_path"]),
-                  _dumps(members["parsed_query"]), _dumps(members["parsed_body"]), _BOOL[truncated]]
+                  if time_value is not None else b"", headers_json, *changing.values]
         return (_fill(template, values), (*template.masked, *changing.masked), (*template.erased, *changing.erased),
                 volatile_masked)
+
+    def _redact_changing(self, facts: Facts, shape: Shape, path_first: bool) -> _Changing | None:
+        key, method, path, headers = shape
+        try:  # as build_input parses them (a request it refuses takes the whole path, which says so)
+            parsed_path, parsed_query = parse_path_and_query(facts.path)
+            parsed_body, truncated = parse_body(facts.headers, facts.body, facts.raw_body)
+        except AuthzError:
+            return None
+        redacted = self.redactor.redact_request(method, path, headers, parsed_path, parsed_query, parsed_body,
+                                                path_first=path_first)
+        members = redacted.members
+        return _Changing(key, _dumps(members["headers"]),
+                         (_dumps(members["method"]), _dumps(members["path"]), _dumps(members["parsed_path"]),
+                          _dumps(members["parsed_query"]), _dumps(members["parsed_body"]), _BOOL[truncated]),
+                         redacted.masked, redacted.erased)
 
     def _make_shape_template(self, facts: Facts, volatile: Volatile, shape: Shape) -> Any:
         """The input members of ``facts`` with a slot for every value that changes within the
@@ -295,7 +334,7 @@ class RecordBuilder:
             request, http = {}, {}
         stable_headers = [(k, v) for k, v in http.get("headers", {}).items() if k not in volatile.headers]
         if (http.get("method", "") != method or http.get("path", "") != path
-                or stable_headers != list(headers.items())):  # not what the shape says: never templated
+                or stable_headers != [(k, headers[k]) for k in headers]):  # not what the shape says: never templated
             return _UNSPLIT
         slots = [_REQUEST_ID] * bool(volatile.request_id) + [_PORT] * bool(volatile.port)
         for name, slot in (("method", _METHOD), ("path", _PATH), ("headers", _HEADERS_ALL)):
@@ -314,9 +353,11 @@ class RecordBuilder:
                            ("parsed_body", _PARSED_BODY), ("truncated_body", _TRUNCATED)):
             members[name] = _slot(slot)
             slots.append(slot)
-        return self._render_template(members, sorted(slots))
+        keys = list(http)
+        path_first = "path" in http and "headers" in http and keys.index("path") < keys.index("headers")
+        return self._render_template(members, sorted(slots), path_first)
 
-    def _render_template(self, members: dict[str, Any], expected: list[int]) -> Any:
+    def _render_template(self, members: dict[str, Any], expected: list[int], path_first: bool) -> Any:
         stable = self.redactor.redact_input_parts(members)
         try:
             rendered = _dumps(stable.members)
@@ -326,7 +367,7 @@ class RecordBuilder:
         slots = tuple(int(index) for index in parts[1::2])
         if sorted(slots) != expected:  # a request holding our placeholder text: never spliced
             return _UNSPLIT
-        return _Template(tuple(parts[0::2]), slots, stable.masked, stable.erased)
+        return _Template(tuple(parts[0::2]), slots, stable.masked, stable.erased, path_first)
 
     @staticmethod
     def _volatile_values(redacted: Volatile) -> list[bytes]:

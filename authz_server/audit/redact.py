@@ -181,6 +181,10 @@ def redact_header(name: str, value: str) -> str:
 # the JSON pointer is spelled out only for the few values that are actually redacted.
 _Where = "tuple[Any, Any] | None"
 _HTTP = ((((None, "input"), "attributes"), "request"), "http")  # input.attributes.request.http
+_HEADERS = (_HTTP, "headers")
+_PARSED_PATH = ((None, "input"), "parsed_path")
+_PARSED_QUERY = ((None, "input"), "parsed_query")
+_PARSED_BODY = ((None, "input"), "parsed_body")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -455,14 +459,48 @@ class Redactor:
             out = run.any(value, (None, name))
         return out, run.masked, run.erased
 
-    def redact_request(self, http: Mapping[str, Any], members: Mapping[str, Any]) -> Redacted:
-        """Members of ``input.attributes.request.http`` (``http``: method, path, headers) and
-        of the input itself (``members``: ``parsed_*``), redacted as ``redact`` would where
-        they are: the parts of a record that change from request to request of one shape."""
+    def redact_request(self, method: str, path: str, headers: Mapping[str, str], parsed_path: list[str],
+                       parsed_query: dict[str, list[str]], parsed_body: Any, *, path_first: bool = False) -> Redacted:
+        """What changes from request to request of one shape, redacted as ``redact`` would
+        where it is: ``input.attributes.request.http``'s ``method``, ``headers`` (string values:
+        what both fronts give) and ``path``, and the input's ``parsed_path``/``parsed_query`` (as
+        ``facts.parse_path_and_query`` makes them: strings in a list, lists of strings by name)
+        and ``parsed_body`` (any shape: the whole walk). The walk's rules, unrolled for those
+        types: this runs once for every request that does not repeat. ``path_first``: the
+        attributes list the path before the headers (``masked`` lists them in walk order)."""
         run = _Pass()
-        out = run.http(http, _HTTP)
-        out.update(run.input(members))
-        return Redacted(out, tuple(run.masked), tuple(run.erased))
+        masked = run.masked
+        if len(method) >= 8:
+            method = run.text(method, (_HTTP, "method"))
+        if path_first and len(path) >= 8:
+            path = run.text(path, (_HTTP, "path"))
+        out_headers = {}
+        for name in headers:  # a protobuf map iterates its keys fastest
+            value = headers[name]
+            redacted = header_rule(name)(value)
+            if redacted != value:
+                masked.append(_pointer((_HEADERS, name)))
+            out_headers[name] = redacted
+        if not path_first and len(path) >= 8:
+            path = run.text(path, (_HTTP, "path"))
+        out_path = []
+        for index, segment in enumerate(parsed_path):
+            if len(segment) >= 8:
+                segment = run.text(segment, (_PARSED_PATH, index))
+            out_path.append(segment)
+        out_query: dict[str, Any] = {}
+        for key, values in parsed_query.items():
+            if key.lower() in TOKEN_PARAMETERS:
+                out_query[key] = [REDACTED] * len(values) if values else REDACTED
+                masked.append(_pointer((_PARSED_QUERY, key)))
+            else:
+                at = (_PARSED_QUERY, key)
+                out_query[key] = [run.text(value, (at, index)) if len(value) >= 8 else value
+                                  for index, value in enumerate(values)]
+        if parsed_body is not None:
+            parsed_body = run.params(parsed_body, _PARSED_BODY)
+        return Redacted({"method": method, "headers": out_headers, "path": path, "parsed_path": out_path,
+                         "parsed_query": out_query, "parsed_body": parsed_body}, tuple(masked), tuple(run.erased))
 
     def redact_volatile(self, value: Volatile) -> tuple[Volatile, tuple[str, ...]]:
         """The per-request attribute values redacted, and where they were masked."""

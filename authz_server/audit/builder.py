@@ -21,6 +21,7 @@ what that path means, record for record: tests/unit/test_audit_fast_path.py.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -97,6 +98,17 @@ class _Changing:
 
 
 @dataclass(frozen=True, slots=True)
+class _Verdict:
+    """A record's members from ``allowed`` to ``spiffe_id`` rendered, what redaction masked
+    there, and the (subject, spiffe_id) columns as redacted."""
+
+    rendered: bytes
+    masked: tuple[str, ...]
+    subject: str
+    spiffe_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Who:
     """An identity's ``"identity":{...}`` member rendered, its pointers, and its (subject,
     spiffe_id) columns."""
@@ -136,15 +148,22 @@ class _Timestamps:
     __slots__ = ("_second", "_prefix")
 
     def __init__(self) -> None:
-        self._second: tuple[int, ...] = ()
+        self._second = math.nan
         self._prefix = ""
 
     def __call__(self, seconds: float) -> str:
-        moment = datetime.fromtimestamp(seconds, timezone.utc)
-        second = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
-        if second != self._second:
-            self._second, self._prefix = second, moment.strftime("%Y-%m-%dT%H:%M:%S.")
-        return f"{self._prefix}{moment.microsecond:06d}Z"
+        # datetime.fromtimestamp's own arithmetic (modf, microseconds rounded half to even,
+        # a carry into the next second), without making a datetime per record
+        fraction, whole = math.modf(seconds)
+        micros = round(fraction * 1e6)
+        if micros >= 1_000_000:
+            whole, micros = whole + 1.0, micros - 1_000_000
+        elif micros < 0:
+            whole, micros = whole - 1.0, micros + 1_000_000
+        if whole != self._second:
+            self._second = whole
+            self._prefix = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
+        return f"{self._prefix}{micros:06d}Z"
 
 
 class RecordBuilder:
@@ -166,6 +185,7 @@ class RecordBuilder:
         self._templates: dict[tuple[Any, ...], Any] = {}  # (fingerprint, volatile shape) -> _Template | _UNSPLIT
         self._shapes: dict[tuple[Any, ...], Any] = {}  # (shape key, volatile shape) -> _Template | _UNSPLIT
         self._changing: dict[bytes, _Changing] = {}  # fingerprint -> what its shape's template leaves out
+        self._verdicts: dict[tuple[Any, ...], _Verdict] = {}
         self._identities: dict[bytes, _Who] = {}
         self._results: dict[bytes, tuple[bytes, tuple[str, ...]]] = {}  # rendered result -> redacted JSON, masked
         self._signals: dict[bytes, tuple[bytes, tuple[str, ...], tuple[str, ...]]] = {}
@@ -210,14 +230,11 @@ class RecordBuilder:
             requested_by = f"{facts.source_address}:{facts.source_port}" if facts.source_port else \
                 facts.source_address
             pieces += (b',"requested_by":', self._scanned("requested_by", requested_by, masked, repeats=False)[1])
-        pieces += (b',"metrics":{"timer_server_handler_ns":', _dumps(handler_ns), b'},"allowed":',
-                   _dumps(decision.allowed), b',"reason":', self._scanned("reason", decision.code, masked)[1],
-                   b',"message":', self._scanned("message", decision.reason, masked)[1],
-                   b',"http_status":', _dumps(decision.http_status), b',"phase":', _dumps(decision.phase),
-                   b',"cached":', _dumps(decision.cached), b',"dry_run":', _dumps(decision.dry_run))
-        subject, subject_json = self._scanned("subject", person.subject, masked)
-        spiffe_id, spiffe_id_json = self._scanned("spiffe_id", person.spiffe_id, masked)
-        pieces += (b',"subject":', subject_json, b',"spiffe_id":', spiffe_id_json)
+        pieces += (b',"metrics":{"timer_server_handler_ns":', _dumps(handler_ns), b'},')
+        verdict = self._verdict(decision, person)
+        pieces.append(verdict.rendered)
+        masked += verdict.masked
+        subject, spiffe_id = verdict.subject, verdict.spiffe_id
         if decision.dry_run:
             pieces += (b',"would_allow":', _dumps(decision.would_allow))
         explanation = getattr(decision, "explanation", None)
@@ -239,6 +256,26 @@ class RecordBuilder:
             decision_id=decision.decision_id, timestamp=now, subject=subject, spiffe_id=spiffe_id,
             allowed=decision.allowed, code=decision.code, policy_version=decision.policy_version, document=None,
             line=b"".join(pieces).decode("utf-8"))
+
+    def _verdict(self, decision: "Decision", person: _Who) -> _Verdict:
+        """``allowed`` to ``spiffe_id``: what was decided and for whom, the same for every
+        request of one route and user; rendered once per distinct value."""
+        key = (decision.allowed, decision.code, decision.reason, decision.http_status, decision.phase,
+               decision.cached, decision.dry_run, person.subject, person.spiffe_id)
+        entry = self._verdicts.get(key)
+        if entry is None:
+            masked: list[str] = []
+            pieces = (b'"allowed":', _dumps(decision.allowed), b',"reason":',
+                      self._scanned("reason", decision.code, masked)[1],
+                      b',"message":', self._scanned("message", decision.reason, masked)[1],
+                      b',"http_status":', _dumps(decision.http_status), b',"phase":', _dumps(decision.phase),
+                      b',"cached":', _dumps(decision.cached), b',"dry_run":', _dumps(decision.dry_run))
+            subject, subject_json = self._scanned("subject", person.subject, masked)
+            spiffe_id, spiffe_id_json = self._scanned("spiffe_id", person.spiffe_id, masked)
+            entry = _Verdict(b"".join((*pieces, b',"subject":', subject_json, b',"spiffe_id":', spiffe_id_json)),
+                             tuple(masked), subject, spiffe_id)
+            self._remember(self._verdicts, key, entry)
+        return entry
 
     def _by_fingerprint(self, facts: Facts, volatile: Volatile) -> _Request | None:
         """The request's input members from the template of its fingerprint (a request whose

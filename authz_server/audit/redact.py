@@ -472,17 +472,20 @@ class Redactor:
         masked = run.masked
         if len(method) >= 8:
             method = run.text(method, (_HTTP, "method"))
-        if path_first and len(path) >= 8:
-            path = run.text(path, (_HTTP, "path"))
+        redacted_path = scrub_text(path)  # once: the gRPC front has it again in the :path header
+        if path_first and redacted_path != path:
+            masked.append(_pointer((_HTTP, "path")))
         out_headers = {}
         for name in headers:  # a protobuf map iterates its keys fastest
             value = headers[name]
-            redacted = header_rule(name)(value)
+            rule = header_rule(name)
+            redacted = redacted_path if rule is scrub_text and value == path else rule(value)
             if redacted != value:
                 masked.append(_pointer((_HEADERS, name)))
             out_headers[name] = redacted
-        if not path_first and len(path) >= 8:
-            path = run.text(path, (_HTTP, "path"))
+        if not path_first and redacted_path != path:
+            masked.append(_pointer((_HTTP, "path")))
+        path = redacted_path
         out_path = []
         for index, segment in enumerate(parsed_path):
             if len(segment) >= 8:

@@ -99,10 +99,13 @@ async def observer_cost(decisions: list[Any], facts: list[Any]) -> dict[str, flo
             "record_us_cache_hit": render_hit}
 
 
-def record_cpu(decisions: list[Any], facts: list[Any]) -> float:
+def record_cpu(decisions: list[Any], facts: list[Any], *,
+               warm: tuple[list[Any], list[Any]] | None = None) -> float:
     """CPU µs per record (building, redacting, rendering; the collector's share included) over
-    every decision once, in batches as the audit log's thread takes them."""
+    every decision once, in batches as the audit log's thread takes them (after ``warm``'s)."""
     audit = AuditLog([], queue_size=len(decisions) + 10)
+    if warm is not None:
+        audit.render([(d, f, time.time(), time.time()) for d, f in zip(*warm)])
     items = [(d, f, time.time(), time.time()) for d, f in zip(decisions, facts)]
     started = time.thread_time()
     for start in range(0, len(items), 500):
@@ -186,25 +189,17 @@ async def varied_decisions(folder: Path, count: int, mode: str, *, seed: int = 1
     return decisions, facts
 
 
-def varied_record_cpu(folder: Path, count: int = 4000, *, profile: bool = False) -> dict[str, float]:
+async def varied_record_cpu(folder: Path, count: int = 4000) -> dict[str, float]:
     """CPU µs per record of traffic that does not repeat, per front (what the audit thread
-    pays in the server, without the server's other work)."""
+    pays in the server, without the server's other work): the records of ``count`` such
+    decisions, after the records of as many others (a server has seen its users before: what
+    is kept per identity is warm, as it is after the first seconds of a run)."""
     results = {}
     for mode in ("grpc", "http"):
-        decisions, facts = asyncio.run(varied_decisions(folder / f"varied-{mode}", count, mode))
+        decisions, facts = await varied_decisions(folder / f"varied-{mode}", 2 * count, mode)
         assert not any(d.cached for d in decisions)
-        results[f"record_cpu_us_varied_{mode}"] = record_cpu(decisions, facts)
-        if profile:
-            import cProfile
-            import pstats
-
-            audit = AuditLog([], queue_size=len(decisions) + 10)
-            items = [(d, f, time.time(), time.time()) for d, f in zip(decisions, facts)]
-            profiler = cProfile.Profile()
-            profiler.enable()
-            audit.render(items)
-            profiler.disable()
-            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+        results[f"record_cpu_us_varied_{mode}"] = record_cpu(decisions[count:], facts[count:],
+                                                             warm=(decisions[:count], facts[:count]))
     return results
 
 
@@ -219,6 +214,7 @@ async def main(records: int, postgres: str | None) -> dict[str, Any]:
         unique_decisions, unique_facts = await _decisions(Path(tmp) / "unique-policies", min(records, 4000),
                                                           unique=True)
         results["record_cpu_us_each_request_new"] = record_cpu(unique_decisions, unique_facts)
+        results.update(await varied_record_cpu(Path(tmp), min(records, 4000)))
         results["file_records_per_s"] = await throughput(FileSink(Path(tmp) / "audit.jsonl"), decisions, facts)
         if postgres:
             table = unique_table()
@@ -302,31 +298,37 @@ def _repeated(sessions: dict[str, str]) -> tuple[str, dict[str, str]]:
 ROUNDS = 3  # each cell's off/on pair, interleaved; the report takes the median of the rounds
 
 
-def _audit_counters(metrics_addr: str) -> tuple[float, float]:
-    """(CPU seconds of the audit thread, records it built), from the server's /metrics."""
+def _audit_counters(metrics_addr: str) -> tuple[float, float, float]:
+    """(CPU seconds of the audit thread, records it built, records dropped for any reason),
+    from the server's /metrics."""
     import httpx
 
     text = httpx.get(f"http://{metrics_addr}/metrics", timeout=10).text
     values = {}
+    dropped = 0.0
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
+        name, _, value = line.rpartition(" ")
         if name in ("authz_audit_cpu_seconds_total", "authz_audit_records_built_total"):
             values[name] = float(value)
-    return values.get("authz_audit_cpu_seconds_total", 0.0), values.get("authz_audit_records_built_total", 0.0)
+        elif name.startswith("authz_audit_records_dropped_total{"):
+            dropped += float(value)
+    return (values.get("authz_audit_cpu_seconds_total", 0.0), values.get("authz_audit_records_built_total", 0.0),
+            dropped)
 
 
 def _load(server: dict[str, Any], mode: str, kind: str, settings: Settings) -> LoadResult:
     url = server["fronts"][mode]
     name = f"{mode}, {TRAFFIC[kind]}, {settings.connections} conn."
-    cpu, built = _audit_counters(server["metrics"])
+    cpu, built, dropped = _audit_counters(server["metrics"])
     if kind == "repeat":
         path, headers = _repeated(server["sessions"])
         result = load_with_cpu(url + path, settings, server["pid"], name=name, headers=headers)
     else:
         result = load_with_cpu(url + "/", settings, server["pid"], name=name, script=server["script"])
-    cpu_after, built_after = _audit_counters(server["metrics"])
+    cpu_after, built_after, dropped_after = _audit_counters(server["metrics"])
     if built_after > built:  # warm-up included: the thread's CPU per record it built
         result.extra["audit_thread_us_per_record"] = (cpu_after - cpu) / (built_after - built) * 1e6
+        result.extra["audit_records_dropped"] = dropped_after - dropped
     return result
 
 
@@ -421,9 +423,12 @@ def report_envoy(results: dict[str, Any]) -> str:
                  ["mode", "traffic", "req/s off (32 c.)", "req/s on", "on / off", "1 conn. p50/p99 ms off", "on",
                   "p99 on / off", "authz CPU µs/req off / on", "Δ CPU µs/req", "audit thread µs/record",
                   "errors", "wrong allows"], rows)
-    return text + (f"\nrecords in the audit files (the current one and the rotated ones): "
+    dropped = sum(r.extra.get("audit_records_dropped", 0) for runs in results.values() if isinstance(runs, list)
+                  for r in runs)
+    return text + (f"\nrecords in the audit files (the current one and the rotated ones, at most 5 x 100 MB): "
                    f"{results['records_in_file']:,} for {results['requests_audited']:,} measured requests "
-                   "(plus warm-ups and sign-ins)")
+                   f"(plus warm-ups and sign-ins); records the audit log dropped (authz_audit_records_dropped): "
+                   f"{dropped:,.0f}")
 
 
 def run(settings: Settings, *, with_envoy: bool = True) -> tuple[dict[str, Any], str]:

@@ -1,17 +1,24 @@
 """Decisions → audit records, the fast path (issue 28).
 
 Built by the audit log's thread, off the request path: a cache hit carries no input document,
-so it is built here from the facts. Most of a record repeats. The request's members of the
-input document (attributes, ``parsed_*``, ...) depend only on the request's fingerprint (the
-decision cache's key) and on which volatile values it has (request id, port, time, tracing
-headers): ``RecordBuilder`` redacts them once per such pair and keeps them rendered, with a
-slot for each volatile value (``_Template``). ``input.identity`` is kept rendered per
-identity fingerprint, ``signals`` and an object ``result`` per rendered value, the strings
-that repeat (reason, message, subject) per value, the timestamp's seconds per second. A
-record is then those fragments joined around the request's own volatile values, redacted and
-rendered (orjson); no tree is built. A decision whose policy saw the whole input takes the
-same path when that input was built from these very facts (its attributes are the facts'
-own), so a record costs the same whether the policy ran or the cache answered.
+so it is built here from the facts. Most of a record repeats, even on traffic that does not
+(an id in every path, a query string, users at random): the request's members of the input
+document (attributes, ``parsed_*``, ...) are the same for every request of one *shape* (see
+``facts.ShapedAttributeSource``: everything but the method, path and headers) but for those
+three, what is parsed from the path and body, and the volatile values (request id, port,
+time, tracing headers). ``RecordBuilder`` redacts and renders them once per (shape, which
+volatile values it has) with a slot for each of those (``_Template``); the changing values
+are redacted and rendered per request fingerprint (``_Changing``: a repeated request finds
+them), the volatile ones per record. A request whose attributes source cannot tell its shape
+takes a template per fingerprint (the volatile values its only slots), as every request did
+before shapes; both write the same bytes. ``input.identity`` is kept rendered per identity
+fingerprint, ``signals`` and an object ``result`` per rendered value, the members from
+``allowed`` to ``spiffe_id`` per verdict and person (``_Verdict``), the strings that repeat
+per value, the timestamp's seconds per second. A record is then those fragments joined
+around the request's own values, redacted and rendered (orjson); no tree is built. A
+decision whose policy saw the whole input takes the same path when that input was built from
+these very facts (its attributes are the facts' own), so a record costs the same whether the
+policy ran or the cache answered.
 
 What cannot be split (a request read in Envoy's raw-headers form, an input the policy was
 given otherwise, a value orjson refuses) takes the straightforward whole path:
@@ -67,20 +74,22 @@ class _Template:
     masked: tuple[str, ...]
     erased: tuple[str, ...]
     path_first: bool = False  # a shape's: whether its attributes list the path before the headers
+    pattern: bytes = b""  # the fragments joined with a %b for each slot (literal % doubled)
 
 
-def _fill(template: _Template, values: list[bytes]) -> list[bytes]:
-    pieces = []
-    fragments = template.fragments
-    for index, slot in enumerate(template.slots):
-        pieces.append(fragments[index])
-        pieces.append(values[slot])
-    pieces.append(fragments[-1])
-    return pieces
+def _new_template(fragments: tuple[bytes, ...], slots: tuple[int, ...], masked: tuple[str, ...],
+                  erased: tuple[str, ...], path_first: bool = False) -> _Template:
+    pattern = b"%b".join(fragment.replace(b"%", b"%%") for fragment in fragments)
+    return _Template(fragments, slots, masked, erased, path_first, pattern)
 
 
-# A request's input members: (rendered pieces, masked, erased, masked among the volatile values)
-_Request = tuple[list[bytes], tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+def _fill(template: _Template, values: list[bytes]) -> bytes:
+    """The template's fragments around ``values`` (indexed by slot): one ``%`` in C."""
+    return template.pattern % tuple(map(values.__getitem__, template.slots))
+
+
+# A request's input members: (rendered, masked, erased, masked among the volatile values)
+_Request = tuple[bytes, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,8 +224,8 @@ class RecordBuilder:
             request = self._by_fingerprint(facts, volatile)
         if request is None:
             return None
-        request_pieces, request_masked, request_erased, volatile_masked = request
-        pieces += request_pieces
+        rendered_request, request_masked, request_erased, volatile_masked = request
+        pieces.append(rendered_request)
         person = self._who(decision)
         signals, signals_masked, signals_erased = self._signals_member(decision.signals)
         pieces += (b",", person.rendered, b",", signals, b"}")
@@ -404,7 +413,7 @@ class RecordBuilder:
         slots = tuple(int(index) for index in parts[1::2])
         if sorted(slots) != expected:  # a request holding our placeholder text: never spliced
             return _UNSPLIT
-        return _Template(tuple(parts[0::2]), slots, stable.masked, stable.erased, path_first)
+        return _new_template(tuple(parts[0::2]), slots, stable.masked, stable.erased, path_first)
 
     @staticmethod
     def _volatile_values(redacted: Volatile) -> list[bytes]:
@@ -452,7 +461,7 @@ class RecordBuilder:
         slots = tuple(int(index) for index in parts[1::2])
         if sorted(slots) != expected:  # a request holding our placeholder text: never spliced
             return _UNSPLIT
-        return _Template(tuple(parts[0::2]), slots, stable.masked, stable.erased)
+        return _new_template(tuple(parts[0::2]), slots, stable.masked, stable.erased)
 
     def _who(self, decision: "Decision") -> _Who:
         identity = decision.identity

@@ -479,7 +479,13 @@ class Redactor:
         for name in headers:  # a protobuf map iterates its keys fastest
             value = headers[name]
             rule = header_rule(name)
-            redacted = redacted_path if rule is scrub_text and value == path else rule(value)
+            if rule is not scrub_text:
+                redacted = rule(value)
+            elif len(value) < 8:  # too short for anything scrub_text recognises
+                out_headers[name] = value
+                continue
+            else:
+                redacted = redacted_path if value == path else scrub_text(value)
             if redacted != value:
                 masked.append(_pointer((_HEADERS, name)))
             out_headers[name] = redacted

@@ -64,6 +64,7 @@ _SCHEME_CREDENTIAL = re.compile(r"(?i)(?<![A-Za-z0-9])(" + "|".join(_SCHEMES) + 
 # name=value where the name starts the string or follows a separator; names are checked in
 # code (an alternation of names under IGNORECASE is several times slower to scan).
 _PARAMETER = re.compile(r"(?<![^?&;#\s])([A-Za-z0-9_.-]{1,64})=([^&#;\s]*)")
+_PARAMETER_NEEDLES = re.compile("|".join(re.escape(f"{name}=") for name in sorted(TOKEN_PARAMETERS)))
 _JSON_MEMBER = re.compile(r'"([A-Za-z_]{1,32})"(\s*:\s*)"(?:[^"\\]|\\.)*"')
 
 
@@ -90,7 +91,10 @@ def scrub_text(text: str) -> str:
         if any(scheme in lowered for scheme in _SCHEMES):
             text = _SCHEME_CREDENTIAL.sub(rf"\1\2{REDACTED}", text)
     if "=" in text:
-        text = _PARAMETER.sub(_parameter, text)
+        # Only where a token parameter's "name=" is (a cheap test, exact: the names are
+        # ASCII): ids and page numbers in every path were two Python callbacks a record.
+        if _PARAMETER_NEEDLES.search(text.lower()) is not None:
+            text = _PARAMETER.sub(_parameter, text)
     if '"' in text:
         text = _JSON_MEMBER.sub(_json_member, text)
     return text

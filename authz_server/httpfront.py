@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 from .decision import DECISION_ID_HEADER, Decision, Pipeline
 from .decisioncache import request_digest
 from .errors import RequestError
-from .facts import VOLATILE_HEADERS, Facts, Volatile, with_volatile
+from .facts import VOLATILE_HEADERS, Facts, Shape, Volatile, with_volatile
 from .http import HttpRequest, HttpResponse
 from .identity.verified import upstream_removals
 from .repeats import RepeatCache
@@ -195,6 +195,13 @@ class _HttpAttributes:
         if self.context:
             document["contextExtensions"] = dict(self.context)
         return document
+
+    def shape(self) -> Shape:
+        """``facts.ShapedAttributeSource.shape``: everything ``stable_attributes`` holds but
+        the method, path and headers (which it always has)."""
+        return ((self.host, self.body, self.raw_body, self.size, self.address, self.principal, self.certificate,
+                 tuple(self.context.items())), self.method, self.path,
+                {name: value for name, value in self.headers.items() if name not in VOLATILE_HEADERS})
 
 
 # -- decision → response

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ _SCHEME_CREDENTIAL = re.compile(r"(?i)(?<![A-Za-z0-9])(" + "|".join(_SCHEMES) + 
 # name=value where the name starts the string or follows a separator; names are checked in
 # code (an alternation of names under IGNORECASE is several times slower to scan).
 _PARAMETER = re.compile(r"(?<![^?&;#\s])([A-Za-z0-9_.-]{1,64})=([^&#;\s]*)")
+_PARAMETER_NEEDLES = re.compile("|".join(re.escape(f"{name}=") for name in sorted(TOKEN_PARAMETERS)))
 _JSON_MEMBER = re.compile(r'"([A-Za-z_]{1,32})"(\s*:\s*)"(?:[^"\\]|\\.)*"')
 
 
@@ -89,7 +91,10 @@ def scrub_text(text: str) -> str:
         if any(scheme in lowered for scheme in _SCHEMES):
             text = _SCHEME_CREDENTIAL.sub(rf"\1\2{REDACTED}", text)
     if "=" in text:
-        text = _PARAMETER.sub(_parameter, text)
+        # Only where a token parameter's "name=" is (a cheap test, exact: the names are
+        # ASCII): ids and page numbers in every path were two Python callbacks a record.
+        if _PARAMETER_NEEDLES.search(text.lower()) is not None:
+            text = _PARAMETER.sub(_parameter, text)
     if '"' in text:
         text = _JSON_MEMBER.sub(_json_member, text)
     return text
@@ -151,24 +156,42 @@ def _secret_header(name: str) -> bool:
     return _SECRET_HEADER.search(name) is not None
 
 
-def redact_header(name: str, value: str) -> str:
+def _whole(value: str) -> str:
+    return REDACTED
+
+
+@functools.lru_cache(maxsize=4096)
+def header_rule(name: str) -> Callable[[str], str]:
+    """How a header's value is redacted, which depends on its name alone: worked out once per
+    name (a lowercase, three set lookups and a search per header per record were a third of
+    a new request's header redaction)."""
     lowered = name.lower()
     if lowered in _SCHEME_HEADERS:
-        return redact_scheme_value(value)
+        return redact_scheme_value
     if lowered == "cookie":
-        return redact_cookie(value)
+        return redact_cookie
     if lowered == "set-cookie":
-        return redact_set_cookie(value)
+        return redact_set_cookie
     if _secret_header(lowered):
-        return REDACTED
-    return scrub_text(value)
+        return _whole
+    return scrub_text
+
+
+def redact_header(name: str, value: str) -> str:
+    return header_rule(name)(value)
 
 
 # Where a value sits, as a chain of (parent, key) pairs: a node costs one small tuple, and
 # the JSON pointer is spelled out only for the few values that are actually redacted.
 _Where = "tuple[Any, Any] | None"
+_HTTP = ((((None, "input"), "attributes"), "request"), "http")  # input.attributes.request.http
+_HEADERS = (_HTTP, "headers")
+_PARSED_PATH = ((None, "input"), "parsed_path")
+_PARSED_QUERY = ((None, "input"), "parsed_query")
+_PARSED_BODY = ((None, "input"), "parsed_body")
 
 
+@functools.lru_cache(maxsize=4096)
 def _pointer(where: Any) -> str:
     """RFC 6901: ``~`` is written ``~0`` and ``/`` is written ``~1`` inside a reference token."""
     parts: list[str] = []
@@ -262,7 +285,7 @@ class _Pass:
         out = {}
         for name, item in value.items():
             if type(item) is str:
-                redacted = redact_header(name, item)
+                redacted = header_rule(name)(item)
                 if redacted != item:
                     self.masked.append(_pointer((where, name)))
                 out[name] = redacted
@@ -353,11 +376,11 @@ class _Pass:
 
     def volatile(self, value: Volatile) -> Volatile:
         """The per-request attribute values, redacted where ``input.attributes`` has them."""
-        http = (((None, "input"), "attributes"), "request"), "http"
+        http = _HTTP
         headers = (http, "headers")
         return Volatile(
             request_id=self.any(value.request_id, (http, "id")), time_value=value.time_value, port=value.port,
-            headers={name: self.text(item, (headers, name), lambda v, n=name: redact_header(n, v))
+            headers={name: self.text(item, (headers, name), header_rule(name))
                      for name, item in value.headers.items()})
 
     def result(self, value: Any) -> Any:
@@ -439,6 +462,58 @@ class Redactor:
         else:
             out = run.any(value, (None, name))
         return out, run.masked, run.erased
+
+    def redact_request(self, method: str, path: str, headers: Mapping[str, str], parsed_path: list[str],
+                       parsed_query: dict[str, list[str]], parsed_body: Any, *, path_first: bool = False) -> Redacted:
+        """What changes from request to request of one shape, redacted as ``redact`` would
+        where it is: ``input.attributes.request.http``'s ``method``, ``headers`` (string values:
+        what both fronts give) and ``path``, and the input's ``parsed_path``/``parsed_query`` (as
+        ``facts.parse_path_and_query`` makes them: strings in a list, lists of strings by name)
+        and ``parsed_body`` (any shape: the whole walk). The walk's rules, unrolled for those
+        types: this runs once for every request that does not repeat. ``path_first``: the
+        attributes list the path before the headers (``masked`` lists them in walk order)."""
+        run = _Pass()
+        masked = run.masked
+        if len(method) >= 8:
+            method = run.text(method, (_HTTP, "method"))
+        redacted_path = scrub_text(path)  # once: the gRPC front has it again in the :path header
+        if path_first and redacted_path != path:
+            masked.append(_pointer((_HTTP, "path")))
+        out_headers = {}
+        for name in headers:  # a protobuf map iterates its keys fastest
+            value = headers[name]
+            rule = header_rule(name)
+            if rule is not scrub_text:
+                redacted = rule(value)
+            elif len(value) < 8:  # too short for anything scrub_text recognises
+                out_headers[name] = value
+                continue
+            else:
+                redacted = redacted_path if value == path else scrub_text(value)
+            if redacted != value:
+                masked.append(_pointer((_HEADERS, name)))
+            out_headers[name] = redacted
+        if not path_first and redacted_path != path:
+            masked.append(_pointer((_HTTP, "path")))
+        path = redacted_path
+        out_path = []
+        for index, segment in enumerate(parsed_path):
+            if len(segment) >= 8:
+                segment = run.text(segment, (_PARSED_PATH, index))
+            out_path.append(segment)
+        out_query: dict[str, Any] = {}
+        for key, values in parsed_query.items():
+            if key.lower() in TOKEN_PARAMETERS:
+                out_query[key] = [REDACTED] * len(values) if values else REDACTED
+                masked.append(_pointer((_PARSED_QUERY, key)))
+            else:
+                at = (_PARSED_QUERY, key)
+                out_query[key] = [run.text(value, (at, index)) if len(value) >= 8 else value
+                                  for index, value in enumerate(values)]
+        if parsed_body is not None:
+            parsed_body = run.params(parsed_body, _PARSED_BODY)
+        return Redacted({"method": method, "headers": out_headers, "path": path, "parsed_path": out_path,
+                         "parsed_query": out_query, "parsed_body": parsed_body}, tuple(masked), tuple(run.erased))
 
     def redact_volatile(self, value: Volatile) -> tuple[Volatile, tuple[str, ...]]:
         """The per-request attribute values redacted, and where they were masked."""

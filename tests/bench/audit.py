@@ -28,6 +28,7 @@ import json
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +99,13 @@ async def observer_cost(decisions: list[Any], facts: list[Any]) -> dict[str, flo
             "record_us_cache_hit": render_hit}
 
 
-def record_cpu(decisions: list[Any], facts: list[Any]) -> float:
+def record_cpu(decisions: list[Any], facts: list[Any], *,
+               warm: tuple[list[Any], list[Any]] | None = None) -> float:
     """CPU µs per record (building, redacting, rendering; the collector's share included) over
-    every decision once, in batches as the audit log's thread takes them."""
+    every decision once, in batches as the audit log's thread takes them (after ``warm``'s)."""
     audit = AuditLog([], queue_size=len(decisions) + 10)
+    if warm is not None:
+        audit.render([(d, f, time.time(), time.time()) for d, f in zip(*warm)])
     items = [(d, f, time.time(), time.time()) for d, f in zip(decisions, facts)]
     started = time.thread_time()
     for start in range(0, len(items), 500):
@@ -123,6 +127,82 @@ async def throughput(sink: Any, decisions: list[Any], facts: list[Any]) -> float
     return len(decisions) / elapsed
 
 
+# -- in process, traffic that does not repeat (issue 28)
+
+_ENVOY_HEADERS = {"user-agent": "wrk", "x-forwarded-proto": "http"}
+
+
+def _grpc_facts(request: Any, session: str | None, n: int, now: float) -> Any:
+    """Facts as the gRPC front reads them: a CheckRequest as Envoy sends it, serialized and parsed."""
+    from authz_server.envoy import check_request_from_json, facts_from_check_request, parse_check_request
+
+    headers = {":authority": "api", ":method": request.method, ":path": request.path, ":scheme": "http",
+               **_ENVOY_HEADERS, "x-request-id": str(uuid.UUID(int=n))}
+    if session is not None:
+        headers["x-session-id"] = session
+    seconds = int(now)
+    document = {"attributes": {
+        "source": {"address": {"socketAddress": {"address": "127.0.0.1", "portValue": 40000 + n % 20000}}},
+        "destination": {"address": {"socketAddress": {"address": "127.0.0.1", "portValue": 10000}}},
+        "request": {"time": f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{n % 10**6:06d}Z",
+                    "http": {"id": str(n), "method": request.method, "headers": headers,
+                             "path": request.path, "host": "api", "scheme": "http", "protocol": "HTTP/1.1"}},
+        "metadataContext": {}, "routeMetadataContext": {}}}
+    wire = check_request_from_json(document).SerializeToString()
+    return facts_from_check_request(parse_check_request(wire))
+
+
+def _http_facts(request: Any, session: str | None, n: int) -> Any:
+    """Facts as the HTTP front reads them: Envoy's HTTP ext_authz request."""
+    from authz_server.http import HttpRequest
+    from authz_server.httpfront import facts_from_http
+
+    headers = {"host": "api", **_ENVOY_HEADERS, "x-request-id": str(uuid.UUID(int=n)),
+               "x-forwarded-for": "127.0.0.1", "x-envoy-expected-rq-timeout-ms": "200", "content-length": "0"}
+    if session is not None:
+        headers["x-session-id"] = session
+    return facts_from_http(HttpRequest(method=request.method, target=request.path, headers=headers), "")
+
+
+async def varied_decisions(folder: Path, count: int, mode: str, *, seed: int = 11) -> tuple[list[Any], list[Any]]:
+    """``count`` decisions of traffic that does not repeat, as the Envoy section sends it: the
+    route table of ``routes.py`` (a new id and query string in every path, users drawn at
+    random from 1,000 with a session each), read by the ``mode`` front ("grpc": real
+    CheckRequest protobufs; "http": Envoy's HTTP ext_authz requests); every decision is the
+    policy's (the cache is off, as it misses on this traffic anyway)."""
+    from . import routes
+
+    runtime = PolicyRuntime(str(routes.write_policy(folder)))
+    runtime.load()
+    identity = build_identity(Config(trust_domains=("example.org",)))
+    pipeline = Pipeline(runtime, identity=identity)
+    now = time.time()
+    sessions = {user: await open_session(identity.store, subject=user, spiffe_id="", now=now)
+                for user in routes.users()}
+    decisions, facts = [], []
+    for n, request in enumerate(routes.requests(count, seed=seed)):
+        session = sessions.get(request.user)
+        fact = _grpc_facts(request, session, n, now) if mode == "grpc" else _http_facts(request, session, n)
+        decisions.append(await pipeline.decide(fact, now=now))
+        facts.append(fact)
+    runtime.close()
+    return decisions, facts
+
+
+async def varied_record_cpu(folder: Path, count: int = 4000) -> dict[str, float]:
+    """CPU µs per record of traffic that does not repeat, per front (what the audit thread
+    pays in the server, without the server's other work): the records of ``count`` such
+    decisions, after the records of as many others (a server has seen its users before: what
+    is kept per identity is warm, as it is after the first seconds of a run)."""
+    results = {}
+    for mode in ("grpc", "http"):
+        decisions, facts = await varied_decisions(folder / f"varied-{mode}", 2 * count, mode)
+        assert not any(d.cached for d in decisions)
+        results[f"record_cpu_us_varied_{mode}"] = record_cpu(decisions[count:], facts[count:],
+                                                             warm=(decisions[:count], facts[:count]))
+    return results
+
+
 async def main(records: int, postgres: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         decisions, facts = await _decisions(Path(tmp) / "secret-policies", 4, secrets=True)
@@ -134,6 +214,7 @@ async def main(records: int, postgres: str | None) -> dict[str, Any]:
         unique_decisions, unique_facts = await _decisions(Path(tmp) / "unique-policies", min(records, 4000),
                                                           unique=True)
         results["record_cpu_us_each_request_new"] = record_cpu(unique_decisions, unique_facts)
+        results.update(await varied_record_cpu(Path(tmp), min(records, 4000)))
         results["file_records_per_s"] = await throughput(FileSink(Path(tmp) / "audit.jsonl"), decisions, facts)
         if postgres:
             table = unique_table()
@@ -217,31 +298,37 @@ def _repeated(sessions: dict[str, str]) -> tuple[str, dict[str, str]]:
 ROUNDS = 3  # each cell's off/on pair, interleaved; the report takes the median of the rounds
 
 
-def _audit_counters(metrics_addr: str) -> tuple[float, float]:
-    """(CPU seconds of the audit thread, records it built), from the server's /metrics."""
+def _audit_counters(metrics_addr: str) -> tuple[float, float, float]:
+    """(CPU seconds of the audit thread, records it built, records dropped for any reason),
+    from the server's /metrics."""
     import httpx
 
     text = httpx.get(f"http://{metrics_addr}/metrics", timeout=10).text
     values = {}
+    dropped = 0.0
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
+        name, _, value = line.rpartition(" ")
         if name in ("authz_audit_cpu_seconds_total", "authz_audit_records_built_total"):
             values[name] = float(value)
-    return values.get("authz_audit_cpu_seconds_total", 0.0), values.get("authz_audit_records_built_total", 0.0)
+        elif name.startswith("authz_audit_records_dropped_total{"):
+            dropped += float(value)
+    return (values.get("authz_audit_cpu_seconds_total", 0.0), values.get("authz_audit_records_built_total", 0.0),
+            dropped)
 
 
 def _load(server: dict[str, Any], mode: str, kind: str, settings: Settings) -> LoadResult:
     url = server["fronts"][mode]
     name = f"{mode}, {TRAFFIC[kind]}, {settings.connections} conn."
-    cpu, built = _audit_counters(server["metrics"])
+    cpu, built, dropped = _audit_counters(server["metrics"])
     if kind == "repeat":
         path, headers = _repeated(server["sessions"])
         result = load_with_cpu(url + path, settings, server["pid"], name=name, headers=headers)
     else:
         result = load_with_cpu(url + "/", settings, server["pid"], name=name, script=server["script"])
-    cpu_after, built_after = _audit_counters(server["metrics"])
+    cpu_after, built_after, dropped_after = _audit_counters(server["metrics"])
     if built_after > built:  # warm-up included: the thread's CPU per record it built
         result.extra["audit_thread_us_per_record"] = (cpu_after - cpu) / (built_after - built) * 1e6
+        result.extra["audit_records_dropped"] = dropped_after - dropped
     return result
 
 
@@ -336,9 +423,12 @@ def report_envoy(results: dict[str, Any]) -> str:
                  ["mode", "traffic", "req/s off (32 c.)", "req/s on", "on / off", "1 conn. p50/p99 ms off", "on",
                   "p99 on / off", "authz CPU µs/req off / on", "Δ CPU µs/req", "audit thread µs/record",
                   "errors", "wrong allows"], rows)
-    return text + (f"\nrecords in the audit files (the current one and the rotated ones): "
+    dropped = sum(r.extra.get("audit_records_dropped", 0) for runs in results.values() if isinstance(runs, list)
+                  for r in runs)
+    return text + (f"\nrecords in the audit files (the current one and the rotated ones, at most 5 x 100 MB): "
                    f"{results['records_in_file']:,} for {results['requests_audited']:,} measured requests "
-                   "(plus warm-ups and sign-ins)")
+                   f"(plus warm-ups and sign-ins); records the audit log dropped (authz_audit_records_dropped): "
+                   f"{dropped:,.0f}")
 
 
 def run(settings: Settings, *, with_envoy: bool = True) -> tuple[dict[str, Any], str]:

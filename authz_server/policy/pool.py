@@ -4,11 +4,18 @@ The OPA engine releases the GIL while it evaluates, so threads are how one proce
 than one core to policy work; and an engine serializes its own calls, so each thread owns an
 ``Evaluator``. The event loop only queues a job and, later, receives its answer.
 
+Under load the queue holds several jobs when a worker comes back to it: it takes up to
+``MAX_BATCH`` of them and evaluates them in one engine call (``Evaluator.evaluate_many``: the
+call's fixed cost, the thread hand-off and the data the policy reads are paid once for the batch)
+and answers them with one wake-up of the event loop. One at a time, a job is evaluated alone,
+as before. A batch whose call fails is evaluated job by job, so each error stays with its job.
+
 An evaluation cannot be cancelled. When one overruns the deadline, the request is denied at
 the deadline (``policy_timeout``), the worker evaluating it is marked stuck and a replacement
 starts (at most ``spare`` at a time), so the rest of the traffic keeps ``size`` workers and is
 decided on time; the stuck worker exits when its evaluation finally returns. A job whose
-deadline passed while it waited is dropped unevaluated. With every spare used, new work waits
+deadline passed while it waited is dropped unevaluated. When a job of a batch overruns, the
+rest of its batch is queued again for the other workers. With every spare used, new work waits
 for the live workers and denies at its deadline: bounded threads, never an accidental allow.
 Nothing is evaluated on the event loop unless ``isolation`` is ``inline`` (tools, benchmarks).
 """
@@ -28,6 +35,7 @@ from .engine import CompiledPolicy, Evaluator
 log = logging.getLogger("authz_server.policy")
 
 ISOLATION_MODES = ("thread", "inline")
+MAX_BATCH = 16  # jobs per engine call: past ~16 the per-decision cost stops falling (measured: 4 -> 146 µs, 16 -> 108, 32 -> 105)
 
 
 class _Job:
@@ -46,11 +54,11 @@ class _Job:
 
 
 class _Worker:
-    __slots__ = ("evaluator", "job", "retire")
+    __slots__ = ("evaluator", "jobs", "retire")
 
     def __init__(self, evaluator: Evaluator) -> None:
         self.evaluator = evaluator
-        self.job: _Job | None = None
+        self.jobs: tuple[_Job, ...] = ()  # being evaluated
         self.retire = False  # replaced while stuck: exits once its evaluation returns
 
 
@@ -111,9 +119,16 @@ class EvaluatorPool:
 
     def _replace_stuck(self, job: _Job) -> None:
         with self._lock:
-            worker = next((w for w in self._workers if w.job is job and not w.retire), None)
+            worker = next((w for w in self._workers if job in w.jobs and not w.retire), None)
             if worker is None or self._closed:
                 return
+            # Its batchmates are not the ones stuck: queued again, another worker answers them
+            # (if the stuck one ever returns, its late answers find them answered already).
+            for mate in worker.jobs:
+                if mate is not job and not mate.abandoned:
+                    mate.started = False
+                    self._queue.put(mate)
+            worker.jobs = (job,)
             retiring = sum(w.retire for w in self._workers)
             if retiring >= self._spare:
                 log.error("%d policy evaluations are stuck past their deadline and no spare worker is left: "
@@ -144,30 +159,78 @@ class EvaluatorPool:
     def _work(self, worker: _Worker) -> None:
         try:
             while True:
-                job = self._queue.get()
-                if job is _STOP:
+                first = self._queue.get()
+                if first is _STOP:
                     return
-                if job.abandoned or time.monotonic() >= job.deadline:
-                    continue  # already denied at its deadline
-                worker.job = job
-                job.started = True
-                try:
-                    evaluator = worker.evaluator
-                    result: Any = (evaluator.evaluate_traced(job.input_json) if job.traced
-                                   else evaluator.evaluate(job.input_json))
-                    failed = False
-                except BaseException as exc:  # delivered to the request, which denies
-                    result, failed = exc, True
-                worker.job = None
-                if not job.abandoned:
-                    job.loop.call_soon_threadsafe(_deliver, job.future, result, failed)
-                if worker.retire:
-                    return  # replaced while it was stuck: the pool has its workers
+                batch, after, stop = self._gather(first)
+                for jobs in (batch, after):
+                    self._run(worker, jobs)
+                if stop or worker.retire:
+                    return  # told to stop, or replaced while it was stuck: the pool has its workers
         finally:
             with self._lock:
                 if worker in self._workers:
                     self._workers.remove(worker)
             worker.evaluator.close()
+
+    def _gather(self, first: _Job) -> tuple[list[_Job], list[_Job], bool]:
+        """``first`` and the plain jobs queued behind it (up to ``MAX_BATCH``); a traced job met
+        on the way is run on its own after them; whether a stop was met."""
+        batch: list[_Job] = [first]
+        after: list[_Job] = []
+        if first.traced:
+            return [], batch, False
+        while len(batch) < MAX_BATCH:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP:
+                return batch, after, True
+            if job.traced:
+                after.append(job)
+                break
+            batch.append(job)
+        return batch, after, False
+
+    def _run(self, worker: _Worker, jobs: list[_Job]) -> None:
+        now = time.monotonic()
+        live = tuple(job for job in jobs if not job.abandoned and now < job.deadline)  # others denied already
+        if not live:
+            return
+        worker.jobs = live
+        for job in live:
+            job.started = True
+        answers = self._evaluate(worker.evaluator, live)
+        worker.jobs = ()
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, bool]]] = {}
+        for job, (result, failed) in zip(live, answers):
+            if not job.abandoned and not job.future.done():  # done: answered by another worker
+                by_loop.setdefault(job.loop, []).append((job.future, result, failed))
+        for loop, delivered in by_loop.items():  # one wake-up per loop for the whole batch
+            try:
+                loop.call_soon_threadsafe(_deliver_all, delivered)
+            except RuntimeError:  # that loop is closed: nobody waits for these answers any more
+                pass
+
+    @staticmethod
+    def _evaluate(evaluator: Evaluator, jobs: tuple[_Job, ...]) -> list[tuple[Any, bool]]:
+        """(result, failed) per job: a batch in one call when it can, else one by one."""
+        if len(jobs) > 1:
+            try:
+                values = evaluator.evaluate_many([job.input_json for job in jobs])
+            except Exception:  # whatever it was, each job on its own says it for itself
+                values = None
+            if values is not None:
+                return [(value, False) for value in values]
+        answers: list[tuple[Any, bool]] = []
+        for job in jobs:
+            try:
+                answers.append((evaluator.evaluate_traced(job.input_json) if job.traced
+                                else evaluator.evaluate(job.input_json), False))
+            except BaseException as exc:  # delivered to the request, which denies
+                answers.append((exc, True))
+        return answers
 
     # -- tools, tests, inline mode
 
@@ -194,10 +257,11 @@ class EvaluatorPool:
                 self._direct = None
 
 
-def _deliver(future: asyncio.Future[Any], result: Any, failed: bool) -> None:
-    if future.done():
-        return
-    if failed:
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+def _deliver_all(answers: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
+    for future, result, failed in answers:
+        if future.done():
+            continue
+        if failed:
+            future.set_exception(result)
+        else:
+            future.set_result(result)

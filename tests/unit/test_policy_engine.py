@@ -288,3 +288,140 @@ def test_adaptive_isolation_in_an_old_config_runs_on_threads(tmp_path: Path) -> 
     config_file.write_text("policy_isolation: adaptive\npolicy_threads: 3\nstrict_builtin_errors: true\n")
     config = load_config(str(config_file))
     assert (config.policy_isolation, config.policy_threads, config.strict_builtin_errors) == ("thread", 3, True)
+
+
+# -- batches: several queued inputs in one engine call
+
+BATCHED = """package envoy.authz
+import rego.v1
+default allow := false
+allow if {
+    some route in data.routes
+    route.method == input.method
+    glob.match(route.path, ["/"], input.path)
+    input.user in route.users
+}
+allow := {"allowed": true, "headers": {"x-user": input.user}} if input.user == "root"
+x := 1 if input.a
+x := 2 if input.b
+allow := x if input.conflict
+"""
+BATCH_DATA = {"routes": [{"method": m, "path": f"/api/{s}/*", "users": [f"u{n}" for n in range(s, s + 5)]}
+                         for s in range(10) for m in ("GET", "POST")]}
+
+
+def batch_inputs(count: int, seed: int) -> list[dict[str, object]]:
+    import random
+
+    rng = random.Random(seed)
+    out: list[dict[str, object]] = []
+    for _ in range(count):
+        kind = rng.random()
+        if kind < 0.1:
+            out.append({"user": "root", "method": "GET", "path": "/x"})
+        elif kind < 0.15:
+            out.append({"method": 5})  # reads nothing it expects: the default
+        elif kind < 0.2:
+            out.append({})  # `allow` left at its default; `x` undefined
+        else:
+            out.append({"method": rng.choice(["GET", "POST", "PUT"]), "user": f"u{rng.randrange(16)}",
+                        "path": f"/api/{rng.randrange(12)}/{rng.randrange(10**6)}"})
+    return out
+
+
+@pytest.fixture
+def batched(tmp_path: Path) -> CompiledPolicy:
+    write_policy(tmp_path, BATCHED)
+    (tmp_path / "data.json").write_text(json.dumps(BATCH_DATA))
+    return CompiledPolicy.compile(load_policy_set(tmp_path), QUERY)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_batch_answers_each_input_as_it_would_alone(batched: CompiledPolicy, seed: int) -> None:
+    evaluator = batched.new_evaluator()
+    try:
+        inputs = [encode_input(doc) for doc in batch_inputs(40, seed)]
+        alone = [evaluator.evaluate(one) for one in inputs]
+        for size in (2, 5, 16, 40):
+            together: list[object] = []
+            for start in range(0, len(inputs), size):
+                values = evaluator.evaluate_many(inputs[start:start + size])
+                assert values is not None
+                together.extend(values)
+            assert together == alone, size
+        assert {"allowed": True, "headers": {"x-user": "root"}} in alone and True in alone and False in alone
+    finally:
+        evaluator.close()
+
+
+def test_a_batch_holding_an_input_that_fails_is_refused_whole(batched: CompiledPolicy) -> None:
+    evaluator = batched.new_evaluator()
+    try:
+        good = encode_input({"user": "root"})
+        assert evaluator.evaluate_many([good, encode_input({"conflict": True, "a": True, "b": True}), good]) is None
+        with pytest.raises(PolicyError):
+            evaluator.evaluate(encode_input({"conflict": True, "a": True, "b": True}))
+        assert evaluator.evaluate_many([good, good]) == [{"allowed": True, "headers": {"x-user": "root"}}] * 2
+    finally:
+        evaluator.close()
+
+
+async def test_under_load_the_pool_batches_and_each_request_gets_its_own_answer(
+        batched: CompiledPolicy, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = engine_module.Evaluator.evaluate_many
+
+    def counted(self: engine_module.Evaluator, inputs: list[bytes]) -> object:
+        calls.append(len(inputs))
+        return original(self, inputs)
+
+    monkeypatch.setattr(engine_module.Evaluator, "evaluate_many", counted)
+    documents = batch_inputs(200, 7)
+    documents[50] = {"conflict": True, "a": True, "b": True}  # its batch is evaluated one by one
+    reference = batched.new_evaluator()
+    try:
+        expected: list[object] = []
+        for doc in documents:
+            try:
+                expected.append(reference.evaluate(encode_input(doc)))
+            except PolicyError as exc:
+                expected.append(exc.code)
+    finally:
+        reference.close()
+    pool = EvaluatorPool(batched, size=1)
+    try:
+        answers = await asyncio.gather(*(pool.evaluate(encode_input(doc), timeout=60) for doc in documents),
+                                       return_exceptions=True)
+    finally:
+        pool.close()
+    assert [a.code if isinstance(a, PolicyError) else a for a in answers] == expected
+    assert calls and max(calls) > 1, "200 requests at once never made a batch"
+
+
+async def test_requests_batched_with_a_stuck_one_are_answered_by_another_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    batches: list[int] = []
+    original = engine_module.Evaluator.evaluate_many
+
+    def counted(self: engine_module.Evaluator, inputs: list[bytes]) -> object:
+        batches.append(len(inputs))
+        return original(self, inputs)
+
+    monkeypatch.setattr(engine_module.Evaluator, "evaluate_many", counted)
+    pool = EvaluatorPool(compiled(tmp_path, SLOW), size=1, spare=2)
+    try:
+        # The rest queue up while the worker wakes or works on the first: it takes them as one
+        # batch, stuck behind an input that runs for many seconds (4x STUCK's work).
+        busy = asyncio.ensure_future(pool.evaluate(encode_input({"n": 350}), timeout=60))
+        await asyncio.sleep(0)
+        stuck = asyncio.ensure_future(pool.evaluate(encode_input({"n": 2000}), timeout=0.3))
+        fast = [asyncio.ensure_future(pool.evaluate(encode_input({"n": i}), timeout=2.5)) for i in range(8)]
+        assert await busy is False
+        with pytest.raises(PolicyError) as error:
+            await stuck
+        assert error.value.code == "policy_timeout"
+        # Well before the stuck input's end: its batchmates went to the replacement worker.
+        assert await asyncio.gather(*fast) == [True] * 8
+        assert batches and batches[0] >= 9, batches  # the stuck input and its eight batchmates at least
+    finally:
+        pool.close()

@@ -85,6 +85,21 @@ class _Template:
     pattern: bytes = b""  # the fragments joined with a %b for each slot (literal % doubled)
 
 
+def _spliced(members: dict[str, Any], expected: list[int], masked: tuple[str, ...], erased: tuple[str, ...],
+             path_first: bool = False) -> Any:
+    """``members`` rendered with their placeholders cut out: a template, or ``_UNSPLIT`` when
+    they cannot be rendered or do not hold exactly the ``expected`` slots."""
+    try:
+        rendered = _dumps(members)
+    except (TypeError, orjson.JSONEncodeError):
+        return _UNSPLIT
+    parts = _SLOT.split(rendered[1:-1])
+    slots = tuple(int(index) for index in parts[1::2])
+    if sorted(slots) != expected:  # a request holding our placeholder text: never spliced
+        return _UNSPLIT
+    return _new_template(tuple(parts[0::2]), slots, masked, erased, path_first)
+
+
 def _new_template(fragments: tuple[bytes, ...], slots: tuple[int, ...], masked: tuple[str, ...],
                   erased: tuple[str, ...], path_first: bool = False) -> _Template:
     pattern = b"%b".join(fragment.replace(b"%", b"%%") for fragment in fragments)
@@ -414,15 +429,7 @@ class RecordBuilder:
 
     def _render_template(self, members: dict[str, Any], expected: list[int], path_first: bool) -> Any:
         stable = self.redactor.redact_input_parts(members)
-        try:
-            rendered = _dumps(stable.members)
-        except (TypeError, orjson.JSONEncodeError):
-            return _UNSPLIT
-        parts = _SLOT.split(rendered[1:-1])
-        slots = tuple(int(index) for index in parts[1::2])
-        if sorted(slots) != expected:  # a request holding our placeholder text: never spliced
-            return _UNSPLIT
-        return _new_template(tuple(parts[0::2]), slots, stable.masked, stable.erased, path_first)
+        return _spliced(stable.members, expected, stable.masked, stable.erased, path_first)
 
     @staticmethod
     def _volatile_values(redacted: Volatile) -> list[bytes]:
@@ -462,15 +469,7 @@ class RecordBuilder:
         expected = sorted([_REQUEST_ID] * bool(volatile.request_id) + [_PORT] * bool(volatile.port)
                           + [_TIME] * (volatile.time_value is not None)
                           + [_HEADERS + index for index in range(len(volatile.headers))])
-        try:
-            rendered = _dumps({**stable.members, "attributes": attributes})
-        except (TypeError, orjson.JSONEncodeError):
-            return _UNSPLIT
-        parts = _SLOT.split(rendered[1:-1])
-        slots = tuple(int(index) for index in parts[1::2])
-        if sorted(slots) != expected:  # a request holding our placeholder text: never spliced
-            return _UNSPLIT
-        return _new_template(tuple(parts[0::2]), slots, stable.masked, stable.erased)
+        return _spliced({**stable.members, "attributes": attributes}, expected, stable.masked, stable.erased)
 
     def _who(self, decision: "Decision") -> _Who:
         identity = decision.identity

@@ -366,16 +366,22 @@ def test_a_batch_holding_an_input_that_fails_is_refused_whole(batched: CompiledP
         evaluator.close()
 
 
-async def test_under_load_the_pool_batches_and_each_request_gets_its_own_answer(
-        batched: CompiledPolicy, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
+@pytest.fixture
+def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every batch the engine is given, in order."""
+    sizes: list[int] = []
     original = engine_module.Evaluator.evaluate_many
 
     def counted(self: engine_module.Evaluator, inputs: list[bytes]) -> object:
-        calls.append(len(inputs))
+        sizes.append(len(inputs))
         return original(self, inputs)
 
     monkeypatch.setattr(engine_module.Evaluator, "evaluate_many", counted)
+    return sizes
+
+
+async def test_under_load_the_pool_batches_and_each_request_gets_its_own_answer(
+        batched: CompiledPolicy, batch_sizes: list[int]) -> None:
     documents = batch_inputs(200, 7)
     documents[50] = {"conflict": True, "a": True, "b": True}  # its batch is evaluated one by one
     reference = batched.new_evaluator()
@@ -395,19 +401,11 @@ async def test_under_load_the_pool_batches_and_each_request_gets_its_own_answer(
     finally:
         pool.close()
     assert [a.code if isinstance(a, PolicyError) else a for a in answers] == expected
-    assert calls and max(calls) > 1, "200 requests at once never made a batch"
+    assert batch_sizes and max(batch_sizes) > 1, "200 requests at once never made a batch"
 
 
 async def test_requests_batched_with_a_stuck_one_are_answered_by_another_worker(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    batches: list[int] = []
-    original = engine_module.Evaluator.evaluate_many
-
-    def counted(self: engine_module.Evaluator, inputs: list[bytes]) -> object:
-        batches.append(len(inputs))
-        return original(self, inputs)
-
-    monkeypatch.setattr(engine_module.Evaluator, "evaluate_many", counted)
+        tmp_path: Path, batch_sizes: list[int]) -> None:
     pool = EvaluatorPool(compiled(tmp_path, SLOW), size=1, spare=2)
     try:
         # The rest queue up while the worker wakes or works on the first: it takes them as one
@@ -422,6 +420,6 @@ async def test_requests_batched_with_a_stuck_one_are_answered_by_another_worker(
         assert error.value.code == "policy_timeout"
         # Well before the stuck input's end: its batchmates went to the replacement worker.
         assert await asyncio.gather(*fast) == [True] * 8
-        assert batches and batches[0] >= 9, batches  # the stuck input and its eight batchmates at least
+        assert batch_sizes and batch_sizes[0] >= 9, batch_sizes  # the stuck input and its eight batchmates at least
     finally:
         pool.close()

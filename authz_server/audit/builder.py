@@ -85,6 +85,14 @@ class _Template:
     pattern: bytes = b""  # the fragments joined with a %b for each slot (literal % doubled)
 
 
+def _placeholders(volatile: Volatile, headers: dict[str, str]) -> Volatile:
+    """``volatile``'s request id and port as their slots (where it has them), with ``headers``;
+    the time is put in by the caller (``with_volatile`` renders it as an object)."""
+    return Volatile(request_id=_slot(_REQUEST_ID) if volatile.request_id else "", time_value=None,
+                    port=_slot(_PORT) if volatile.port else 0,  # type: ignore[arg-type]
+                    headers=headers)
+
+
 def _spliced(members: dict[str, Any], expected: list[int], masked: tuple[str, ...], erased: tuple[str, ...],
              path_first: bool = False) -> Any:
     """``members`` rendered with their placeholders cut out: a template, or ``_UNSPLIT`` when
@@ -316,7 +324,8 @@ class RecordBuilder:
         if template is _UNSPLIT:
             return None
         redacted, volatile_masked = self.redactor.redact_volatile(volatile)
-        return _fill(template, self._volatile_values(redacted)), template.masked, template.erased, volatile_masked
+        values = self._volatile_values(redacted) + [_dumps(value) for value in redacted.headers.values()]
+        return _fill(template, values), template.masked, template.erased, volatile_masked
 
     def _by_shape(self, facts: Facts, volatile: Volatile) -> Any:
         """The request's input members from the template of its shape (``facts.ShapedAttributeSource``),
@@ -359,10 +368,7 @@ class RecordBuilder:
         if redacted.headers:  # with_volatile puts them last: two objects of distinct names joined
             extra = _dumps(redacted.headers)
             headers_json = extra if len(headers_json) == 2 else headers_json[:-1] + b"," + extra[1:]
-        time_value = redacted.time_value
-        values = [_dumps(redacted.request_id), _dumps(redacted.port),
-                  _dumps({k: v for k, v in (("seconds", time_value[0]), ("nanos", time_value[1])) if v})
-                  if time_value is not None else b"", headers_json, *changing.values]
+        values = [*self._volatile_values(redacted), headers_json, *changing.values]
         return (_fill(template, values), (*template.masked, *changing.masked), (*template.erased, *changing.erased),
                 volatile_masked)
 
@@ -392,10 +398,7 @@ class RecordBuilder:
             return None
         if split is None:
             return _UNSPLIT
-        placeholders = Volatile(
-            request_id=_slot(_REQUEST_ID) if volatile.request_id else "", time_value=None,
-            port=_slot(_PORT) if volatile.port else 0,  # type: ignore[arg-type]
-            headers=dict.fromkeys(volatile.headers, ""))
+        placeholders = _placeholders(volatile, dict.fromkeys(volatile.headers, ""))
         attributes = dict(with_volatile(split["attributes"], placeholders))
         if "request" in attributes:
             request = attributes["request"] = dict(attributes["request"])
@@ -433,12 +436,11 @@ class RecordBuilder:
 
     @staticmethod
     def _volatile_values(redacted: Volatile) -> list[bytes]:
+        """The request id, port and time rendered, for the _REQUEST_ID, _PORT and _TIME slots."""
         time_value = redacted.time_value
-        values = [_dumps(redacted.request_id), _dumps(redacted.port),
-                  _dumps({k: v for k, v in (("seconds", time_value[0]), ("nanos", time_value[1])) if v})
-                  if time_value is not None else b""]
-        values += [_dumps(value) for value in redacted.headers.values()]
-        return values
+        return [_dumps(redacted.request_id), _dumps(redacted.port),
+                _dumps({k: v for k, v in (("seconds", time_value[0]), ("nanos", time_value[1])) if v})
+                if time_value is not None else b""]
 
     def _template(self, facts: Facts, volatile: Volatile) -> Any:
         key = (facts.fingerprint, bool(volatile.request_id), bool(volatile.port), volatile.time_value is not None,
@@ -457,10 +459,8 @@ class RecordBuilder:
         if split is None:
             return _UNSPLIT
         stable = self.redactor.redact_input_parts(split)
-        placeholders = Volatile(
-            request_id=_slot(_REQUEST_ID) if volatile.request_id else "", time_value=None,
-            port=_slot(_PORT) if volatile.port else 0,  # type: ignore[arg-type]
-            headers={name: _slot(_HEADERS + index) for index, name in enumerate(volatile.headers)})
+        placeholders = _placeholders(volatile, {name: _slot(_HEADERS + index)
+                                                for index, name in enumerate(volatile.headers)})
         attributes = with_volatile(stable.members["attributes"], placeholders)
         if volatile.time_value is not None:  # where with_volatile puts it: last in ``request``
             attributes = dict(attributes)

@@ -103,15 +103,8 @@ def trace_carrier(facts: Any, fields: Iterable[str]) -> dict[str, str]:
 
 
 def w3c_headers(facts: Any) -> tuple[str | None, str | None]:
-    """The request's ``traceparent`` and ``tracestate`` (as ``trace_header`` reads each)."""
-    headers = facts.headers
-    parent, state = headers.get("traceparent"), headers.get("tracestate")
-    if not parent or not state:
-        volatile = getattr(facts.attributes_factory, "volatile", None)
-        if volatile is not None:
-            parent = parent or volatile.headers.get("traceparent")
-            state = state or volatile.headers.get("tracestate")
-    return parent, state
+    """The request's ``traceparent`` and ``tracestate``."""
+    return trace_header(facts, "traceparent"), trace_header(facts, "tracestate")
 
 
 def trace_header(facts: Any, name: str) -> str | None:

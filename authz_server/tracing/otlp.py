@@ -165,9 +165,8 @@ class OtlpSpans:
             self._frames.append(layout.pack(trace_id, span_id, parent_id, start_ns, end_ns, decision_id, timings))
         else:  # a trace state, or limits that dropped an event's duration: the general way
             parent_part = ROOT_FLAGS if parent_id is None else parent_fields(parent_id, trace_state)
-            id_field = attributes.id_prefix(len(decision_id)) + decision_id if attributes.has_id else b""
-            self._frames.append(span_frame(trace_id, span_id, parent_part, start_ns, end_ns, id_field, attributes,
-                                           events, timings))
+            self._frames.append(span_frame(trace_id, span_id, parent_part, start_ns, end_ns,
+                                           attributes.id_field(decision_id), attributes, events, timings))
         if len(self._frames) >= self.batch:
             self.send()
         return True

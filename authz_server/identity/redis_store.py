@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
 
@@ -122,9 +123,11 @@ class RedisStore:
         self._client = self._shared.client
         self._cluster = self._shared.kind == "cluster"
         self._lookup_script = self._client.register_script(_LOOKUP_SLOT if self._cluster else _LOOKUP)
-        self._near: dict[str, tuple[Session, float]] = {}
+        # Oldest out first when full (ordered: a plain dict's first key is found by walking the
+        # slots deleted at the front of its table, on the request path).
+        self._near: OrderedDict[str, tuple[Session, float]] = OrderedDict()
         self._generations: dict[str, int] = {}
-        self._generation_until: dict[str, float] = {}  # Cluster: until when a cached generation is trusted
+        self._generation_until: OrderedDict[str, float] = OrderedDict()  # Cluster: until when a cached generation is trusted
         # Revocations the store has not confirmed yet: enforced here meanwhile, replayed when it answers.
         self._pending_keys: dict[str, float] = {}
         self._pending_subjects: dict[str, float] = {}  # subject -> sessions created up to then are revoked
@@ -218,7 +221,7 @@ class RedisStore:
     # -- near-cache
     def _remember(self, session: Session, now: float) -> None:
         if len(self._near) >= self.near_cache_entries:
-            self._near.pop(next(iter(self._near)))
+            self._near.popitem(last=False)
         self._near[session.key] = (session, now + self.near_cache_ttl)
 
     def _revoked_here(self, session: Session) -> bool:
@@ -270,8 +273,7 @@ class RedisStore:
         self._generations[subject] = max(self._generations.get(subject, 0), generation)
         if self._cluster:
             if len(self._generation_until) >= self.near_cache_entries:
-                stale = next(iter(self._generation_until))
-                self._generation_until.pop(stale)
+                stale, _ = self._generation_until.popitem(last=False)
                 self._generations.pop(stale, None)
             self._generation_until[subject] = now + max(self.near_cache_ttl, GENERATION_TRUST)
 

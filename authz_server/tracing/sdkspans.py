@@ -49,11 +49,11 @@ class SdkSpans:
         span = self._tracer.start_span(SPAN_NAME, context=parent, kind=self._server,
                                        attributes=decision_attributes(decision, facts), start_time=start_ns)
         if span.is_recording():
-            error = failed(decision)
-            shape, timings = phase_timeline(decision.phase_clock, last_phase(decision, error), start_ns, end_ns)
+            went_wrong = failed(decision)
+            shape, timings = phase_timeline(decision.phase_clock, last_phase(decision, went_wrong), start_ns, end_ns)
             for (name, extra), at_ns, duration_us in zip(shape, timings[0::2], timings[1::2]):
                 span.add_event(name, {"authz.duration_us": duration_us, **dict(extra)}, timestamp=at_ns)
-            if error:
+            if went_wrong:
                 status, error = self._error
                 span.set_status(status(error, decision.code))
         span.end(end_time=end_ns)

@@ -306,11 +306,11 @@ class _Pass:
                 continue
             name = str(entry.get("key", ""))
             item = {k: (v if k in ("value", "rawValue") else self.any(v, (at, k))) for k, v in entry.items()}
+            rule = header_rule(name)
             if isinstance(item.get("value"), str):
-                item["value"] = self.text(item["value"], (at, "value"), lambda v: redact_header(name, v))
+                item["value"] = self.text(item["value"], (at, "value"), rule)
             if isinstance(item.get("rawValue"), str):
-                item["rawValue"] = self.text(item["rawValue"], (at, "rawValue"),
-                                             _through_base64(lambda v: redact_header(name, v)))
+                item["rawValue"] = self.text(item["rawValue"], (at, "rawValue"), _through_base64(rule))
             out_entries.append(item)
         return {**{k: self.any(v, (where, k)) for k, v in value.items() if k != "headers"}, "headers": out_entries}
 
@@ -376,11 +376,9 @@ class _Pass:
 
     def volatile(self, value: Volatile) -> Volatile:
         """The per-request attribute values, redacted where ``input.attributes`` has them."""
-        http = _HTTP
-        headers = (http, "headers")
         return Volatile(
-            request_id=self.any(value.request_id, (http, "id")), time_value=value.time_value, port=value.port,
-            headers={name: self.text(item, (headers, name), header_rule(name))
+            request_id=self.any(value.request_id, (_HTTP, "id")), time_value=value.time_value, port=value.port,
+            headers={name: self.text(item, (_HEADERS, name), header_rule(name))
                      for name, item in value.headers.items()})
 
     def result(self, value: Any) -> Any:

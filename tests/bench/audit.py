@@ -165,8 +165,10 @@ def _http_facts(request: Any, session: str | None, n: int) -> Any:
 
 
 class _VariedTraffic:
-    """The route table's traffic that does not repeat, read by one front and decided by the
-    policy (see ``varied_decisions``); open until ``close``."""
+    """Traffic that does not repeat, as the Envoy section sends it: the route table of
+    ``routes.py`` (a new id and query string in every path, users drawn at random from 1,000
+    with a session each), read by the ``mode`` front ("grpc": real CheckRequest protobufs;
+    "http": Envoy's HTTP ext_authz requests) and decided by the policy; open until ``close``."""
 
     def __init__(self, folder: Path, mode: str) -> None:
         from . import routes
@@ -199,20 +201,6 @@ class _VariedTraffic:
 
     def close(self) -> None:
         self.runtime.close()
-
-
-async def varied_decisions(folder: Path, count: int, mode: str, *, seed: int = 11) -> tuple[list[Any], list[Any]]:
-    """``count`` decisions of traffic that does not repeat, as the Envoy section sends it: the
-    route table of ``routes.py`` (a new id and query string in every path, users drawn at
-    random from 1,000 with a session each), read by the ``mode`` front ("grpc": real
-    CheckRequest protobufs; "http": Envoy's HTTP ext_authz requests); every decision is the
-    policy's (the cache is off, as it misses on this traffic anyway)."""
-    traffic = _VariedTraffic(folder, mode)
-    try:
-        await traffic.sign_in()
-        return await traffic.decide(count, seed=seed)
-    finally:
-        traffic.close()
 
 
 async def sliced_record_cpu(traffic: _VariedTraffic, decisions: list[Any], facts: list[Any],

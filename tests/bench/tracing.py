@@ -6,7 +6,10 @@ evaluation each time). "On" is the server's path for OTLP (``tracing.otlp``: spa
 straight into OTLP requests); "SDK spans" is the path other exporters take (``tracing.sdkspans``:
 an SDK span per decision, the SDK's batch processor and encoder), on the same collector.
 
-Measured per decision, rounds interleaved (off, on, SDK spans, off...), the median round kept:
+Measured per decision in many short rounds, interleaved (off, on, SDK spans; then SDK spans, on,
+off; ...): each Δ is the median of the rounds' own differences, with a 95 % confidence interval
+(``median_interval``), since other processes on a shared machine move whole rounds by more than
+the difference judged, and short alternating rounds let those moves cancel:
   * CPU: ``time.process_time`` of the whole process (every thread: the decision loop, the tracer's
     thread, the SDK's and gRPC's threads) from the loop's start until the collector acknowledged
     the last span: all the CPU a traced decision costs the server, and what the ≤ 10 µs target is
@@ -17,7 +20,7 @@ Measured per decision, rounds interleaved (off, on, SDK spans, off...), the medi
 With ``traceparent`` flags ``00`` (Envoy did not sample), the parent-based sampler drops the span
 before the queue.
 
-    python -m tests.bench.tracing [--decisions 4000] [--rounds 3] [--against REF]
+    python -m tests.bench.tracing [--decisions 1024] [--rounds 24] [--against REF]
 
 ``--against REF`` also runs the tracing-off loops of git REF's tree (``git archive``), rounds
 interleaved with this tree's: the cost of the hooks themselves when tracing is off.
@@ -29,6 +32,7 @@ import argparse
 import asyncio
 import gc
 import json
+import math
 import os
 import secrets
 import shutil
@@ -152,8 +156,11 @@ async def off_and_on(decisions: int, rounds: int) -> dict[str, Any]:
                 await _loop(pipeline, requests)  # warm all (and fill every cache)
             for tracer in tracers.values():
                 assert tracer is not None and tracer.flush(120)
-            for _ in range(rounds):
-                for mode, pipeline in pipelines.items():
+            modes = list(pipelines.items())
+            for index in range(rounds):
+                # off, on, SDK; then SDK, on, off: off runs first in half the rounds and last in the
+                # other half, so a machine slowing down or speeding up adds to neither side of a difference
+                for mode, pipeline in modes if index % 2 == 0 else modes[::-1]:
                     wall, cpu = await _timed_loop(pipeline, requests)
                     tracer = tracers.get(mode)
                     if tracer is not None:  # the spans still queued: made, exported, acknowledged
@@ -238,8 +245,22 @@ def against(ref: str, decisions: int, rounds: int) -> dict[str, Any]:
         shutil.rmtree(tree, ignore_errors=True)
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median of ``values``: the order statistics
+    the binomial distribution puts around it (no assumption that rounds' differences are normal:
+    a round the Go collector or another process hit is an outlier, not a wider bell)."""
+    ordered, n = sorted(values), len(values)
+    tail, k = 0.0, 0  # the largest k with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2
+    while k < n // 2 and tail + math.comb(n, k) / 2 ** n <= (1 - confidence) / 2:
+        tail += math.comb(n, k) / 2 ** n
+        k += 1
+    if k == 0:  # too few rounds for this confidence: the interval is everything seen
+        return ordered[0], ordered[-1]
+    return ordered[k - 1], ordered[n - k]
+
+
 def run(smoke: bool = False) -> tuple[dict[str, Any], str]:
-    decisions, rounds = (300, 1) if smoke else (4000, 3)
+    decisions, rounds = (300, 2) if smoke else (1024, 24)
     results = asyncio.run(off_and_on(decisions, rounds))
     return results, report(results, decisions)
 
@@ -250,19 +271,25 @@ def report(results: dict[str, Any], decisions: int) -> str:
     median, rounds = results["us_per_decision"], results["rounds"]
     rows = []
     for kind in ("cached", "uncached", "cached_unsampled"):
-        def delta(mode: str, clock: str) -> float:  # the median of the rounds' own differences
-            pairs = zip(rounds[f"{kind}_{mode}_{clock}"], rounds[f"{kind}_off_{clock}"])
-            return statistics.median(on - off for on, off in pairs)
+        def delta(mode: str, clock: str) -> list[float]:  # each round's own difference
+            return [on - off for on, off in zip(rounds[f"{kind}_{mode}_{clock}"], rounds[f"{kind}_off_{clock}"])]
+
+        def shown(differences: list[float]) -> str:
+            low, high = median_interval(differences)
+            return f"{statistics.median(differences):+.1f} [{low:+.1f}, {high:+.1f}]"
 
         off_cpu, spread = median[f"{kind}_off_cpu"], rounds[f"{kind}_off_cpu"]
         rows.append([kind.replace("_", ", ") + (" (traceparent flags 00)" if "unsampled" in kind else ""),
-                     f"{off_cpu:.1f}", f"{median[f'{kind}_on_cpu']:.1f}", f"{delta('on', 'cpu'):+.1f}",
-                     f"{delta('on', 'wall'):+.1f}", f"{delta('sdk', 'cpu'):+.1f}", f"{delta('sdk', 'wall'):+.1f}",
+                     f"{off_cpu:.1f}", f"{median[f'{kind}_on_cpu']:.1f}", shown(delta("on", "cpu")),
+                     f"{statistics.median(delta('on', 'wall')):+.1f}", shown(delta("sdk", "cpu")),
+                     f"{statistics.median(delta('sdk', 'wall')):+.1f}",
                      f"{(max(spread) - min(spread)) / min(spread) * 100:.0f} %"])
+    count = len(rounds["cached_off_cpu"])
     title = (f"Tracing: µs per decision in process, off vs on (OTLP/gRPC to a local collector, until it "
-             f"acknowledged the last span), {decisions} requests that never repeat, medians of the interleaved rounds")
-    text = table(title, ["decision", "off CPU", "on CPU", "Δ CPU", "Δ wall", "SDK spans: Δ CPU", "Δ wall",
-                         "off CPU round spread"], rows)
+             f"acknowledged the last span), {count} interleaved rounds of {decisions} requests that never repeat: "
+             f"medians, and for Δ the median of the rounds' own differences [its 95 % confidence interval]")
+    text = table(title, ["decision", "off CPU", "on CPU", "Δ CPU [95 %]", "Δ wall", "SDK spans: Δ CPU [95 %]",
+                         "Δ wall", "off CPU round spread"], rows)
     text += ("\nrequest-path hooks when on (phase clock, 3 marks, what the span needs kept, queue append; CPU): "
              f"{results['hooks_us']:.2f} µs")
     per_span = results.get("tracer_thread_us_per_span", {})
@@ -277,8 +304,8 @@ def report(results: dict[str, Any], decisions: int) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m tests.bench.tracing")
-    parser.add_argument("--decisions", type=int, default=4000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decisions", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--off-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--against", metavar="REF", help="also compare tracing off with git REF's tree")
     args = parser.parse_args()

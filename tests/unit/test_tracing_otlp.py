@@ -140,3 +140,27 @@ def test_the_queue_is_bounded_drops_are_counted_and_flush_waits_for_what_came_be
         assert metrics["authz_tracing_unsampled"] == 2 and metrics["authz_tracing_cpu_seconds"] >= 0
     finally:
         tracer.shutdown(timeout=5)
+
+
+@pytest.mark.parametrize("in_headers, in_volatile", [
+    ({}, {}),
+    ({"traceparent": "tp", "tracestate": "ts"}, {}),
+    ({}, {"traceparent": "tp", "tracestate": "ts"}),
+    ({"traceparent": "tp"}, {"tracestate": "ts"}),
+    ({"tracestate": "ts"}, {"traceparent": "tp"}),
+    ({"traceparent": "tp", "tracestate": ""}, {"tracestate": "ts"}),
+    ({"traceparent": "tp", "tracestate": "ts"}, {"traceparent": "other", "tracestate": "other"}),
+])
+def test_w3c_headers_reads_each_header_as_trace_header_does(in_headers: dict[str, str],
+                                                           in_volatile: dict[str, str]) -> None:
+    """gRPC mode keeps volatile headers apart (``facts.Volatile``): the one-pass lookup finds each
+    header where ``trace_header`` finds it, the request's own headers first."""
+    from types import SimpleNamespace
+
+    from authz_server.facts import Volatile
+    from authz_server.tracing.attributes import trace_header, w3c_headers
+
+    for factory in (SimpleNamespace(volatile=Volatile(headers=in_volatile)), None):
+        facts = SimpleNamespace(headers=in_headers, attributes_factory=factory)
+        expected = tuple(trace_header(facts, name) or None for name in ("traceparent", "tracestate"))
+        assert tuple(value or None for value in w3c_headers(facts)) == expected

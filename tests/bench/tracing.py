@@ -17,8 +17,8 @@ the difference judged, and short alternating rounds let those moves cancel:
   * wall: the same span of time on the wall clock;
   * request-path hooks: what a decision itself runs when tracing is on (a phase clock, three
     timestamps, one queue append), timed alone.
-With ``traceparent`` flags ``00`` (Envoy did not sample), the parent-based sampler drops the span
-before the queue.
+The decisions run on uvloop, the event loop ``serve`` runs. With ``traceparent`` flags ``00``
+(Envoy did not sample), the parent-based sampler drops the span before the queue.
 
     python -m tests.bench.tracing [--decisions 1024] [--rounds 24] [--against REF]
 
@@ -29,7 +29,6 @@ interleaved with this tree's: the cost of the hooks themselves when tracing is o
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
 import math
@@ -44,6 +43,8 @@ import time
 import timeit
 from pathlib import Path
 from typing import Any
+
+import uvloop
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
@@ -261,7 +262,7 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
 
 def run(smoke: bool = False) -> tuple[dict[str, Any], str]:
     decisions, rounds = (300, 2) if smoke else (1024, 24)
-    results = asyncio.run(off_and_on(decisions, rounds))
+    results = uvloop.run(off_and_on(decisions, rounds))
     return results, report(results, decisions)
 
 
@@ -310,9 +311,9 @@ if __name__ == "__main__":
     parser.add_argument("--against", metavar="REF", help="also compare tracing off with git REF's tree")
     args = parser.parse_args()
     if args.off_only:
-        print(json.dumps(asyncio.run(off_only(args.decisions))))
+        print(json.dumps(uvloop.run(off_only(args.decisions))))
         sys.exit(0)
-    measured = asyncio.run(off_and_on(args.decisions, args.rounds))
+    measured = uvloop.run(off_and_on(args.decisions, args.rounds))
     print(report(measured, args.decisions))
     if args.against:
         compared = against(args.against, args.decisions, args.rounds)

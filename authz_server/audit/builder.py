@@ -120,8 +120,8 @@ def _fill(template: _Template, values: list[bytes]) -> bytes:
     return template.pattern % tuple(map(values.__getitem__, template.slots))
 
 
-# A request's input members: (rendered, masked, erased, masked among the volatile values)
-_Request = tuple[bytes, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+# A request's input members: (rendered, masked, erased); the volatile values' masked are the caller's
+_Request = tuple[bytes, tuple[str, ...], tuple[str, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,15 +206,15 @@ class _Strings:
 
 
 class _Timestamps:
-    """``rfc3339`` with its seconds formatted once per second rather than once per record."""
+    """``rfc3339`` (UTF-8) with its seconds formatted once per second rather than once per record."""
 
     __slots__ = ("_second", "_prefix")
 
     def __init__(self) -> None:
         self._second = math.nan
-        self._prefix = ""
+        self._prefix = b""
 
-    def __call__(self, seconds: float) -> str:
+    def __call__(self, seconds: float) -> bytes:
         # datetime.fromtimestamp's own arithmetic (modf, microseconds rounded half to even,
         # a carry into the next second), without making a datetime per record
         fraction, whole = math.modf(seconds)
@@ -225,8 +225,8 @@ class _Timestamps:
             whole, micros = whole - 1.0, micros + 1_000_000
         if whole != self._second:
             self._second = whole
-            self._prefix = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
-        return f"{self._prefix}{micros:06d}Z"
+            self._prefix = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.").encode()
+        return self._prefix + b"%06dZ" % micros
 
 
 class RecordBuilder:
@@ -275,14 +275,16 @@ class RecordBuilder:
     def _fast(self, decision: "Decision", facts: Facts, volatile: Volatile, now: float,
               handler_ns: int) -> AuditRecord | None:
         pieces = [b'{"decision_id":', _dumps(decision.decision_id), b',"timestamp":"',
-                  self._timestamp(now).encode(), b'",', self._head, _BUNDLES,
+                  self._timestamp(now), b'",', self._head, _BUNDLES,
                   _dumps(decision.policy_version), b'}},"input":{']
-        request = self._by_shape(facts, volatile) if self.shapes else _UNSPLIT
+        redacted, volatile_masked = self.redactor.redact_volatile(volatile)
+        volatile_values = self._volatile_values(redacted)
+        request = self._by_shape(facts, volatile, redacted, volatile_values) if self.shapes else _UNSPLIT
         if request is _UNSPLIT:
-            request = self._by_fingerprint(facts, volatile)
+            request = self._by_fingerprint(facts, volatile, redacted, volatile_values)
         if request is None:
             return None
-        rendered_request, request_masked, request_erased, volatile_masked = request
+        rendered_request, request_masked, request_erased = request
         pieces.append(rendered_request)
         person = self._who(decision)
         signals, signals_masked, signals_erased = self._signals_member(decision.signals)
@@ -313,7 +315,12 @@ class RecordBuilder:
             erased += explanation_erased
         pieces += (b',"transport":', _dumps(facts.transport))
         if facts.request_id:
-            pieces += (b',"request_id":', self._scanned("request_id", facts.request_id, masked, repeats=False)[1])
+            if facts.request_id == volatile.request_id:  # redacted and rendered for the attributes already
+                pieces += (b',"request_id":', volatile_values[_REQUEST_ID])
+                if redacted.request_id != volatile.request_id:
+                    masked.append("/request_id")
+            else:
+                pieces += (b',"request_id":', self._scanned("request_id", facts.request_id, masked, repeats=False)[1])
         if erased:
             pieces += (b',"erased":', _dumps(erased))
         if masked:
@@ -344,17 +351,18 @@ class RecordBuilder:
             self._verdicts.keep(key, entry)
         return entry
 
-    def _by_fingerprint(self, facts: Facts, volatile: Volatile) -> _Request | None:
+    def _by_fingerprint(self, facts: Facts, volatile: Volatile, redacted: Volatile,
+                        volatile_values: list[bytes]) -> _Request | None:
         """The request's input members from the template of its fingerprint (a request whose
-        factory cannot tell its shape)."""
+        factory cannot tell its shape); ``redacted``: ``volatile`` redacted, ``volatile_values``
+        its values rendered (``_volatile_values``)."""
         template = self._template(facts, volatile)
         if template is _UNSPLIT:
             return None
-        redacted, volatile_masked = self.redactor.redact_volatile(volatile)
-        values = self._volatile_values(redacted) + [_dumps(value) for value in redacted.headers.values()]
-        return _fill(template, values), template.masked, template.erased, volatile_masked
+        values = volatile_values + [_dumps(value) for value in redacted.headers.values()]
+        return _fill(template, values), template.masked, template.erased
 
-    def _by_shape(self, facts: Facts, volatile: Volatile) -> Any:
+    def _by_shape(self, facts: Facts, volatile: Volatile, redacted: Volatile, volatile_values: list[bytes]) -> Any:
         """The request's input members from the template of its shape (``facts.ShapedAttributeSource``),
         the method, path, headers and what is parsed from them redacted and rendered once per
         fingerprint (a repeated request finds them); ``_UNSPLIT`` when the shape is unknown or
@@ -390,14 +398,12 @@ class RecordBuilder:
             if changing is None:
                 return None
             self._changing.keep(facts.fingerprint, changing)
-        redacted, volatile_masked = self.redactor.redact_volatile(volatile)
         headers_json = changing.headers
         if redacted.headers:  # with_volatile puts them last: two objects of distinct names joined
             extra = _dumps(redacted.headers)
             headers_json = extra if len(headers_json) == 2 else headers_json[:-1] + b"," + extra[1:]
-        values = [*self._volatile_values(redacted), headers_json, *changing.values]
-        return (_fill(template, values), (*template.masked, *changing.masked), (*template.erased, *changing.erased),
-                volatile_masked)
+        return (_fill(template, [*volatile_values, headers_json, *changing.values]),
+                (*template.masked, *changing.masked), (*template.erased, *changing.erased))
 
     def _redact_changing(self, facts: Facts, shape: Shape, path_first: bool) -> _Changing | None:
         key, method, path, headers = shape
@@ -465,9 +471,13 @@ class RecordBuilder:
     def _volatile_values(redacted: Volatile) -> list[bytes]:
         """The request id, port and time rendered, for the _REQUEST_ID, _PORT and _TIME slots."""
         time_value = redacted.time_value
-        return [_dumps(redacted.request_id), _dumps(redacted.port),
-                _dumps({k: v for k, v in (("seconds", time_value[0]), ("nanos", time_value[1])) if v})
-                if time_value is not None else b""]
+        if time_value is None:
+            rendered_time = b""
+        else:  # what with_volatile puts there, {"seconds", "nanos"} without the zero ones, rendered
+            seconds, nanos = time_value
+            rendered_time = (b'{"seconds":' + _dumps(seconds) + (b',"nanos":' + _dumps(nanos) if nanos else b"") + b"}"
+                             if seconds else b'{"nanos":' + _dumps(nanos) + b"}" if nanos else b"{}")
+        return [_dumps(redacted.request_id), _dumps(redacted.port), rendered_time]
 
     def _template(self, facts: Facts, volatile: Volatile) -> Any:
         key = (facts.fingerprint, bool(volatile.request_id), bool(volatile.port), volatile.time_value is not None,
@@ -562,7 +572,7 @@ class RecordBuilder:
         every decision; this one says that its details are missing, not that it never happened."""
         document: dict[str, Any] = {
             "decision_id": str(decision.decision_id),
-            "timestamp": self._timestamp(now),
+            "timestamp": self._timestamp(now).decode(),
             "path": self.path,
             "labels": dict(self.labels),
             "bundles": {BUNDLE_NAME: {"revision": str(decision.policy_version)}},

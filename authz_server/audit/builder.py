@@ -33,7 +33,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 import orjson
 
@@ -249,8 +249,9 @@ class RecordBuilder:
         self._templates: _Memo[tuple[Any, ...], Any] = _Memo(memo_size)
         # (shape key, volatile shape) -> _Template | _UNSPLIT
         self._shapes: _Memo[tuple[Any, ...], Any] = _Memo(memo_size)
-        # fingerprint -> what its shape's template leaves out
+        # fingerprint -> what its shape's template leaves out, once the fingerprint was _sighted before
         self._changing: _Memo[bytes, _Changing] = _Memo(memo_size)
+        self._sighted: _Memo[bytes, None] = _Memo(memo_size)
         self._verdicts: _Memo[tuple[Any, ...], _Verdict] = _Memo(memo_size)
         self._identities: _Memo[bytes, _Who] = _Memo(memo_size)
         # rendered result -> redacted JSON, masked
@@ -329,7 +330,7 @@ class RecordBuilder:
         return AuditRecord(
             decision_id=decision.decision_id, timestamp=now, subject=subject, spiffe_id=spiffe_id,
             allowed=decision.allowed, code=decision.code, policy_version=decision.policy_version, document=None,
-            line=b"".join(pieces).decode("utf-8"))
+            line=b"".join(pieces))
 
     def _verdict(self, decision: "Decision", person: _Who) -> _Verdict:
         """``allowed`` to ``spiffe_id``: what was decided and for whom, the same for every
@@ -394,10 +395,17 @@ class RecordBuilder:
             return _UNSPLIT
         if changing is None:
             assert shape is not None
-            changing = self._redact_changing(facts, shape, template.path_first)
+            # Kept from a request's second sighting on: traffic that does not repeat then keeps
+            # nothing of its own (no copies made to be kept, no kept part evicted per record).
+            fingerprint = facts.fingerprint
+            repeat = fingerprint in self._sighted
+            changing = self._redact_changing(facts, shape, template.path_first, _kept if repeat else bytes)
             if changing is None:
                 return None
-            self._changing.keep(facts.fingerprint, changing)
+            if repeat:
+                self._changing.keep(fingerprint, changing)
+            else:
+                self._sighted.keep(fingerprint, None)
         headers_json = changing.headers
         if redacted.headers:  # with_volatile puts them last: two objects of distinct names joined
             extra = _dumps(redacted.headers)
@@ -405,7 +413,9 @@ class RecordBuilder:
         return (_fill(template, [*volatile_values, headers_json, *changing.values]),
                 (*template.masked, *changing.masked), (*template.erased, *changing.erased))
 
-    def _redact_changing(self, facts: Facts, shape: Shape, path_first: bool) -> _Changing | None:
+    def _redact_changing(self, facts: Facts, shape: Shape, path_first: bool,
+                         kept: Callable[[bytes], bytes]) -> _Changing | None:
+        """``kept``: ``_kept`` for parts that will be kept, else anything that gives the bytes back."""
         key, method, path, headers = shape
         try:  # as build_input parses them (a request it refuses takes the whole path, which says so)
             parsed_path, parsed_query = parse_path_and_query(facts.path)
@@ -415,10 +425,10 @@ class RecordBuilder:
         redacted = self.redactor.redact_request(method, path, headers, parsed_path, parsed_query, parsed_body,
                                                 path_first=path_first)
         members = redacted.members
-        return _Changing(key, _kept(_dumps(members["headers"])),
-                         (_kept(_dumps(members["method"])), _kept(_dumps(members["path"])),
-                          _kept(_dumps(members["parsed_path"])), _kept(_dumps(members["parsed_query"])),
-                          _kept(_dumps(members["parsed_body"])), _BOOL[truncated]),
+        return _Changing(key, kept(_dumps(members["headers"])),
+                         (kept(_dumps(members["method"])), kept(_dumps(members["path"])),
+                          kept(_dumps(members["parsed_path"])), kept(_dumps(members["parsed_query"])),
+                          kept(_dumps(members["parsed_body"])), _BOOL[truncated]),
                          redacted.masked, redacted.erased)
 
     def _make_shape_template(self, facts: Facts, volatile: Volatile, shape: Shape) -> Any:

@@ -8,10 +8,13 @@ document (attributes, ``parsed_*``, ...) are the same for every request of one *
 three, what is parsed from the path and body, and the volatile values (request id, port,
 time, tracing headers). ``RecordBuilder`` redacts and renders them once per (shape, which
 volatile values it has) with a slot for each of those (``_Template``); the changing values
-are redacted and rendered per request fingerprint (``_Changing``: a repeated request finds
-them), the volatile ones per record. A request whose attributes source cannot tell its shape
-takes a template per fingerprint (the volatile values its only slots), as every request did
-before shapes; both write the same bytes. ``input.identity`` is kept rendered per identity
+are redacted and rendered per request (``_Changing``, kept per fingerprint from its second
+sighting on: a repeated request finds them, traffic that does not repeat keeps nothing), the
+volatile ones per record, once (the request id is the record's ``request_id`` too). A path
+as Envoy sends most (``redact._INERT_PATH``) is not scrubbed, nor are the pieces parsed from
+it: one match shows that redaction cannot change them. A request whose attributes source
+cannot tell its shape takes a template per fingerprint (the volatile values its only slots),
+as every request did before shapes; both write the same bytes. ``input.identity`` is kept rendered per identity
 fingerprint, ``signals`` and an object ``result`` per rendered value, the members from
 ``allowed`` to ``spiffe_id`` per verdict and person (``_Verdict``), the strings that repeat
 per value, the timestamp's seconds per second. A record is then those fragments joined
@@ -365,8 +368,8 @@ class RecordBuilder:
 
     def _by_shape(self, facts: Facts, volatile: Volatile, redacted: Volatile, volatile_values: list[bytes]) -> Any:
         """The request's input members from the template of its shape (``facts.ShapedAttributeSource``),
-        the method, path, headers and what is parsed from them redacted and rendered once per
-        fingerprint (a repeated request finds them); ``_UNSPLIT`` when the shape is unknown or
+        the method, path, headers and what is parsed from them redacted and rendered per
+        request, kept per fingerprint once it repeats (``_sighted``); ``_UNSPLIT`` when the shape is unknown or
         cannot be templated (the fingerprint's template may still serve), None when this
         request takes the whole path."""
         shape: Shape | None = None

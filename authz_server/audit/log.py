@@ -185,9 +185,12 @@ class AuditLog:
             self._taken += count  # before they leave the queue: drain() never sees them nowhere
             items = [queue.popleft() for _ in range(count)]
             records: list[AuditRecord] = []
+            build = self._build
             slice_ends = time.perf_counter() + self.slice_seconds
-            for start in range(count):
-                records += self.render(items[start:start + 1])
+            for item in items:
+                record = build(*item)
+                if record is not None:
+                    records.append(record)
                 if time.perf_counter() >= slice_ends:
                     # Hand the GIL to the event loop if it waits for it. sleep(0) is not enough:
                     # this thread takes the GIL straight back before the waiting one wakes, and
@@ -213,17 +216,16 @@ class AuditLog:
         self._offered += taken
 
     def render(self, items: Iterable[_Item]) -> list[AuditRecord]:
-        records = []
-        for decision, facts, now, observed in items:
-            try:
-                records.append(self.records.build(decision, facts, now,
-                                                  handler_ns=max(int((observed - now) * 1e9), 0)))
-            except Exception as exc:  # a bug or a hostile record costs that record's details, never the audit log
-                self.stats.drop("render_failed", 1)
-                failed = self._failed(decision, facts, now, exc)
-                if failed is not None:
-                    records.append(failed)
-        return records
+        return [record for item in items if (record := self._build(*item)) is not None]
+
+    def _build(self, decision: "Decision", facts: "Facts | None", now: float, observed: float) -> AuditRecord | None:
+        """One record (the thread builds them one at a time, between its slices' clock reads);
+        None only when not even the short record saying it failed could be built."""
+        try:
+            return self.records.build(decision, facts, now, handler_ns=max(int((observed - now) * 1e9), 0))
+        except Exception as exc:  # a bug or a hostile record costs that record's details, never the audit log
+            self.stats.drop("render_failed", 1)
+            return self._failed(decision, facts, now, exc)
 
     def _failed(self, decision: "Decision", facts: "Facts | None", now: float,
                 exc: Exception) -> AuditRecord | None:

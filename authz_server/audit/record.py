@@ -32,15 +32,19 @@ BUNDLE_NAME = "authz"
 
 class AuditRecord:
     """A redacted record plus the columns sinks index on. ``line`` is the record as one line
-    of JSON, rendered once for every sink that writes text; ``document`` is the same record
-    as a dict, parsed from ``line`` the first time something asks (the fast path renders
-    the line from kept fragments and never builds the tree; sinks only read the line)."""
+    of JSON, rendered once for every sink that writes text, and ``encoded`` the same in UTF-8
+    (what the file and HTTP sinks write): the fast path renders bytes, and each form is made
+    from the other only when a sink asks for it (decoding on the audit thread and encoding
+    again on the file sink's was a copy of every record each way, for nothing). ``document``
+    is the same record as a dict, parsed from ``line`` the first time something asks (the
+    fast path renders the line from kept fragments and never builds the tree; sinks only
+    read the line)."""
 
     __slots__ = ("decision_id", "timestamp", "subject", "spiffe_id", "allowed", "code", "policy_version",
-                 "_document", "line")
+                 "_document", "_line", "_encoded")
 
     def __init__(self, decision_id: str, timestamp: float, subject: str, spiffe_id: str, allowed: bool, code: str,
-                 policy_version: str, document: Mapping[str, Any] | None, line: str) -> None:
+                 policy_version: str, document: Mapping[str, Any] | None, line: str | bytes) -> None:
         self.decision_id = decision_id
         self.timestamp = timestamp  # Unix seconds
         self.subject = subject
@@ -49,7 +53,26 @@ class AuditRecord:
         self.code = code
         self.policy_version = policy_version
         self._document = document
-        self.line = line
+        self._line: str | None
+        self._encoded: bytes | None
+        if isinstance(line, bytes):  # UTF-8, as orjson writes it
+            self._line, self._encoded = None, line
+        else:
+            self._line, self._encoded = line, None
+
+    @property
+    def line(self) -> str:
+        if self._line is None:
+            self._line = self._encoded.decode("utf-8")  # type: ignore[union-attr]  # one of the two is set
+        return self._line
+
+    @property
+    def encoded(self) -> bytes:
+        """``line`` in UTF-8 (lone surrogates, which only the standard library's rendering
+        can hold, written back as the bytes they were decoded from)."""
+        if self._encoded is None:
+            self._encoded = self._line.encode("utf-8", "surrogateescape")  # type: ignore[union-attr]
+        return self._encoded
 
     @property
     def document(self) -> Mapping[str, Any]:

@@ -35,12 +35,15 @@ PATH = "envoy/authz/allow"
 JWT = a_jwt("mallory", scope="admin")
 BUILDER = RecordBuilder(path=PATH, labels=LABELS, redactor=Redactor(), memo_size=16)  # small: evictions happen
 
-segments = st.sampled_from(["orders", "users", "public", "v1", "items", "a%2Fb", "é", "x y"])
+# "token=...": a path segment that reads as a token parameter once parsed, not in the path itself
+segments = st.sampled_from(["orders", "users", "public", "v1", "items", "a%2Fb", "é", "x y", "token=abcdefgh1",
+                            "file.json", "a~b_c-d"])
 ids = st.one_of(st.integers(0, 5).map(str), st.uuids().map(str))
 # plain parameters take plain values; token parameters (TOKEN_PARAMETERS) take secrets
 query_pairs = st.one_of(
-    st.tuples(st.sampled_from(["page", "q", "state"]), st.sampled_from(["1", "abc", "", "a%20b"])),
-    st.tuples(st.sampled_from(["access_token", "code", "token", "id_token"]),
+    st.tuples(st.sampled_from(["page", "q", "state"]), st.sampled_from(["1", "abc", "", "a%20b", "token=abcdefgh1",
+                                                                  "long-plain-value_1234"])),
+    st.tuples(st.sampled_from(["access_token", "code", "token", "id_token", "Access_Token"]),
               st.sampled_from([JWT, "opaque-secret-1234", "authz-code-1234"])))
 paths = st.builds(lambda parts, query: "/" + "/".join(parts) + ("?" + "&".join(f"{k}={v}" for k, v in query)
                                                                  if query else ""),
@@ -202,4 +205,4 @@ def test_timestamps_are_what_rfc3339_writes() -> None:
     moments = [NOW + k / 7 for k in range(2000)] + [NOW + 0.9999996, NOW + 0.9999995, NOW + 1.0000005,
                                                    NOW + 5e-7, NOW - 1e-7, 1.5e9 + 0.5e-6]
     for moment in moments:
-        assert stamp(moment) == rfc3339(moment)
+        assert stamp(moment) == rfc3339(moment).encode()

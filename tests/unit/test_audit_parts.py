@@ -75,7 +75,7 @@ def test_query_matching() -> None:
 
 def test_stdout_chunks_never_split_a_line() -> None:
     lines = ["a" * 1000, "b" * 3000, "c" * 5000, "d" * 10]
-    chunks = line_chunks(lines, limit=4096)
+    chunks = line_chunks([line.encode() for line in lines], limit=4096)
     assert b"".join(chunks) == "".join(line + "\n" for line in lines).encode()
     assert all(chunk.endswith(b"\n") for chunk in chunks)
     assert all(len(chunk) <= 4096 or chunk.count(b"\n") == 1 for chunk in chunks)

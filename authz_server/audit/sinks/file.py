@@ -63,7 +63,7 @@ class FileSink:
 
     # -- in the writer thread (one batch at a time per sink)
     def _write_records(self, records: Sequence[AuditRecord]) -> None:
-        self._write([(record.line + "\n").encode("utf-8", "surrogateescape") for record in records])
+        self._write([record.encoded + b"\n" for record in records])
 
     def _write(self, lines: list[bytes]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -152,7 +152,7 @@ class HttpDecisionLogSink:
     # -- preparing events (in a worker thread)
     def _prepare(self, records: Iterable[AuditRecord]) -> list[bytes]:
         if self.rules is None:
-            return [record.line.encode("utf-8", "surrogateescape") for record in records]
+            return [record.encoded for record in records]
         events = []
         for record in records:
             event = json.loads(record.line)

@@ -19,11 +19,12 @@ from .base import SinkUnavailable
 PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
 
 
-def line_chunks(lines: Sequence[str], limit: int = PIPE_BUF) -> list[bytes]:
+def line_chunks(lines: Sequence[bytes], limit: int = PIPE_BUF) -> list[bytes]:
+    """``lines`` (encoded, without their ends) each ended, in chunks of at most ``limit`` bytes."""
     chunks: list[bytes] = []
     current = bytearray()
     for line in lines:
-        data = line.encode("utf-8", "surrogateescape") + b"\n"
+        data = line + b"\n"
         if current and len(current) + len(data) > limit:
             chunks.append(bytes(current))
             current.clear()
@@ -52,7 +53,7 @@ class StdoutSink:
             raise SinkUnavailable(f"cannot write to {self.name}: {exc.strerror or exc}") from None
 
     def _write_records(self, records: Sequence[AuditRecord]) -> None:
-        for chunk in line_chunks([record.line for record in records]):
+        for chunk in line_chunks([record.encoded for record in records]):
             write_all(self.fd, chunk)
 
     async def close(self) -> None:

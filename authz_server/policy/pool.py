@@ -163,8 +163,9 @@ class EvaluatorPool:
                 if first is _STOP:
                     return
                 batch, after, stop = self._gather(first)
-                for jobs in (batch, after):
-                    self._run(worker, jobs)
+                self._run(worker, batch)
+                if after:
+                    self._run(worker, after)
                 if stop or worker.retire:
                     return  # told to stop, or replaced while it was stuck: the pool has its workers
         finally:
@@ -180,10 +181,11 @@ class EvaluatorPool:
         after: list[_Job] = []
         if first.traced:
             return [], batch, False
-        while len(batch) < MAX_BATCH:
+        waiting = self._queue
+        while len(batch) < MAX_BATCH and not waiting.empty():  # one at a time: no queue.Empty raised
             try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
+                job = waiting.get_nowait()
+            except queue.Empty:  # another worker took it
                 break
             if job is _STOP:
                 return batch, after, True
@@ -203,6 +205,14 @@ class EvaluatorPool:
             job.started = True
         answers = self._evaluate(worker.evaluator, live)
         worker.jobs = ()
+        if len(live) == 1:  # one at a time: one answer, one wake-up, no grouping by loop
+            job = live[0]
+            if not job.abandoned and not job.future.done():
+                try:
+                    job.loop.call_soon_threadsafe(_deliver, job.future, *answers[0])
+                except RuntimeError:  # that loop is closed: nobody waits for this answer any more
+                    pass
+            return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, bool]]] = {}
         for job, (result, failed) in zip(live, answers):
             if not job.abandoned and not job.future.done():  # done: answered by another worker
@@ -259,9 +269,13 @@ class EvaluatorPool:
 
 def _deliver_all(answers: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
     for future, result, failed in answers:
-        if future.done():
-            continue
-        if failed:
-            future.set_exception(result)
-        else:
-            future.set_result(result)
+        _deliver(future, result, failed)
+
+
+def _deliver(future: asyncio.Future[Any], result: Any, failed: bool) -> None:
+    if future.done():
+        return
+    if failed:
+        future.set_exception(result)
+    else:
+        future.set_result(result)

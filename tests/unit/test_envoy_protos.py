@@ -288,3 +288,17 @@ def test_memoized_allow_answers_like_a_fresh_rendering(runtime: PolicyRuntime) -
         hit = one()
         assert hit.cached and hit.memo and "grpc" in hit.memo
         assert CheckResponse.FromString(check_response_bytes(hit)) == check_response(hit)
+
+
+@pytest.mark.parametrize(("path", "identity", "settings"), [
+    ("/plain", None, None), ("/full", None, None), ("/teapot", None, None), ("/nothing", None, None),
+    ("/nothing", None, DecisionSettings(explain_policy_denies=True)), ("/teapot", None, DecisionSettings(dry_run=True)),
+    ("/plain", Identity({"method": "mtls"}, upstream_headers=(("x-authz-spiffe-id", "spiffe://example.org/a"),),
+                        headers_to_remove=("authorization",), response_headers=(("x-session-id", "s1"),)), None),
+    ("/plain", TokenError("expired", code="expired_token"), None),
+], ids=["plain", "full", "teapot", "bare-deny", "explained-deny", "dry-run", "identity", "identity-error"])
+def test_shared_renderings_answer_like_a_fresh_one(runtime: PolicyRuntime, path, identity, settings) -> None:  # type: ignore[no-untyped-def]
+    # Each answer twice (the second from a rendering kept by the first), each with its own decision id.
+    for _ in range(2):
+        decision = decide(runtime, path, identity, settings)
+        assert CheckResponse.FromString(check_response_bytes(decision)) == check_response(decision)

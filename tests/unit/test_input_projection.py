@@ -111,3 +111,74 @@ def test_projected_and_full_inputs_decide_alike(evaluators, case: dict) -> None:
     document = _documents(case)
     for evaluator, tree in evaluators:
         assert evaluator.evaluate(encode_input(project(document, tree))) == evaluator.evaluate(encode_input(document))
+
+
+# -- protomap(message, tree): each named field read directly, as the walk over every populated field gave it
+
+VECTORS = REPO / "tests" / "vectors" / "opa_envoy_input"
+
+
+def _walk(message, tree):  # type: ignore[no-untyped-def]
+    """The reference: every populated field listed and converted, the named ones kept (protomap's
+    former walk, kept here as the oracle)."""
+    from google.protobuf import json_format
+
+    from authz_server.envoy import protomap
+    if message.DESCRIPTOR.full_name == "google.protobuf.Struct":
+        return json_format.MessageToDict(message)
+    out = {}
+    for field, value in message.ListFields():
+        sub = tree.get(field.json_name)
+        if sub is None:
+            continue
+        message_type = field.message_type
+        is_map = message_type is not None and message_type.GetOptions().map_entry
+        if sub is True or field.is_repeated and not is_map or message_type is None:
+            out[field.json_name] = protomap(message)[field.json_name]
+        elif is_map:
+            one = message_type.fields_by_name["value"]
+            kept = {key: (_walk(value[key], below) if below is not True else protomap(value[key]))
+                    if one.message_type is not None else protomap(message)[field.json_name][key]
+                    for key, below in sub.items() if key in value}
+            if kept:
+                out[field.json_name] = kept
+        elif inner := _walk(value, sub):
+            out[field.json_name] = inner
+    return out
+
+
+def _trees(document: dict) -> st.SearchStrategy:
+    """Trees naming parts of ``document`` (any depth, whole or in part) and keys it does not have."""
+    def paths(node, prefix=()):  # type: ignore[no-untyped-def]
+        yield prefix
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from paths(value, (*prefix, key))
+    known = [path for path in paths(document) if path] + [("nothere",), ("request", "http", "nothere"),
+                                                          ("source", "address", "socketAddress", "nothere")]
+
+    def tree_of(chosen):  # type: ignore[no-untyped-def]
+        tree: dict = {}
+        for path in chosen:
+            node = tree
+            for key in path[:-1]:
+                if node.get(key) is True:
+                    break
+                node = node.setdefault(key, {})
+            else:
+                node[path[-1]] = True
+        return tree
+    return st.lists(st.sampled_from(known), min_size=1, max_size=6).map(tree_of)
+
+
+@pytest.mark.parametrize("vector", sorted(VECTORS.glob("*.json")), ids=lambda p: p.stem)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_a_projection_reads_what_the_walk_over_every_field_kept(vector, data) -> None:  # type: ignore[no-untyped-def]
+    from authz_server.envoy import protomap
+    message = check_request_from_json(json.loads(vector.read_text())["request"]).attributes
+    tree = data.draw(_trees(protomap(message)))
+    projected = protomap(message, tree)
+    expected = _walk(message, tree)
+    assert projected == expected
+    assert json.dumps(projected) == json.dumps(expected)  # the same order: the same encoding, the same cache key

@@ -50,6 +50,17 @@ class Volatile:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+def request_time(time_value: tuple[int, int]) -> dict[str, int]:
+    """``input.attributes.request.time`` of a ``Volatile.time_value``, as OPA-Envoy has it:
+    ``seconds`` and ``nanos``, each left out when zero (the audit log renders it per record)."""
+    seconds, nanos = time_value
+    if seconds and nanos:
+        return {"seconds": seconds, "nanos": nanos}
+    if seconds:
+        return {"seconds": seconds}
+    return {"nanos": nanos} if nanos else {}
+
+
 def with_volatile(document: dict[str, Any], volatile: Volatile) -> dict[str, Any]:
     """``document`` (attributes without their volatile values) with ``volatile`` put where
     OPA-Envoy has them. ``document`` is left as it is: the dicts on the way are copies."""
@@ -65,7 +76,7 @@ def with_volatile(document: dict[str, Any], volatile: Volatile) -> dict[str, Any
         if headers:
             http["headers"] = {**http.get("headers", {}), **headers}
         if time_value is not None:
-            request["time"] = {k: v for k, v in (("seconds", time_value[0]), ("nanos", time_value[1])) if v}
+            request["time"] = request_time(time_value)
     if port:
         source = document["source"] = dict(document.get("source", {}))
         address = source["address"] = dict(source.get("address", {}))

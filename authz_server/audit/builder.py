@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, TypeVar
 import orjson
 
 from ..errors import AuthzError
-from ..facts import Facts, Shape, Volatile, parse_body, parse_path_and_query, stable_input, with_volatile
+from ..facts import (Facts, Shape, Volatile, parse_body, parse_path_and_query, request_time, stable_input,
+                     with_volatile)
 from .record import BUNDLE_NAME, AuditRecord, build_document, who
 from .redact import Redactor, scrub_text
 from .render import render_line
@@ -484,13 +485,8 @@ class RecordBuilder:
     def _volatile_values(redacted: Volatile) -> list[bytes]:
         """The request id, port and time rendered, for the _REQUEST_ID, _PORT and _TIME slots."""
         time_value = redacted.time_value
-        if time_value is None:
-            rendered_time = b""
-        else:  # what with_volatile puts there, {"seconds", "nanos"} without the zero ones, rendered
-            seconds, nanos = time_value
-            rendered_time = (b'{"seconds":' + _dumps(seconds) + (b',"nanos":' + _dumps(nanos) if nanos else b"") + b"}"
-                             if seconds else b'{"nanos":' + _dumps(nanos) + b"}" if nanos else b"{}")
-        return [_dumps(redacted.request_id), _dumps(redacted.port), rendered_time]
+        return [_dumps(redacted.request_id), _dumps(redacted.port),
+                _dumps(request_time(time_value)) if time_value is not None else b""]
 
     def _template(self, facts: Facts, volatile: Volatile) -> Any:
         key = (facts.fingerprint, bool(volatile.request_id), bool(volatile.port), volatile.time_value is not None,

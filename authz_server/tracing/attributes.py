@@ -103,17 +103,8 @@ def trace_carrier(facts: Any, fields: Iterable[str]) -> dict[str, str]:
 
 
 def w3c_headers(facts: Any) -> tuple[str | None, str | None]:
-    """The request's ``traceparent`` and ``tracestate``: ``trace_header`` of each, in one pass (on
-    the request path of every traced decision, where the volatile headers are looked up once)."""
-    headers = facts.headers
-    traceparent: str | None = headers.get("traceparent")
-    tracestate: str | None = headers.get("tracestate")
-    if not traceparent or not tracestate:
-        volatile = getattr(facts.attributes_factory, "volatile", None)
-        if volatile is not None:
-            traceparent = traceparent or volatile.headers.get("traceparent")
-            tracestate = tracestate or volatile.headers.get("tracestate")
-    return traceparent, tracestate
+    """The request's ``traceparent`` and ``tracestate``."""
+    return trace_header(facts, "traceparent"), trace_header(facts, "tracestate")
 
 
 def trace_header(facts: Any, name: str) -> str | None:

@@ -205,14 +205,6 @@ class EvaluatorPool:
             job.started = True
         answers = self._evaluate(worker.evaluator, live)
         worker.jobs = ()
-        if len(live) == 1:  # one at a time: one answer, one wake-up, no grouping by loop
-            job = live[0]
-            if not job.abandoned and not job.future.done():
-                try:
-                    job.loop.call_soon_threadsafe(_deliver, job.future, *answers[0])
-                except RuntimeError:  # that loop is closed: nobody waits for this answer any more
-                    pass
-            return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, bool]]] = {}
         for job, (result, failed) in zip(live, answers):
             if not job.abandoned and not job.future.done():  # done: answered by another worker
@@ -269,13 +261,9 @@ class EvaluatorPool:
 
 def _deliver_all(answers: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
     for future, result, failed in answers:
-        _deliver(future, result, failed)
-
-
-def _deliver(future: asyncio.Future[Any], result: Any, failed: bool) -> None:
-    if future.done():
-        return
-    if failed:
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+        if future.done():
+            continue
+        if failed:
+            future.set_exception(result)
+        else:
+            future.set_result(result)

@@ -407,7 +407,7 @@ _GRPC_CODE_BY_PHASE = {"request": INVALID_ARGUMENT, "identity": UNAUTHENTICATED,
 def check_response(decision: Decision) -> CheckResponse:
     response = CheckResponse()
     _fill(response, decision)
-    _add_decision_id(response, decision)
+    _add_decision_id(response, decision.decision_id, decision.allowed)
     return response
 
 
@@ -439,38 +439,26 @@ def _fill(response: CheckResponse, decision: Decision) -> None:
     denied.body = decision.body
 
 
-def _add_decision_id(response: CheckResponse, decision: Decision) -> None:
-    header = _header_options(((DECISION_ID_HEADER, decision.decision_id),), overwrite=True)
-    (response.ok_response if decision.allowed else response.denied_response).headers.extend(header)
-    response.dynamic_metadata["decision_id"] = decision.decision_id
+def _add_decision_id(response: CheckResponse, decision_id: str, allowed: bool) -> None:
+    header = _header_options(((DECISION_ID_HEADER, decision_id),), overwrite=True)
+    (response.ok_response if allowed else response.denied_response).headers.extend(header)
+    response.dynamic_metadata["decision_id"] = decision_id
 
 
 # A serialized CheckResponse that only carries a decision id. Protobuf merges concatenated
-# messages (repeated fields append, maps merge), so a cached allow's serialized response
-# plus this fragment is the full answer: one bytes concatenation per cache hit.
+# messages (repeated fields append, maps merge), so an answer rendered without its decision id
+# plus this fragment is the full answer: one bytes concatenation per answer rendered before.
 _ID_PLACEHOLDER = "00000000-0000-4000-8000-000000000000"  # a decision id's shape
-
-
-def _id_fragment_template() -> bytes:
-    fragment = CheckResponse()
-    fragment.ok_response.headers.extend(_header_options(((DECISION_ID_HEADER, _ID_PLACEHOLDER),), overwrite=True))
-    fragment.dynamic_metadata["decision_id"] = _ID_PLACEHOLDER
-    return fragment.SerializeToString()
-
-
-_ID_FRAGMENT = _id_fragment_template()
 _ID_PLACEHOLDER_BYTES = _ID_PLACEHOLDER.encode()
 
 
-def _deny_id_fragment_template() -> bytes:
+def _id_fragment(allowed: bool) -> bytes:
     fragment = CheckResponse()
-    fragment.denied_response.headers.extend(_header_options(((DECISION_ID_HEADER, _ID_PLACEHOLDER),),
-                                                            overwrite=True))
-    fragment.dynamic_metadata["decision_id"] = _ID_PLACEHOLDER
+    _add_decision_id(fragment, _ID_PLACEHOLDER, allowed)
     return fragment.SerializeToString()
 
 
-_DENY_ID_FRAGMENT = _deny_id_fragment_template()
+_ID_FRAGMENTS = {allowed: _id_fragment(allowed) for allowed in (True, False)}
 
 
 def check_response_bytes(decision: Decision) -> bytes:
@@ -480,18 +468,16 @@ def check_response_bytes(decision: Decision) -> bytes:
     if len(decision.decision_id) != len(_ID_PLACEHOLDER):
         return check_response(decision).SerializeToString()
     memo = decision.memo
-    if memo is None or not decision.allowed:
+    if decision.allowed and memo is not None:
+        template = memo.get("grpc")
+        if template is None:
+            template = memo["grpc"] = _allow_template(decision)
+    else:
         key = _deny_key(decision)
         if key is None:
             return check_response(decision).SerializeToString()
-        template = _renderings.get(key)
-        if template is None:
-            template = _keep_rendering(key, decision)
-        return template + _DENY_ID_FRAGMENT.replace(_ID_PLACEHOLDER_BYTES, decision.decision_id.encode())
-    template = memo.get("grpc")
-    if template is None:
-        template = memo["grpc"] = _allow_template(decision)
-    return template + _ID_FRAGMENT.replace(_ID_PLACEHOLDER_BYTES, decision.decision_id.encode())
+        template = _shared_rendering(key, decision)
+    return template + _ID_FRAGMENTS[decision.allowed].replace(_ID_PLACEHOLDER_BYTES, decision.decision_id.encode())
 
 
 # Renderings by what they are made of. On traffic that does not repeat every decision is a new
@@ -507,12 +493,9 @@ def _allow_template(decision: Decision) -> bytes:
     # What _fill reads of an allow: the verdict (hashable unless it carries dynamic metadata)
     # and the identity's headers.
     if verdict is None or verdict.dynamic_metadata is not None:
-        response = CheckResponse()
-        _fill(response, decision)
-        return response.SerializeToString()
-    key = (True, verdict, identity.upstream_headers, identity.headers_to_remove, identity.response_headers)
-    template = _renderings.get(key)
-    return template if template is not None else _keep_rendering(key, decision)
+        return _rendering(decision)
+    return _shared_rendering(
+        (True, verdict, identity.upstream_headers, identity.headers_to_remove, identity.response_headers), decision)
 
 
 def _deny_key(decision: Decision) -> tuple[Any, ...] | None:
@@ -526,14 +509,21 @@ def _deny_key(decision: Decision) -> tuple[Any, ...] | None:
     return False, verdict, decision.code, decision.http_status
 
 
-def _keep_rendering(key: tuple[Any, ...], decision: Decision) -> bytes:
+def _shared_rendering(key: tuple[Any, ...], decision: Decision) -> bytes:
+    """The rendering of the answers made of ``key``'s parts, ``decision``'s the first time."""
+    template = _renderings.get(key)
+    if template is None:
+        if len(_renderings) >= 4096:
+            _renderings.clear()
+        template = _renderings[key] = _rendering(decision)
+    return template
+
+
+def _rendering(decision: Decision) -> bytes:
+    """``decision``'s serialized answer but for its decision id."""
     response = CheckResponse()
     _fill(response, decision)
-    template = response.SerializeToString()
-    if len(_renderings) >= 4096:
-        _renderings.clear()
-    _renderings[key] = template
-    return template
+    return response.SerializeToString()
 
 
 __all__ = [

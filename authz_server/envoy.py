@@ -336,7 +336,8 @@ class _AttributesAsSent:
     """``Facts.attributes_factory`` for gRPC: cheaper to build per request than a closure.
     ``volatile`` is None in the raw-headers form, where the request keeps its volatile
     values (so the attributes are not a function of the fingerprint alone); ``repeat_key``
-    the request's ``cut_volatile`` key, when the front made one."""
+    the request's ``cut_volatile`` key, when the front made one (the bytes the repeat cache
+    keys it by: kept here, they cost no memory of their own)."""
 
     __slots__ = ("attributes", "volatile", "repeat_key")
 
@@ -367,12 +368,13 @@ class _AttributesAsSent:
 
         The rest is read in C from the repeat key when there is one (``_volatile_cut.shape``:
         the request's bytes as Envoy sent them, without the volatile values, the method, path
-        and headers; 0.3 µs), else it is the attributes' deterministic bytes without those three
-        (a copy is cut: the message may be shared with repeats of the request, read by other
-        threads; 5-10 µs). Either determines everything ``stable_attributes`` holds but those
-        three. The two kinds are never equal (a tuple, bytes), so one process may hold both,
-        even for requests of one route (one small enough to have a repeat key, one not): such
-        requests then take one template each, each exact."""
+        and headers; about 0.2 µs), else it is the attributes' deterministic bytes without
+        those three (a copy is cut: the message may be shared with repeats of the request, read
+        by other threads; 5-8 µs, more with the message's memory gone cold in a busy server).
+        Either determines everything ``stable_attributes`` holds but those three. The two kinds
+        are never equal (a tuple, bytes), so one process may hold both, even for requests of one
+        route (one with a repeat key, one too large to be given one): such requests then take
+        a template each, each exact."""
         if self.volatile is None:
             return None
         attributes = self.attributes

@@ -468,7 +468,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_volatile_cut", "The exact repeat key of a CheckRequest, cut from its wire bytes; and its audit shape.",
+    PyModuleDef_HEAD_INIT, "_volatile_cut",
+    "The exact repeat key of a CheckRequest, cut from its wire bytes; and its audit shape.",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 

@@ -111,13 +111,16 @@ def http_facts(path: str, request_headers: dict[str, str], principal: str, reque
                                                      "x-authz-ctx-service": "orders"}), "")
 
 
+FRONTS = [grpc_facts, grpc_facts_without_key, http_facts]
+
+
 def meaning(line: str) -> dict[str, Any]:
     document = json.loads(line)
     return {**document, "masked": sorted(document.get("masked", [])), "erased": sorted(document.get("erased", []))}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(front=st.sampled_from([grpc_facts, grpc_facts_without_key, http_facts]), path=paths, request_headers=headers, user=users,
+@given(front=st.sampled_from(FRONTS), path=paths, request_headers=headers, user=users,
        principal=st.sampled_from([workload("web"), workload("batch")]), request_id=st.one_of(ids, st.just(JWT)),
        port=st.integers(1024, 65535), signals_value=signals, result=results, message=messages,
        policy_saw_input=st.booleans(), cached=st.booleans(), dry_run=st.booleans(), n=st.integers(0, 2**64))
@@ -175,7 +178,7 @@ BY_FINGERPRINT = RecordBuilder(path=PATH, labels=LABELS, redactor=Redactor(), me
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(front=st.sampled_from([grpc_facts, grpc_facts_without_key, http_facts]), path=paths, request_headers=headers, user=users,
+@given(front=st.sampled_from(FRONTS), path=paths, request_headers=headers, user=users,
        principal=st.sampled_from([workload("web"), workload("batch")]), request_id=st.one_of(ids, st.just(JWT)),
        port=st.integers(1024, 65535), result=results, message=messages, n=st.integers(0, 2**64))
 def test_shape_templates_write_the_bytes_fingerprint_templates_write(

@@ -20,6 +20,9 @@
  * request the slow way, which decides exactly. So None is always safe, and a key is given only
  * when it is exact. This is the hot path of every repeated check: one C call instead of a parse
  * and a deterministic re-serialization in Python.
+ *
+ * shape(key) reads such a key further, for the audit log: without the request's method, path
+ * and headers as well (see it below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -339,6 +342,100 @@ done:
     return result;
 }
 
+/* shape(key): a key of cut()'s (never anything else) without the request's method, path and
+ * headers (HttpRequest fields 2, 4 and 3): the audit log's shape key (envoy._AttributesAsSent.shape).
+ * The key is read in the form cut() wrote it: the messages on the way to http (CheckRequest
+ * 1, AttributeContext 4, Request 2) and the source (AttributeContext 1) with 4-byte lengths,
+ * every other field as it came. The three fields go, every time they occur (what they hold is
+ * read from the parsed message, not from here); the rest is kept as it is, the messages on the
+ * way with their lengths rewritten again. So two keys give the same shape only when their
+ * requests are the same but for their volatile values, method, path and headers (no field of
+ * HttpRequest shares a oneof with those three). None when the bytes are not in that form.
+ * Called lazily, by the audit log's thread, for a request whose record needs its shape: the
+ * request path never pays for it. */
+
+enum { AT_CHECK_REQUEST, AT_ATTRIBUTES, AT_REQUEST, AT_HTTP };
+
+static int read_fixed_length(const unsigned char *buf, Py_ssize_t *pos, Py_ssize_t end, Py_ssize_t *length) {
+    if (end - *pos < 4) return 0;
+    uint32_t value = 0;
+    for (int i = 0; i < 4; i++) value |= (uint32_t)buf[*pos + i] << (8 * i);
+    *pos += 4;
+    if ((Py_ssize_t)value > end - *pos) return 0;
+    *length = (Py_ssize_t)value;
+    return 1;
+}
+
+/* The message below ``level`` that cut() wrote with a 4-byte length: the level it is (or -1 for
+ * the source, copied whole), or -2 when the field is not one of those. */
+static int fixed_child(int level, uint32_t number) {
+    switch (level) {
+    case AT_CHECK_REQUEST: return number == 1 ? AT_ATTRIBUTES : -2;
+    case AT_ATTRIBUTES: return number == 4 ? AT_REQUEST : number == 1 ? -1 : -2;
+    case AT_REQUEST: return number == 2 ? AT_HTTP : -2;
+    default: return -2;
+    }
+}
+
+static int shape_message(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end, int level,
+                         unsigned char *out, Py_ssize_t *out_len) {
+    while (pos < end) {
+        Py_ssize_t start = pos;
+        uint64_t tag;
+        if (!read_varint(buf, &pos, end, &tag) || tag >> 32) return 0;
+        uint32_t number = (uint32_t)(tag >> 3);
+        int child = fixed_child(level, number);
+        if (child != -2) {
+            Py_ssize_t length;
+            if ((tag & 7) != LEN || !read_fixed_length(buf, &pos, end, &length)) return 0;
+            if (child == -1) {
+                memcpy(out + *out_len, buf + start, (size_t)(pos + length - start));
+                *out_len += pos + length - start;
+            } else {
+                memcpy(out + *out_len, buf + start, (size_t)(pos - 4 - start));
+                *out_len += pos - 4 - start;
+                Py_ssize_t length_at = *out_len;
+                *out_len += 4;
+                if (!shape_message(buf, pos, pos + length, child, out, out_len)) return 0;
+                uint32_t kept = (uint32_t)(*out_len - length_at - 4);
+                for (int i = 0; i < 4; i++) out[length_at + i] = (unsigned char)(kept >> (8 * i));
+            }
+            pos += length;
+            continue;
+        }
+        Field field;
+        pos = start;
+        if (!next_field(buf, &pos, end, &field)) return 0;
+        if (level == AT_HTTP && (number == 2 || number == 3 || number == 4)) {
+            if (field.wire != LEN) return 0;
+            continue;
+        }
+        memcpy(out + *out_len, buf + field.start, (size_t)(field.end - field.start));
+        *out_len += field.end - field.start;
+    }
+    return 1;
+}
+
+static PyObject *shape(PyObject *module, PyObject *arg) {
+    (void)module;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) != 0) return NULL;
+    unsigned char *out = PyMem_Malloc((size_t)view.len + 1);
+    if (out == NULL) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t out_len = 0;
+    PyObject *result;
+    if (shape_message((const unsigned char *)view.buf, 0, view.len, AT_CHECK_REQUEST, out, &out_len))
+        result = PyBytes_FromStringAndSize((const char *)out, out_len);
+    else
+        result = Py_NewRef(Py_None);
+    PyMem_Free(out);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyObject *configure(PyObject *module, PyObject *args) {
     (void)module;
     PyObject *names, *type;
@@ -366,11 +463,13 @@ static PyMethodDef methods[] = {
     {"cut", cut, METH_O, "cut(raw) -> (key, Volatile(request_id, (seconds, nanos) | None, port, {header: value})) | None"},
     {"configure", configure, METH_VARARGS,
      "configure(names, volatile_type): the header names (bytes) whose entries are cut, and the values' type"},
+    {"shape", shape, METH_O, "shape(key) -> a key of cut()'s without the method, path and headers | None"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_volatile_cut", "The exact repeat key of a CheckRequest, cut from its wire bytes.",
+    PyModuleDef_HEAD_INIT, "_volatile_cut",
+    "The exact repeat key of a CheckRequest, cut from its wire bytes; and its audit shape.",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 

@@ -230,14 +230,19 @@ def parse_path_and_query(path: str) -> tuple[list[str], dict[str, list[str]]]:
 def parse_query(query: str) -> dict[str, list[str]]:
     """``url.ParseQuery``: ``&``-separated, ``+`` is a space, a ``;`` is an error (Go ≥ 1.17)."""
     result: dict[str, list[str]] = {}
+    # Most queries hold no escape and no "+": then no part has one either, and unescaping
+    # each name and value gives them back as they are (a third of the time of a query of
+    # two parameters, on every uncached decision and every record of traffic that does not repeat).
+    plain = "%" not in query and "+" not in query
     for part in query.split("&"):
         if ";" in part:
             raise RequestError("invalid semicolon separator in query", code="bad_query")
         if not part:
             continue
         key, _, value = part.partition("=")
-        key = _unescape(key, plus_is_space=True, what="query")
-        value = _unescape(value, plus_is_space=True, what="query")
+        if not plain:
+            key = _unescape(key, plus_is_space=True, what="query")
+            value = _unescape(value, plus_is_space=True, what="query")
         result.setdefault(key, []).append(value)
     return result
 

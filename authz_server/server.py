@@ -90,7 +90,8 @@ class AuthorizationServicer:
                 key, volatile = cut
                 repeated = self.repeats.replay(key, self._pipeline, now, lambda first: repeat_facts(first, volatile))
             if repeated is None:
-                facts = facts_from_check_request(parse_check_request(raw, self._limits))
+                facts = facts_from_check_request(parse_check_request(raw, self._limits),
+                                                 None if cut is None else cut[0])
         except RequestError as exc:
             decision = self._pipeline.refuse(exc, now=now)
         except Exception as exc:  # never let a surprise reach Envoy as a gRPC error

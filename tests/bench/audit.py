@@ -133,8 +133,9 @@ _ENVOY_HEADERS = {"user-agent": "wrk", "x-forwarded-proto": "http"}
 
 
 def _grpc_facts(request: Any, session: str | None, n: int, now: float) -> Any:
-    """Facts as the gRPC front reads them: a CheckRequest as Envoy sends it, serialized and parsed."""
-    from authz_server.envoy import check_request_from_json, facts_from_check_request, parse_check_request
+    """Facts as the gRPC front reads them: a CheckRequest as Envoy sends it, serialized, cut
+    (its repeat key: the audit log reads the request's shape from it) and parsed."""
+    from authz_server.envoy import check_request_from_json, cut_volatile, facts_from_check_request, parse_check_request
 
     headers = {":authority": "api", ":method": request.method, ":path": request.path, ":scheme": "http",
                **_ENVOY_HEADERS, "x-request-id": str(uuid.UUID(int=n))}
@@ -149,7 +150,8 @@ def _grpc_facts(request: Any, session: str | None, n: int, now: float) -> Any:
                              "path": request.path, "host": "api", "scheme": "http", "protocol": "HTTP/1.1"}},
         "metadataContext": {}, "routeMetadataContext": {}}}
     wire = check_request_from_json(document).SerializeToString()
-    return facts_from_check_request(parse_check_request(wire))
+    cut = cut_volatile(wire)
+    return facts_from_check_request(parse_check_request(wire), None if cut is None else cut[0])
 
 
 def _http_facts(request: Any, session: str | None, n: int) -> Any:

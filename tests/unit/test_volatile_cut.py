@@ -18,8 +18,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from authz_server import _volatile_cut
 from authz_server.envoy import CheckRequest, check_request_from_json, cut_volatile, facts_from_check_request
-from authz_server.facts import VOLATILE_HEADERS, Volatile
+from authz_server.facts import VOLATILE_HEADERS, Facts, Volatile
 
 RECORDED = Path(__file__).parents[1] / "vectors" / "opa_envoy_input" / "envoy_get_mtls.json"
 FAST = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -219,3 +220,156 @@ def test_two_requests_share_a_key_only_when_they_differ_in_volatile_values_alone
 def test_any_bytes_give_a_key_or_none(raw: bytes) -> None:
     result = cut_volatile(raw)
     assert result is None or (isinstance(result[0], bytes) and isinstance(result[1], Volatile))
+
+
+# -- the audit log's shape key, read from the repeat key (``_volatile_cut.shape``)
+
+# What changes within a shape (the method, path, headers and volatile values), and the rest;
+# each from a few values, so that two drawn requests often share one part.
+_within_shape = st.fixed_dictionaries({
+    "method": st.sampled_from(["", "GET", "POST"]), "path": st.sampled_from(["", "/", "/a?x=1"]),
+    "headers": st.dictionaries(st.sampled_from(["x-role", "accept", ":path", *sorted(VOLATILE_HEADERS)]),
+                               st.sampled_from(["", "a", "b"]), max_size=4),
+    "id": st.sampled_from(["", "1", "22"]), "time": st.sampled_from([None, 0, 1_700_000_000]),
+    "port": st.sampled_from([0, 1, 40000])})
+_rest_of_shape = st.fixed_dictionaries({
+    "source": st.sampled_from(["socket", "pipe", "none"]), "principal": st.sampled_from(["", "spiffe://a/x"]),
+    "host": st.sampled_from(["", "api"]), "body": st.sampled_from(["", "{}"]),
+    "extensions": st.sampled_from([(), ("tier",), ("tier", "zone")]), "destination": st.booleans(),
+    "sni": st.booleans()})
+
+
+def shaped_request(within: dict[str, Any], rest: dict[str, Any]) -> bytes:
+    """A request as Envoy writes it (one field order: maps are written sorted here)."""
+    request = CheckRequest()
+    attributes = request.attributes
+    http = attributes.request.http
+    http.method, http.path, http.id = within["method"], within["path"], within["id"]
+    for name, value in within["headers"].items():
+        http.headers[name] = value
+    if within["time"] is not None:
+        attributes.request.time.seconds = within["time"]
+    if rest["source"] == "socket":
+        attributes.source.address.socket_address.address = "10.0.0.1"
+        attributes.source.address.socket_address.port_value = within["port"]
+    elif rest["source"] == "pipe":
+        attributes.source.address.pipe.path = "/run/envoy.sock"
+    attributes.source.principal = rest["principal"]
+    http.host, http.body = rest["host"], rest["body"]
+    for key in rest["extensions"]:
+        attributes.context_extensions[key] = "v"
+    if rest["destination"]:
+        attributes.destination.address.socket_address.port_value = 8000
+    if rest["sni"]:
+        attributes.tls_session.sni = "api.svc"
+    return request.SerializeToString(deterministic=True)
+
+
+def read_as_served(raw: bytes, *, with_key: bool = True) -> Facts:
+    """As the gRPC front reads a request: with its repeat key (the shape then read in C), or
+    without one (too large to be kept: the shape read from the parsed message)."""
+    request = CheckRequest()
+    request.ParseFromString(raw)
+    key = cut(raw)[0] if with_key else None
+    return facts_from_check_request(request, key)
+
+
+def _rest(facts: Facts) -> dict[str, Any]:
+    """What a shape key must determine: the stable attributes without the method, path and headers."""
+    attributes = facts.attributes_factory.stable_attributes()  # type: ignore[union-attr]
+    http = dict(attributes.get("request", {}).get("http", {}))
+    present = tuple(http.pop(name, None) is not None for name in ("method", "path", "headers"))
+    return {**attributes, "request": {**attributes.get("request", {}), "http": http}, "present": present}
+
+
+def shape_key(facts: Facts) -> Any:
+    shape = facts.attributes_factory.shape()  # type: ignore[union-attr]
+    assert shape is not None
+    return shape[0]
+
+
+def test_the_shape_key_of_a_repeat_key_leaves_out_the_method_path_and_headers() -> None:
+    request = recorded()
+    changed = CheckRequest()
+    changed.CopyFrom(request)
+    http = changed.attributes.request.http
+    http.method, http.path = "POST", "/v1/orders/43?page=2"
+    http.headers["x-role"] = "admin"
+    repeat = CheckRequest()
+    repeat.ParseFromString(with_volatile_values(changed, 3))
+    # (in one field order, as Envoy writes them: a copied upb map may list its keys in another)
+    keys = {shape_key(read_as_served(message.SerializeToString(deterministic=True)))
+            for message in (request, changed, repeat)}
+    assert len(keys) == 1
+    (key,) = keys
+    assert isinstance(key, tuple)  # a C key: never equal to a Python one (bytes)
+    assert isinstance(shape_key(read_as_served(request.SerializeToString(), with_key=False)), bytes)
+
+
+@FAST
+@given(_within_shape, _within_shape, _rest_of_shape, st.one_of(st.none(), _rest_of_shape))
+def test_read_from_the_repeat_key_or_the_message_two_requests_share_a_shape_alike(
+        within: dict[str, Any], other_within: dict[str, Any], rest: dict[str, Any],
+        other_rest: dict[str, Any] | None) -> None:
+    """C key equality ⇔ Python key equality, on requests as Envoy writes them; and a shared C
+    key means the same attributes but for the method, path, headers and volatile values. The
+    second request has the first's rest of the shape half the time."""
+    first, second = shaped_request(within, rest), shaped_request(other_within, other_rest or rest)
+    c_keys = [shape_key(read_as_served(raw)) for raw in (first, second)]
+    python_keys = [shape_key(read_as_served(raw, with_key=False)) for raw in (first, second)]
+    assert (c_keys[0] == c_keys[1]) == (python_keys[0] == python_keys[1])
+    if c_keys[0] == c_keys[1]:
+        assert _rest(read_as_served(first)) == _rest(read_as_served(second))
+
+
+def test_a_repeat_key_the_c_shape_cannot_read_falls_back_to_the_message() -> None:
+    raw = recorded().SerializeToString()
+    request = CheckRequest()
+    request.ParseFromString(raw)
+    facts = facts_from_check_request(request, b"\x0b")  # a group tag: not in cut()'s form
+    assert shape_key(facts) == shape_key(read_as_served(raw, with_key=False))
+
+
+@FAST
+@given(check_requests(), st.data())
+def test_the_c_shape_reads_any_bytes_to_a_key_or_none(raw: bytes, data: st.DataObject) -> None:
+    result = cut_volatile(raw)
+    if result is None:
+        return
+    shape = _volatile_cut.shape(_mutated(result[0], data))
+    assert shape is None or isinstance(shape, bytes)
+
+
+def _parsed_with_key(raw: bytes) -> Facts | None:
+    result = cut_volatile(raw)
+    if result is None:
+        return None
+    request = CheckRequest()
+    try:
+        request.ParseFromString(raw)
+    except Exception:  # what the server denies as a malformed request
+        return None
+    return facts_from_check_request(request, result[0])
+
+
+@FAST
+@given(check_requests(), check_requests(), st.data())
+def test_on_any_bytes_the_cut_reads_a_shared_c_shape_means_the_same_request_but_for_what_shapes_leave_out(
+        first: bytes, second: bytes, data: st.DataObject) -> None:
+    """Same C shape key ⇒ same attributes but for the method, path, headers and volatile
+    values, on mutated requests too (fields repeated, odd wire types). The second request is
+    often the first with those changed."""
+    if data.draw(st.booleans()):
+        request = CheckRequest()
+        request.ParseFromString(first)
+        http = request.attributes.request.http
+        http.method = data.draw(st.sampled_from(["", "GET", "DELETE"]))
+        http.path = data.draw(st.sampled_from(["", "/", "/z?q=1"]))
+        http.headers["x-role"] = data.draw(st.sampled_from(["", "admin"]))
+        second = with_volatile_values(request, data.draw(st.integers(1, 40)))
+    facts = [_parsed_with_key(_mutated(raw, data) if data.draw(st.booleans()) else raw) for raw in (first, second)]
+    if facts[0] is None or facts[1] is None:
+        return
+    keys = [shape_key(one) for one in facts]
+    if isinstance(keys[0], tuple) and keys[0] == keys[1]:
+        assert _rest(facts[0]) == _rest(facts[1])

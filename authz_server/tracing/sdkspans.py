@@ -14,9 +14,11 @@ import time
 from typing import Any
 
 from .attributes import SPAN_NAME, decision_attributes, failed, trace_carrier, trace_header
-from .spans import last_phase, phase_timeline, span_start, unsampled
+from .spans import last_phase, phase_timeline, span_start
 
 _clock_ns = time.time_ns
+# The sampled bit is the lowest of the flags byte (W3C trace context, version 00 and later).
+_UNSAMPLED_FLAGS = frozenset(f"{n:02x}" for n in range(0, 256, 2))  # lowercase: W3C rejects other forms
 
 
 class SdkSpans:
@@ -36,8 +38,15 @@ class SdkSpans:
             "remoteParentNotSampled:AlwaysOffSampler" in provider.sampler.get_description()
         self._server, self._error = SpanKind.SERVER, (Status, StatusCode.ERROR)
 
-    def keep(self, decision: Any, facts: Any, now: float) -> tuple[Any, Any, float, int] | None:
+    def sample(self, facts: Any) -> bool | None:
+        """None for a span the sampler drops under an unsampled W3C parent; the rest is the SDK's
+        to sample when ``add`` makes the span (so ``True``: no trace context kept for it)."""
         if self.drops_unsampled_parents and facts is not None and unsampled(trace_header(facts, "traceparent")):
+            return None
+        return True
+
+    def keep(self, decision: Any, facts: Any, now: float) -> tuple[Any, Any, float, int] | None:
+        if decision.phase_clock is None and self.sample(facts) is None:
             return None
         return decision, facts, now, _clock_ns()
 
@@ -67,3 +76,10 @@ class SdkSpans:
 
     def shutdown(self) -> None:
         self.provider.shutdown()
+
+
+def unsampled(traceparent: str | None) -> bool:
+    """A W3C ``traceparent`` that says not sampled (a malformed one is the SDK's to judge)."""
+    if traceparent is None or len(traceparent) < 55 or traceparent[2] != "-" or traceparent[52] != "-":
+        return False
+    return traceparent[53:55] in _UNSAMPLED_FLAGS

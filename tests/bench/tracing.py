@@ -18,7 +18,7 @@ the difference judged, and short alternating rounds let those moves cancel:
   * request-path hooks: what a decision itself runs when tracing is on (a phase clock, three
     timestamps, one queue append), timed alone.
 The decisions run on uvloop, the event loop ``serve`` runs. With ``traceparent`` flags ``00``
-(Envoy did not sample), the parent-based sampler drops the span before the queue.
+(Envoy did not sample), the parent-based sampler drops the span as the decision starts.
 
     python -m tests.bench.tracing [--decisions 1024] [--rounds 24] [--against REF]
 
@@ -208,7 +208,7 @@ def _hooks_us(tracer: Any, decision: Any, facts: Any) -> float:
     tracer.max_queue = 0  # counted as a drop: the same work and no queue growing under the timer
 
     def hooks() -> None:
-        phases = tracer.start()
+        phases = tracer.start(facts)
         phases.mark("identity")
         phases.mark("cache", True)
         phases.mark("policy")

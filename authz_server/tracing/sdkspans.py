@@ -14,11 +14,9 @@ import time
 from typing import Any
 
 from .attributes import SPAN_NAME, decision_attributes, failed, trace_carrier, trace_header
-from .spans import last_phase, phase_timeline, span_start
+from .spans import last_phase, phase_timeline, span_start, unsampled
 
 _clock_ns = time.time_ns
-# The sampled bit is the lowest of the flags byte (W3C trace context, version 00 and later).
-_UNSAMPLED_FLAGS = frozenset(f"{n:02x}" for n in range(0, 256, 2))  # lowercase: W3C rejects other forms
 
 
 class SdkSpans:
@@ -77,9 +75,3 @@ class SdkSpans:
     def shutdown(self) -> None:
         self.provider.shutdown()
 
-
-def unsampled(traceparent: str | None) -> bool:
-    """A W3C ``traceparent`` that says not sampled (a malformed one is the SDK's to judge)."""
-    if traceparent is None or len(traceparent) < 55 or traceparent[2] != "-" or traceparent[52] != "-":
-        return False
-    return traceparent[53:55] in _UNSAMPLED_FLAGS

@@ -215,6 +215,17 @@ class DecisionTracer:
         yield from (traced, dropped, unsampled, cpu)
 
 
+def unsampled(traceparent: str | None) -> bool:
+    """A W3C ``traceparent`` that says not sampled (a malformed one is the sink's to judge)."""
+    if traceparent is None or len(traceparent) < 55 or traceparent[2] != "-" or traceparent[52] != "-":
+        return False
+    return traceparent[53:55] in _UNSAMPLED_FLAGS
+
+
+# The sampled bit is the lowest of the flags byte (W3C trace context, version 00 and later).
+_UNSAMPLED_FLAGS = frozenset(f"{n:02x}" for n in range(0, 256, 2))  # lowercase: W3C rejects other forms
+
+
 def span_start(phases: PhaseClock | None, now: float, end_ns: int) -> int:
     """When the span began (ns): the request's ``now``, unless that is a test's clock."""
     start_ns = int(now * 1e9)

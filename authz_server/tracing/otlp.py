@@ -6,8 +6,8 @@ protobuf message field by field). This sink makes the same span as ``sdkspans.Sd
 (tests/integration/test_tracing_paths.py compares the two as real collectors receive them) for a
 few µs: it reads the parent from the request's ``traceparent`` itself, applies the sampler's
 rule, draws the ids, and encodes the span with ``wire`` from parts made once per shape of
-decision; every ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` spans (and whenever the tracer's thread
-drains its queue) one request goes out through the SDK's own OTLP exporter (``transport``).
+decision; every ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` spans (and what is left when the schedule
+delay passes, or on a flush) one request goes out through the SDK's own OTLP exporter (``transport``).
 
 What the SDK would decide is decided the same way: the resource and instrumentation scope are
 encoded by the SDK's encoder once; span limits are the SDK's ``SpanLimits`` applied per shape
@@ -210,7 +210,7 @@ class OtlpSpans:
             self.failed += len(frames)
 
     def flush(self, timeout: float) -> bool:
-        """Everything added was sent by the pass of the tracer's thread that made it."""
+        """Everything added was sent by the tracer's flushing pass."""
         return not self._frames
 
     def shutdown(self) -> None:

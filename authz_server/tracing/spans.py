@@ -14,7 +14,9 @@ decision's ``authz.phase`` and carries ``authz.error``.
 
 When the queue is full a decision goes untraced and is counted (``authz_tracing_spans_dropped_total``);
 it is never waited for. The thread wakes every ``delay`` seconds, or as soon as ``batch``
-decisions wait, and hands the GIL back to the event loop every ``slice_spans`` spans.
+decisions wait, and hands the GIL back to the event loop every ``slice_spans`` spans; woken by a
+batch it exports full batches only (the rest waits for the next pass), by the timer or ``flush``
+everything, as the SDK's batch processor does.
 
 Sampling is decided when a decision starts (``DecisionTracer.start``, by the sink's ``sample``:
 Envoy's ``traceparent`` under the sampler's rules), since Envoy samples a few requests in a
@@ -90,7 +92,7 @@ class SpanSink(Protocol):
         """Make the span of what ``keep`` kept; False when the sampler dropped it."""
 
     def send(self) -> None:
-        """Export what ``add`` kept (blocking; the tracer's thread calls it)."""
+        """Export what ``add`` kept and has not sent (blocking; the tracer's thread calls it)."""
 
     def flush(self, timeout: float) -> bool: ...
 
@@ -117,6 +119,7 @@ class DecisionTracer:
         self._wake = threading.Event()
         self._passes = threading.Condition()
         self._started = self._finished = 0  # drain passes begun and done (flush waits for one begun after it)
+        self._flush_asked = False  # the next pass sends a part-filled batch too (see ``_run``)
         self._thread = threading.Thread(target=self._run, name="authz-tracing", daemon=True)
         self._thread.start()
 
@@ -147,13 +150,18 @@ class DecisionTracer:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self.delay)
+            timed_out = not self._wake.wait(self.delay)
             self._wake.clear()
             with self._passes:
                 self._started += 1
+                # Woken by a full batch, the sink sends full batches only and keeps the rest for
+                # the next pass, as the SDK's batch processor does: a part-filled export request
+                # costs the same fixed ≈0.4 ms of gRPC as a full one (this VM).
+                whole = timed_out or self._flush_asked or self._stop.is_set()
+                self._flush_asked = False
             began = time.thread_time()
             try:
-                self._drain()
+                self._drain(whole)
             except Exception:  # an exporter's bug costs a batch, never the tracer
                 log.exception("could not export spans")
             self.cpu_seconds += time.thread_time() - began
@@ -161,7 +169,7 @@ class DecisionTracer:
                 self._finished += 1
                 self._passes.notify_all()
 
-    def _drain(self) -> None:
+    def _drain(self, whole: bool) -> None:
         queue, sink, add = self._queue, self.sink, self.sink.add
         made = 0
         while queue:
@@ -176,7 +184,8 @@ class DecisionTracer:
             made += 1
             if made % self.slice_spans == 0:
                 time.sleep(0)  # hand the GIL to the event loop between slices
-        sink.send()
+        if whole:
+            sink.send()
 
     # -- lifecycle
 
@@ -184,7 +193,8 @@ class DecisionTracer:
         """Make spans of everything observed so far and export them; True if done in time."""
         deadline = time.monotonic() + timeout
         with self._passes:
-            target = self._started + 1  # a pass that begins after this call drains all it saw
+            target = self._started + 1  # a pass that begins after this call drains and sends all it saw
+            self._flush_asked = True
             self._wake.set()
             if not self._passes.wait_for(lambda: self._finished >= target, timeout):
                 return False

@@ -1,6 +1,6 @@
 """The OTLP path's own readings of what the SDK decides (``tracing.otlp``): the sampler's rule
 gives the SDK sampler's answer for roots and remote parents, sampled or not, over many trace
-ids; a ``traceparent`` is read as the SDK's W3C propagator reads it, odd ones included; and the
+ids, and so does ``OtlpSpans.sample`` from a request's ``traceparent`` as a decision starts; a ``traceparent`` is read as the SDK's W3C propagator reads it, odd ones included; and the
 tracer's queue is bounded, counts what it drops and what the sampler drops, and ``flush`` waits
 for what was observed before it."""
 
@@ -12,13 +12,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, SamplingResult, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, get_current_span, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from authz_server.tracing.attributes import SPAN_NAME
-from authz_server.tracing.otlp import _parse_traceparent, _sampled, sampler_rules
+from authz_server.tracing import otlp
+from authz_server.tracing.otlp import OtlpSpans, _parse_traceparent, _sampled, sampler_rules
 from authz_server.tracing.spans import NOT_SAMPLED, DecisionTracer
 
 SAMPLERS = [("always_on", None), ("always_off", None), ("traceidratio", "0.3"), ("parentbased_always_on", None),
@@ -37,14 +39,24 @@ def test_the_samplers_rule_answers_as_the_sdk_sampler(monkeypatch: pytest.Monkey
     rules = sampler_rules(sampler)
     assert rules is not None
     root, sampled_parent, unsampled_parent = rules
+    sink = OtlpSpans(None, Resource.create(), rules, SpanLimits())
     draw = random.Random(27)
     for _ in range(2000):
         trace_id = draw.getrandbits(128) or 1
+        monkeypatch.setattr(otlp, "_getrandbits", lambda bits: trace_id)  # a root's new trace id
         for flags, rule in ((None, root), (TraceFlags.SAMPLED, sampled_parent), (TraceFlags.DEFAULT, unsampled_parent)):
+            span_id = draw.getrandbits(64) or 1
             context = None if flags is None else set_span_in_context(NonRecordingSpan(SpanContext(
-                trace_id, draw.getrandbits(64) or 1, is_remote=True, trace_flags=TraceFlags(flags))))
+                trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))))
             expected = sampler.should_sample(context, trace_id, SPAN_NAME).decision.is_sampled()
             assert _sampled(rule, trace_id) is expected
+            # and as a decision starts (``sample``), from the request's traceparent, or none
+            headers = {} if flags is None else {"traceparent": f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"}
+            kept = sink.sample(SimpleNamespace(headers=headers, attributes_factory=None))
+            assert (kept is not None) is expected
+            if kept is not None:
+                assert kept == (trace_id.to_bytes(16, "big"), None if flags is None else span_id.to_bytes(8, "big"),
+                                None, None)
 
 
 class _Custom(Sampler):

@@ -74,4 +74,3 @@ class SdkSpans:
 
     def shutdown(self) -> None:
         self.provider.shutdown()
-

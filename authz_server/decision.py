@@ -42,7 +42,9 @@ class PhaseClock(Protocol):
 
 
 class DecisionTracing(Protocol):
-    def start(self) -> PhaseClock: ...
+    def start(self, facts: Facts) -> PhaseClock:
+        """The clock of a decision about to be made (one that notes nothing when its span will
+        not be kept: the sampler decides from the request, here)."""
 
 
 class ExplainTicket(Protocol):
@@ -224,7 +226,7 @@ class Pipeline:
         active = self.policies.active
         identity = NO_IDENTITY
         signals: Mapping[str, Any] = {}
-        phases = self.tracing.start() if self.tracing is not None else None
+        phases = self.tracing.start(facts) if self.tracing is not None else None
         explain: ExplainTicket | None = None
         try:
             if active is None:

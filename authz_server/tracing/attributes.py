@@ -102,11 +102,6 @@ def trace_carrier(facts: Any, fields: Iterable[str]) -> dict[str, str]:
     return carrier
 
 
-def w3c_headers(facts: Any) -> tuple[str | None, str | None]:
-    """The request's ``traceparent`` and ``tracestate``."""
-    return trace_header(facts, "traceparent"), trace_header(facts, "tracestate")
-
-
 def trace_header(facts: Any, name: str) -> str | None:
     """One propagation header of the request (in gRPC mode maybe among the volatile ones)."""
     value: str | None = facts.headers.get(name)

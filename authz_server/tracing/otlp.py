@@ -6,8 +6,8 @@ protobuf message field by field). This sink makes the same span as ``sdkspans.Sd
 (tests/integration/test_tracing_paths.py compares the two as real collectors receive them) for a
 few µs: it reads the parent from the request's ``traceparent`` itself, applies the sampler's
 rule, draws the ids, and encodes the span with ``wire`` from parts made once per shape of
-decision; every ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` spans (and whenever the tracer's thread
-drains its queue) one request goes out through the SDK's own OTLP exporter (``transport``).
+decision; every ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` spans (and what is left when the schedule
+delay passes, or on a flush) one request goes out through the SDK's own OTLP exporter (``transport``).
 
 What the SDK would decide is decided the same way: the resource and instrumentation scope are
 encoded by the SDK's encoder once; span limits are the SDK's ``SpanLimits`` applied per shape
@@ -28,7 +28,7 @@ import re
 import time
 from typing import Any, Mapping
 
-from .attributes import SPAN_NAME, attribute_shape, failed, shape_attributes, w3c_headers
+from .attributes import SPAN_NAME, attribute_shape, failed, shape_attributes, trace_header
 from .spans import DecisionTracer, last_phase, phase_timeline, span_start, unsampled
 from .transport import EncodedSpans, encoded_exporter
 from .wire import ROOT_FLAGS, AttributesPart, EventsPart, SpanLayout, export_request, parent_fields, span_frame
@@ -43,12 +43,14 @@ _unhexlify = binascii.unhexlify
 _RATIO_MASK = (1 << 64) - 1  # TraceIdRatioBased.TRACE_ID_LIMIT: the ratio reads the low 64 bits
 _clock_ns = time.time_ns
 _getrandbits = random.getrandbits  # as the SDK's RandomIdGenerator draws ids
-_NO_HEADERS = (None, None)
 _MAX_SHAPES = 10_000  # attribute shapes kept encoded (subjects x outcomes); all forgotten at once past it
 _BSP_DEFAULTS = {"OTEL_BSP_SCHEDULE_DELAY": 5000, "OTEL_BSP_MAX_QUEUE_SIZE": 2048,
                  "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 512}
 
 Rule = Any  # True, False, or a trace-id ratio's bound (int): see ``_rule``
+# A sampled span's trace context (``OtlpSpans.sample``): its trace id, its parent's span id (None:
+# a root), and the ``traceparent`` and ``tracestate`` the trace state is read from (None: none).
+TraceContext = tuple[bytes, bytes | None, str | None, str | None]
 
 
 def otlp_tracer(protocol: str, resource: Any, environ: Mapping[str, str]) -> DecisionTracer | None:
@@ -116,7 +118,7 @@ class OtlpSpans:
                  batch: int = 512) -> None:
         self.exporter = exporter
         self._root, self._sampled_parent, self._unsampled_parent = rules
-        self.drops_unsampled_parents = self._unsampled_parent is False
+        self._drops_unsampled_parents = self._unsampled_parent is False
         self._limits = limits
         self.batch = batch
         self._resource_spans, self._scope_spans = _resource_and_scope(resource)
@@ -125,30 +127,41 @@ class OtlpSpans:
         self._frames: list[bytes] = []
         self.exported = self.failed = 0  # spans the collector acknowledged, spans lost to a failed export
 
-    def keep(self, decision: Any, facts: Any, now: float) -> tuple[Any, ...] | None:
-        end_ns = _clock_ns()
-        traceparent, tracestate = w3c_headers(facts) if facts is not None else _NO_HEADERS
-        if self.drops_unsampled_parents and unsampled(traceparent):
+    def sample(self, facts: Any) -> TraceContext | None:
+        """The sampler's answer for a request (``facts``; None: a request refused unread): the
+        parent its ``traceparent`` names, if valid, under the rule for a sampled or unsampled
+        parent, else a new trace id under the rule for roots. A ``traceparent`` whose flags say
+        not sampled, when such parents' spans are dropped (the default), is dropped on its flags
+        alone, unparsed: nearly every request, when Envoy samples a few in a hundred."""
+        traceparent = trace_header(facts, "traceparent") if facts is not None else None
+        if self._drops_unsampled_parents and unsampled(traceparent):
             return None
-        error = failed(decision)
-        key = (attribute_shape(decision, facts), decision.code if error else None)
-        return (decision.decision_id, key, last_phase(decision, error), decision.phase_clock, traceparent, tracestate,
-                now, end_ns)
-
-    def add(self, kept: tuple[Any, ...]) -> bool:
-        decision_id, key, last, phases, traceparent, tracestate, now, end_ns = kept
         parent = _parse_traceparent(traceparent) if traceparent else None
         if parent is None:
             trace_number = _getrandbits(128) or 1
             rule = self._root
             if rule is not True and not _sampled(rule, trace_number):
-                return False
-            trace_id, parent_id = trace_number.to_bytes(16, "big"), None
-        else:
-            trace_id, parent_id, sampled = parent
-            rule = self._sampled_parent if sampled else self._unsampled_parent
-            if rule is not True and not _sampled(rule, int.from_bytes(trace_id, "big")):
-                return False
+                return None
+            return trace_number.to_bytes(16, "big"), None, None, None
+        trace_id, parent_id, sampled = parent
+        rule = self._sampled_parent if sampled else self._unsampled_parent
+        if rule is not True and not _sampled(rule, int.from_bytes(trace_id, "big")):
+            return None
+        tracestate = trace_header(facts, "tracestate")
+        return trace_id, parent_id, traceparent if tracestate else None, tracestate
+
+    def keep(self, decision: Any, facts: Any, now: float) -> tuple[Any, ...] | None:
+        end_ns = _clock_ns()
+        phases = decision.phase_clock
+        context = phases.context if phases is not None else self.sample(facts)
+        if context is None:
+            return None
+        error = failed(decision)
+        key = (attribute_shape(decision, facts), decision.code if error else None)
+        return decision.decision_id, key, last_phase(decision, error), phases, context, now, end_ns
+
+    def add(self, kept: tuple[Any, ...]) -> bool:
+        decision_id, key, last, phases, (trace_id, parent_id, traceparent, tracestate), now, end_ns = kept
         span_id = (_getrandbits(64) or 1).to_bytes(8, "big")
         start_ns = span_start(phases, now, end_ns)
         event_shape, timings = phase_timeline(phases, last, start_ns, end_ns)
@@ -158,7 +171,7 @@ class OtlpSpans:
         events = self._events.get(event_shape)
         if events is None:
             events = self._events_part(event_shape)
-        trace_state = _trace_state(traceparent, tracestate) if tracestate and parent_id is not None else ""
+        trace_state = _trace_state(traceparent, tracestate) if traceparent and tracestate else ""
         decision_id = attributes.id_value(decision_id)
         layout = None if trace_state else SpanLayout.of(attributes, events, parent_id is not None, len(decision_id))
         if layout is not None:
@@ -197,7 +210,7 @@ class OtlpSpans:
             self.failed += len(frames)
 
     def flush(self, timeout: float) -> bool:
-        """Everything added was sent by the pass of the tracer's thread that made it."""
+        """Everything added was sent by the tracer's flushing pass."""
         return not self._frames
 
     def shutdown(self) -> None:

@@ -36,8 +36,15 @@ class SdkSpans:
             "remoteParentNotSampled:AlwaysOffSampler" in provider.sampler.get_description()
         self._server, self._error = SpanKind.SERVER, (Status, StatusCode.ERROR)
 
-    def keep(self, decision: Any, facts: Any, now: float) -> tuple[Any, Any, float, int] | None:
+    def sample(self, facts: Any) -> bool | None:
+        """None for a span the sampler drops under an unsampled W3C parent; the rest is the SDK's
+        to sample when ``add`` makes the span (so ``True``: no trace context kept for it)."""
         if self.drops_unsampled_parents and facts is not None and unsampled(trace_header(facts, "traceparent")):
+            return None
+        return True
+
+    def keep(self, decision: Any, facts: Any, now: float) -> tuple[Any, Any, float, int] | None:
+        if decision.phase_clock is None and self.sample(facts) is None:
             return None
         return decision, facts, now, _clock_ns()
 

@@ -96,7 +96,8 @@ def synthetic(fast: DecisionTracer) -> list[tuple[Decision, Any]]:
             ("allowed", "policy", {"traceparent": traceparent().upper()}, "GET"),  # not W3C: a root
             ("allowed", "policy", {"traceparent": "01-" + traceparent()[3:] + "-future"}, "GET"),  # a later version
             ("allowed", "policy", {"traceparent": traceparent("00")}, "GET"))):  # not sampled
-        clock = fast.start()
+        facts = FakeFacts(headers, method=method)
+        clock = fast.start(facts)
         clock.mark("identity")
         clock.mark("signals")
         clock.mark("cache", False)
@@ -107,7 +108,7 @@ def synthetic(fast: DecisionTracer) -> list[tuple[Decision, Any]]:
                             identity=user, signals={"risk": 1, "asn": 2} if index % 2 else {},
                             dry_run=index == 2, would_allow=False if index == 2 else None,
                             explanation={"mode": "full"} if index == 0 else None, phase_clock=clock)
-        out.append((decision, FakeFacts(headers, method=method)))
+        out.append((decision, facts))
     return out
 
 

@@ -1,6 +1,6 @@
 """The OTLP path's own readings of what the SDK decides (``tracing.otlp``): the sampler's rule
 gives the SDK sampler's answer for roots and remote parents, sampled or not, over many trace
-ids; a ``traceparent`` is read as the SDK's W3C propagator reads it, odd ones included; and the
+ids, and so does ``OtlpSpans.sample`` from a request's ``traceparent`` as a decision starts; a ``traceparent`` is read as the SDK's W3C propagator reads it, odd ones included; and the
 tracer's queue is bounded, counts what it drops and what the sampler drops, and ``flush`` waits
 for what was observed before it."""
 
@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import random
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, SamplingResult, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, get_current_span, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from authz_server.tracing.attributes import SPAN_NAME
-from authz_server.tracing.otlp import _parse_traceparent, _sampled, sampler_rules
-from authz_server.tracing.spans import DecisionTracer
+from authz_server.tracing import otlp
+from authz_server.tracing.otlp import OtlpSpans, _parse_traceparent, _sampled, sampler_rules
+from authz_server.tracing.spans import NOT_SAMPLED, DecisionTracer
 
 SAMPLERS = [("always_on", None), ("always_off", None), ("traceidratio", "0.3"), ("parentbased_always_on", None),
             ("parentbased_always_off", None), ("parentbased_traceidratio", "0.3"), (None, None)]
@@ -36,14 +39,24 @@ def test_the_samplers_rule_answers_as_the_sdk_sampler(monkeypatch: pytest.Monkey
     rules = sampler_rules(sampler)
     assert rules is not None
     root, sampled_parent, unsampled_parent = rules
+    sink = OtlpSpans(None, Resource.create(), rules, SpanLimits())
     draw = random.Random(27)
     for _ in range(2000):
         trace_id = draw.getrandbits(128) or 1
+        monkeypatch.setattr(otlp, "_getrandbits", lambda bits: trace_id)  # a root's new trace id
         for flags, rule in ((None, root), (TraceFlags.SAMPLED, sampled_parent), (TraceFlags.DEFAULT, unsampled_parent)):
+            span_id = draw.getrandbits(64) or 1
             context = None if flags is None else set_span_in_context(NonRecordingSpan(SpanContext(
-                trace_id, draw.getrandbits(64) or 1, is_remote=True, trace_flags=TraceFlags(flags))))
+                trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))))
             expected = sampler.should_sample(context, trace_id, SPAN_NAME).decision.is_sampled()
             assert _sampled(rule, trace_id) is expected
+            # and as a decision starts (``sample``), from the request's traceparent, or none
+            headers = {} if flags is None else {"traceparent": f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"}
+            kept = sink.sample(SimpleNamespace(headers=headers, attributes_factory=None))
+            assert (kept is not None) is expected
+            if kept is not None:
+                assert kept == (trace_id.to_bytes(16, "big"), None if flags is None else span_id.to_bytes(8, "big"),
+                                None, None)
 
 
 class _Custom(Sampler):
@@ -98,8 +111,11 @@ class _Sink:
         self.hold = threading.Event()
         self.hold.set()
 
+    def sample(self, facts: Any) -> Any:
+        return None if facts == "unsampled" else facts
+
     def keep(self, decision: Any, facts: Any, now: float) -> Any:
-        return None if decision == "unsampled" else decision
+        return None if decision.name == "unsampled" else decision.name
 
     def add(self, kept: Any) -> bool:
         self.hold.wait()
@@ -116,20 +132,26 @@ class _Sink:
         pass
 
 
+def decision(name: str, phase_clock: Any = None) -> Any:
+    return SimpleNamespace(name=name, phase_clock=phase_clock)
+
+
 def test_the_queue_is_bounded_drops_are_counted_and_flush_waits_for_what_came_before() -> None:
     sink = _Sink()
     tracer = DecisionTracer(sink, max_queue=3, delay=3600)  # the thread wakes only when asked
     try:
-        for decision in ("a", "unsampled", "b", "dropped by the sampler", "c", "d"):
-            tracer.observe(decision, None, 0.0)
-        assert (tracer.dropped, tracer.unsampled) == (2, 1)  # c and d: the queue held three
+        assert tracer.start("unsampled") is NOT_SAMPLED and tracer.start("x").context == "x"
+        tracer.observe(decision("never kept", tracer.start("unsampled")), None, 0.0)  # dropped at its start
+        for name in ("a", "unsampled", "b", "dropped by the sampler", "c", "d"):
+            tracer.observe(decision(name), None, 0.0)
+        assert (tracer.dropped, tracer.unsampled) == (2, 2)  # c and d: the queue held three
         assert tracer.flush(10)
         assert sink.added == ["a", "b", "dropped by the sampler"] and sink.sent >= 1
-        assert (tracer.traced, tracer.unsampled) == (2, 2)
+        assert (tracer.traced, tracer.unsampled) == (2, 3)
         sink.hold.clear()  # the thread is busy with "e" when "f" comes: flush still waits for "f"
-        tracer.observe("e", None, 0.0)
+        tracer.observe(decision("e"), None, 0.0)
         tracer._wake.set()
-        tracer.observe("f", None, 0.0)
+        tracer.observe(decision("f"), None, 0.0)
         done = threading.Thread(target=lambda: sink.hold.set())
         done.start()
         assert tracer.flush(10)
@@ -137,30 +159,6 @@ def test_the_queue_is_bounded_drops_are_counted_and_flush_waits_for_what_came_be
         done.join()
         metrics = {family.name: family.samples[0].value for family in tracer.collect()}
         assert metrics["authz_tracing_spans"] == 4 and metrics["authz_tracing_spans_dropped"] == 2
-        assert metrics["authz_tracing_unsampled"] == 2 and metrics["authz_tracing_cpu_seconds"] >= 0
+        assert metrics["authz_tracing_unsampled"] == 3 and metrics["authz_tracing_cpu_seconds"] >= 0
     finally:
         tracer.shutdown(timeout=5)
-
-
-@pytest.mark.parametrize("in_headers, in_volatile", [
-    ({}, {}),
-    ({"traceparent": "tp", "tracestate": "ts"}, {}),
-    ({}, {"traceparent": "tp", "tracestate": "ts"}),
-    ({"traceparent": "tp"}, {"tracestate": "ts"}),
-    ({"tracestate": "ts"}, {"traceparent": "tp"}),
-    ({"traceparent": "tp", "tracestate": ""}, {"tracestate": "ts"}),
-    ({"traceparent": "tp", "tracestate": "ts"}, {"traceparent": "other", "tracestate": "other"}),
-])
-def test_w3c_headers_reads_each_header_as_trace_header_does(in_headers: dict[str, str],
-                                                           in_volatile: dict[str, str]) -> None:
-    """gRPC mode keeps volatile headers apart (``facts.Volatile``): the one-pass lookup finds each
-    header where ``trace_header`` finds it, the request's own headers first."""
-    from types import SimpleNamespace
-
-    from authz_server.facts import Volatile
-    from authz_server.tracing.attributes import trace_header, w3c_headers
-
-    for factory in (SimpleNamespace(volatile=Volatile(headers=in_volatile)), None):
-        facts = SimpleNamespace(headers=in_headers, attributes_factory=factory)
-        expected = tuple(trace_header(facts, name) or None for name in ("traceparent", "tracestate"))
-        assert tuple(value or None for value in w3c_headers(facts)) == expected

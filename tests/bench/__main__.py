@@ -40,8 +40,8 @@ def main() -> int:
         from . import core
 
         inproc = asyncio.run(core.in_process())
-        envoy, rounds = core.through_envoy(settings) if wrk_binary() else ({}, [])
-        results["core"] = {"in_process": inproc, "envoy": envoy, "authz_over_bare_by_round": rounds}
+        envoy, rounds = core.through_envoy(settings) if wrk_binary() else ({}, {})
+        results["core"] = {"in_process": inproc, "envoy": envoy, "authz_over_reference_by_round": rounds}
         print(core.report(inproc, envoy, rounds) if envoy else inproc)
     if "sessions" in chosen:
         from . import sessions

@@ -5,8 +5,9 @@ Set-ups measured in one run, each a front Envoy (one worker) proxying to an upst
 is itself an Envoy answering 200 (so the upstream costs next to nothing):
   envoy alone · envoy + native RBAC · envoy + bare Python ext_authz (yardstick) ·
   envoy + authz-server (full pipeline, cached decision) with 1 and 2 worker processes.
-The yardstick and authz-server with one process, the pair the target compares, are measured
-YARDSTICK_ROUNDS times each, interleaved, and each keeps its best run.
+The pairs the targets compare (authz-server with one process against the yardstick in gRPC
+mode, against the extra-hop ceiling in HTTP mode) are measured ROUNDS times each, interleaved,
+and each set-up keeps its best run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from authz_server.decision import Pipeline
 from authz_server.envoy import check_request_from_json, facts_from_check_request
@@ -40,7 +41,7 @@ RBAC_RULE = {"rules": {"action": "ALLOW", "policies": {"guests-read-people": {
     "principals": [{"header": {"name": "x-role", "string_match": {"exact": "guest"}}}],
 }}}}
 REQUEST_HEADERS = {"x-role": "guest", "user-agent": "wrk", "accept": "*/*"}
-YARDSTICK_ROUNDS = 5
+ROUNDS = 5
 
 
 def _tutorial_request(token: str) -> Any:
@@ -106,10 +107,11 @@ async def in_process() -> dict[str, float]:
             "decisions_per_s_uncached": 1e6 / miss_us}
 
 
-def through_envoy(settings: Settings) -> tuple[dict[str, Any], list[float]]:
-    """The set-ups' best runs, and authz-server (1 process) ÷ yardstick req/s in each round."""
+def through_envoy(settings: Settings) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """The set-ups' best runs, and authz-server (1 process) ÷ its reference in each round: the
+    bare yardstick for gRPC, the extra-hop ceiling for HTTP mode."""
     results: dict[str, Any] = {}
-    rounds: list[float] = []
+    rounds: dict[str, list[float]] = {"grpc": [], "http": []}
     with bench_supervisor("core") as sup:
         upstream_addr, _ = start_upstream(sup)
 
@@ -117,53 +119,52 @@ def through_envoy(settings: Settings) -> tuple[dict[str, Any], list[float]]:
             envoy = start_envoy(sup, name, render_front_proxy(FrontProxy(upstream=upstream_addr, **kwargs)))
             return f"http://127.0.0.1:{envoy.port('ingress')}/people/bob"
 
-        url = front("envoy-alone")
-        results["envoy_alone"] = load_with_cpu(url, settings, None, name="Envoy alone", headers=REQUEST_HEADERS)
-        url = front("envoy-rbac", rbac=RBAC_RULE)
-        results["envoy_rbac"] = load_with_cpu(url, settings, None, name="Envoy + native RBAC",
-                                              headers=REQUEST_HEADERS)
-        ceiling = start_envoy(sup, "ceiling-authz", render_front_proxy(FrontProxy(
+        def load(url: str, name: str, pid: int | None = None) -> Callable[[], LoadResult]:
+            return lambda: load_with_cpu(url, settings, pid, name=name, headers=REQUEST_HEADERS)
+
+        results["envoy_alone"] = load(front("envoy-alone"), "Envoy alone")()
+        results["envoy_rbac"] = load(front("envoy-rbac", rbac=RBAC_RULE), "Envoy + native RBAC")()
+        ceiling_envoy = start_envoy(sup, "ceiling-authz", render_front_proxy(FrontProxy(
             routes=(Route("/", direct_response=""),), listener_name="authz")))
-        url = front("envoy-ceiling", authz=AuthzTarget(f"127.0.0.1:{ceiling.port('authz')}", mode="http"))
-        results["hop_ceiling"] = load_with_cpu(url, settings, None, name="Envoy + ext_authz HTTP to an Envoy answering "
-                                               "200 (extra-hop ceiling)", headers=REQUEST_HEADERS)
+        ceiling = load(front("envoy-ceiling", authz=AuthzTarget(f"127.0.0.1:{ceiling_envoy.port('authz')}",
+                                                                mode="http")),
+                       "Envoy + ext_authz HTTP to an Envoy answering 200 (extra-hop ceiling)")
+        results["hop_ceiling"] = ceiling()
         bare_pid, bare_addr = start_bare_authz(sup)
-        bare_url = front("envoy-bare", authz=AuthzTarget(bare_addr))
-
-        def bare() -> LoadResult:
-            return load_with_cpu(bare_url, settings, bare_pid, name="Envoy + bare Python gRPC (always allow)",
-                                 headers=REQUEST_HEADERS)
-
+        bare = load(front("envoy-bare", authz=AuthzTarget(bare_addr)), "Envoy + bare Python gRPC (always allow)",
+                    bare_pid)
         results["bare_grpc"] = bare()
         for workers in (1, 2):
             pid, bound = start_authz_server(sup, f"authz-{workers}w", [
                 "--policies", str(ROUTE_RULE), "--addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
                 "--metrics-addr", "", "--workers", str(workers), "--log-level", "warning"])
-            url = front(f"envoy-authz-{workers}w", authz=AuthzTarget(bound["addr"], connections=workers))
-
-            def ours(url: str = url, pid: int = pid, workers: int = workers) -> LoadResult:
-                return load_with_cpu(url, settings, pid, name=f"Envoy + authz-server gRPC, {workers} process(es)",
-                                     headers=REQUEST_HEADERS)
-
-            key = f"authz_grpc_{workers}w"
-            results[key] = ours()
+            grpc = load(front(f"envoy-authz-{workers}w", authz=AuthzTarget(bound["addr"], connections=workers)),
+                        f"Envoy + authz-server gRPC, {workers} process(es)", pid)
+            http = load(front(f"envoy-authz-http-{workers}w", authz=AuthzTarget(bound["http_addr"], mode="http")),
+                        f"Envoy + authz-server HTTP, {workers} process(es)", pid)
+            results[f"authz_grpc_{workers}w"] = grpc()
+            results[f"authz_http_{workers}w"] = http()
             if workers == 1:
-                # The target compares these two, and on a small VM req/s moves ±15 % from one run to
-                # the next (more than the gap): each gets the best of YARDSTICK_ROUNDS runs, interleaved,
-                # and each round's own ratio is kept too (report: their median).
-                rounds.append(results[key].rps / (results["bare_grpc"].rps or 1))
-                for _ in range(0 if settings.smoke else YARDSTICK_ROUNDS - 1):
-                    yardstick, mine = bare(), ours()
-                    rounds.append(mine.rps / (yardstick.rps or 1))
-                    results["bare_grpc"] = max(results["bare_grpc"], yardstick, key=lambda r: r.rps)
-                    results[key] = max(results[key], mine, key=lambda r: r.rps)
-            url = front(f"envoy-authz-http-{workers}w", authz=AuthzTarget(bound["http_addr"], mode="http"))
-            results[f"authz_http_{workers}w"] = load_with_cpu(
-                url, settings, pid, name=f"Envoy + authz-server HTTP, {workers} process(es)", headers=REQUEST_HEADERS)
+                # The targets compare these pairs, and on a small VM req/s moves ±15 % from one run
+                # to the next (more than the gap): each set-up gets the best of ROUNDS runs,
+                # interleaved with its reference, and each round's own ratio is kept (report: medians).
+                _interleave(results, rounds["grpc"], "bare_grpc", bare, "authz_grpc_1w", grpc, settings)
+                _interleave(results, rounds["http"], "hop_ceiling", ceiling, "authz_http_1w", http, settings)
     return results, rounds
 
 
-def report(inproc: dict[str, float], envoy: dict[str, Any], rounds: list[float]) -> str:
+def _interleave(results: dict[str, Any], rounds: list[float], reference_key: str,
+                reference: Callable[[], LoadResult], key: str, mine: Callable[[], LoadResult],
+                settings: Settings) -> None:
+    rounds.append(results[key].rps / (results[reference_key].rps or 1))
+    for _ in range(0 if settings.smoke else ROUNDS - 1):
+        theirs, ours = reference(), mine()
+        rounds.append(ours.rps / (theirs.rps or 1))
+        results[reference_key] = max(results[reference_key], theirs, key=lambda r: r.rps)
+        results[key] = max(results[key], ours, key=lambda r: r.rps)
+
+
+def report(inproc: dict[str, float], envoy: dict[str, Any], rounds: dict[str, list[float]]) -> str:
     lines = [table("In-process decisions (OPA-Envoy tutorial policy)", ["measure", "value"], [
         ["cached decision (facts + identity + cache lookup)", f"{inproc['cache_hit_us']:.1f} µs"],
         ["uncached decision (full pipeline, policy on an evaluation thread)", f"{inproc['cache_miss_us']:.1f} µs"],
@@ -185,7 +186,8 @@ def report(inproc: dict[str, float], envoy: dict[str, Any], rounds: list[float])
     lines.append(table("Through Envoy (1 Envoy worker, upstream an Envoy answering 200, wrk 32 connections)", [
         "set-up", "req/s", "× native RBAC", "× bare gRPC", "× hop ceiling", "p50 ms", "p99 ms",
         "authz CPU µs/req", "failures"], rows))
-    if rounds:
-        lines.append(f"authz-server gRPC (1 process) ÷ bare gRPC, round by round: "
-                     f"{', '.join(f'{r:.2f}' for r in rounds)}; median {statistics.median(rounds):.2f}")
+    for mode, pair in (("grpc", "gRPC (1 process) ÷ bare gRPC"), ("http", "HTTP (1 process) ÷ the hop ceiling")):
+        if rounds.get(mode):
+            lines.append(f"authz-server {pair}, round by round: {', '.join(f'{r:.2f}' for r in rounds[mode])}; "
+                         f"median {statistics.median(rounds[mode]):.2f}")
     return "\n".join(lines)

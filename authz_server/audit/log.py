@@ -4,21 +4,25 @@ On the request path ``observe`` appends what it was given (the decision, its fac
 time) to a bounded queue; when the queue is full the record is dropped and counted, so a
 decision never waits for the audit log.
 
-Everything else happens where it delays no answer. The audit log's own thread lets
-decisions gather for ``linger`` seconds (50 ms; not when a batch is full already: a sink's
-write costs about the same for one record as for hundreds), then builds each record (the
-input document too, for cache hits), redacts it (the one choke point: nothing reaches a
-sink unredacted) and renders its JSON line once, for every sink (see ``record.py``). It
-works in slices of ``slice_seconds`` (0.5 ms: a few dozen records of a repeated request, a
-few of new ones) and sleeps 50 µs between slices (the GIL is the event loop's then), so the
-event loop waits for it at most one slice whatever the batch size;
-before, the dispatcher built a whole batch on the event loop, 25 ms at a time at 2,600
-decisions a second, and that was the tail of every answer behind it. Finished batches go
-to every sink's writer (``writer.py``) on the event loop, which only moves the list: the
-sinks write from threads of their own. A record that cannot be built is counted
-(``render_failed``) and replaced by a short one saying so (``RecordBuilder.build_failed``);
-it never ends the thread. ``stop`` flushes what is queued, within a
-time bound, and counts whatever it could not write.
+Everything else happens where it delays no answer. The audit log's own thread builds each
+record (the input document too, for cache hits), redacts it (the one choke point: nothing
+reaches a sink unredacted) and renders its JSON line once, for every sink (see ``record.py``).
+It builds what is queued every ``build_every`` seconds (5 ms), in slices of ``slice_seconds``
+(0.5 ms: a few dozen records of a repeated request, a few of new ones) with a 50 µs sleep
+between slices (the GIL is the event loop's then), so the event loop waits for it at most one
+slice whatever the batch size. Building often keeps each wait short, not only bounded: a
+request that arrives while the thread holds the GIL waits for the rest of its work, and 50 ms
+of a single connection's decisions (≈ 70) took two full slices, a 5 ms batch (≈ 7) a fifth of
+one. Before, the dispatcher built a whole batch on the event loop, 25 ms at a time at 2,600
+decisions a second, and that was the tail of every answer behind it.
+
+Built records are held until the oldest has waited ``linger`` seconds (50 ms) or a batch is
+full, then go to every sink's writer (``writer.py``) on the event loop, which only moves the
+list (a sink's write costs about the same for one record as for hundreds, and each hand-over
+wakes the event loop): the sinks write from threads of their own. A record that cannot be
+built is counted (``render_failed``) and replaced by a short one saying so
+(``RecordBuilder.build_failed``); it never ends the thread. ``stop`` flushes what is queued,
+within a time bound, and counts whatever it could not write.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ class AuditLog:
                  batch_size: int = 500, sink_backlog: int = 10_000, flush_timeout: float = 5.0,
                  labels: Mapping[str, str] | None = None, redactor: Redactor | None = None,
                  backoff: Backoff = Backoff(), clock: Callable[[], float] = time.time, linger: float = 0.05,
-                 slice_seconds: float = 0.0005) -> None:
+                 build_every: float = 0.005, slice_seconds: float = 0.0005) -> None:
         self.queue: collections.deque[_Item] = collections.deque()
         self.queue_size = queue_size
         self.writers = [SinkWriter(sink, backlog=sink_backlog, batch_size=batch_size, backoff=backoff)
@@ -76,7 +80,8 @@ class AuditLog:
         self.labels = dict(labels) if labels is not None else default_labels()
         self.records = RecordBuilder(path=query_path(query), labels=self.labels, redactor=redactor or Redactor())
         self.batch_size = batch_size
-        self.linger = linger
+        self.linger = linger  # how long built records wait for more before the writers get them
+        self.build_every = min(build_every, linger)
         self.slice_seconds = slice_seconds  # building before the thread lets the event loop in
         self.flush_timeout = flush_timeout
         self.stats = WriterStats()  # before the fan-out: queue_full, render_failed, shutdown
@@ -87,8 +92,11 @@ class AuditLog:
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._wake = threading.Event()  # a full batch is waiting, or stop: do not wait out the linger
+        self._wake = threading.Event()  # a full batch is waiting, or stop: hand over without lingering
         self._halt = threading.Event()
+        self._held: list[AuditRecord] = []  # built, waiting for the linger (the thread's alone)
+        self._held_taken = 0  # decisions taken from the queue for them (a failed build holds no record)
+        self._held_since = 0.0  # monotonic time the oldest of them was built
         # Records taken from the queue by the thread, and offered to the writers by the loop (or
         # failed): each counter has one writer, so neither needs a lock.
         self._taken = 0
@@ -169,36 +177,50 @@ class AuditLog:
     # -- the audit log's thread
     def _run(self) -> None:
         while not self._halt.is_set():
-            self._wake.wait(self.linger)
+            idle = not self.queue and not self._held_taken  # then nothing is due before the linger
+            woken = self._wake.wait(self.linger if idle else self.build_every)
             self._wake.clear()
             started = time.thread_time()
-            self._drain_until(None)
+            self._drain_until(None, hand_over=woken)
             self.cpu_seconds += time.thread_time() - started
 
-    def _drain_until(self, deadline: float | None) -> None:
-        """Build and hand over every queued record (until ``deadline``, monotonic, if given)."""
+    def _drain_until(self, deadline: float | None, *, hand_over: bool = True) -> None:
+        """Build every queued record (until ``deadline``, monotonic, if given); hand the built
+        ones over by full batches, and the rest now if ``hand_over`` or once they have lingered."""
         queue = self.queue
         while queue:
             if deadline is not None and time.monotonic() >= deadline:
-                return
-            count = min(self.batch_size, len(queue))
+                break
+            held = self._held
+            before = len(held)
+            count = min(self.batch_size - self._held_taken, len(queue))
             self._taken += count  # before they leave the queue: drain() never sees them nowhere
             items = [queue.popleft() for _ in range(count)]
-            records: list[AuditRecord] = []
+            if not self._held_taken:
+                self._held_since = time.monotonic()
+            self._held_taken += count
             build = self._build
             slice_ends = time.perf_counter() + self.slice_seconds
             for item in items:
                 record = build(*item)
                 if record is not None:
-                    records.append(record)
+                    held.append(record)
                 if time.perf_counter() >= slice_ends:
                     # Hand the GIL to the event loop if it waits for it. sleep(0) is not enough:
                     # this thread takes the GIL straight back before the waiting one wakes, and
                     # the waiter's 5 ms switch interval starts over. A real sleep lets it in.
                     time.sleep(_HAND_OVER)
                     slice_ends = time.perf_counter() + self.slice_seconds
-            self.built += len(records)
-            self._hand_over(records, count)
+            self.built += len(held) - before
+            if self._held_taken >= self.batch_size:
+                self._hand_over_held()
+        if self._held_taken and (hand_over or time.monotonic() - self._held_since >= self.linger):
+            self._hand_over_held()
+
+    def _hand_over_held(self) -> None:
+        records, taken = self._held, self._held_taken
+        self._held, self._held_taken = [], 0
+        self._hand_over(records, taken)
 
     def _hand_over(self, records: list[AuditRecord], taken: int) -> None:
         loop = self._loop

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -197,3 +198,40 @@ async def test_http_front_decisions_are_recorded_too(tmp_path: Path) -> None:
     text = log_file.read_text()
     assert "tok-123456789" not in text and "abc.def.ghi" not in text and "cookie-secret-1" not in text
     assert records[0]["input"]["attributes"]["request"]["http"]["headers"]["authorization"] == "Bearer [REDACTED]"
+
+
+async def test_built_records_linger_then_go_to_the_writers_in_batches(tmp_path: Path) -> None:
+    """The thread builds often (short holds of the GIL) but hands records over by the linger
+    or by full batches (each hand-over wakes the event loop). Driven by hand, without the
+    thread, so no timing decides the outcome."""
+    runtime = PolicyRuntime(str(write_audit_policy(tmp_path / "policies")))
+    runtime.load()
+    audit = AuditLog([FileSink(tmp_path / "audit.jsonl")], batch_size=4, linger=60.0)
+    offered: list[int] = []
+    audit._loop = asyncio.get_running_loop()
+    fan_out = audit._fan_out
+
+    def counting(records: list[Any], taken: int) -> None:
+        offered.append(taken)
+        fan_out(records, taken)
+
+    audit._fan_out = counting  # type: ignore[method-assign]
+    pipeline = Pipeline(runtime, observers=[audit.observe])
+    now = time.time()
+    for i in range(6):
+        await pipeline.decide(facts_for(f"/public/{i}"), now=now)
+    audit._drain_until(None, hand_over=False)  # what the thread does when its build timer fires
+    await asyncio.sleep(0)
+    assert offered == [4] and audit.built == 6 and audit.pending == 2  # a full batch went, two wait
+    audit._drain_until(None, hand_over=False)
+    await asyncio.sleep(0)
+    assert offered == [4]  # not lingered long enough yet
+    audit._held_since -= 60.0
+    audit._drain_until(None, hand_over=False)
+    await asyncio.sleep(0)
+    assert offered == [4, 2] and audit.pending == 0
+    await pipeline.decide(facts_for("/public/6"), now=now)
+    audit._drain_until(None)  # woken (drain, stop, a full queue): everything built goes now
+    await asyncio.sleep(0)
+    assert offered == [4, 2, 1] and audit.pending == 0
+    runtime.close()

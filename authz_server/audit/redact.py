@@ -212,6 +212,13 @@ def _pointer(where: Any) -> str:
     return "/" + joined
 
 
+@functools.lru_cache(maxsize=4096)
+def _header_pointer(name: str) -> str:
+    """``_pointer`` of a request header: keyed on the name alone (hashing the chain of tuples
+    of ``_HEADERS`` again on each call was most of a masked header's cost)."""
+    return _pointer((_HEADERS, name))
+
+
 def _is_mapping(value: Any) -> bool:
     return type(value) is dict or isinstance(value, Mapping)
 
@@ -492,7 +499,7 @@ class Redactor:
             else:
                 redacted = redacted_path if value == path else scrub_text(value)
             if redacted != value:
-                masked.append(_pointer((_HEADERS, name)))
+                masked.append(_header_pointer(name))
             out_headers[name] = redacted
         if not path_first and redacted_path != path:
             masked.append(_pointer((_HTTP, "path")))
@@ -547,7 +554,7 @@ class Redactor:
             item = headers[name]
             redacted = header_rule(name)(item)
             if redacted != item:
-                masked.append(_pointer((_HEADERS, name)))
+                masked.append(_header_pointer(name))
                 if redacted_headers is None:
                     redacted_headers = dict(headers)
                 redacted_headers[name] = redacted

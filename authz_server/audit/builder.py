@@ -62,6 +62,8 @@ _HEADERS_ALL, _METHOD, _PATH, _PARSED_PATH, _PARSED_QUERY, _PARSED_BODY, _TRUNCA
 _BOOL = {True: b"true", False: b"false"}
 _dumps = orjson.dumps
 _BUNDLES = b'"bundles":{' + _dumps(BUNDLE_NAME) + b':{"revision":'
+_INT64 = 1 << 63
+_TRANSPORTS = {transport: b',"transport":' + _dumps(transport) for transport in ("grpc", "http")}
 
 
 def _kept(rendered: bytes) -> bytes:
@@ -316,7 +318,10 @@ class RecordBuilder:
             requested_by = f"{facts.source_address}:{facts.source_port}" if facts.source_port else \
                 facts.source_address
             pieces += (b',"requested_by":', self._scanned("requested_by", requested_by, masked, repeats=False)[1])
-        pieces += (b',"metrics":{"timer_server_handler_ns":', _dumps(handler_ns), b'},')
+        # an int within 64 bits as orjson writes it, one format cheaper (anything else: orjson, which may refuse)
+        pieces.append(b',"metrics":{"timer_server_handler_ns":%d},' % handler_ns
+                      if type(handler_ns) is int and -_INT64 <= handler_ns < _INT64
+                      else b',"metrics":{"timer_server_handler_ns":%b},' % _dumps(handler_ns))
         verdict = self._verdict(decision, person)
         pieces.append(verdict.rendered)
         masked += verdict.masked
@@ -330,7 +335,8 @@ class RecordBuilder:
             pieces += (b',"explanation":', _dumps(explained, default=str))
             masked += explanation_masked
             erased += explanation_erased
-        pieces += (b',"transport":', _dumps(facts.transport))
+        transport = _TRANSPORTS.get(facts.transport)
+        pieces.append(transport if transport is not None else b',"transport":' + _dumps(facts.transport))
         if facts.request_id:
             if facts.request_id == volatile.request_id:  # redacted and rendered for the attributes already
                 pieces += (b',"request_id":', volatile_values[_REQUEST_ID])
@@ -343,10 +349,10 @@ class RecordBuilder:
         if masked:
             pieces += (b',"masked":', _dumps(masked))
         pieces.append(b"}")
-        return AuditRecord(
-            decision_id=decision.decision_id, timestamp=now, subject=subject, spiffe_id=spiffe_id,
-            allowed=decision.allowed, code=decision.code, policy_version=decision.policy_version, document=None,
-            line=b"".join(pieces))
+        # positional: keywords cost a record 0.2 µs (decision_id, timestamp, subject, spiffe_id, allowed, code,
+        # policy_version, document, line)
+        return AuditRecord(decision.decision_id, now, subject, spiffe_id, decision.allowed, decision.code,
+                           decision.policy_version, None, b"".join(pieces))
 
     def _verdict(self, decision: "Decision", person: _Who) -> _Verdict:
         """``allowed`` to ``spiffe_id``: what was decided and for whom, the same for every

@@ -271,6 +271,8 @@ def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[
     """Returns ``(parsed_body, truncated_body)``."""
     if headers.get("x-envoy-auth-partial-body") == "true":
         return None, True
+    if not body and not raw_body:  # what every content type below gives an empty payload (one header read less)
+        return None, False
     content_type = headers.get("content-type")
     if content_type is None:
         return None, False

@@ -1,5 +1,6 @@
 """Compiles protos/*.proto into authz_server/_proto/ with grpcio-tools at build time, and the
-one C extension (``authz_server._volatile_cut``: the gRPC front's repeat key).
+one C extension (``authz_server._volatile_cut``: the gRPC front's repeat key; for the audit log, a request's
+shape read from that key and the loop over a request's headers).
 
 Everything else about the package is in pyproject.toml. The generated modules are written
 into the source tree (and ignored by git) so editable and regular installs both see them.

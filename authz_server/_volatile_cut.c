@@ -22,7 +22,8 @@
  * and a deterministic re-serialization in Python.
  *
  * shape(key) reads such a key further, for the audit log: without the request's method, path
- * and headers as well (see it below).
+ * and headers as well (see it below). redact_headers() is the audit log's loop over a request's
+ * headers, here because it runs for every request that does not repeat (see it below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -436,6 +437,65 @@ static PyObject *shape(PyObject *module, PyObject *arg) {
     return result;
 }
 
+/* redact_headers(headers, path, redacted_path, header_rule, scrub_text): the audit log's loop over
+ * a request's headers (audit.redact.Redactor.redact_request, whose Python loop it replaces, value
+ * for value): each header's value through the rule of its name (header_rule(name)); with
+ * scrub_text's rule a value shorter than 8 characters is kept as it is and a value equal to the
+ * path is the path as redacted already. Returns ({name: redacted value}, [names whose value was
+ * changed]) in the headers' own order (a protobuf map's or a dict's), or None when a name or
+ * value is not a str (the Python loop then does it). About half the Python loop's time, which
+ * was a Python round trip per header of every request that does not repeat. */
+static PyObject *redact_headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 5) return PyErr_Format(PyExc_TypeError, "redact_headers() takes 5 arguments");
+    PyObject *headers = args[0], *path = args[1], *redacted_path = args[2], *header_rule = args[3];
+    PyObject *scrub = args[4];
+    PyObject *out = PyDict_New(), *changed = PyList_New(0), *iterator = PyObject_GetIter(headers);
+    PyObject *name = NULL, *value = NULL, *rule = NULL, *redacted = NULL, *result = NULL;
+    if (out == NULL || changed == NULL || iterator == NULL) goto done;
+    if (!PyUnicode_CheckExact(path)) goto give_up;
+    while ((name = PyIter_Next(iterator)) != NULL) {
+        if (!PyUnicode_CheckExact(name)) goto give_up;
+        value = PyObject_GetItem(headers, name);
+        if (value == NULL) goto done;
+        if (!PyUnicode_CheckExact(value)) goto give_up;
+        rule = PyObject_CallOneArg(header_rule, name);
+        if (rule == NULL) goto done;
+        if (rule != scrub) {
+            redacted = PyObject_CallOneArg(rule, value);
+        } else if (PyUnicode_GET_LENGTH(value) < 8) { /* too short for anything scrub_text recognises */
+            redacted = Py_NewRef(value);
+        } else {
+            int same = PyUnicode_Compare(value, path) == 0 && !PyErr_Occurred();
+            redacted = same ? Py_NewRef(redacted_path) : PyObject_CallOneArg(scrub, value);
+        }
+        if (redacted == NULL) goto done;
+        if (redacted != value) {
+            int differs = PyObject_RichCompareBool(redacted, value, Py_NE);
+            if (differs < 0 || (differs && PyList_Append(changed, name) != 0)) goto done;
+        }
+        if (PyDict_SetItem(out, name, redacted) != 0) goto done;
+        Py_CLEAR(name);
+        Py_CLEAR(value);
+        Py_CLEAR(rule);
+        Py_CLEAR(redacted);
+    }
+    if (PyErr_Occurred()) goto done;
+    result = PyTuple_Pack(2, out, changed);
+    goto done;
+give_up:
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(out);
+    Py_XDECREF(changed);
+    Py_XDECREF(iterator);
+    Py_XDECREF(name);
+    Py_XDECREF(value);
+    Py_XDECREF(rule);
+    Py_XDECREF(redacted);
+    return result;
+}
+
 static PyObject *configure(PyObject *module, PyObject *args) {
     (void)module;
     PyObject *names, *type;
@@ -464,12 +524,14 @@ static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(names, volatile_type): the header names (bytes) whose entries are cut, and the values' type"},
     {"shape", shape, METH_O, "shape(key) -> a key of cut()'s without the method, path and headers | None"},
+    {"redact_headers", (PyCFunction)(void (*)(void))redact_headers, METH_FASTCALL,
+     "redact_headers(headers, path, redacted_path, header_rule, scrub_text) -> ({name: value}, [changed]) | None"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "_volatile_cut",
-    "The exact repeat key of a CheckRequest, cut from its wire bytes; and its audit shape.",
+    "The exact repeat key of a CheckRequest, cut from its wire bytes; its audit shape; the audit headers loop.",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 

@@ -362,9 +362,13 @@ class _AttributesAsSent:
     def stable_attributes(self) -> dict[str, Any]:
         return protomap(self.attributes)
 
-    def shape(self) -> Shape | None:
+    def shape(self, facts: Facts | None = None) -> Shape | None:
         """``facts.ShapedAttributeSource.shape``: the key is which of the method, path and
         headers are there (protomap leaves out what is not), and the rest of the request.
+        ``facts``: the facts read from this request, whose method, path and headers are the
+        message's own (``facts_from_check_request``, ``repeat_facts``): taken from there rather
+        than read from the message again (the chain of upb reads was half of this call, 1.1 µs,
+        more with the message cold in a busy server).
 
         The rest is read in C from the repeat key when there is one (``_volatile_cut.shape``:
         the request's bytes as Envoy sent them, without the volatile values, the method, path
@@ -378,20 +382,23 @@ class _AttributesAsSent:
         if self.volatile is None:
             return None
         attributes = self.attributes
-        http = attributes.request.http
-        headers = http.headers
-        present = _PRESENT[bool(http.method), bool(http.path), bool(headers)]
+        if facts is not None:
+            method, path, headers = facts.method, facts.path, facts.headers
+        else:
+            http = attributes.request.http
+            method, path, headers = http.method, http.path, http.headers
+        present = _PRESENT[bool(method), bool(path), bool(headers)]
         if self.repeat_key is not None:  # (there is none without the extension: see cut_volatile)
             rest = _volatile_cut.shape(self.repeat_key)
             if rest is not None:
-                return (present, rest), http.method, http.path, headers
+                return (present, rest), method, path, headers
         copy = _AttributeContext()
         copy.CopyFrom(attributes)
         rest = copy.request.http
         rest.ClearField("method")
         rest.ClearField("path")
         rest.ClearField("headers")
-        return present + copy.SerializeToString(deterministic=True), http.method, http.path, headers
+        return present + copy.SerializeToString(deterministic=True), method, path, headers
 
 
 def _without_volatile(request: CheckRequest) -> bytes:

@@ -109,13 +109,15 @@ class ShapedAttributeSource(StableAttributeSource, Protocol):
     """One that can also tell apart what changes from request to request in traffic that
     does not repeat (an id in the path, a query string, a user's header) from the rest."""
 
-    def shape(self) -> Shape | None:
+    def shape(self, facts: "Facts | None" = None) -> Shape | None:
         """``(key, method, path, headers)``: ``stable_attributes()`` is a function of ``key``
         (hashable: everything else in them, which fields are present included) and of the
         method, path and headers (without the volatile ones, in the order the attributes list
         them) found at ``request.http``. None when they cannot be told apart. Requests of one
         shape (one route's traffic through one proxy) share all but those three, so the audit
-        log redacts and renders the rest once per shape rather than once per request."""
+        log redacts and renders the rest once per shape rather than once per request.
+        ``facts``: the facts this source belongs to, from which a source may take what it read
+        into them rather than read it again."""
         ...
 
 
@@ -269,6 +271,8 @@ def parse_body(headers: Mapping[str, str], body: str, raw_body: bytes) -> tuple[
     """Returns ``(parsed_body, truncated_body)``."""
     if headers.get("x-envoy-auth-partial-body") == "true":
         return None, True
+    if not body and not raw_body:  # what every content type below gives an empty payload (one header read less)
+        return None, False
     content_type = headers.get("content-type")
     if content_type is None:
         return None, False

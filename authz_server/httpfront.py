@@ -196,9 +196,10 @@ class _HttpAttributes:
             document["contextExtensions"] = dict(self.context)
         return document
 
-    def shape(self) -> Shape:
+    def shape(self, facts: Facts | None = None) -> Shape:
         """``facts.ShapedAttributeSource.shape``: everything ``stable_attributes`` holds but
-        the method, path and headers (which it always has)."""
+        the method, path and headers (which it always has). ``facts`` is not read: their
+        headers hold the volatile ones too."""
         return ((self.host, self.body, self.raw_body, self.size, self.address, self.principal, self.certificate,
                  tuple(self.context.items())), self.method, self.path,
                 {name: value for name, value in self.headers.items() if name not in VOLATILE_HEADERS})

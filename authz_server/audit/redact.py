@@ -212,6 +212,13 @@ def _pointer(where: Any) -> str:
     return "/" + joined
 
 
+@functools.lru_cache(maxsize=4096)
+def _header_pointer(name: str) -> str:
+    """``_pointer`` of a request header: keyed on the name alone (hashing the chain of tuples
+    of ``_HEADERS`` again on each call was most of a masked header's cost)."""
+    return _pointer((_HEADERS, name))
+
+
 def _is_mapping(value: Any) -> bool:
     return type(value) is dict or isinstance(value, Mapping)
 
@@ -403,6 +410,43 @@ def _through_base64(rule: Callable[[str], str]) -> Callable[[str], str]:
     return apply
 
 
+def _redact_headers(headers: Mapping[str, str], path: str, redacted_path: str) -> tuple[dict[str, str], list[str]]:
+    """``Redactor.redact_request``'s headers: each value through its name's rule, a value
+    equal to the path the path as redacted already; and the names whose value changed, in the
+    headers' order. ``_volatile_cut.redact_headers`` does the same in C."""
+    out_headers = {}
+    changed = []
+    for name in headers:  # a protobuf map iterates its keys fastest
+        value = headers[name]
+        rule = header_rule(name)
+        if rule is not scrub_text:
+            redacted = rule(value)
+        elif len(value) < 8:  # too short for anything scrub_text recognises
+            out_headers[name] = value
+            continue
+        else:
+            redacted = redacted_path if value == path else scrub_text(value)
+        if redacted != value:
+            changed.append(name)
+        out_headers[name] = redacted
+    return out_headers, changed
+
+
+def _no_redact_headers(headers: Mapping[str, str], path: str, redacted_path: str, rule_of: Callable[[str], Any],
+                       scrub: Callable[[str], str]) -> None:
+    return None
+
+
+# the C loop (None: the Python one) when the extension was built
+redact_headers: Callable[..., tuple[dict[str, str], list[str]] | None] = _no_redact_headers
+try:
+    from .. import _volatile_cut
+except ImportError:  # built without a C compiler
+    pass
+else:
+    redact_headers = _volatile_cut.redact_headers
+
+
 class Redacted(NamedTuple):
     """Members of an input document as ``Redactor.redact`` would leave them, and where it
     masked and erased (JSON pointers into the record). A named tuple: one is made for every
@@ -480,20 +524,12 @@ class Redactor:
         redacted_path = path if inert else scrub_text(path)
         if path_first and redacted_path != path:
             masked.append(_pointer((_HTTP, "path")))
-        out_headers = {}
-        for name in headers:  # a protobuf map iterates its keys fastest
-            value = headers[name]
-            rule = header_rule(name)
-            if rule is not scrub_text:
-                redacted = rule(value)
-            elif len(value) < 8:  # too short for anything scrub_text recognises
-                out_headers[name] = value
-                continue
-            else:
-                redacted = redacted_path if value == path else scrub_text(value)
-            if redacted != value:
-                masked.append(_pointer((_HEADERS, name)))
-            out_headers[name] = redacted
+        done = redact_headers(headers, path, redacted_path, header_rule, scrub_text)
+        if done is None:
+            done = _redact_headers(headers, path, redacted_path)
+        out_headers, changed = done
+        if changed:
+            masked.extend(map(_header_pointer, changed))
         if not path_first and redacted_path != path:
             masked.append(_pointer((_HTTP, "path")))
         path = redacted_path
@@ -547,7 +583,7 @@ class Redactor:
             item = headers[name]
             redacted = header_rule(name)(item)
             if redacted != item:
-                masked.append(_pointer((_HEADERS, name)))
+                masked.append(_header_pointer(name))
                 if redacted_headers is None:
                     redacted_headers = dict(headers)
                 redacted_headers[name] = redacted

@@ -161,3 +161,52 @@ def test_authorization_code_is_redacted() -> None:
     assert "/input/parsed_query/code" in out["masked"]
     # a word that merely starts with it is not the parameter
     assert scrub_text("https://a.test/?codec=h264&page=2") == "https://a.test/?codec=h264&page=2"
+
+
+# The headers loop of redact_request: in C when the extension is built, in Python otherwise; the same.
+_header_names = st.sampled_from(["authorization", "cookie", "set-cookie", "x-session-id", "x-api-token", "user-agent",
+                                 ":path", ":method", "accept", "x-note", "Authorization", "x-Secret-thing", "é"])
+_header_values = st.one_of(st.sampled_from(["Bearer " + jwt_like("s3cr3t"), "a=1; b=2", "short", "/orders/1?code=abc",
+                                            "token=abcdefgh1 and more", "plain words here", "", "[REDACTED]"]),
+                           st.text(max_size=24))
+
+
+@settings(max_examples=300, deadline=None)
+@given(headers=st.dictionaries(_header_names, _header_values, max_size=8), path=_header_values)
+def test_the_c_headers_loop_is_the_python_one(headers: dict[str, str], path: str) -> None:
+    from authz_server import _volatile_cut
+    from authz_server.audit.redact import _redact_headers, header_rule
+    from authz_server.envoy import CheckRequest
+
+    redacted_path = scrub_text(path)
+    expected = _redact_headers(headers, path, redacted_path)
+    done = _volatile_cut.redact_headers(headers, path, redacted_path, header_rule, scrub_text)
+    assert done is not None
+    assert list(done[0].items()) == list(expected[0].items()) and done[1] == expected[1]
+    message = CheckRequest()  # a protobuf map, as the gRPC front gives them, in its own order
+    message.attributes.request.http.headers.update(headers)
+    upb = message.attributes.request.http.headers
+    done = _volatile_cut.redact_headers(upb, path, redacted_path, header_rule, scrub_text)
+    expected = _redact_headers(upb, path, redacted_path)
+    assert done is not None
+    assert list(done[0].items()) == list(expected[0].items()) and done[1] == expected[1]
+
+
+def test_the_c_headers_loop_leaves_what_is_not_a_string_to_python() -> None:
+    from authz_server import _volatile_cut
+    from authz_server.audit.redact import header_rule
+
+    assert _volatile_cut.redact_headers({"a": 1}, "/", "/", header_rule, scrub_text) is None
+    assert _volatile_cut.redact_headers({"a": "b"}, None, "/", header_rule, scrub_text) is None
+
+
+def test_redact_request_without_the_c_loop_is_the_same(monkeypatch) -> None:
+    from authz_server.audit import redact
+
+    headers = {"authorization": "Bearer " + jwt_like("s3cr3t"), ":path": "/o?code=abcdefgh", "accept": "x",
+               "user-agent": "curl/8.5.0 token=abcdefgh1", "x-session-id": "sess-1234567890"}
+    args = ("GET", "/o?code=abcdefgh", headers, ["o"], {"code": ["abcdefgh"]}, None)
+    with_c = [Redactor().redact_request(*args, path_first=first) for first in (False, True)]
+    assert with_c[0].masked[-2] == with_c[1].masked[0] == "/input/attributes/request/http/path"
+    monkeypatch.setattr(redact, "redact_headers", redact._no_redact_headers)
+    assert [Redactor().redact_request(*args, path_first=first) for first in (False, True)] == with_c

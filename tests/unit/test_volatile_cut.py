@@ -322,6 +322,20 @@ def test_read_from_the_repeat_key_or_the_message_two_requests_share_a_shape_alik
         assert _rest(read_as_served(first)) == _rest(read_as_served(second))
 
 
+@FAST
+@given(_within_shape, _rest_of_shape, st.booleans())
+def test_the_shape_given_the_facts_is_the_shape_read_from_the_message(
+        within: dict[str, Any], rest: dict[str, Any], with_key: bool) -> None:
+    """The audit log passes the facts (their method, path and headers are the message's own,
+    not read again): the same shape as read from the message, headers in the same order."""
+    facts = read_as_served(shaped_request(within, rest), with_key=with_key)
+    factory = facts.attributes_factory
+    given_facts, read = factory.shape(facts), factory.shape()  # type: ignore[union-attr]
+    assert given_facts is not None and read is not None
+    assert given_facts[:3] == read[:3]
+    assert list(given_facts[3].items()) == list(read[3].items())
+
+
 def test_a_repeat_key_the_c_shape_cannot_read_falls_back_to_the_message() -> None:
     raw = recorded().SerializeToString()
     request = CheckRequest()

@@ -113,7 +113,9 @@ class DecisionTracer:
         self.slice_spans = slice_spans  # spans made before the thread lets the event loop run again
         self.traced = 0
         self.dropped = 0
-        self.unsampled = 0
+        # Decisions the sampler dropped, counted apart by the two threads that see them (``observe`` on the
+        # event loop, ``add`` on this tracer's thread): ``+=`` on one attribute from both would lose counts.
+        self._unsampled_observed = self._unsampled_added = 0
         self.cpu_seconds = 0.0  # the thread's own CPU: making and exporting spans
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -122,6 +124,11 @@ class DecisionTracer:
         self._flush_asked = False  # the next pass sends a part-filled batch too (see ``_run``)
         self._thread = threading.Thread(target=self._run, name="authz-tracing", daemon=True)
         self._thread.start()
+
+    @property
+    def unsampled(self) -> int:
+        """Decisions not traced because the sampler dropped them."""
+        return self._unsampled_observed + self._unsampled_added
 
     # -- on the request path
 
@@ -132,11 +139,11 @@ class DecisionTracer:
     def observe(self, decision: Any, facts: Any, now: float) -> None:
         """The pipeline observer: one append, or a drop counted. Never blocks."""
         if decision.phase_clock is NOT_SAMPLED:
-            self.unsampled += 1
+            self._unsampled_observed += 1
             return
         kept = self._keep(decision, facts, now)
         if kept is None:
-            self.unsampled += 1
+            self._unsampled_observed += 1
             return
         queue = self._queue
         if len(queue) >= self.max_queue:
@@ -178,7 +185,7 @@ class DecisionTracer:
                 if add(kept):
                     self.traced += 1
                 else:
-                    self.unsampled += 1
+                    self._unsampled_added += 1
             except Exception:  # a bug here costs one span, never the tracer
                 log.exception("could not trace a decision")
             made += 1
@@ -223,17 +230,6 @@ class DecisionTracer:
                                   "exporting spans (divide by authz_tracing_spans_total: the cost per span)")
         cpu.add_metric([], self.cpu_seconds)
         yield from (traced, dropped, unsampled, cpu)
-
-
-def unsampled(traceparent: str | None) -> bool:
-    """A W3C ``traceparent`` that says not sampled (a malformed one is the sink's to judge)."""
-    if traceparent is None or len(traceparent) < 55 or traceparent[2] != "-" or traceparent[52] != "-":
-        return False
-    return traceparent[53:55] in _UNSAMPLED_FLAGS
-
-
-# The sampled bit is the lowest of the flags byte (W3C trace context, version 00 and later).
-_UNSAMPLED_FLAGS = frozenset(f"{n:02x}" for n in range(0, 256, 2))  # lowercase: W3C rejects other forms
 
 
 def span_start(phases: PhaseClock | None, now: float, end_ns: int) -> int:

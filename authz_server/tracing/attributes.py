@@ -111,23 +111,20 @@ def trace_carrier(facts: Any, fields: Iterable[str]) -> dict[str, str]:
 
 def trace_header(facts: Any, name: str) -> str | None:
     """One propagation header of the request (in gRPC mode maybe among the volatile ones)."""
-    value: str | None = facts.headers.get(name)
+    return trace_header_in(facts, name)[0]
+
+
+def trace_header_in(facts: Any, name: str) -> tuple[str | None, Mapping[str, str]]:
+    """``trace_header``, and the headers it was found in: the W3C ``tracestate`` is where its
+    ``traceparent`` is, both volatile (``facts.VOLATILE_HEADERS``: kept apart together in gRPC mode)."""
+    headers: Mapping[str, str] = facts.headers
+    value = headers.get(name)
     if not value:
         volatile = getattr(facts.attributes_factory, "volatile", None)
         if volatile is not None:
-            value = volatile.headers.get(name)
-    return value
-
-
-def trace_headers(facts: Any) -> Mapping[str, str]:
-    """The headers a request's ``traceparent`` and ``tracestate`` are in (``trace_header``): both are
-    volatile (``facts.VOLATILE_HEADERS``), so in gRPC mode both are kept apart, in HTTP mode neither."""
-    headers: Mapping[str, str] = facts.headers
-    if not headers.get("traceparent"):
-        volatile = getattr(facts.attributes_factory, "volatile", None)
-        if volatile is not None:
-            return volatile.headers  # type: ignore[no-any-return]
-    return headers
+            headers = volatile.headers
+            value = headers.get(name)
+    return value, headers
 
 
 def parse_traceparent(value: str) -> tuple[bytes, bytes, bool] | None:

@@ -26,8 +26,8 @@ import random
 import time
 from typing import Any, Mapping
 
-from .attributes import SPAN_NAME, attribute_shape, failed, parse_traceparent, shape_attributes, trace_headers
-from .spans import DecisionTracer, last_phase, phase_timeline, span_start
+from .attributes import SPAN_NAME, attribute_shape, failed, parse_traceparent, shape_attributes, trace_header_in
+from .spans import DecisionTracer, PhaseClock, event_shape, first_began, last_phase, phase_timeline, span_start
 from .transport import EncodedSpans, encoded_exporter
 from .wire import ROOT_FLAGS, AttributesPart, EventsPart, SpanLayout, export_request, parent_fields, span_frame
 
@@ -37,6 +37,8 @@ _RATIO_MASK = (1 << 64) - 1  # TraceIdRatioBased.TRACE_ID_LIMIT: the ratio reads
 _clock_ns = time.time_ns
 _getrandbits = random.getrandbits  # as the SDK's RandomIdGenerator draws ids
 _MAX_SHAPES = 10_000  # attribute shapes kept encoded (subjects x outcomes); all forgotten at once past it
+_NO_HEADER: tuple[None, dict[str, str]] = (None, {})  # what ``trace_header_in`` would say of no request
+_UNSEEN = object()  # a span shape without its layout yet (None: it has none)
 _BSP_DEFAULTS = {"OTEL_BSP_SCHEDULE_DELAY": 5000, "OTEL_BSP_MAX_QUEUE_SIZE": 2048,
                  "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 512}
 
@@ -116,6 +118,7 @@ class OtlpSpans:
         self._resource_spans, self._scope_spans = _resource_and_scope(resource)
         self._attributes: dict[Any, AttributesPart] = {}
         self._events: dict[Any, EventsPart] = {}
+        self._layouts: dict[tuple[Any, ...], SpanLayout | None] = {}  # by span shape: see ``add``
         self._frames: list[bytes] = []
         self.exported = self.failed = 0  # spans the collector acknowledged, spans lost to a failed export
 
@@ -124,8 +127,7 @@ class OtlpSpans:
         parent its ``traceparent`` names, if valid, under the rule for a sampled or unsampled
         parent, else (none, or not valid: as the SDK's propagator) a new trace id under the rule
         for roots."""
-        headers = trace_headers(facts) if facts is not None else None
-        traceparent = headers.get("traceparent") if headers is not None else None
+        traceparent, headers = trace_header_in(facts, "traceparent") if facts is not None else _NO_HEADER
         parent = parse_traceparent(traceparent) if traceparent else None
         if parent is None:
             rule = self._root
@@ -139,7 +141,7 @@ class OtlpSpans:
         rule = self._sampled_parent if sampled else self._unsampled_parent
         if rule is False or rule is not True and not _sampled(rule, int.from_bytes(trace_id, "big")):
             return None
-        tracestate = headers.get("tracestate") if headers is not None else None
+        tracestate = headers.get("tracestate")
         return trace_id, parent_id, traceparent if tracestate else None, tracestate
 
     def keep(self, decision: Any, facts: Any, now: float) -> tuple[Any, ...] | None:
@@ -156,37 +158,60 @@ class OtlpSpans:
         decision_id, key, last, phases, (trace_id, parent_id, traceparent, tracestate), now, end_ns = kept
         span_id = (_getrandbits(64) or 1).to_bytes(8, "big")
         start_ns = span_start(phases, now, end_ns)
-        event_shape, timings = phase_timeline(phases, last, start_ns, end_ns)
-        attributes = self._attributes.get(key)
-        if attributes is None:
-            attributes = self._attributes_part(key)
-        events = self._events.get(event_shape)
-        if events is None:
-            events = self._events_part(event_shape)
-        trace_state = _trace_state(traceparent, tracestate) if traceparent and tracestate else ""
-        decision_id = attributes.id_value(decision_id)
-        layout = None if trace_state else SpanLayout.of(attributes, events, parent_id is not None, len(decision_id))
+        layout: SpanLayout | None = None
+        if traceparent is None:  # no trace state to read: the usual span, by the layout of its shape
+            encoded_id = decision_id.encode()
+            shape = (key, last, phases.shape if phases is not None else None, parent_id is None, len(encoded_id))
+            found: Any = self._layouts.get(shape, _UNSEEN)
+            layout = self._layout(shape, phases) if found is _UNSEEN else found
         if layout is not None:
-            self._frames.append(layout.pack(trace_id, span_id, parent_id, start_ns, end_ns, decision_id, timings))
-        else:  # a trace state, or limits that dropped an event's duration: the general way
-            parent_part = ROOT_FLAGS if parent_id is None else parent_fields(parent_id, trace_state)
-            self._frames.append(span_frame(trace_id, span_id, parent_part, start_ns, end_ns,
-                                           attributes.id_field(decision_id), attributes, events, timings))
+            frame = layout.pack(trace_id, span_id, parent_id, start_ns, end_ns, encoded_id,
+                                first_began(phases, start_ns), phases.times if phases is not None else ())
+        else:  # a trace state, limits that cut the decision id or dropped an event's duration: the general way
+            frame = self._frame(decision_id, key, last, phases, trace_id, span_id, parent_id,
+                                _trace_state(traceparent, tracestate) if traceparent else "", start_ns, end_ns)
+        self._frames.append(frame)
         if len(self._frames) >= self.batch:
             self.send()
         return True
 
+    def _layout(self, shape: tuple[Any, ...], phases: PhaseClock | None) -> SpanLayout | None:
+        """The layout of spans of one ``shape`` (see ``add``; made once), None when there is none."""
+        if len(self._layouts) >= _MAX_SHAPES:
+            self._layouts.clear()
+        key, last, _, root, id_length = shape
+        attributes = self._attributes_part(key)
+        # an id of this many bytes has at most as many characters: none is cut when this one would not be
+        uncut = attributes.id_length is None or id_length <= attributes.id_length
+        layout = self._layouts[shape] = SpanLayout.of(attributes, self._events_part(event_shape(phases, last)),
+                                                      not root, id_length) if uncut else None
+        return layout
+
+    def _frame(self, decision_id: str, key: Any, last: Any, phases: PhaseClock | None, trace_id: bytes,
+               span_id: bytes, parent_id: bytes | None, trace_state: str, start_ns: int, end_ns: int) -> bytes:
+        """A span of any shape, from its parts joined (``wire.span_frame``)."""
+        event_shape, timings = phase_timeline(phases, last, start_ns, end_ns)
+        attributes = self._attributes_part(key)
+        parent_part = ROOT_FLAGS if parent_id is None else parent_fields(parent_id, trace_state)
+        return span_frame(trace_id, span_id, parent_part, start_ns, end_ns,
+                          attributes.id_field(attributes.id_value(decision_id)), attributes,
+                          self._events_part(event_shape), timings)
+
     def _attributes_part(self, key: Any) -> AttributesPart:
-        if len(self._attributes) >= _MAX_SHAPES:
-            self._attributes.clear()
-        shape, error = key
-        part = self._attributes[key] = AttributesPart(SPAN_NAME, shape_attributes(shape), error, self._limits)
+        part = self._attributes.get(key)
+        if part is None:
+            if len(self._attributes) >= _MAX_SHAPES:
+                self._attributes.clear()
+            shape, error = key
+            part = self._attributes[key] = AttributesPart(SPAN_NAME, shape_attributes(shape), error, self._limits)
         return part
 
     def _events_part(self, shape: Any) -> EventsPart:
-        if len(self._events) >= _MAX_SHAPES:
-            self._events.clear()
-        part = self._events[shape] = EventsPart(shape, self._limits)
+        part = self._events.get(shape)
+        if part is None:
+            if len(self._events) >= _MAX_SHAPES:
+                self._events.clear()
+            part = self._events[shape] = EventsPart(shape, self._limits)
         return part
 
     def send(self) -> None:

@@ -24,6 +24,7 @@ from ..audit.record import who
 
 SPAN_NAME = "authz.decision"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+_STANDARD = {method: method for method in _METHODS}  # a standard method as sent: no upper() copy to find it
 # A decision that could not be made as designed (not a deny: a deny is an answer).
 _FAILED_PHASES = frozenset({"internal", "unavailable"})
 _FAILED_CODES = frozenset({"policy_timeout", "policy_eval_error", "policy_engine_panic", "policy_not_loaded",
@@ -51,8 +52,11 @@ def attribute_shape(decision: Any, facts: Any) -> tuple[Any, ...]:
         identity = None
     explanation = getattr(decision, "explanation", None)
     if facts is not None:
-        method = str(facts.method).upper()
-        request: tuple[str, str] | None = (facts.transport, method if method in _METHODS else "_OTHER")
+        method = _STANDARD.get(facts.method)
+        if method is None:
+            method = str(facts.method).upper()
+            method = method if method in _METHODS else "_OTHER"
+        request: tuple[str, str] | None = (facts.transport, method)
     else:
         request = None
     return (decision.allowed, decision.code, decision.phase, decision.cached, decision.policy_version,

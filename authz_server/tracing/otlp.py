@@ -145,29 +145,38 @@ class OtlpSpans:
         return trace_id, parent_id, traceparent if tracestate else None, tracestate
 
     def keep(self, decision: Any, facts: Any, now: float) -> tuple[Any, ...] | None:
+        """The span's layout (or its shape, while it has none: see ``add``), and what the span's
+        changing fields are made of. The shape is looked up here, while the tuples it is made of are
+        fresh in the CPU's caches and die young: the thread, a batch later, read them all again from
+        memory (0.6 µs a span more in the benchmark's runs than the lookup here)."""
         end_ns = _clock_ns()
         phases = decision.phase_clock
         context = phases.context if phases is not None else self.sample(facts)
         if context is None:
             return None
         error = failed(decision)
-        key = (attribute_shape(decision, facts), decision.code if error else None)
-        return decision.decision_id, key, last_phase(decision, error), phases, context, now, end_ns
+        decision_id = decision.decision_id
+        shape = ((attribute_shape(decision, facts), decision.code if error else None), last_phase(decision, error),
+                 phases.shape if phases is not None else None, context[1] is None, len(decision_id))
+        # a trace state, or an id whose length in bytes is not its length: the general way (``add``)
+        laid_out = context[2] is None and decision_id.isascii()
+        return self._layouts.get(shape) or shape if laid_out else shape, decision_id, phases, context, now, end_ns
 
     def add(self, kept: tuple[Any, ...]) -> bool:
-        decision_id, key, last, phases, (trace_id, parent_id, traceparent, tracestate), now, end_ns = kept
+        spanning, decision_id, phases, (trace_id, parent_id, traceparent, tracestate), now, end_ns = kept
         span_id = (_getrandbits(64) or 1).to_bytes(8, "big")
         start_ns = span_start(phases, now, end_ns)
         layout: SpanLayout | None = None
-        if traceparent is None:  # no trace state to read: the usual span, by the layout of its shape
-            encoded_id = decision_id.encode()
-            shape = (key, last, phases.shape if phases is not None else None, parent_id is None, len(encoded_id))
-            found: Any = self._layouts.get(shape, _UNSEEN)
-            layout = self._layout(shape, phases) if found is _UNSEEN else found
+        if spanning.__class__ is not tuple:  # the usual span: its layout
+            layout = spanning
+        elif traceparent is None and decision_id.isascii():  # a shape without its layout yet, or with none
+            found: Any = self._layouts.get(spanning, _UNSEEN)
+            layout = self._layout(spanning, phases) if found is _UNSEEN else found
         if layout is not None:
-            frame = layout.pack(trace_id, span_id, parent_id, start_ns, end_ns, encoded_id,
+            frame = layout.pack(trace_id, span_id, parent_id, start_ns, end_ns, decision_id.encode(),
                                 first_began(phases, start_ns), phases.times if phases is not None else ())
         else:  # a trace state, limits that cut the decision id or dropped an event's duration: the general way
+            key, last = spanning[0], spanning[1]
             frame = self._frame(decision_id, key, last, phases, trace_id, span_id, parent_id,
                                 _trace_state(traceparent, tracestate) if traceparent else "", start_ns, end_ns)
         self._frames.append(frame)
@@ -181,7 +190,7 @@ class OtlpSpans:
             self._layouts.clear()
         key, last, _, root, id_length = shape
         attributes = self._attributes_part(key)
-        # an id of this many bytes has at most as many characters: none is cut when this one would not be
+        # the ids laid out are ASCII (``keep``), as many bytes as characters: none is cut within the limit
         uncut = attributes.id_length is None or id_length <= attributes.id_length
         layout = self._layouts[shape] = SpanLayout.of(attributes, self._events_part(event_shape(phases, last)),
                                                       not root, id_length) if uncut else None

@@ -51,8 +51,8 @@ class PhaseClock:
     """When each phase of one decision ended (wall-clock ns), and the trace context the sampler
     kept it under (``SpanSink.sample``'s answer); made by ``DecisionTracer.start``.
 
-    The phases marked, with their details, are ``shape``: nested tuples ``(((None, p1, d1), p2, d2), ...)``,
-    one made a mark (as a tuple of the mark was), hashable as they are: with ``times``, when each
+    The phases marked, with their details, are ``shape``: nested tuples ``((None, p1, d1), p2, d2)``, one
+    tuple a mark (as many as a list of marks made), hashable as they are; with ``times``, when each
     ended, they are all a span's events need, and the shape picks the span's encoding (``otlp``)."""
 
     __slots__ = ("start_ns", "times", "shape", "context")

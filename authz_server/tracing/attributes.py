@@ -16,16 +16,24 @@ the request's in HTTP mode.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import binascii
+import re
+from typing import Any, Iterable, Mapping
 
 from ..audit.record import who
 
 SPAN_NAME = "authz.decision"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+_STANDARD = {method: method for method in _METHODS}  # a standard method as sent: no upper() copy to find it
 # A decision that could not be made as designed (not a deny: a deny is an answer).
 _FAILED_PHASES = frozenset({"internal", "unavailable"})
 _FAILED_CODES = frozenset({"policy_timeout", "policy_eval_error", "policy_engine_panic", "policy_not_loaded",
                            "internal_error"})
+# The W3C traceparent grammar, as the SDK's TraceContextTextMapPropagator reads it.
+_TRACEPARENT = re.compile(r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:(-.*)|[ \t]*)$")
+_TRACEPARENT_MAX = 512
+_ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
+_unhexlify = binascii.unhexlify
 
 
 def decision_attributes(decision: Any, facts: Any) -> dict[str, Any]:
@@ -44,8 +52,11 @@ def attribute_shape(decision: Any, facts: Any) -> tuple[Any, ...]:
         identity = None
     explanation = getattr(decision, "explanation", None)
     if facts is not None:
-        method = str(facts.method).upper()
-        request: tuple[str, str] | None = (facts.transport, method if method in _METHODS else "_OTHER")
+        method = _STANDARD.get(facts.method)
+        if method is None:
+            method = str(facts.method).upper()
+            method = method if method in _METHODS else "_OTHER"
+        request: tuple[str, str] | None = (facts.transport, method)
     else:
         request = None
     return (decision.allowed, decision.code, decision.phase, decision.cached, decision.policy_version,
@@ -104,9 +115,45 @@ def trace_carrier(facts: Any, fields: Iterable[str]) -> dict[str, str]:
 
 def trace_header(facts: Any, name: str) -> str | None:
     """One propagation header of the request (in gRPC mode maybe among the volatile ones)."""
-    value: str | None = facts.headers.get(name)
+    return trace_header_in(facts, name)[0]
+
+
+def trace_header_in(facts: Any, name: str) -> tuple[str | None, Mapping[str, str]]:
+    """``trace_header``, and the headers it was found in: the W3C ``tracestate`` is where its
+    ``traceparent`` is, both volatile (``facts.VOLATILE_HEADERS``: kept apart together in gRPC mode)."""
+    headers: Mapping[str, str] = facts.headers
+    value = headers.get(name)
     if not value:
         volatile = getattr(facts.attributes_factory, "volatile", None)
         if volatile is not None:
-            value = volatile.headers.get(name)
-    return value
+            headers = volatile.headers
+            value = headers.get(name)
+    return value, headers
+
+
+def parse_traceparent(value: str) -> tuple[bytes, bytes, bool] | None:
+    """(trace id, parent span id, sampled) of a valid W3C ``traceparent``; None for any other value,
+    which the SDK's propagator reads as no parent at all (whatever its flags say)."""
+    if len(value) == 55 and value[2] == "-" and value[35] == "-" and value[52] == "-" and value[:2] == "00":
+        # The usual form, decided here without the regular expression (which would match it at these positions
+        # only): hex, where ``unhexlify`` also takes the capitals W3C refuses (``islower`` would say so without
+        # a copy, but looks every character up in the Unicode tables: 0.25 µs, the copy 0.04).
+        try:
+            raw = _unhexlify(value.replace("-", ""))
+        except ValueError:  # not hex, or a fourth "-" (an odd count of digits)
+            return None
+        if len(raw) != 26 or value.lower() != value:
+            return None
+        trace_id, span_id = raw[1:17], raw[17:25]
+        if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+            return None
+        return trace_id, span_id, raw[25] & 1 == 1
+    if len(value) > _TRACEPARENT_MAX:
+        return None
+    match = _TRACEPARENT.search(value)
+    if match is None:
+        return None
+    version, trace_hex, span_hex, flags_hex, rest = match.groups()
+    if trace_hex == "0" * 32 or span_hex == "0" * 16 or version == "ff" or version == "00" and rest:
+        return None
+    return bytes.fromhex(trace_hex), bytes.fromhex(span_hex), int(flags_hex, 16) & 1 == 1

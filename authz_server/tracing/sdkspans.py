@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .attributes import SPAN_NAME, decision_attributes, failed, trace_carrier, trace_header
-from .spans import last_phase, phase_timeline, span_start, unsampled
+from .attributes import SPAN_NAME, decision_attributes, failed, parse_traceparent, trace_carrier, trace_header
+from .spans import last_phase, phase_timeline, span_start
 
 _clock_ns = time.time_ns
 
@@ -37,10 +37,14 @@ class SdkSpans:
         self._server, self._error = SpanKind.SERVER, (Status, StatusCode.ERROR)
 
     def sample(self, facts: Any) -> bool | None:
-        """None for a span the sampler drops under an unsampled W3C parent; the rest is the SDK's
-        to sample when ``add`` makes the span (so ``True``: no trace context kept for it)."""
-        if self.drops_unsampled_parents and facts is not None and unsampled(trace_header(facts, "traceparent")):
-            return None
+        """None for a span the sampler drops under an unsampled W3C parent (a valid ``traceparent``:
+        the propagator reads any other as none, and the span as a root); the rest is the SDK's to
+        sample when ``add`` makes the span (so ``True``: no trace context kept for it)."""
+        if self.drops_unsampled_parents and facts is not None:
+            traceparent = trace_header(facts, "traceparent")
+            parent = parse_traceparent(traceparent) if traceparent else None
+            if parent is not None and not parent[2]:
+                return None
         return True
 
     def keep(self, decision: Any, facts: Any, now: float) -> tuple[Any, Any, float, int] | None:

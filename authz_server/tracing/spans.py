@@ -49,17 +49,34 @@ Timings = list[Any]
 
 class PhaseClock:
     """When each phase of one decision ended (wall-clock ns), and the trace context the sampler
-    kept it under (``SpanSink.sample``'s answer); made by ``DecisionTracer.start``."""
+    kept it under (``SpanSink.sample``'s answer); made by ``DecisionTracer.start``.
 
-    __slots__ = ("start_ns", "marks", "context")
+    The phases marked, with their details, are ``shape``: nested tuples ``((None, p1, d1), p2, d2)``, one
+    tuple a mark (as many as a list of marks made), hashable as they are; with ``times``, when each
+    ended, they are all a span's events need, and the shape picks the span's encoding (``otlp``)."""
+
+    __slots__ = ("start_ns", "times", "shape", "context")
 
     def __init__(self, context: Any) -> None:
         self.start_ns = _clock_ns()
-        self.marks: list[tuple[str, int, Any]] = []
+        self.times: list[int] = []
+        self.shape: Any = None
         self.context = context
 
     def mark(self, phase: str, detail: Any = None) -> None:
-        self.marks.append((phase, _clock_ns(), detail))
+        """``detail``: hashable (a flag, a name)."""
+        self.times.append(_clock_ns())
+        self.shape = (self.shape, phase, detail)
+
+    def phases(self) -> list[tuple[str, Any]]:
+        """(phase, detail) of each mark, in order."""
+        marked = []
+        shape = self.shape
+        while shape is not None:
+            shape, phase, detail = shape
+            marked.append((phase, detail))
+        marked.reverse()
+        return marked
 
 
 class _NotSampled:
@@ -113,7 +130,9 @@ class DecisionTracer:
         self.slice_spans = slice_spans  # spans made before the thread lets the event loop run again
         self.traced = 0
         self.dropped = 0
-        self.unsampled = 0
+        # Decisions the sampler dropped, counted apart by the two threads that see them (``observe`` on the
+        # event loop, ``add`` on this tracer's thread): ``+=`` on one attribute from both would lose counts.
+        self._unsampled_observed = self._unsampled_added = 0
         self.cpu_seconds = 0.0  # the thread's own CPU: making and exporting spans
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -122,6 +141,11 @@ class DecisionTracer:
         self._flush_asked = False  # the next pass sends a part-filled batch too (see ``_run``)
         self._thread = threading.Thread(target=self._run, name="authz-tracing", daemon=True)
         self._thread.start()
+
+    @property
+    def unsampled(self) -> int:
+        """Decisions not traced because the sampler dropped them."""
+        return self._unsampled_observed + self._unsampled_added
 
     # -- on the request path
 
@@ -132,11 +156,11 @@ class DecisionTracer:
     def observe(self, decision: Any, facts: Any, now: float) -> None:
         """The pipeline observer: one append, or a drop counted. Never blocks."""
         if decision.phase_clock is NOT_SAMPLED:
-            self.unsampled += 1
+            self._unsampled_observed += 1
             return
         kept = self._keep(decision, facts, now)
         if kept is None:
-            self.unsampled += 1
+            self._unsampled_observed += 1
             return
         queue = self._queue
         if len(queue) >= self.max_queue:
@@ -170,20 +194,23 @@ class DecisionTracer:
                 self._passes.notify_all()
 
     def _drain(self, whole: bool) -> None:
-        queue, sink, add = self._queue, self.sink, self.sink.add
-        made = 0
-        while queue:
-            kept = queue.popleft()
-            try:
-                if add(kept):
-                    self.traced += 1
-                else:
-                    self.unsampled += 1
-            except Exception:  # a bug here costs one span, never the tracer
-                log.exception("could not trace a decision")
-            made += 1
-            if made % self.slice_spans == 0:
-                time.sleep(0)  # hand the GIL to the event loop between slices
+        queue, sink, add, slice_spans = self._queue, self.sink, self.sink.add, self.slice_spans
+        made = traced = 0
+        try:
+            while queue:
+                kept = queue.popleft()
+                try:
+                    if add(kept):
+                        traced += 1
+                    else:
+                        self._unsampled_added += 1
+                except Exception:  # a bug here costs one span, never the tracer
+                    log.exception("could not trace a decision")
+                made += 1
+                if made % slice_spans == 0:
+                    time.sleep(0)  # hand the GIL to the event loop between slices
+        finally:
+            self.traced += traced  # counted once a pass (this thread is the only one to count them)
         if whole:
             sink.send()
 
@@ -225,17 +252,6 @@ class DecisionTracer:
         yield from (traced, dropped, unsampled, cpu)
 
 
-def unsampled(traceparent: str | None) -> bool:
-    """A W3C ``traceparent`` that says not sampled (a malformed one is the sink's to judge)."""
-    if traceparent is None or len(traceparent) < 55 or traceparent[2] != "-" or traceparent[52] != "-":
-        return False
-    return traceparent[53:55] in _UNSAMPLED_FLAGS
-
-
-# The sampled bit is the lowest of the flags byte (W3C trace context, version 00 and later).
-_UNSAMPLED_FLAGS = frozenset(f"{n:02x}" for n in range(0, 256, 2))  # lowercase: W3C rejects other forms
-
-
 def span_start(phases: PhaseClock | None, now: float, end_ns: int) -> int:
     """When the span began (ns): the request's ``now``, unless that is a test's clock."""
     start_ns = int(now * 1e9)
@@ -254,30 +270,37 @@ def last_phase(decision: Any, error: bool) -> tuple[str, tuple[tuple[str, Any], 
     return _RESPONSE
 
 
+def event_shape(phases: PhaseClock | None, last: tuple[str, tuple[tuple[str, Any], ...]]) -> EventShape:
+    """The phases as events: (name, attributes after ``authz.duration_us``) for each marked, then ``last``."""
+    shape = [_event(name, detail) for name, detail in phases.phases()] if phases is not None else []
+    shape.append(last)
+    return tuple(shape)
+
+
+def _event(name: str, detail: Any) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    if name == "cache":
+        return _CACHE_HIT if detail else _CACHE_MISS
+    if name == "policy" and detail:
+        return name, (("authz.explained", str(detail)),)
+    return name, ()
+
+
+def first_began(phases: PhaseClock | None, start_ns: int) -> int:
+    """When the first event began: the span's start, or the clock's if later."""
+    return phases.start_ns if phases is not None and phases.start_ns > start_ns else start_ns
+
+
 def phase_timeline(phases: PhaseClock | None, last: tuple[str, tuple[tuple[str, Any], ...]], start_ns: int,
                    end_ns: int) -> tuple[EventShape, Timings]:
-    """The phases as events: (name, attributes after ``authz.duration_us``) for each, and when it
-    began and its µs, flat: the marked ones, then ``last`` up to the end."""
-    shape: list[tuple[str, tuple[tuple[str, Any], ...]]] = []
+    """``event_shape``, and when each event began and its µs, flat: the marked ones, then ``last``
+    up to the end (``wire.SpanLayout`` works them out as this does)."""
     timings: Timings = []
-    began = start_ns
-    if phases is not None:
-        if phases.start_ns > began:
-            began = phases.start_ns
-        for name, ended, detail in phases.marks:
-            if name == "cache":
-                shape.append(_CACHE_HIT if detail else _CACHE_MISS)
-            elif name == "policy" and detail:
-                shape.append((name, (("authz.explained", str(detail)),)))
-            else:
-                shape.append((name, ()))
-            took = ended - began
-            timings += (began, took / 1000 if took > 0 else 0.0)
-            began = ended
-    took = end_ns - began
-    timings += (began, took / 1000 if took > 0 else 0.0)
-    shape.append(last)
-    return tuple(shape), timings
+    began = first_began(phases, start_ns)
+    for ended in (*(phases.times if phases is not None else ()), end_ns):
+        took = ended - began
+        timings += (began, took / 1000 if took > 0 else 0.0)
+        began = ended
+    return event_shape(phases, last), timings
 
 
 _CACHE_HIT = ("cache", (("authz.cache.hit", True),))

@@ -90,7 +90,7 @@ class AttributesPart:
     """Name, kind, status and every attribute but the decision id of one shape of span, encoded;
     ``id_field`` makes the decision id's attribute (empty: span limits dropped it)."""
 
-    __slots__ = ("encoded", "layouts", "_id_length", "_id_prefixes")
+    __slots__ = ("encoded", "id_length", "_id_prefixes")
 
     def __init__(self, name: str, attributes: dict[str, Any], error: str | None, limits: Any) -> None:
         from opentelemetry.attributes import BoundedAttributes
@@ -99,12 +99,11 @@ class AttributesPart:
         bounded = BoundedAttributes(limits.max_span_attributes, {_KEY_DECISION_ID: "", **attributes}, immutable=False,
                                     max_value_len=limits.max_span_attribute_length)
         kept = dict(bounded)
-        self._id_length: int | None = limits.max_span_attribute_length
+        self.id_length: int | None = limits.max_span_attribute_length  # longer decision ids are cut
         self._id_prefixes: dict[int, bytes] | None = {} if kept.pop(_KEY_DECISION_ID, None) is not None else None
         status = Status(code=Status.STATUS_CODE_ERROR, message=error) if error is not None else Status()
         self.encoded = Span(name=name, kind=Span.SPAN_KIND_SERVER, attributes=_key_values(kept),
                             dropped_attributes_count=bounded.dropped, status=status).SerializeToString()
-        self.layouts: dict[tuple[EventsPart, bool, int], SpanLayout | None] = {}  # see ``SpanLayout.of``
 
     @property
     def has_id(self) -> bool:
@@ -112,7 +111,7 @@ class AttributesPart:
 
     def id_value(self, decision_id: str) -> bytes:
         """The decision id's bytes, cut as the span limits cut attribute values."""
-        return (decision_id[:self._id_length] if self._id_length is not None else decision_id).encode()
+        return (decision_id[:self.id_length] if self.id_length is not None else decision_id).encode()
 
     def id_prefix(self, length: int) -> bytes:
         """The decision id's attribute up to its value, for a value of ``length`` bytes."""
@@ -186,78 +185,78 @@ class SpanLayout:
     constant bytes are its ``s`` fields, so ``pack`` puts in the ids, the times and the durations
     with one call (``span_frame``'s parts and join cost twice as much).
 
-    ``pack`` is a function written for the layout (``_pack_source``) that hands ``struct.pack``
-    its ~30 arguments, constants and values, in one call: filling a copy of a template list slot
-    by slot, then unpacking it into the call, cost four times as long (1.0 µs a span, then the
-    largest part of making one; 0.25 µs written out)."""
+    ``pack(trace_id, span_id, parent_id, start_ns, end_ns, decision_id, began, times)`` takes the
+    phase clock's own times: ``began`` when the first event began (``spans.first_began``), ``times``
+    when each marked phase ended; each event's start and µs are worked out inside, as
+    ``spans.phase_timeline`` does (tests/unit/test_tracing_wire.py holds the two to the same bytes).
+    It is a function written for the layout (``_pack_source``) that hands ``struct.pack`` its ~30
+    arguments, constants and values, in one call: filling a copy of a template list slot by slot,
+    then unpacking it into the call, cost four times as long."""
 
     __slots__ = ("pack",)
 
     @staticmethod
     def of(attributes: AttributesPart, events: EventsPart, remote_parent: bool, id_length: int) -> SpanLayout | None:
-        """The layout for these parts (made once), or None when span limits dropped some event's
-        duration (then ``span_frame`` it is)."""
-        key = (events, remote_parent, id_length)
-        if key in attributes.layouts:
-            return attributes.layouts[key]
+        """The layout for these parts, or None when span limits dropped some event's duration (then
+        ``span_frame`` it is)."""
         timed = all(middle for _, _, middle, _ in events.events)
-        found = attributes.layouts[key] = SpanLayout(attributes, events, remote_parent, id_length) if timed else None
-        return found
+        return SpanLayout(attributes, events, remote_parent, id_length) if timed else None
 
     def __init__(self, attributes: AttributesPart, events: EventsPart, remote_parent: bool, id_length: int) -> None:
-        pieces: list[Any] = [_TRACE_ID, "trace_id", _SPAN_ID, "span_id"]
-        pieces += [_PARENT_ID, "parent_id", REMOTE_PARENT_FLAGS] if remote_parent else [ROOT_FLAGS]
-        pieces += [b"\x39", "start_ns", b"\x41", "end_ns"]
+        # constant bytes, or (the expression of a value, its struct format)
+        pieces: list[bytes | tuple[str, str]] = [_TRACE_ID, ("trace_id", "16s"), _SPAN_ID, ("span_id", "8s")]
+        pieces += [_PARENT_ID, ("parent_id", "8s"), REMOTE_PARENT_FLAGS] if remote_parent else [ROOT_FLAGS]
+        pieces += [b"\x39", ("start_ns", "Q"), b"\x41", ("end_ns", "Q")]
         if attributes.has_id:
-            pieces += [attributes.id_prefix(id_length), "decision_id"]
+            pieces += [attributes.id_prefix(id_length), ("decision_id", f"{id_length}s")]
         pieces += [attributes.encoded, events.dropped]
-        first = 2 * events.first
-        for index, (_, head, middle, rest) in enumerate(events.events):
-            # ``timings``: each event's start (ns) and µs, flat, from the first event kept
-            pieces += [head, f"timings[{first + 2 * index}]", middle, f"timings[{first + 2 * index + 1}]", rest]
-        merged: list[Any] = []
+        # event i begins when phase i - 1 ended (the first at ``began``), and ends when phase i did (the last at
+        # ``end_ns``); limits may have dropped the first events
+        marks = events.first + len(events.events) - 1
+        ends = [f"t{index}" for index in range(marks)] + ["end_ns"]
+        begins = ["began"] + ends[:-1]
+        for index, (_, head, middle, rest) in enumerate(events.events, events.first):
+            at, until = begins[index], ends[index]
+            pieces += [head, (at, "Q"), middle, (f"(({until} - {at}) / 1000 if {until} > {at} else 0.0)", "d"), rest]
+        merged: list[bytes | tuple[str, str]] = []
         for piece in pieces:  # neighbouring constant bytes become one field
             if isinstance(piece, bytes) and merged and isinstance(merged[-1], bytes):
                 merged[-1] += piece
             elif piece != b"":
                 merged.append(piece)
-        widths = {"trace_id": "16s", "span_id": "8s", "parent_id": "8s", "start_ns": "Q", "end_ns": "Q",
-                  "decision_id": f"{id_length}s"}
-        fields = [f"{len(piece)}s" if isinstance(piece, bytes) else widths.get(piece) or _timing_format(piece)
-                  for piece in merged]
+        fields = [f"{len(piece)}s" if isinstance(piece, bytes) else piece[1] for piece in merged]
         size = sum(struct.calcsize("<" + field) for field in fields)
         merged.insert(0, _SPAN + varint(size))
         fields.insert(0, f"{len(merged[0])}s")
-        if isinstance(merged[1], bytes):
-            merged[:2] = [merged[0] + merged[1]]
-            fields[:2] = [f"{len(merged[0])}s"]
+        first, second = merged[0], merged[1]
+        if isinstance(first, bytes) and isinstance(second, bytes):
+            merged[:2] = [first + second]
+            fields[:2] = [f"{len(first + second)}s"]
         packer = struct.Struct("<" + "".join(fields))
         namespace: dict[str, Any] = {}
-        exec(_pack_source(merged), {}, namespace)  # noqa: S102 (source made of our own names: see _pack_source)
+        exec(_pack_source(merged, marks), {}, namespace)  # noqa: S102 (source made of our own names: see _pack_source)
         constants = [piece for piece in merged if isinstance(piece, bytes)]
-        self.pack: Callable[[bytes, bytes, bytes | None, int, int, bytes, Sequence[Any]], bytes] = \
+        self.pack: Callable[[bytes, bytes, bytes | None, int, int, bytes, int, Sequence[int]], bytes] = \
             namespace["layout"](packer.pack, *constants)
 
 
-def _timing_format(piece: str) -> str:
-    """The field of a piece named ``timings[i]``: an event's start (even ``i``: ns) or its µs."""
-    return "Q" if int(piece[len("timings["):-1]) % 2 == 0 else "d"
-
-
-def _pack_source(merged: Sequence[Any]) -> str:
+def _pack_source(merged: Sequence[bytes | tuple[str, str]], marks: int) -> str:
     """``def layout(_pack, c0, c1...)`` giving ``pack(trace_id, span_id, parent_id, start_ns,
-    end_ns, decision_id, timings)``, which returns ``_pack(c0, trace_id, c1, ...)``: the layout's
-    fields in order, its constant bytes as ``c<i>`` (closure cells), the rest by the names
-    ``SpanLayout`` gave them. Only those names reach this source, never data."""
+    end_ns, decision_id, began, times)``, which returns ``_pack(c0, trace_id, c1, ...)``: the
+    layout's fields in order, its constant bytes as ``c<i>`` (closure cells), the rest as the
+    expressions ``SpanLayout`` wrote of those arguments and ``t<i>``, the ``marks`` times. Only
+    those names reach this source, never data."""
     constants, arguments = 0, []
     for piece in merged:
         if isinstance(piece, bytes):
             arguments.append(f"c{constants}")
             constants += 1
         else:
-            arguments.append(piece)
+            arguments.append(piece[0])
+    unpack = f"        {''.join(f't{index}, ' for index in range(marks))}= times\n" if marks else ""
     return (f"def layout(_pack, {', '.join(f'c{index}' for index in range(constants))}):\n"
-            f"    def pack(trace_id, span_id, parent_id, start_ns, end_ns, decision_id, timings):\n"
+            f"    def pack(trace_id, span_id, parent_id, start_ns, end_ns, decision_id, began, times):\n"
+            f"{unpack}"
             f"        return _pack({', '.join(arguments)})\n"
             f"    return pack\n")
 

@@ -207,7 +207,7 @@ def _hooks_us(tracer: Any, decision: Any, facts: Any) -> float:
     """CPU µs of the request path's tracing work: what ``Pipeline.decide`` and its observer run
     (the best of a few repeats: this thread's CPU, whatever else the machine runs); for a request
     the sampler drops, the sampler's answer and a count."""
-    held, unsampled = tracer.max_queue, tracer.unsampled
+    held = tracer.max_queue
     tracer.max_queue = 0  # counted as a drop: the same work and no queue growing under the timer
 
     def hooks() -> None:
@@ -222,7 +222,7 @@ def _hooks_us(tracer: Any, decision: Any, facts: Any) -> float:
         runs = 20_000
         return min(timeit.repeat(hooks, number=runs, repeat=5, timer=time.thread_time)) / runs * 1e6
     finally:
-        tracer.max_queue, tracer.unsampled = held, unsampled
+        tracer.max_queue = held
         tracer.dropped = 0
 
 

@@ -12,15 +12,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, SamplingResult, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, get_current_span, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from authz_server.tracing.attributes import SPAN_NAME
+from authz_server.tracing.attributes import SPAN_NAME, parse_traceparent
 from authz_server.tracing import otlp
-from authz_server.tracing.otlp import OtlpSpans, _parse_traceparent, _sampled, sampler_rules
+from authz_server.tracing.otlp import OtlpSpans, _sampled, sampler_rules
 from authz_server.tracing.spans import NOT_SAMPLED, DecisionTracer
 
 SAMPLERS = [("always_on", None), ("always_off", None), ("traceidratio", "0.3"), ("parentbased_always_on", None),
@@ -57,6 +59,12 @@ def test_the_samplers_rule_answers_as_the_sdk_sampler(monkeypatch: pytest.Monkey
             if kept is not None:
                 assert kept == (trace_id.to_bytes(16, "big"), None if flags is None else span_id.to_bytes(8, "big"),
                                 None, None)
+            if flags is not None:  # a traceparent the propagator refuses, whatever its flags: the parent is none
+                ids = f"{trace_id:032x}-{span_id:016x}"
+                for broken in (f"00-{ids.upper()}-{flags:02x}", f"00-{0:032x}{ids[32:]}-{flags:02x}",
+                               f"ff-{ids}-{flags:02x}", f"00-{ids}-0"):
+                    kept = sink.sample(SimpleNamespace(headers={"traceparent": broken}, attributes_factory=None))
+                    assert (kept is not None) is _sampled(root, trace_id), broken
 
 
 class _Custom(Sampler):
@@ -99,7 +107,51 @@ def test_a_traceparent_is_read_as_the_sdks_propagator_reads_it() -> None:
                "00-" + "1" * 30 + " 1-" + "1" * 16 + "-01", "00-" + "1" * 32 + "-" + "1" * 16 + "- 1",
                "00-" + "1" * 32 + "-" + "1" * 16 + "-1 "]
     for value in values:
-        assert _parse_traceparent(value) == _sdk_reading(value), value
+        assert parse_traceparent(value) == _sdk_reading(value), value
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _reference_reading(value: str) -> tuple[bytes, bytes, bool] | None:
+    """W3C trace context read field by field, with the SDK's limits (512 characters, blanks around the
+    value) and the quirks of its regular expression (``$`` also before a last newline; ``.`` no newline)."""
+    if len(value) > 512:
+        return None
+    text = value.lstrip(" \t")
+    if len(text) < 55 or text[2] != "-" or text[35] != "-" or text[52] != "-":
+        return None
+    version, trace_hex, span_hex, flags, rest = text[:2], text[3:35], text[36:52], text[53:55], text[55:]
+    if not set(version + trace_hex + span_hex + flags) <= _HEX:
+        return None
+    rest = rest[:-1] if rest.endswith("\n") else rest
+    if "\n" in rest or rest and rest[0] != "-" and rest.strip(" \t"):
+        return None
+    later = rest.startswith("-")  # a future version's fields
+    if version == "ff" or version == "00" and later or set(trace_hex) == {"0"} or set(span_hex) == {"0"}:
+        return None
+    return bytes.fromhex(trace_hex), bytes.fromhex(span_hex), int(flags, 16) % 2 == 1
+
+
+def _hex(size: int) -> st.SearchStrategy[str]:
+    return st.one_of(st.text("0123456789abcdef", min_size=size, max_size=size), st.just("0" * size),
+                     st.text("0123456789", min_size=size, max_size=size),
+                     st.text("0123456789abcdefABCDEF", min_size=size, max_size=size),
+                     st.text("0123456789abcdefg- \té", min_size=size - 1, max_size=size + 1))
+
+
+_traceparents = st.builds(
+    "{}{}{}{}{}{}{}{}{}".format, st.sampled_from(["", "", " ", "\t "]),
+    st.one_of(st.sampled_from(["00", "01", "cc", "ff", "0A"]), _hex(2)), st.sampled_from(["-", "-", "_"]),
+    _hex(32), st.sampled_from(["-", "-", " "]), _hex(16), st.sampled_from(["-", "-", ""]), _hex(2),
+    st.one_of(st.sampled_from(["", "", "", " ", "\n", "-", "-later", "-x\n", " \t\n", "\nx", "-a\nb", "x"]),
+              st.text(max_size=600)))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(value=_traceparents)
+def test_a_traceparent_is_read_as_the_w3c_fields_say(value: str) -> None:
+    assert parse_traceparent(value) == _reference_reading(value) == _sdk_reading(value), value
 
 
 class _Sink:
@@ -162,3 +214,29 @@ def test_the_queue_is_bounded_drops_are_counted_and_flush_waits_for_what_came_be
         assert metrics["authz_tracing_unsampled"] == 3 and metrics["authz_tracing_cpu_seconds"] >= 0
     finally:
         tracer.shutdown(timeout=5)
+
+
+@pytest.mark.parametrize("traceparent", ["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                                         "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-00",
+                                         "00-" + "0" * 32 + "-00f067aa0ba902b7-00",
+                                         "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                                         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-later"])
+def test_only_a_valid_unsampled_traceparent_drops_a_span_as_it_starts(traceparent: str) -> None:
+    """The default sampler (parent-based, always on) drops a span under a parent that says not
+    sampled; a traceparent the SDK's propagator refuses is no parent, and the span a sampled root:
+    both sinks, as the SDK's tracer would decide."""
+    from opentelemetry.sdk.trace import TracerProvider as Provider
+    from opentelemetry.sdk.trace.sampling import DEFAULT_ON
+
+    from authz_server.tracing.sdkspans import SdkSpans
+
+    facts = SimpleNamespace(headers={"traceparent": traceparent}, attributes_factory=None)
+    valid = _sdk_reading(traceparent) is not None
+    provider = Provider(sampler=DEFAULT_ON)
+    tracer = provider.get_tracer("test")
+    context = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+    assert tracer.start_span("x", context=context).get_span_context().trace_flags.sampled is not valid
+    fast = OtlpSpans(None, Resource.create(), sampler_rules(DEFAULT_ON), SpanLimits())  # type: ignore[arg-type]
+    assert (fast.sample(facts) is None) is valid
+    assert (SdkSpans(provider).sample(facts) is None) is valid
+    provider.shutdown()

@@ -1,6 +1,7 @@
 """``wire``'s two ways of framing a span give the same bytes: ``SpanLayout.pack`` (the function
-written per layout) and ``span_frame`` (parts joined), for a root and a remote parent, with and
-without the decision id, and with span limits that drop the oldest events; upb reads them back
+written per layout, from a phase clock's times) and ``span_frame`` (parts joined, from
+``phase_timeline``'s), for a root and a remote parent, with and without the decision id, with
+span limits that drop the oldest events, and with a clock that went back; upb reads them back
 as the span they stand for; and ``export_request`` nests the spans in their scope and resource
 as it always did, in one join."""
 
@@ -12,14 +13,22 @@ import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
 from opentelemetry.sdk.trace import SpanLimits
 
+from authz_server.tracing.spans import PhaseClock, first_began, phase_timeline
 from authz_server.tracing.wire import (ROOT_FLAGS, AttributesPart, EventsPart, SpanLayout, export_request, parent_fields,
                                       span_frame, varint)
 
 SHAPE = (("identity", ()), ("cache", (("authz.cache.hit", False),)), ("policy", (("authz.explained", "full"),)),
          ("response", ()))
 ATTRIBUTES = {"authz.allowed": True, "authz.code": "allowed", "authz.phase": "policy", "authz.signals": ["a", "b"]}
-TIMINGS = [1_700_000_000_000_000_000, 12.5, 1_700_000_000_000_012_500, 0.0, 1_700_000_000_000_013_000, 99.25,
-           1_700_000_000_000_112_250, 3.0]
+START = 1_700_000_000_000_000_000
+
+
+def _clock(times: list[int]) -> PhaseClock:
+    clock = PhaseClock(None)
+    for phase, detail in (("identity", None), ("cache", False), ("policy", "full")):
+        clock.mark(phase, detail)
+    clock.start_ns, clock.times = START + 100, [START + at for at in times]
+    return clock
 
 
 @pytest.mark.parametrize("limits", [SpanLimits(), SpanLimits(max_events=2, max_span_attributes=3,
@@ -27,25 +36,32 @@ TIMINGS = [1_700_000_000_000_000_000, 12.5, 1_700_000_000_000_012_500, 0.0, 1_70
                          ids=["defaults", "tight"])
 @pytest.mark.parametrize("parent_id", [None, bytes(range(1, 9))], ids=["root", "remote-parent"])
 @pytest.mark.parametrize("error", [None, "policy_timeout"])
-def test_a_layout_packs_the_bytes_span_frame_joins(limits: Any, parent_id: bytes | None, error: str | None) -> None:
+@pytest.mark.parametrize("times", [[12_600, 12_600, 112_350], [12_600, 9_000, 112_350]], ids=["ahead", "went-back"])
+def test_a_layout_packs_the_bytes_span_frame_joins(limits: Any, parent_id: bytes | None, error: str | None,
+                                                   times: list[int]) -> None:
     attributes = AttributesPart("authz.decision", ATTRIBUTES, error, limits)
+    clock = _clock(times)
+    start_ns, end_ns = START, START + 115_350
+    shape, timings = phase_timeline(clock, ("response", ()), start_ns, end_ns)
+    assert shape == SHAPE
+    assert timings[1::2] == ([12.5, 0.0, 99.75, 3.0] if times[1] >= times[0] else [12.5, 0.0, 103.35, 3.0])
     events = EventsPart(SHAPE, limits)
     decision_id = attributes.id_value("0190f5d2-7c1e-7d3a-9a61-2f4c7b3e8d10")
     layout = SpanLayout.of(attributes, events, parent_id is not None, len(decision_id))
-    assert layout is not None and SpanLayout.of(attributes, events, parent_id is not None, len(decision_id)) is layout
+    assert layout is not None
     trace_id, span_id = bytes(range(16, 32)), bytes(range(40, 48))
-    start_ns, end_ns = TIMINGS[0], TIMINGS[-2] + 3000
-    packed = layout.pack(trace_id, span_id, parent_id, start_ns, end_ns, decision_id, TIMINGS)
+    packed = layout.pack(trace_id, span_id, parent_id, start_ns, end_ns, decision_id, first_began(clock, start_ns),
+                         clock.times)
     parent = ROOT_FLAGS if parent_id is None else parent_fields(parent_id, "")
     assert packed == span_frame(trace_id, span_id, parent, start_ns, end_ns, attributes.id_field(decision_id),
-                                attributes, events, TIMINGS)
+                                attributes, events, timings)
     span = ScopeSpans.FromString(packed).spans[0]
     assert (span.trace_id, span.span_id, span.parent_span_id) == (trace_id, span_id, parent_id or b"")
     assert (span.start_time_unix_nano, span.end_time_unix_nano) == (start_ns, end_ns)
     kept = SHAPE[events.first:]
     assert [event.name for event in span.events] == [name for name, _ in kept]
-    assert [event.time_unix_nano for event in span.events] == TIMINGS[2 * events.first::2]
-    assert [event.attributes[0].value.double_value for event in span.events] == TIMINGS[2 * events.first + 1::2]
+    assert [event.time_unix_nano for event in span.events] == timings[2 * events.first::2]
+    assert [event.attributes[0].value.double_value for event in span.events] == timings[2 * events.first + 1::2]
 
 
 def test_limits_that_drop_every_duration_leave_the_span_to_span_frame() -> None:

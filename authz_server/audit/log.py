@@ -177,11 +177,13 @@ class AuditLog:
     # -- the audit log's thread
     def _run(self) -> None:
         while not self._halt.is_set():
-            idle = not self.queue and not self._held_taken  # then nothing is due before the linger
+            # Idle (nothing queued, nothing held), the thread waits out a whole linger, not 200
+            # wake-ups a second; what came meanwhile has lingered enough and goes with this pass.
+            idle = not self.queue and not self._held_taken
             woken = self._wake.wait(self.linger if idle else self.build_every)
             self._wake.clear()
             started = time.thread_time()
-            self._drain_until(None, hand_over=woken)
+            self._drain_until(None, hand_over=woken or idle)
             self.cpu_seconds += time.thread_time() - started
 
     def _drain_until(self, deadline: float | None, *, hand_over: bool = True) -> None:

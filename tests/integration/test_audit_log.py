@@ -235,3 +235,52 @@ async def test_built_records_linger_then_go_to_the_writers_in_batches(tmp_path: 
     await asyncio.sleep(0)
     assert offered == [4, 2, 1] and audit.pending == 0
     runtime.close()
+
+
+async def test_the_thread_waits_a_linger_when_idle_and_hands_over_what_came_meanwhile(tmp_path: Path) -> None:
+    """Idle, the thread does not wake 200 times a second: it waits a whole linger, and what came
+    during that wait has lingered enough to go at once. Busy, it builds every ``build_every``
+    and holds. One pass of the thread's loop each, its wait answered by hand."""
+    runtime = PolicyRuntime(str(write_audit_policy(tmp_path / "policies")))
+    runtime.load()
+    audit = AuditLog([FileSink(tmp_path / "audit.jsonl")], linger=60.0, build_every=5.0)
+    audit._loop = asyncio.get_running_loop()
+    offered: list[int] = []
+    fan_out = audit._fan_out
+
+    def counting(records: list[Any], taken: int) -> None:
+        offered.append(taken)
+        fan_out(records, taken)
+
+    audit._fan_out = counting  # type: ignore[method-assign]
+    pipeline = Pipeline(runtime)  # observed by hand below
+    made = [(await pipeline.decide(facts, now=time.time()), facts)
+            for facts in (facts_for("/public/a"), facts_for("/public/b"), facts_for("/public/c"))]
+    waits: list[float] = []
+
+    class OnePass:
+        def __init__(self, arriving: list[Any]) -> None:
+            self.arriving = arriving
+
+        def wait(self, timeout: float) -> bool:
+            waits.append(timeout)
+            for decision, facts in self.arriving:
+                audit.observe(decision, facts, time.time())
+            audit._halt.set()  # this pass is the last
+            return False  # the timeout, not a wake-up
+
+        def clear(self) -> None:
+            pass
+
+    audit._wake = OnePass(made[:2])  # type: ignore[assignment]  # two arrive while the thread waits, idle
+    audit._run()
+    await asyncio.sleep(0)
+    assert waits == [60.0] and offered == [2] and audit.pending == 0  # a whole linger, then at once
+
+    audit._halt.clear()
+    audit.observe(*made[2], time.time())  # queued before the pass: not idle
+    audit._wake = OnePass([])  # type: ignore[assignment]
+    audit._run()
+    await asyncio.sleep(0)
+    assert waits == [60.0, 5.0] and offered == [2] and audit.pending == 1 and audit.built == 3  # built, held
+    runtime.close()

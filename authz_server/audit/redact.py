@@ -410,35 +410,32 @@ def _through_base64(rule: Callable[[str], str]) -> Callable[[str], str]:
     return apply
 
 
-def _redact_headers(headers: Mapping[str, str], path: str, redacted_path: str) -> tuple[dict[str, str], list[str]]:
-    """``Redactor.redact_request``'s headers: each value through its name's rule, a value
-    equal to the path the path as redacted already; and the names whose value changed, in the
-    headers' order. ``_volatile_cut.redact_headers`` does the same in C."""
+def _redact_headers(headers: Mapping[str, str], path: str, redacted_path: str, rule_of: Callable[[str], Any],
+                    scrub: Callable[[str], str]) -> tuple[dict[str, str], list[str]]:
+    """``Redactor.redact_request``'s headers: each value through its name's rule (``rule_of``),
+    a value equal to the path the path as redacted already; and the names whose value changed,
+    in the headers' order. ``_volatile_cut.redact_headers`` does the same in C, with the same
+    arguments, and gives up (None) on a name or value that is not a ``str``."""
     out_headers = {}
     changed = []
     for name in headers:  # a protobuf map iterates its keys fastest
         value = headers[name]
-        rule = header_rule(name)
-        if rule is not scrub_text:
+        rule = rule_of(name)
+        if rule is not scrub:
             redacted = rule(value)
         elif len(value) < 8:  # too short for anything scrub_text recognises
             out_headers[name] = value
             continue
         else:
-            redacted = redacted_path if value == path else scrub_text(value)
+            redacted = redacted_path if value == path else scrub(value)
         if redacted != value:
             changed.append(name)
         out_headers[name] = redacted
     return out_headers, changed
 
 
-def _no_redact_headers(headers: Mapping[str, str], path: str, redacted_path: str, rule_of: Callable[[str], Any],
-                       scrub: Callable[[str], str]) -> None:
-    return None
-
-
-# the C loop (None: the Python one) when the extension was built
-redact_headers: Callable[..., tuple[dict[str, str], list[str]] | None] = _no_redact_headers
+# the C loop when the extension was built (None when it gives up: the Python one then does it)
+redact_headers: Callable[..., tuple[dict[str, str], list[str]] | None] = _redact_headers
 try:
     from .. import _volatile_cut
 except ImportError:  # built without a C compiler
@@ -526,7 +523,7 @@ class Redactor:
             masked.append(_pointer((_HTTP, "path")))
         done = redact_headers(headers, path, redacted_path, header_rule, scrub_text)
         if done is None:
-            done = _redact_headers(headers, path, redacted_path)
+            done = _redact_headers(headers, path, redacted_path, header_rule, scrub_text)
         out_headers, changed = done
         if changed:
             masked.extend(map(_header_pointer, changed))

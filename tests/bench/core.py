@@ -27,8 +27,8 @@ from authz_server.mesh.front import FrontProxy, Route, render_front_proxy
 from authz_server.policy.engine import encode_input
 from authz_server.policy.loader import PolicyRuntime
 
-from .harness import (LoadResult, Settings, bench_supervisor, load_with_cpu, start_authz_server, start_bare_authz,
-                      start_upstream, table, timed)
+from .harness import (LoadResult, Settings, bench_supervisor, interleave, load_with_cpu, start_authz_server,
+                      start_bare_authz, start_upstream, table, timed)
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
@@ -145,23 +145,12 @@ def through_envoy(settings: Settings) -> tuple[dict[str, Any], dict[str, list[fl
             results[f"authz_grpc_{workers}w"] = grpc()
             results[f"authz_http_{workers}w"] = http()
             if workers == 1:
-                # The targets compare these pairs, and on a small VM req/s moves ±15 % from one run
-                # to the next (more than the gap): each set-up gets the best of ROUNDS runs,
+                # The targets compare these pairs: each set-up gets the best of ROUNDS runs,
                 # interleaved with its reference, and each round's own ratio is kept (report: medians).
-                _interleave(results, rounds["grpc"], "bare_grpc", bare, "authz_grpc_1w", grpc, settings)
-                _interleave(results, rounds["http"], "hop_ceiling", ceiling, "authz_http_1w", http, settings)
+                more = 0 if settings.smoke else ROUNDS - 1
+                interleave(results, rounds["grpc"], "bare_grpc", bare, "authz_grpc_1w", grpc, more)
+                interleave(results, rounds["http"], "hop_ceiling", ceiling, "authz_http_1w", http, more)
     return results, rounds
-
-
-def _interleave(results: dict[str, Any], rounds: list[float], reference_key: str,
-                reference: Callable[[], LoadResult], key: str, mine: Callable[[], LoadResult],
-                settings: Settings) -> None:
-    rounds.append(results[key].rps / (results[reference_key].rps or 1))
-    for _ in range(0 if settings.smoke else ROUNDS - 1):
-        theirs, ours = reference(), mine()
-        rounds.append(ours.rps / (theirs.rps or 1))
-        results[reference_key] = max(results[reference_key], theirs, key=lambda r: r.rps)
-        results[key] = max(results[key], ours, key=lambda r: r.rps)
 
 
 def report(inproc: dict[str, float], envoy: dict[str, Any], rounds: dict[str, list[float]]) -> str:

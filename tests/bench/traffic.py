@@ -47,8 +47,8 @@ from authz_server.policy.engine import encode_input
 from authz_server.policy.loader import PolicyRuntime
 
 from . import routes
-from .harness import (PERCENTILES_LUA, LoadResult, Settings, bench_supervisor, load_with_cpu, start_authz_server,
-                      start_bare_authz, table)
+from .harness import (PERCENTILES_LUA, LoadResult, Settings, bench_supervisor, interleave, load_with_cpu,
+                      start_authz_server, start_bare_authz, table)
 
 HERE = Path(__file__).parent
 TUTORIAL = HERE.parents[0] / "vectors" / "opa_envoy" / "tutorial"
@@ -416,15 +416,12 @@ def _through_envoy(settings: Settings, sup: Any, work: Path) -> tuple[dict[str, 
     def ours() -> LoadResult:
         return load(url, pid, "authz-server, route table, user in a header, 1 process", "header", tables["header"])
 
+    def yardstick() -> LoadResult:
+        return load(bare_url, bare_pid, results["bare"].name, "header", tables["header"])
+
     results["route_header_1"] = ours()
     sample_1 = asyncio.run(_check_sample(url, "header", {}, size=sample))
-    rounds.append(results["route_header_1"].rps / (results["bare"].rps or 1))
-    for _ in range(0 if settings.smoke else ROUNDS - 1):
-        yardstick = load(bare_url, bare_pid, results["bare"].name, "header", tables["header"])
-        mine = ours()
-        rounds.append(mine.rps / (yardstick.rps or 1))
-        results["bare"] = max(results["bare"], yardstick, key=lambda r: r.rps)
-        results["route_header_1"] = max(results["route_header_1"], mine, key=lambda r: r.rps)
+    interleave(results, rounds, "bare", yardstick, "route_header_1", ours, 0 if settings.smoke else ROUNDS - 1)
     results["route_header_1"].extra["wrong_sample"] = sample_1
     if cores > 1:
         pid_n, url_n = servers[cores]

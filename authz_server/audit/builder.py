@@ -426,11 +426,8 @@ class RecordBuilder:
                 return None
             if repeat:
                 self._changing.keep(fingerprint, changing)
-            else:  # _Memo.keep, inline: this runs for every request that does not repeat, and it is not there
-                sighted = self._sighted
-                if len(sighted) >= sighted.size:
-                    sighted.popitem(last=False)
-                sighted[fingerprint] = None
+            else:
+                self._sighted.keep(fingerprint, None)
         headers_json = changing.headers
         if redacted.headers:  # with_volatile puts them last: two objects of distinct names joined
             extra = _dumps(redacted.headers)

@@ -197,7 +197,6 @@ async def running_mesh(options: MeshOptions, *, progress: Any = None) -> AsyncIt
     policy_data = _copy_policies(options)
     stack = contextlib.AsyncExitStack()
     supervisor = Supervisor(workdir / "logs")
-    stack.callback(supervisor.close)
     async with stack:
         identity_settings = identity_config(options)
         identity = IdentityServer(IdentityConfig.from_mapping(identity_settings))
@@ -216,6 +215,9 @@ async def running_mesh(options: MeshOptions, *, progress: Any = None) -> AsyncIt
             stack.push_async_callback(_close_server, server)
             apps[service] = bound
 
+        # Registered last, so it runs first: the children (authz-server, the Envoys) hold streams and
+        # keep-alive connections to every part above, which then stop with no one connected to them.
+        stack.callback(supervisor.close)
         authz: dict[str, Any] = {}
         authz_addr = ""
         if options.zero_trust:

@@ -140,6 +140,9 @@ class RedisStore:
         self.subscribed = asyncio.Event()
         self.stats = StoreStats()
         self.invalidations = 0
+        # Moves on whatever may make a session read from the store stale (a feed message, a
+        # resubscription): a read begun before it is not remembered (see ``_remember``).
+        self._epoch = 0
 
     # -- life cycle
     async def start(self) -> None:
@@ -196,6 +199,7 @@ class RedisStore:
             backoff = min(max(backoff * 2, 0.01), RESUBSCRIBE_MAX_WAIT)
 
     def _forget_cached(self) -> None:
+        self._epoch += 1
         self._near.clear()
         self._generations.clear()
         self._generation_until.clear()
@@ -204,6 +208,7 @@ class RedisStore:
         text = data.decode() if isinstance(data, bytes) else str(data)
         kind, _, rest = text.partition(" ")
         self.invalidations += 1
+        self._epoch += 1
         if kind == "s":
             self._near.pop(rest, None)
         elif kind == "g":
@@ -219,7 +224,12 @@ class RedisStore:
             self._store_back.set()
 
     # -- near-cache
-    def _remember(self, session: Session, now: float) -> None:
+    def _remember(self, session: Session, now: float, epoch: int) -> None:
+        """Near-cache ``session`` as read when the feed was at ``epoch``; not if it moved since: a
+        revocation may have been announced (and applied here) while the read was under way, and
+        the stale copy would then outlive it by up to ``near_cache_ttl``."""
+        if epoch != self._epoch:
+            return
         if len(self._near) >= self.near_cache_entries:
             self._near.popitem(last=False)
         self._near[session.key] = (session, now + self.near_cache_ttl)
@@ -246,6 +256,7 @@ class RedisStore:
     async def create(self, session: Session, *, now: float) -> Session:
         ttl_ms = max(1, int((session.ends_at() - now) * 1000))
         key = _session_key(session.key)
+        epoch = self._epoch
         try:
             generation = self._trusted_generation(session.subject, now)
             if generation is None:
@@ -259,7 +270,7 @@ class RedisStore:
         self._answering()
         self._learn_generation(session.subject, generation, now)
         self.stats.created += 1
-        self._remember(session, now)
+        self._remember(session, now, epoch)
         return session
 
     def _trusted_generation(self, subject: str, now: float) -> int | None:
@@ -289,6 +300,7 @@ class RedisStore:
             return await self._near_hit(cached[0], now)
         if self._pending_keys and key in self._pending_keys:
             raise SessionError("session was revoked", code="session_revoked")
+        epoch = self._epoch
         try:
             found, second = await self._lookup_script(keys=[_session_key(key), _tombstone_key(key)],
                                                       args=["authz:g:{"])
@@ -316,8 +328,11 @@ class RedisStore:
         session.check_alive(now, self._generations[session.subject])
         self.stats.hits += 1
         if now - (session.last_seen or session.created) > session.idle_timeout / 10:
-            session = await self._touch(session, now)
-        self._remember(session, now)
+            touched = await self._touch(session, now)
+            if touched is None:
+                return session  # alive when read; the store decides the next lookup
+            session = touched
+        self._remember(session, now, epoch)
         return session
 
     async def _near_hit(self, session: Session, now: float) -> Session:
@@ -326,21 +341,27 @@ class RedisStore:
         session.check_alive(now, self._generations.get(session.subject, 0))
         self.stats.near_hits += 1
         if now - (session.last_seen or session.created) > session.idle_timeout / 10:
-            await self._touch(session, now)
+            epoch = self._epoch
+            touched = await self._touch(session, now)
+            if touched is None:
+                self._near.pop(session.key, None)
+            elif touched is not session:
+                self._remember(touched, now, epoch)
         return session
 
-    async def _touch(self, session: Session, now: float) -> Session:
+    async def _touch(self, session: Session, now: float) -> Session | None:
         """Keep an active session alive: rewrite it with a later idle deadline (at most every
-        tenth of the idle timeout, not on every request)."""
+        tenth of the idle timeout, not on every request). The session rewritten; ``session`` itself
+        when the store could not take it (it stays valid, only its idle clock was not extended);
+        None when the store no longer has it (revoked or ended since it was read: not to be kept)."""
         touched = session.touched(now)
         ttl_ms = max(1, int((touched.ends_at() - now) * 1000))
         try:
-            await self._client.set(_session_key(session.key), touched.to_json(), px=ttl_ms, xx=True)
+            written = await self._client.set(_session_key(session.key), touched.to_json(), px=ttl_ms, xx=True)
         except STORE_ERRORS:
             self.stats.errors += 1
-            return session  # the session stays valid; only its idle clock was not extended
-        self._remember(touched, now)
-        return touched
+            return session
+        return touched if written else None
 
     # -- revocation
     async def revoke(self, key: str, *, now: float) -> bool:

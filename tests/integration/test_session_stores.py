@@ -117,3 +117,68 @@ async def test_redis_down_fails_closed_for_new_sessions_keeps_near_cached_and_re
         assert (await store.lookup(fresh.key, now=time.time())).subject == "alice"
     finally:
         await store.close()
+
+
+async def _two_replicas(url: str) -> tuple[RedisStore, RedisStore]:
+    stores = RedisStore(url, near_cache_ttl=60, timeout=5.0), RedisStore(url, near_cache_ttl=60, timeout=5.0)
+    for store in stores:
+        await store.start()
+        await asyncio.wait_for(store.subscribed.wait(), 10)
+    return stores
+
+
+async def test_a_read_under_way_when_a_revocation_is_announced_is_not_kept(redis_server) -> None:
+    """Replica `reader` reads a session from the store; before the read comes back, replica
+    `revoker` revokes it and the feed tells `reader`. The read may answer (the session was alive
+    when read), but must not be near-cached: the revocation has come and gone already."""
+    revoker, reader = await _two_replicas(redis_server.url)
+    try:
+        now = time.time()
+        _, session = make_session(now=now)
+        await revoker.create(session, now=now)
+        read = reader._lookup_script
+
+        async def read_then_revoked(**kwargs: object) -> object:
+            answer = await read(**kwargs)
+            heard = reader.invalidations
+            await revoker.revoke(session.key, now=time.time())
+            while reader.invalidations == heard:  # the feed's message applied at `reader`
+                await asyncio.sleep(0.01)
+            return answer
+
+        reader._lookup_script = read_then_revoked
+        assert (await asyncio.wait_for(reader.lookup(session.key, now=now + 1), 10)).subject == "alice"
+        reader._lookup_script = read
+        with pytest.raises(SessionError) as refused:
+            await reader.lookup(session.key, now=now + 2)
+        assert refused.value.code == "session_revoked"
+    finally:
+        await revoker.close()
+        await reader.close()
+
+
+async def test_a_session_revoked_before_its_idle_clock_is_rewritten_is_not_kept(redis_server) -> None:
+    """The lookup reads a session due for a touch; it is revoked before the touch (SET only if
+    it exists) and the feed's message has not arrived: the failed touch must not near-cache it."""
+    revoker, reader = await _two_replicas(redis_server.url)
+    try:
+        now = time.time()
+        _, session = make_session(now=now - 30, idle=60)  # last seen 30 s ago: the lookup rewrites it
+        await revoker.create(session, now=now)
+        read, apply = reader._lookup_script, reader._apply
+
+        async def read_then_revoked(**kwargs: object) -> object:
+            answer = await read(**kwargs)
+            await revoker.revoke(session.key, now=time.time())
+            return answer
+
+        reader._lookup_script, reader._apply = read_then_revoked, lambda data: None  # the message is late
+        assert (await reader.lookup(session.key, now=now)).subject == "alice"
+        reader._lookup_script = read
+        with pytest.raises(SessionError) as refused:
+            await reader.lookup(session.key, now=now + 1)
+        assert refused.value.code == "session_revoked"
+    finally:
+        reader._apply = apply
+        await revoker.close()
+        await reader.close()

@@ -32,6 +32,16 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def stacks_of(pid: int) -> str:
+    """Where each thread of a live Python process is (py-spy, a dev dependency), or why that is unknown."""
+    try:
+        dump = subprocess.run([str(Path(sys.executable).with_name("py-spy")), "dump", "--pid", str(pid)],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(py-spy could not tell: {exc})"
+    return dump.stdout + dump.stderr
+
+
 async def test_the_tour_turns_out_as_it_says_and_leaves_nothing_behind(tmp_path: Path) -> None:
     out = io.StringIO()
     started = time.perf_counter()
@@ -61,7 +71,11 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path) -> None:
             pytest.fail("the demo ended before it was ready:\n" + "".join(seen))
         assert len(processes_mentioning(str(workdir))) >= 4  # authz-server and three Envoys at least
         demo.send_signal(signal.SIGINT)
-        assert demo.wait(timeout=30) == 130
+        try:
+            code = demo.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the demo still ran 30 s after Ctrl-C; its threads were at:\n" + stacks_of(demo.pid))
+        assert code == 130
     finally:
         if demo.poll() is None:
             demo.kill()

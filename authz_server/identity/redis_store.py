@@ -140,9 +140,6 @@ class RedisStore:
         self.subscribed = asyncio.Event()
         self.stats = StoreStats()
         self.invalidations = 0
-        # Moves on whatever may make a session read from the store stale (a feed message, a
-        # resubscription): a read begun before it is not remembered (see ``_remember``).
-        self._epoch = 0
 
     # -- life cycle
     async def start(self) -> None:
@@ -198,8 +195,13 @@ class RedisStore:
                 pass
             backoff = min(max(backoff * 2, 0.01), RESUBSCRIBE_MAX_WAIT)
 
+    @property
+    def _epoch(self) -> int:
+        """Moves on whatever may make a session read from the store stale (a feed message, a
+        resubscription): a read begun before it is not remembered (see ``_remember``)."""
+        return self.invalidations + self.resubscriptions
+
     def _forget_cached(self) -> None:
-        self._epoch += 1
         self._near.clear()
         self._generations.clear()
         self._generation_until.clear()
@@ -208,7 +210,6 @@ class RedisStore:
         text = data.decode() if isinstance(data, bytes) else str(data)
         kind, _, rest = text.partition(" ")
         self.invalidations += 1
-        self._epoch += 1
         if kind == "s":
             self._near.pop(rest, None)
         elif kind == "g":

@@ -34,6 +34,7 @@ class FailoverReport:
     sign_ins: int = 0
     refused_sign_ins: int = 0
     refused_outside_window: int = 0
+    refusals_outside_window: list[str] = field(default_factory=list)  # when, and why
     session_calls: int = 0
     session_calls_unavailable: int = 0
     acknowledged: int = 0
@@ -54,7 +55,8 @@ class FailoverReport:
         return [
             ["sign-ins refused / attempted", f"{self.refused_sign_ins} / {self.sign_ins}"],
             ["failover window (kill → store back)", f"{self.window_s * 1000:.0f} ms"],
-            ["sign-ins refused outside the window", str(self.refused_outside_window)],
+            ["sign-ins refused outside the window", "; ".join([str(self.refused_outside_window),
+                                                               *self.refusals_outside_window])],
             ["session calls unavailable / made", f"{self.session_calls_unavailable} / {self.session_calls}"],
             ["acknowledged sessions lost", f"{self.lost} of {self.acknowledged}"],
             ["revocations (in the window)", f"{self.revocations} ({self.revocations_in_window})"],
@@ -85,10 +87,14 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
     revoked: dict[str, tuple[float, int, bool]] = {}  # key -> (when revoke returned, by which replica, in window)
     acknowledged: list[str] = []
     killed_at: float | None = None
+    dead_at: float | None = None  # the kill returned: the old primary takes no write from here on
     back_at: float | None = None  # the store is back: sign-ins accepted and every replica's feed re-established
     feeds: list[int] = []
     revoking: set[str] = set()  # revocations under way
-    written_since_kill: set[int] = set()  # the replicas that signed someone in after the kill
+    # The replicas that signed someone in once the old primary was dead: only the new primary
+    # (with a replica acknowledging) took those. A sign-in between the kill's start and the
+    # process's death still lands on the old primary, and must not count as "back".
+    written_since_death: set[int] = set()
     stop = asyncio.Event()
 
     async def sign_ins() -> None:
@@ -101,18 +107,20 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
             report.sign_ins += 1
             try:
                 session = await store.create(_session(f"user{index % 200}", time.time()), now=time.time())
-            except UnavailableError:
+            except UnavailableError as exc:
                 report.refused_sign_ins += 1
                 if killed_at is None or (back_at is not None and started > back_at):
                     report.refused_outside_window += 1
+                    since = "before the kill" if killed_at is None else f"{(started - killed_at) * 1000:.0f} ms after the kill"
+                    report.refusals_outside_window.append(f"{since}: {exc.message}")
             else:
                 live.append(session.key)
                 acknowledged.append(session.key)
-                if killed_at is not None and started > killed_at:
-                    written_since_kill.add(index % replicas)
+                if dead_at is not None and started > dead_at:
+                    written_since_death.add(index % replicas)
                 # Back for every replica, not just the one that wrote first: each finds the new
                 # primary on its own (its sentinel query, its reconnect), a moment apart.
-                if killed_at is not None and back_at is None and len(written_since_kill) == replicas and all(
+                if killed_at is not None and back_at is None and len(written_since_death) == replicas and all(
                         s.subscribed.is_set() and s.resubscriptions > before for s, before in zip(stores, feeds)):
                     back_at = time.monotonic()
             await asyncio.sleep(0.01)
@@ -169,6 +177,7 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
         feeds[:] = [s.resubscriptions for s in stores]
         killed_at = time.monotonic()
         await asyncio.to_thread(kill)
+        dead_at = time.monotonic()
         deadline = killed_at + timeout
         while back_at is None:
             if time.monotonic() > deadline:

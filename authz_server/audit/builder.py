@@ -1,6 +1,6 @@
 """Decisions → audit records, the fast path (issue 28).
 
-Built by the audit log's thread, off the request path: a cache hit carries no input document,
+Built by the audit log's build passes, after the answer has gone: a cache hit carries no input document,
 so it is built here from the facts. Most of a record repeats, even on traffic that does not (an
 id in every path, a query string, users at random): the request's members of the input document
 (attributes, ``parsed_*``, ...) are the same for every request of one *shape* (see
@@ -185,8 +185,8 @@ _V = TypeVar("_V")
 
 class _Memo(OrderedDict[_K, _V]):
     """A dict of at most ``size`` entries, the oldest out first, one at a time (clearing all
-    4,096 at once freed their trees in one go, a pause of milliseconds on the thread that holds
-    the GIL). Ordered, so the oldest is at hand: ``next(iter(a_dict))`` on a plain dict walks
+    4,096 at once freed their trees in one go, a pause of milliseconds on the event loop, which
+    builds them). Ordered, so the oldest is at hand: ``next(iter(a_dict))`` on a plain dict walks
     every slot deleted at the front of the table before the first live one, up to a third of
     the table between two resizes: 2.2 µs per eviction with the caches warm (0.2 here), more in
     the server, where the event loop's work between two slices has evicted those slots from the

@@ -34,8 +34,8 @@ class AuditRecord:
     """A redacted record plus the columns sinks index on. ``line`` is the record as one line
     of JSON, rendered once for every sink that writes text, and ``encoded`` the same in UTF-8
     (what the file and HTTP sinks write): the fast path renders bytes, and each form is made
-    from the other only when a sink asks for it (decoding on the audit thread and encoding
-    again on the file sink's was a copy of every record each way, for nothing). ``document``
+    from the other only when a sink asks for it (decoding on the event loop and encoding
+    again on the file sink's thread was a copy of every record each way, for nothing). ``document``
     is the same record as a dict, parsed from ``line`` the first time something asks (the
     fast path renders the line from kept fragments and never builds the tree; sinks only
     read the line)."""

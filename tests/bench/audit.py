@@ -102,7 +102,7 @@ async def observer_cost(decisions: list[Any], facts: list[Any]) -> dict[str, flo
 def record_cpu(decisions: list[Any], facts: list[Any], *,
                warm: tuple[list[Any], list[Any]] | None = None) -> float:
     """CPU µs per record (building, redacting, rendering; the collector's share included) over
-    every decision once, in batches as the audit log's thread takes them (after ``warm``'s)."""
+    every decision once, in batches as the audit log's build passes take them (after ``warm``'s)."""
     audit = AuditLog([], queue_size=len(decisions) + 10)
     if warm is not None:
         audit.render([(d, f, time.time(), time.time()) for d, f in zip(*warm)])
@@ -207,14 +207,12 @@ class _VariedTraffic:
 
 async def sliced_record_cpu(traffic: _VariedTraffic, decisions: list[Any], facts: list[Any],
                             loop_work: int) -> float:
-    """CPU µs per record as the audit thread spends it in a busy server: records built in the
-    thread's slices (``AuditLog.slice_seconds``), and between two slices the event loop's
-    work, ``loop_work`` decisions of new requests of the same traffic (what a loop holding the
-    GIL for about a millisecond does). That work leaves the record's code and data cold: the
-    first records of a slice cost several times the rest. This is one part of why the
-    server's audit thread pays about twice what ``record_cpu`` measures (issue 28); the
-    hand-over itself (about 45 µs of the thread's CPU each, 7 or 8 records a slice) and the
-    machine's other processes preempting the thread are the rest, and are not measured here."""
+    """CPU µs per record as the build passes spend it in a busy server: records built in
+    slices (``AuditLog.slice_seconds``), and between two slices the event loop's other work,
+    ``loop_work`` decisions of new requests of the same traffic. That work leaves the record's
+    code and data cold: the first records of a slice cost several times the rest. This is one
+    part of why a record costs the server about twice what ``record_cpu`` measures (issue 28);
+    the machine's other processes are the rest, and are not measured here."""
     audit = AuditLog([], queue_size=10)
     audit.render([(d, f, time.time(), time.time()) for d, f in zip(decisions[:len(decisions) // 2],
                                                                    facts[:len(facts) // 2])])
@@ -238,8 +236,8 @@ async def sliced_record_cpu(traffic: _VariedTraffic, decisions: list[Any], facts
 
 
 async def varied_record_cpu(folder: Path, count: int = 4000) -> dict[str, float]:
-    """CPU µs per record of traffic that does not repeat, per front (what the audit thread
-    pays in the server, without the server's other work): the records of ``count`` such
+    """CPU µs per record of traffic that does not repeat, per front (what the build passes
+    pay in the server, without the server's other work): the records of ``count`` such
     decisions, after the records of as many others (a server has seen its users before: what
     is kept per identity is warm, as it is after the first seconds of a run); and the same
     built in slices with the event loop's work between them (``sliced_record_cpu``)."""
@@ -355,7 +353,7 @@ ROUNDS = 3  # each cell's off/on pair, interleaved; the report takes the median 
 
 
 def _audit_counters(metrics_addr: str) -> tuple[float, float, float]:
-    """(CPU seconds of the audit thread, records it built, records dropped for any reason),
+    """(CPU seconds of the build passes, records they built, records dropped for any reason),
     from the server's /metrics."""
     import httpx
 
@@ -382,8 +380,8 @@ def _load(server: dict[str, Any], mode: str, kind: str, settings: Settings) -> L
     else:
         result = load_with_cpu(url + "/", settings, server["pid"], name=name, script=server["script"])
     cpu_after, built_after, dropped_after = _audit_counters(server["metrics"])
-    if built_after > built:  # warm-up included: the thread's CPU per record it built
-        result.extra["audit_thread_us_per_record"] = (cpu_after - cpu) / (built_after - built) * 1e6
+    if built_after > built:  # warm-up included: the passes' CPU per record they built
+        result.extra["audit_us_per_record"] = (cpu_after - cpu) / (built_after - built) * 1e6
         result.extra["audit_records_dropped"] = dropped_after - dropped
     return result
 
@@ -461,8 +459,8 @@ def report_envoy(results: dict[str, Any]) -> str:
             cpu_on = _median([r.authz_cpu_us_per_req or 0 for r in on32])
             difference = _median([(on.authz_cpu_us_per_req or 0) - (off.authz_cpu_us_per_req or 0)
                                   for off, on in pairs32])
-            thread32, thread1 = ([r.extra["audit_thread_us_per_record"] for r in runs
-                                  if "audit_thread_us_per_record" in r.extra] for runs in (on32, on1))
+            build32, build1 = ([r.extra["audit_us_per_record"] for r in runs
+                                if "audit_us_per_record" in r.extra] for runs in (on32, on1))
             everything = off32 + on32 + off1 + on1
             rows.append([
                 mode, TRAFFIC[kind], f"{_median([r.rps for r in off32]):,.0f}", f"{_median([r.rps for r in on32]):,.0f}",
@@ -470,7 +468,7 @@ def report_envoy(results: dict[str, Any]) -> str:
                 f"{_median([r.p50_ms for r in off1]):.2f} / {_median([r.p99_ms for r in off1]):.2f}",
                 f"{_median([r.p50_ms for r in on1]):.2f} / {_median([r.p99_ms for r in on1]):.2f}", f"{tail:.2f}",
                 f"{cpu_off:.0f} / {cpu_on:.0f}", f"{difference:.0f}",
-                f"{_median(thread32):.1f} / {_median(thread1):.1f}",
+                f"{_median(build32):.1f} / {_median(build1):.1f}",
                 sum(r.errors + r.extra.get("counts", {}).get("other", 0) for r in everything),
                 sum(r.extra.get("counts", {}).get("wrong", 0) for r in everything)])
     rounds = len(results[f"{MODES[0]}_repeat_c32_off"])
@@ -478,7 +476,7 @@ def report_envoy(results: dict[str, Any]) -> str:
                  f"sessions; median of {rounds} interleaved round(s); targets: req/s on/off >= 0.85, 1-conn. p99 "
                  f"on/off <= 1.3, audit CPU <= 40 µs)",
                  ["mode", "traffic", "req/s off (32 c.)", "req/s on", "on / off", "1 conn. p50/p99 ms off", "on",
-                  "p99 on / off", "authz CPU µs/req off / on", "Δ CPU µs/req", "audit thread µs/record 32 c. / 1 c.",
+                  "p99 on / off", "authz CPU µs/req off / on", "Δ CPU µs/req", "audit build µs/record 32 c. / 1 c.",
                   "errors", "wrong allows"], rows)
     dropped = sum(r.extra.get("audit_records_dropped", 0) for runs in results.values() if isinstance(runs, list)
                   for r in runs)

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import grpc
 import pytest
@@ -200,87 +200,103 @@ async def test_http_front_decisions_are_recorded_too(tmp_path: Path) -> None:
     assert records[0]["input"]["attributes"]["request"]["http"]["headers"]["authorization"] == "Bearer [REDACTED]"
 
 
+def _counting_offers(audit: AuditLog) -> list[int]:
+    """How many records each hand-over gave the (one) writer."""
+    offered: list[int] = []
+    writer = audit.writers[0]
+    offer = writer.offer
+
+    def counting(records: Sequence[Any]) -> None:
+        offered.append(len(records))
+        offer(records)
+
+    writer.offer = counting  # type: ignore[method-assign]
+    return offered
+
+
+def _one_pass(audit: AuditLog, idle: bool = False) -> float | None:
+    """Run one build pass by hand and cancel the next one it scheduled; return in how many
+    seconds that one was due (None: at once, the loop's next turn)."""
+    if audit._next_pass is not None:
+        audit._next_pass.cancel()  # the one start() scheduled
+    audit._pass(idle)
+    scheduled = audit._next_pass
+    assert scheduled is not None
+    scheduled.cancel()
+    if isinstance(scheduled, asyncio.TimerHandle):
+        return scheduled.when() - asyncio.get_running_loop().time()
+    return None
+
+
 async def test_built_records_linger_then_go_to_the_writers_in_batches(tmp_path: Path) -> None:
-    """The thread builds often (short holds of the GIL) but hands records over by the linger
-    or by full batches (each hand-over wakes the event loop). Driven by hand, without the
-    thread, so no timing decides the outcome."""
+    """Passes build often (short slices on the event loop) but hand records over by the linger
+    or by full batches. Driven by hand, one pass at a time, so no timing decides the outcome."""
     runtime = PolicyRuntime(str(write_audit_policy(tmp_path / "policies")))
     runtime.load()
-    audit = AuditLog([FileSink(tmp_path / "audit.jsonl")], batch_size=4, linger=60.0)
-    offered: list[int] = []
-    audit._loop = asyncio.get_running_loop()
-    fan_out = audit._fan_out
-
-    def counting(records: list[Any], taken: int) -> None:
-        offered.append(taken)
-        fan_out(records, taken)
-
-    audit._fan_out = counting  # type: ignore[method-assign]
+    audit = AuditLog([FileSink(tmp_path / "audit.jsonl")], batch_size=4, linger=60.0, slice_seconds=60.0)
+    audit.start()
+    offered = _counting_offers(audit)
     pipeline = Pipeline(runtime, observers=[audit.observe])
     now = time.time()
     for i in range(6):
         await pipeline.decide(facts_for(f"/public/{i}"), now=now)
-    audit._drain_until(None, hand_over=False)  # what the thread does when its build timer fires
-    await asyncio.sleep(0)
+    _one_pass(audit)  # what happens when the build timer fires
     assert offered == [4] and audit.built == 6 and audit.pending == 2  # a full batch went, two wait
-    audit._drain_until(None, hand_over=False)
-    await asyncio.sleep(0)
+    _one_pass(audit)
     assert offered == [4]  # not lingered long enough yet
     audit._held_since -= 60.0
-    audit._drain_until(None, hand_over=False)
-    await asyncio.sleep(0)
+    _one_pass(audit)
     assert offered == [4, 2] and audit.pending == 0
     await pipeline.decide(facts_for("/public/6"), now=now)
-    audit._drain_until(None)  # woken (drain, stop, a full queue): everything built goes now
-    await asyncio.sleep(0)
+    await audit.drain()  # drain (and stop): everything built goes now
     assert offered == [4, 2, 1] and audit.pending == 0
+    await audit.stop()
     runtime.close()
 
 
-async def test_the_thread_waits_a_linger_when_idle_and_hands_over_what_came_meanwhile(tmp_path: Path) -> None:
-    """Idle, the thread does not wake 200 times a second: it waits a whole linger, and what came
-    during that wait has lingered enough to go at once. Busy, it builds every ``build_every``
-    and holds. One pass of the thread's loop each, its wait answered by hand."""
+async def test_idle_the_passes_wait_a_linger_and_hand_over_what_came_meanwhile(tmp_path: Path) -> None:
+    """Idle (nothing came since the last pass), the audit log does not wake the loop 200 times
+    a second: the next pass comes a whole linger later, and what came during that wait has
+    lingered enough to go at once. Busy, a pass comes every ``build_every`` and holds what it
+    built."""
     runtime = PolicyRuntime(str(write_audit_policy(tmp_path / "policies")))
     runtime.load()
     audit = AuditLog([FileSink(tmp_path / "audit.jsonl")], linger=60.0, build_every=5.0)
-    audit._loop = asyncio.get_running_loop()
-    offered: list[int] = []
-    fan_out = audit._fan_out
-
-    def counting(records: list[Any], taken: int) -> None:
-        offered.append(taken)
-        fan_out(records, taken)
-
-    audit._fan_out = counting  # type: ignore[method-assign]
+    audit.start()
+    offered = _counting_offers(audit)
     pipeline = Pipeline(runtime)  # observed by hand below
     made = [(await pipeline.decide(facts, now=time.time()), facts)
             for facts in (facts_for("/public/a"), facts_for("/public/b"), facts_for("/public/c"))]
-    waits: list[float] = []
+    assert _one_pass(audit, idle=True) == pytest.approx(60.0, abs=1.0)  # nothing came: idle again
+    for decision, facts in made[:2]:  # two arrive while the audit log waits, idle
+        audit.observe(decision, facts, time.time())
+    next_in = _one_pass(audit, idle=True)
+    assert offered == [2] and audit.pending == 0  # at once
+    assert next_in == pytest.approx(5.0, abs=1.0)  # records came: busy again, the next pass after build_every
 
-    class OnePass:
-        def __init__(self, arriving: list[Any]) -> None:
-            self.arriving = arriving
+    audit.observe(*made[2], time.time())  # arrives while busy
+    next_in = _one_pass(audit)
+    assert offered == [2] and audit.pending == 1 and audit.built == 3  # built, held
+    assert next_in == pytest.approx(5.0, abs=1.0)  # the next pass comes after build_every
+    await audit.stop()
+    runtime.close()
 
-        def wait(self, timeout: float) -> bool:
-            waits.append(timeout)
-            for decision, facts in self.arriving:
-                audit.observe(decision, facts, time.time())
-            audit._halt.set()  # this pass is the last
-            return False  # the timeout, not a wake-up
 
-        def clear(self) -> None:
-            pass
-
-    audit._wake = OnePass(made[:2])  # type: ignore[assignment]  # two arrive while the thread waits, idle
-    audit._run()
-    await asyncio.sleep(0)
-    assert waits == [60.0] and offered == [2] and audit.pending == 0  # a whole linger, then at once
-
-    audit._halt.clear()
-    audit.observe(*made[2], time.time())  # queued before the pass: not idle
-    audit._wake = OnePass([])  # type: ignore[assignment]
-    audit._run()
-    await asyncio.sleep(0)
-    assert waits == [60.0, 5.0] and offered == [2] and audit.pending == 1 and audit.built == 3  # built, held
+async def test_a_pass_holds_the_loop_one_slice_and_the_rest_follows_at_once(tmp_path: Path) -> None:
+    """However many are queued, one pass builds for ``slice_seconds`` (here: one record each)
+    and gives the loop back; the next pass is due at once, after the loop polls its sockets."""
+    runtime = PolicyRuntime(str(write_audit_policy(tmp_path / "policies")))
+    runtime.load()
+    audit = AuditLog([FileSink(tmp_path / "audit.jsonl")], linger=60.0, slice_seconds=0.0)
+    audit.start()
+    pipeline = Pipeline(runtime, observers=[audit.observe])
+    for i in range(3):
+        await pipeline.decide(facts_for(f"/public/{i}"), now=time.time())
+    assert _one_pass(audit) is None and audit.built == 1 and len(audit.queue) == 2
+    audit._next_pass = None
+    audit._pass()  # this time the scheduled passes run: the loop's next turns build the rest
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert audit.built == 3 and not audit.queue
+    await audit.stop()
     runtime.close()

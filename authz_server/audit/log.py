@@ -15,12 +15,13 @@ audit log at most one slice, whatever the batch size.
 Why the loop and not a thread of its own: the building is Python either way, so it needs the
 GIL the loop needs. A thread that holds it when a request comes makes the loop wait for the end
 of its slice, then for the thread's switch back; on the loop a pass is simply one more callback
-between two answers. Measured through Envoy (``tests.bench --only audit``, the same machine, one
-run each), one connection's p99 with the audit log on against off: 1.01 / 0.97 / 1.00 / 0.90
-(gRPC repeated, gRPC not repeating, HTTP repeated, HTTP not repeating) against 1.45 / 1.05 /
-1.73 / 1.05 with the thread. What it costs: in gRPC mode a thread could also build while the
-loop waited inside gRPC's C core, so on traffic that does not repeat, at 32 connections,
-throughput with the audit log on fell from 0.88 to 0.81 of off (HTTP mode: 0.87 → 0.95).
+between two answers. Measured through Envoy (``tests.bench --only audit``, the same machine,
+three runs back to back), one connection's p99 with the audit log on against off: 1.01 / 0.97 / 1.00 /
+0.90 and 0.96 / 1.17 / 1.14 / 1.06 (gRPC repeated, gRPC not repeating, HTTP repeated, HTTP not
+repeating) against 1.45 / 1.05 / 1.73 / 1.05 with the thread. What it can cost: in gRPC mode a
+thread could also build while the loop waited inside gRPC's C core, so where the loop is what
+limits throughput (gRPC, traffic that does not repeat, 32 connections) the loop now does that
+work too: on / off 0.81 and 0.91 against the thread's 0.88.
 Before either, the dispatcher built a whole batch on the loop, 25 ms at a time at 2,600
 decisions a second, and that was the tail of every answer behind it.
 

@@ -111,7 +111,8 @@ async def failover_under_traffic(url: str, kill: Callable[[], None], *, replicas
                 report.refused_sign_ins += 1
                 if killed_at is None or (back_at is not None and started > back_at):
                     report.refused_outside_window += 1
-                    since = "before the kill" if killed_at is None else f"{(started - killed_at) * 1000:.0f} ms after the kill"
+                    since = ("before the kill" if killed_at is None
+                             else f"{(started - killed_at) * 1000:.0f} ms after the kill")
                     report.refusals_outside_window.append(f"{since}: {exc.message}")
             else:
                 live.append(session.key)

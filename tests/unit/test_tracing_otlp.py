@@ -6,6 +6,7 @@ for what was observed before it."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 from types import SimpleNamespace
@@ -57,14 +58,59 @@ def test_the_samplers_rule_answers_as_the_sdk_sampler(monkeypatch: pytest.Monkey
             kept = sink.sample(SimpleNamespace(headers=headers, attributes_factory=None))
             assert (kept is not None) is expected
             if kept is not None:
-                assert kept == (trace_id.to_bytes(16, "big"), None if flags is None else span_id.to_bytes(8, "big"),
-                                None, None)
+                assert read(kept) == (trace_id.to_bytes(16, "big"), None if flags is None else span_id.to_bytes(8, "big"),
+                                      None, None)
             if flags is not None:  # a traceparent the propagator refuses, whatever its flags: the parent is none
                 ids = f"{trace_id:032x}-{span_id:016x}"
                 for broken in (f"00-{ids.upper()}-{flags:02x}", f"00-{0:032x}{ids[32:]}-{flags:02x}",
                                f"ff-{ids}-{flags:02x}", f"00-{ids}-0"):
                     kept = sink.sample(SimpleNamespace(headers={"traceparent": broken}, attributes_factory=None))
                     assert (kept is not None) is _sampled(root, trace_id), broken
+                    assert kept is None or read(kept)[1] is None, broken  # a root
+
+
+def read(context: Any) -> Any:
+    """A context ``sample`` left with its traceparent unread, as ``add`` reads it."""
+    return otlp._read_parent(context[2], context[3]) if context[0] is None else context
+
+
+# Every mix of a traceparent's well- and ill-formed parts (the grammar, its positions, its flags' digits)
+_TRACEPARENTS = [f"{lead}{version}-{trace}-{span}-{flags}{tail}" for lead, version, trace, span, flags, tail in
+                 itertools.product(["", " ", "\t"], ["00", "01", "ff", "0g"],
+                                   ["0af7651916cd43dd8448eb211c80319c", "0" * 32, "0AF7651916CD43DD8448EB211C80319C",
+                                    "0af7651916cd43dd8448eb211c8031"],
+                                   ["b7ad6b7169203331", "0" * 16, "b7ad6b71692033"],
+                                   [*(f"0{digit}" for digit in "0123456789abcdefB"), "10", "ff", "0", "1", "x1"],
+                                   ["", " ", "-future", "-", "x"])]
+
+
+@pytest.mark.parametrize("name", ["parentbased_always_on", "always_on", None])
+def test_a_traceparent_left_unread_is_sampled_and_read_as_the_parse_reads_it(
+        monkeypatch: pytest.MonkeyPatch, name: str | None) -> None:
+    """Where ``sample`` tells a span sampled from two characters, it is what reading the whole
+    ``traceparent`` answers, and ``add``'s reading gives the context reading it at once gives."""
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER_ARG", raising=False)
+    if name is None:
+        monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    else:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", name)
+    rules = sampler_rules(TracerProvider().sampler)
+    assert rules is not None
+    quick, whole = (OtlpSpans(None, Resource.create(), rules, SpanLimits()) for _ in range(2))
+    whole._sampled_but_unsampled_parents = False  # reads every traceparent as a decision starts
+    unread = 0
+    for traceparent, tracestate in itertools.product(_TRACEPARENTS, [None, "k=v"]):
+        headers = {"traceparent": traceparent, **({"tracestate": tracestate} if tracestate else {})}
+        facts = SimpleNamespace(headers=headers, attributes_factory=None)
+        answer, expected = quick.sample(facts), whole.sample(facts)
+        assert (answer is None) is (expected is None), traceparent
+        if answer is not None:
+            unread += answer[0] is None
+            resolved = read(answer)
+            assert resolved[1:] == expected[1:], traceparent  # the parent, the trace state
+            if expected[1] is not None:  # (a root's trace id is drawn anew)
+                assert resolved[0] == expected[0], traceparent
+    assert unread > 100  # the two characters did tell
 
 
 class _Custom(Sampler):

@@ -472,8 +472,8 @@ def report_envoy(results: dict[str, Any]) -> str:
                  f"sessions; median of {rounds} interleaved round(s); targets: req/s on/off >= 0.85, 1-conn. p99 "
                  f"on/off <= 1.3, audit CPU <= 40 µs)",
                  ["mode", "traffic", "req/s off (32 c.)", "req/s on", "on / off", "1 conn. p50/p99 ms off", "on",
-                  "p99 on / off", "authz CPU µs/req off / on", "Δ CPU µs/req", "Δ loop thread CPU µs/req", "audit build µs/record 32 c. / 1 c.",
-                  "errors", "wrong allows"], rows)
+                  "p99 on / off", "authz CPU µs/req off / on", "Δ CPU µs/req", "Δ loop thread CPU µs/req",
+                  "audit build µs/record 32 c. / 1 c.", "errors", "wrong allows"], rows)
     dropped = sum(r.extra.get("audit_records_dropped", 0) for runs in results.values() if isinstance(runs, list)
                   for r in runs)
     return text + (f"\nrecords in the audit files (the current one and the rotated ones, at most 5 x 100 MB): "

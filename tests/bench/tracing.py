@@ -298,8 +298,8 @@ def report(results: dict[str, Any], decisions: int) -> str:
     title = (f"Tracing: µs per decision in process, off vs on (OTLP/gRPC to a local collector, until it "
              f"acknowledged the last span), {count} interleaved rounds of {decisions} requests that never repeat: "
              f"medians, and for Δ the median of the rounds' own differences [its 95 % confidence interval]")
-    text = table(title, ["decision", "off CPU", "on CPU", "Δ CPU [95 %]", "of which the loop's thread", "Δ wall", "SDK spans: Δ CPU [95 %]",
-                         "Δ wall", "off CPU round spread"], rows)
+    text = table(title, ["decision", "off CPU", "on CPU", "Δ CPU [95 %]", "of which the loop's thread", "Δ wall",
+                         "SDK spans: Δ CPU [95 %]", "Δ wall", "off CPU round spread"], rows)
     text += ("\nrequest-path hooks when on (the sampler's answer, phase clock, 3 marks, what the span needs kept, "
              "queue append; CPU): "
              + ", ".join(f"{name} {us:.2f} µs" for name, us in results["hooks_us"].items()))

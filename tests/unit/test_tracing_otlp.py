@@ -58,8 +58,8 @@ def test_the_samplers_rule_answers_as_the_sdk_sampler(monkeypatch: pytest.Monkey
             kept = sink.sample(SimpleNamespace(headers=headers, attributes_factory=None))
             assert (kept is not None) is expected
             if kept is not None:
-                assert read(kept) == (trace_id.to_bytes(16, "big"), None if flags is None else span_id.to_bytes(8, "big"),
-                                      None, None)
+                parent = None if flags is None else span_id.to_bytes(8, "big")
+                assert read(kept) == (trace_id.to_bytes(16, "big"), parent, None, None)
             if flags is not None:  # a traceparent the propagator refuses, whatever its flags: the parent is none
                 ids = f"{trace_id:032x}-{span_id:016x}"
                 for broken in (f"00-{ids.upper()}-{flags:02x}", f"00-{0:032x}{ids[32:]}-{flags:02x}",

@@ -22,9 +22,10 @@ Sampling is decided when a decision starts (``DecisionTracer.start``, by the sin
 Envoy's ``traceparent`` under the sampler's rules), since Envoy samples a few requests in a
 hundred: a decision the sampler drops gets ``NOT_SAMPLED`` for a clock, which reads no time and
 keeps nothing, and ``observe`` only counts it. What ``sample`` read of the request (the parent,
-parsed) rides on the clock to ``keep``, so the header is read once. A decision made without the
-clock (an answer repeated by a front, a request refused before it had facts) is sampled by
-``keep`` itself, by the same rules.
+parsed; or, where two of the header's characters already tell the span sampled, the header
+itself, which the tracer's thread parses: ``otlp.OtlpSpans.sample``) rides on the clock to
+``keep``, so the header is found once. A decision made without the clock (an answer repeated by
+a front, a request refused before it had facts) is sampled by ``keep`` itself, by the same rules.
 """
 
 from __future__ import annotations

@@ -144,6 +144,17 @@ class OtlpSpans:
             # Read by ``add``, on the tracer's thread: parsing it here, after a policy evaluation
             # (whose engine has left the CPU's caches cold), cost the request path 2.7 µs.
             return None, None, traceparent, headers.get("tracestate")
+        return self._context(traceparent, headers)
+
+    def _read(self, context: TraceContext) -> TraceContext:
+        """A context ``sample`` left with its ``traceparent`` unread, read by the same rules."""
+        _, _, traceparent, tracestate = context
+        read = self._context(traceparent, {"tracestate": tracestate} if tracestate else _NO_HEADER[1])
+        assert read is not None  # sampled whatever the traceparent holds (``sample``)
+        return read
+
+    def _context(self, traceparent: str | None, headers: Mapping[str, str]) -> TraceContext | None:
+        """``sample``'s answer with the ``traceparent`` read (``headers``: where its ``tracestate`` is)."""
         parent = parse_traceparent(traceparent) if traceparent else None
         if parent is None:
             rule = self._root
@@ -180,9 +191,10 @@ class OtlpSpans:
         return self._layouts.get(shape) or shape if laid_out else shape, decision_id, phases, context, now, end_ns
 
     def add(self, kept: tuple[Any, ...]) -> bool:
-        spanning, decision_id, phases, (trace_id, parent_id, traceparent, tracestate), now, end_ns = kept
-        if trace_id is None:  # sampled with its traceparent unread (``sample``): read now
-            trace_id, parent_id, traceparent, tracestate = _read_parent(traceparent, tracestate)
+        spanning, decision_id, phases, context, now, end_ns = kept
+        unread = context[0] is None
+        trace_id, parent_id, traceparent, tracestate = self._read(context) if unread else context
+        if unread:
             key, last, marked, _, id_length = spanning  # an unread parent is laid out here (``keep``)
             spanning = (key, last, marked, parent_id is None, id_length)
         span_id = (_getrandbits(64) or 1).to_bytes(8, "big")
@@ -268,16 +280,6 @@ def _sampled(rule: Rule, trace_id: int) -> bool:
     if rule is True or rule is False:
         return bool(rule)
     return bool(trace_id & _RATIO_MASK < rule)
-
-
-def _read_parent(traceparent: str, tracestate: str | None) -> TraceContext:
-    """The trace context of a span ``OtlpSpans.sample`` found sampled without reading its
-    ``traceparent``: that parent, or (not valid) a new trace as a root."""
-    parent = parse_traceparent(traceparent)
-    if parent is None:
-        return (_getrandbits(128) or 1).to_bytes(16, "big"), None, None, None
-    trace_id, parent_id, _ = parent
-    return trace_id, parent_id, traceparent if tracestate else None, tracestate
 
 
 def _trace_state(traceparent: str, tracestate: str) -> str:

@@ -59,19 +59,19 @@ def test_the_samplers_rule_answers_as_the_sdk_sampler(monkeypatch: pytest.Monkey
             assert (kept is not None) is expected
             if kept is not None:
                 parent = None if flags is None else span_id.to_bytes(8, "big")
-                assert read(kept) == (trace_id.to_bytes(16, "big"), parent, None, None)
+                assert read(sink, kept) == (trace_id.to_bytes(16, "big"), parent, None, None)
             if flags is not None:  # a traceparent the propagator refuses, whatever its flags: the parent is none
                 ids = f"{trace_id:032x}-{span_id:016x}"
                 for broken in (f"00-{ids.upper()}-{flags:02x}", f"00-{0:032x}{ids[32:]}-{flags:02x}",
                                f"ff-{ids}-{flags:02x}", f"00-{ids}-0"):
                     kept = sink.sample(SimpleNamespace(headers={"traceparent": broken}, attributes_factory=None))
                     assert (kept is not None) is _sampled(root, trace_id), broken
-                    assert kept is None or read(kept)[1] is None, broken  # a root
+                    assert kept is None or read(sink, kept)[1] is None, broken  # a root
 
 
-def read(context: Any) -> Any:
+def read(sink: OtlpSpans, context: Any) -> Any:
     """A context ``sample`` left with its traceparent unread, as ``add`` reads it."""
-    return otlp._read_parent(context[2], context[3]) if context[0] is None else context
+    return sink._read(context) if context[0] is None else context
 
 
 # Every mix of a traceparent's well- and ill-formed parts (the grammar, its positions, its flags' digits)
@@ -106,7 +106,7 @@ def test_a_traceparent_left_unread_is_sampled_and_read_as_the_parse_reads_it(
         assert (answer is None) is (expected is None), traceparent
         if answer is not None:
             unread += answer[0] is None
-            resolved = read(answer)
+            resolved = read(quick, answer)
             assert resolved[1:] == expected[1:], traceparent  # the parent, the trace state
             if expected[1] is not None:  # (a root's trace id is drawn anew)
                 assert resolved[0] == expected[0], traceparent

@@ -152,27 +152,25 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _cpu_ticks(stat: str) -> int:
+    """User+system CPU in clock ticks from a ``/proc`` ``stat`` file (0 when it cannot be read)."""
+    try:
+        fields_ = Path(stat).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields_[11]) + int(fields_[12])  # utime, stime
+
+
 def cpu_seconds(pid: int) -> float:
     """User+system CPU of ``pid`` and all its descendants."""
-    total = 0
-    for p in _descendants(pid):
-        try:
-            fields_ = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields_[11]) + int(fields_[12])  # utime, stime
-    return total / CLOCK_TICKS
+    return sum(_cpu_ticks(f"/proc/{p}/stat") for p in _descendants(pid)) / CLOCK_TICKS
 
 
 def main_thread_cpu_seconds(pid: int) -> float:
     """User+system CPU of ``pid``'s main thread alone: in ``serve``, the event loop's thread, where
     the request path and the audit log's build passes run (the policy's evaluations, the sinks'
     writers and the Go runtime are threads of their own). 0 when it cannot be read."""
-    try:
-        fields_ = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields_[11]) + int(fields_[12])) / CLOCK_TICKS
+    return _cpu_ticks(f"/proc/{pid}/task/{pid}/stat") / CLOCK_TICKS
 
 
 def rss_mb(pid: int) -> float:

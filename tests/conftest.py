@@ -23,8 +23,14 @@ def redis_server(supervisor: Supervisor) -> RedisServer:
 
 @pytest.fixture
 def sentinel_group(supervisor: Supervisor) -> SentinelGroup:
-    """A primary, two replicas and three sentinels, private to the test (it may kill them)."""
-    return SentinelGroup(supervisor).start()
+    """A primary, two replicas and three sentinels, private to the test (it may kill them).
+
+    A primary is down after 2 s without an answer, not the benchmark's 1 s: on the test suite's
+    busy 2-core machine a sentinel starved for a second took the primary it had just switched to
+    for down and failed over a second time (a fresh-clone CI run, 2026-12-07 10:47, sentinel log:
+    ``+switch-master`` to the promoted replica, then ``+sdown`` of it 1.02 s later and a new
+    election), refusing sign-ins after the store was back from the first failover."""
+    return SentinelGroup(supervisor, down_after_ms=2000).start()
 
 
 @pytest.fixture(scope="module")

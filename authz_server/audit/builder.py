@@ -104,7 +104,7 @@ class _Template:
     pattern: bytes = b""  # the fragments joined with a %b for each slot (literal % doubled)
 
 
-def _placeholders(volatile: Volatile, headers: dict[str, str]) -> Volatile:
+def _slotted(volatile: Volatile, headers: dict[str, str]) -> Volatile:
     """``volatile``'s request id and port as their slots (where it has them), with ``headers``;
     the time is put in by the caller (``with_volatile`` renders it as an object)."""
     return Volatile(request_id=_slot(_REQUEST_ID) if volatile.request_id else "", time_value=None,
@@ -114,7 +114,7 @@ def _placeholders(volatile: Volatile, headers: dict[str, str]) -> Volatile:
 
 def _spliced(members: dict[str, Any], expected: list[int], masked: tuple[str, ...], erased: tuple[str, ...],
              path_first: bool = False) -> Any:
-    """``members`` rendered with their placeholders cut out: a template, or ``_UNSPLIT`` when
+    """``members`` rendered with their slot markers cut out: a template, or ``_UNSPLIT`` when
     they cannot be rendered or do not hold exactly the ``expected`` slots."""
     try:
         rendered = _dumps(members)
@@ -122,7 +122,7 @@ def _spliced(members: dict[str, Any], expected: list[int], masked: tuple[str, ..
         return _UNSPLIT
     parts = _SLOT.split(rendered[1:-1])
     slots = tuple(int(index) for index in parts[1::2])
-    if sorted(slots) != expected:  # a request holding our placeholder text: never spliced
+    if sorted(slots) != expected:  # a request holding our slot marker text: never spliced
         return _UNSPLIT
     return _new_template(tuple(parts[0::2]), slots, masked, erased, path_first)
 
@@ -463,8 +463,8 @@ class RecordBuilder:
             return None
         if split is None:
             return _UNSPLIT
-        placeholders = _placeholders(volatile, dict.fromkeys(volatile.headers, ""))
-        attributes = dict(with_volatile(split["attributes"], placeholders))
+        slotted = _slotted(volatile, dict.fromkeys(volatile.headers, ""))
+        attributes = dict(with_volatile(split["attributes"], slotted))
         if "request" in attributes:
             request = attributes["request"] = dict(attributes["request"])
             http = dict(request.get("http", {}))
@@ -523,9 +523,9 @@ class RecordBuilder:
         if split is None:
             return _UNSPLIT
         stable = self.redactor.redact_input_parts(split)
-        placeholders = _placeholders(volatile, {name: _slot(_HEADERS + index)
+        slotted = _slotted(volatile, {name: _slot(_HEADERS + index)
                                                 for index, name in enumerate(volatile.headers)})
-        attributes = with_volatile(stable.members["attributes"], placeholders)
+        attributes = with_volatile(stable.members["attributes"], slotted)
         if volatile.time_value is not None:  # where with_volatile puts it: last in ``request``
             attributes = dict(attributes)
             request = attributes["request"] = dict(attributes.get("request", {}))

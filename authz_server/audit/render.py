@@ -3,7 +3,7 @@
 orjson renders a record in a few microseconds where ``json.dumps`` takes tens (it was a
 quarter of a record's cost). The line means what ``json.dumps(document, separators=(",",
 ":"), default=str)`` wrote before, member for member and in the same order; only its
-spelling of non-ASCII text differs (UTF-8 instead of ``\\uXXXX`` escapes), which every JSON
+spelling of non-ASCII text differs (``é`` as UTF-8 where ``json.dumps`` wrote ``\\u00e9``), which every JSON
 reader, PostgreSQL's ``jsonb`` and OPA's decision-log collectors read the same.
 
 orjson refuses a few things the standard library writes: lone surrogates (a header value

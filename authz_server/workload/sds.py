@@ -293,4 +293,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         return discovery_response(secrets)
 
     async def DeltaSecrets(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Refused, as SPIRE's agent refuses it (its SDS v3 handler answers ``Unimplemented``): Envoy
+        asks with ``StreamSecrets`` when its SDS config says ``api_type: GRPC``, as every config
+        rendered here does (``mesh/sidecar.py``), and a secret set this small gains nothing from deltas."""
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "DeltaSecrets is not implemented; use StreamSecrets")

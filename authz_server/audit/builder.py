@@ -9,7 +9,8 @@ three, what is parsed from the path and body, and the volatile values (request i
 tracing headers). ``RecordBuilder`` redacts and renders them once per (shape, which volatile
 values it has) with a slot for each of those (``_Template``); the changing values are redacted
 and rendered per request (``_Changing``, kept per fingerprint from its second sighting on: a
-repeated request finds them, traffic that does not repeat keeps nothing), the volatile ones per
+repeated request finds them, traffic that does not repeat keeps nothing; in one C call when the
+path is one redaction cannot change, ``redact.render_inert_request``), the volatile ones per
 record, once (the request id is the record's ``request_id`` too). A path as Envoy sends most
 (``redact._INERT_PATH``) is not scrubbed, nor are the pieces parsed from it: one match shows
 that redaction cannot change them. A request whose attributes source cannot tell its shape
@@ -44,7 +45,7 @@ from ..errors import AuthzError
 from ..facts import (Facts, Shape, Volatile, parse_body, parse_path_and_query, request_time, stable_input,
                      with_volatile)
 from .record import BUNDLE_NAME, AuditRecord, build_document, who
-from .redact import Redactor, scrub_text
+from .redact import Redactor, render_inert_request, scrub_text
 from .render import render_line
 
 if TYPE_CHECKING:
@@ -439,8 +440,13 @@ class RecordBuilder:
         """``keep``: whether it will be kept (its parts are then copied, see ``_kept``)."""
         key, method, path, headers = shape
         try:  # as build_input parses them (a request it refuses takes the whole path, which says so)
-            parsed_path, parsed_query = parse_path_and_query(facts.path)
             parsed_body, truncated = parse_body(facts.headers, facts.body, facts.raw_body)
+            if parsed_body is None:  # the usual request without a body: in C, when its path is inert
+                inert = render_inert_request(method, path, headers)
+                if inert is not None:
+                    (headers_json, *values), masked = inert
+                    return _Changing(key, headers_json, (*values, b"null", _BOOL[truncated]), masked, ())
+            parsed_path, parsed_query = parse_path_and_query(facts.path)
         except AuthzError:
             return None
         redacted = self.redactor.redact_request(method, path, headers, parsed_path, parsed_query, parsed_body,

@@ -436,12 +436,32 @@ def _redact_headers(headers: Mapping[str, str], path: str, redacted_path: str, r
 
 # the C loop when the extension was built (None when it gives up: the Python one then does it)
 redact_headers: Callable[..., tuple[dict[str, str], list[str]] | None] = _redact_headers
+_render_inert: Callable[..., tuple[bytes, bytes, bytes, bytes, bytes, list[str]] | None] | None = None
 try:
     from .. import _volatile_cut
 except ImportError:  # built without a C compiler
     pass
 else:
     redact_headers = _volatile_cut.redact_headers
+    _render_inert = _volatile_cut.render_inert_request
+
+
+def render_inert_request(method: str, path: str,
+                         headers: Mapping[str, str]) -> tuple[tuple[bytes, ...], tuple[str, ...]] | None:
+    """``Redactor.redact_request``'s members rendered (orjson's bytes), in C, for the usual request
+    of traffic that does not repeat: a path ``_INERT_PATH`` matches with no query name in
+    ``TOKEN_PARAMETERS``, a method shorter than 8 characters, string headers. Redaction then
+    changes nothing but header values (by the same rules, ``header_rule`` and ``scrub_text``),
+    and the path's parse has nothing to unescape. ((headers, method, path, parsed_path,
+    parsed_query), masked); None for any other request, or without the extension: then
+    ``redact_request`` and orjson make it, the same (tests/unit/test_audit_redact.py)."""
+    if _render_inert is None:
+        return None
+    done = _render_inert(method, path, headers, header_rule, scrub_text, TOKEN_PARAMETERS)
+    if done is None:
+        return None
+    *rendered, changed = done
+    return tuple(rendered), tuple(map(_header_pointer, changed))
 
 
 class Redacted(NamedTuple):

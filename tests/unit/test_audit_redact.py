@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -210,3 +211,77 @@ def test_redact_request_without_the_c_loop_is_the_same(monkeypatch) -> None:
     assert with_c[0].masked[-2] == with_c[1].masked[0] == "/input/attributes/request/http/path"
     monkeypatch.setattr(redact, "redact_headers", redact._redact_headers)
     assert [Redactor().redact_request(*args, path_first=first) for first in (False, True)] == with_c
+
+
+# An inert request's changing members rendered in C: the bytes redact_request and orjson make, or None.
+_path_characters = st.sampled_from(list("abcXYZ019_~-/?&=") + ["%", "+", ";", "é", " ", "#", ".", "\x00"])
+_query_names = st.sampled_from(["page", "Code", "TOKEN", "state", "q", "", "access_token", "x" * 70])
+_inert_paths = st.builds(lambda segments, query: "/".join(segments) + (
+    "?" + "&".join(f"{name}={value}" if value is not None else name for name, value in query) if query else ""),
+    st.lists(st.sampled_from(["", "orders", "a1_b~c-d", "123"]), max_size=5),
+    st.lists(st.tuples(_query_names, st.one_of(st.none(), st.sampled_from(["", "1", "a-b~_9"]))), max_size=5))
+_any_paths = st.one_of(_inert_paths, st.text(_path_characters, max_size=24))
+_any_text = st.text(st.one_of(st.characters(max_codepoint=0x7f), st.characters()), max_size=24)
+
+
+@settings(max_examples=500, deadline=None)
+@given(method=st.sampled_from(["GET", "POST", "DELETE", "PURGE-IT", "G\"T", "é", ""]), path=_any_paths,
+       headers=st.dictionaries(st.one_of(_header_names, _any_text), st.one_of(_header_values, _any_text),
+                               max_size=8),
+       path_header=st.booleans())
+def test_an_inert_request_rendered_in_c_is_what_redact_request_and_orjson_make(
+        method: str, path: str, headers: dict[str, str], path_header: bool) -> None:
+    import orjson
+
+    from authz_server.audit.redact import _INERT_PATH, render_inert_request
+    from authz_server.envoy import CheckRequest
+    from authz_server.errors import AuthzError
+    from authz_server.facts import parse_path_and_query
+
+    if path_header:
+        headers = {**headers, ":path": path}
+    maps: list[Any] = [headers]  # a dict's order is the HTTP front's
+    message = CheckRequest()  # a protobuf map, as the gRPC front gives them, in its own order
+    try:
+        message.attributes.request.http.headers.update(headers)
+        maps.append(message.attributes.request.http.headers)
+    except (UnicodeEncodeError, ValueError):  # upb holds UTF-8 only
+        pass
+    for given_headers in maps:
+        done = render_inert_request(method, path, given_headers)
+        try:
+            parsed_path, parsed_query = parse_path_and_query(path)
+        except AuthzError:
+            assert done is None
+            continue
+        inert = (_INERT_PATH.fullmatch(path) is not None and len(method) < 8
+                 and TOKEN_PARAMETERS.isdisjoint(map(str.lower, parsed_query)))
+        redacted = Redactor().redact_request(method, path, given_headers, parsed_path, parsed_query, None)
+        try:
+            expected = tuple(orjson.dumps(redacted.members[name]) for name in
+                             ("headers", "method", "path", "parsed_path", "parsed_query"))
+        except orjson.JSONEncodeError:  # a lone surrogate: the whole path says so
+            assert done is None
+            continue
+        if not inert:
+            assert done is None
+            continue
+        assert done == (expected, redacted.masked)
+        assert redacted.members["parsed_path"] is parsed_path and redacted.members["path"] == path
+
+
+def test_what_the_c_rendering_leaves_to_python() -> None:
+    from authz_server.audit.redact import header_rule, render_inert_request
+
+    assert render_inert_request("GET", "/a?token=x", {}) is None  # a credential's name: scrubbed in Python
+    assert render_inert_request("GET", "/a%2Fb", {}) is None  # escapes to unescape
+    assert render_inert_request("GET", "/a", {"x": "\ud800"}) is None  # orjson refuses it
+    assert render_inert_request("GET", "/a", {"x": 1}) is None  # type: ignore[dict-item]
+    assert render_inert_request("GET", "/" + "&" * 300, {}) is None
+    from authz_server import _volatile_cut
+
+    assert _volatile_cut.render_inert_request("GET", "/a?" + "&".join(["q=1"] * 300), {}, header_rule, scrub_text,
+                                              TOKEN_PARAMETERS) is None  # more pairs than it keeps: Python
+    assert _volatile_cut.render_inert_request("GET", "/a?q=1&q=2&p", {":path": "/a?q=1&q=2&p"}, header_rule,
+                                              scrub_text, TOKEN_PARAMETERS) == (
+        b'{":path":"/a?q=1&q=2&p"}', b'"GET"', b'"/a?q=1&q=2&p"', b'["a"]', b'{"q":["1","2"],"p":[""]}', [])

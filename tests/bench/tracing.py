@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import secrets
 import shutil
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+
+from .harness import median_interval
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
@@ -252,20 +253,6 @@ def against(ref: str, decisions: int, rounds: int) -> dict[str, Any]:
                 for name, results in runs.items()}
     finally:
         shutil.rmtree(tree, ignore_errors=True)
-
-
-def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """A distribution-free confidence interval of the median of ``values``: the order statistics
-    the binomial distribution puts around it (no assumption that rounds' differences are normal:
-    a round the Go collector or another process hit is an outlier, not a wider bell)."""
-    ordered, n = sorted(values), len(values)
-    tail, k = 0.0, 0  # the largest k with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2
-    while k < n // 2 and tail + math.comb(n, k) / 2 ** n <= (1 - confidence) / 2:
-        tail += math.comb(n, k) / 2 ** n
-        k += 1
-    if k == 0:  # too few rounds for this confidence: the interval is everything seen
-        return ordered[0], ordered[-1]
-    return ordered[k - 1], ordered[n - k]
 
 
 def run(smoke: bool = False) -> tuple[dict[str, Any], str]:

@@ -439,6 +439,30 @@ static PyObject *shape(PyObject *module, PyObject *arg) {
     return result;
 }
 
+/* One header's value through the rule of its name (header_rule(name)); with scrub_text's rule a
+ * value shorter than 8 characters is kept as it is and a value equal to the path is the path as
+ * redacted already. The name is appended to changed when the value changed. A new reference, or
+ * NULL on errors. Both loops below use it, value for value as audit.redact._redact_headers. */
+static PyObject *redact_value(PyObject *name, PyObject *value, PyObject *path, PyObject *redacted_path,
+                              PyObject *header_rule, PyObject *scrub, PyObject *changed) {
+    PyObject *rule = PyObject_CallOneArg(header_rule, name), *redacted;
+    if (rule == NULL) return NULL;
+    if (rule != scrub) {
+        redacted = PyObject_CallOneArg(rule, value);
+    } else if (PyUnicode_GET_LENGTH(value) < 8) { /* too short for anything scrub_text recognises */
+        redacted = Py_NewRef(value);
+    } else {
+        int same = PyUnicode_Compare(value, path) == 0; /* two str: no error */
+        redacted = same ? Py_NewRef(redacted_path) : PyObject_CallOneArg(scrub, value);
+    }
+    Py_DECREF(rule);
+    if (redacted != NULL && redacted != value) {
+        int differs = PyObject_RichCompareBool(redacted, value, Py_NE);
+        if (differs < 0 || (differs && PyList_Append(changed, name) != 0)) Py_CLEAR(redacted);
+    }
+    return redacted;
+}
+
 /* redact_headers(headers, path, redacted_path, header_rule, scrub_text): the audit log's loop over
  * a request's headers (audit.redact.Redactor.redact_request, whose Python loop it replaces, value
  * for value): each header's value through the rule of its name (header_rule(name)); with
@@ -453,7 +477,7 @@ static PyObject *redact_headers(PyObject *module, PyObject *const *args, Py_ssiz
     PyObject *headers = args[0], *path = args[1], *redacted_path = args[2], *header_rule = args[3];
     PyObject *scrub = args[4];
     PyObject *out = PyDict_New(), *changed = PyList_New(0), *iterator = PyObject_GetIter(headers);
-    PyObject *name = NULL, *value = NULL, *rule = NULL, *redacted = NULL, *result = NULL;
+    PyObject *name = NULL, *value = NULL, *redacted = NULL, *result = NULL;
     if (out == NULL || changed == NULL || iterator == NULL) goto done;
     if (!PyUnicode_CheckExact(path)) goto give_up;
     while ((name = PyIter_Next(iterator)) != NULL) {
@@ -461,25 +485,11 @@ static PyObject *redact_headers(PyObject *module, PyObject *const *args, Py_ssiz
         value = PyObject_GetItem(headers, name);
         if (value == NULL) goto done;
         if (!PyUnicode_CheckExact(value)) goto give_up;
-        rule = PyObject_CallOneArg(header_rule, name);
-        if (rule == NULL) goto done;
-        if (rule != scrub) {
-            redacted = PyObject_CallOneArg(rule, value);
-        } else if (PyUnicode_GET_LENGTH(value) < 8) { /* too short for anything scrub_text recognises */
-            redacted = Py_NewRef(value);
-        } else {
-            int same = PyUnicode_Compare(value, path) == 0 && !PyErr_Occurred();
-            redacted = same ? Py_NewRef(redacted_path) : PyObject_CallOneArg(scrub, value);
-        }
+        redacted = redact_value(name, value, path, redacted_path, header_rule, scrub, changed);
         if (redacted == NULL) goto done;
-        if (redacted != value) {
-            int differs = PyObject_RichCompareBool(redacted, value, Py_NE);
-            if (differs < 0 || (differs && PyList_Append(changed, name) != 0)) goto done;
-        }
         if (PyDict_SetItem(out, name, redacted) != 0) goto done;
         Py_CLEAR(name);
         Py_CLEAR(value);
-        Py_CLEAR(rule);
         Py_CLEAR(redacted);
     }
     if (PyErr_Occurred()) goto done;
@@ -493,7 +503,6 @@ done:
     Py_XDECREF(iterator);
     Py_XDECREF(name);
     Py_XDECREF(value);
-    Py_XDECREF(rule);
     Py_XDECREF(redacted);
     return result;
 }
@@ -675,7 +684,7 @@ static int out_parsed(Out *parsed_path, Out *parsed_query, const char *path, Py_
  * 1 done, 0 not for this path (no exception), -1 an error. */
 static int out_headers(Out *out, PyObject *changed, PyObject *headers, PyObject *path, PyObject *header_rule,
                        PyObject *scrub) {
-    PyObject *iterator = PyObject_GetIter(headers), *name = NULL, *value = NULL, *rule = NULL, *redacted = NULL;
+    PyObject *iterator = PyObject_GetIter(headers), *name = NULL, *value = NULL, *redacted = NULL;
     int status = -1;
     if (iterator == NULL || !out_raw(out, "{", 1)) goto done;
     while ((name = PyIter_Next(iterator)) != NULL) {
@@ -685,22 +694,8 @@ static int out_headers(Out *out, PyObject *changed, PyObject *headers, PyObject 
             status = 0;
             goto done;
         }
-        rule = PyObject_CallOneArg(header_rule, name);
-        if (rule == NULL) goto done;
-        if (rule != scrub) {
-            redacted = PyObject_CallOneArg(rule, value);
-        } else if (PyUnicode_GET_LENGTH(value) < 8) { /* too short for anything scrub_text recognises */
-            redacted = Py_NewRef(value);
-        } else {
-            int equal = PyUnicode_Compare(value, path) == 0;
-            if (PyErr_Occurred()) goto done;
-            redacted = equal ? Py_NewRef(value) : PyObject_CallOneArg(scrub, value);
-        }
+        redacted = redact_value(name, value, path, path, header_rule, scrub, changed);
         if (redacted == NULL) goto done;
-        if (redacted != value) {
-            int differs = PyObject_RichCompareBool(redacted, value, Py_NE);
-            if (differs < 0 || (differs && PyList_Append(changed, name) != 0)) goto done;
-        }
         if (out->len > 1 && !out_raw(out, ",", 1)) goto done;
         int written = out_str(out, name);
         if (written && !out_raw(out, ":", 1)) goto done;
@@ -711,7 +706,6 @@ static int out_headers(Out *out, PyObject *changed, PyObject *headers, PyObject 
         }
         Py_CLEAR(name);
         Py_CLEAR(value);
-        Py_CLEAR(rule);
         Py_CLEAR(redacted);
     }
     if (PyErr_Occurred() || !out_raw(out, "}", 1)) goto done;
@@ -720,7 +714,6 @@ done:
     Py_XDECREF(iterator);
     Py_XDECREF(name);
     Py_XDECREF(value);
-    Py_XDECREF(rule);
     Py_XDECREF(redacted);
     return status;
 }

@@ -529,8 +529,7 @@ class RecordBuilder:
         if split is None:
             return _UNSPLIT
         stable = self.redactor.redact_input_parts(split)
-        slotted = _slotted(volatile, {name: _slot(_HEADERS + index)
-                                                for index, name in enumerate(volatile.headers)})
+        slotted = _slotted(volatile, {name: _slot(_HEADERS + index) for index, name in enumerate(volatile.headers)})
         attributes = with_volatile(stable.members["attributes"], slotted)
         if volatile.time_value is not None:  # where with_volatile puts it: last in ``request``
             attributes = dict(attributes)

@@ -171,12 +171,18 @@ class OtlpSpans:
         tracestate = headers.get("tracestate")
         return trace_id, parent_id, traceparent if tracestate else None, tracestate
 
-    def keep(self, decision: Any, facts: Any, now: float) -> tuple[Any, ...] | None:
+    def keep(self, decision: Any, facts: Any, now: float) -> tuple[Any, ...] | bytes | None:
         """The span's layout (or its shape, while it has none: see ``add``), and what the span's
         changing fields are made of. The shape is looked up here, while the tuples it is made of are
         fresh in the CPU's caches and die young: the thread, a batch later, read them all again from
         memory (0.6 µs a span more in the benchmark's runs than the lookup here). A span whose
-        parent is unread yet (``sample``) is laid out by ``add``, which reads it."""
+        parent is unread yet (``sample``) is laid out by ``add``, which reads it.
+
+        The span of a decision the cache answered is made here, whole (the framed span's bytes):
+        no policy evaluation ran, so the request path's caches are warm and making it costs less
+        than the thread pays a batch later, reading all of it again, cold (4 µs less a cached
+        decision in all, measured in one process against the thread making it: docs/benchmarks.md).
+        After an evaluation the caches are cold, and the thread makes the span."""
         end_ns = _clock_ns()
         phases = decision.phase_clock
         context = phases.context if phases is not None else self.sample(facts)
@@ -188,9 +194,18 @@ class OtlpSpans:
                  phases.shape if phases is not None else None, context[1] is None, len(decision_id))
         # a trace state, or an id whose length in bytes is not its length: the general way (``add``)
         laid_out = context[2] is None and decision_id.isascii()
-        return self._layouts.get(shape) or shape if laid_out else shape, decision_id, phases, context, now, end_ns
+        kept = self._layouts.get(shape) or shape if laid_out else shape, decision_id, phases, context, now, end_ns
+        return self._span(kept) if decision.cached else kept
 
-    def add(self, kept: tuple[Any, ...]) -> bool:
+    def add(self, kept: tuple[Any, ...] | bytes) -> bool:
+        self._frames.append(kept if kept.__class__ is bytes else self._span(kept))  # type: ignore[arg-type]
+        if len(self._frames) >= self.batch:
+            self.send()
+        return True
+
+    def _span(self, kept: tuple[Any, ...]) -> bytes:
+        """What ``keep`` kept, made a span (framed, as ``ScopeSpans.spans`` holds it). Run by either
+        thread: the parts and layouts it makes once per shape are dicts, each get and set whole."""
         spanning, decision_id, phases, context, now, end_ns = kept
         unread = context[0] is None
         trace_id, parent_id, traceparent, tracestate = self._read(context) if unread else context
@@ -212,10 +227,7 @@ class OtlpSpans:
             key, last = spanning[0], spanning[1]
             frame = self._frame(decision_id, key, last, phases, trace_id, span_id, parent_id,
                                 _trace_state(traceparent, tracestate) if traceparent else "", start_ns, end_ns)
-        self._frames.append(frame)
-        if len(self._frames) >= self.batch:
-            self.send()
-        return True
+        return frame
 
     def _layout(self, shape: tuple[Any, ...], phases: PhaseClock | None) -> SpanLayout | None:
         """The layout of spans of one ``shape`` (see ``add``; made once), None when there is none."""

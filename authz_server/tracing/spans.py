@@ -3,10 +3,12 @@
 Making a span costs microseconds of Python, more than a cached decision itself. So the request
 path only takes timestamps: ``DecisionTracer.start`` gives the pipeline a ``PhaseClock`` that
 notes when each phase ended (identity, signals, cache, policy), and ``observe`` (a pipeline
-observer) appends the finished decision to a bounded queue. A thread of this tracer turns the
-queue into spans with those timestamps, through a *sink*: ``otlp.OtlpSpans`` encodes them
-straight into OTLP requests and exports them (the default: a few µs a span), ``sdkspans.SdkSpans``
-makes them with the SDK's tracer for any other exporter. Both make the same span: a SERVER span
+observer) appends what the sink keeps of the finished decision to a bounded queue. A thread of
+this tracer turns the queue into spans with those timestamps, through a *sink*: ``otlp.OtlpSpans``
+encodes them straight into OTLP requests and exports them (the default: a few µs a span; the span
+of a decision the cache answered it encodes on the request path, where that costs less, and the
+thread only exports it), ``sdkspans.SdkSpans`` makes them with the SDK's tracer for any other
+exporter. Both make the same span: a SERVER span
 named ``authz.decision`` whose parent is the trace context the request carried; its phases are
 span events (``identity``, ``signals``, ``cache``, ``policy``, ``response``), each stamped when
 the phase began, with its duration in ``authz.duration_us``; a phase that failed is named as the
@@ -103,8 +105,8 @@ class SpanSink(Protocol):
     def keep(self, decision: Any, facts: Any, now: float) -> Any:
         """On the request path: what ``add`` will need of a decision that just ended, as little
         of it as will do (holding whole decisions and requests until the thread runs costs the
-        allocator more than reading them now); None when the sampler drops its span (a decision
-        without a ``PhaseClock`` is sampled here)."""
+        allocator more than reading them now), or the span itself where making it now costs less;
+        None when the sampler drops its span (a decision without a ``PhaseClock`` is sampled here)."""
 
     def add(self, kept: Any) -> bool:
         """Make the span of what ``keep`` kept; False when the sampler dropped it."""
@@ -155,11 +157,15 @@ class DecisionTracer:
         return NOT_SAMPLED if context is None else PhaseClock(context)
 
     def observe(self, decision: Any, facts: Any, now: float) -> None:
-        """The pipeline observer: one append, or a drop counted. Never blocks."""
+        """The pipeline observer: one append, or a drop counted. Never blocks, never raises."""
         if decision.phase_clock is NOT_SAMPLED:
             self._unsampled_observed += 1
             return
-        kept = self._keep(decision, facts, now)
+        try:
+            kept = self._keep(decision, facts, now)
+        except Exception:  # a bug here costs one span, never the decision
+            log.exception("could not trace a decision")
+            return
         if kept is None:
             self._unsampled_observed += 1
             return

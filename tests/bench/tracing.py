@@ -19,7 +19,8 @@ the difference judged, and short alternating rounds let those moves cancel:
     rest of the difference is the tracer's thread (shown per span) and the other threads';
   * wall: the same span of time on the wall clock;
   * request-path hooks: what a decision itself runs when tracing is on (a phase clock, three
-    timestamps, one queue append), timed alone.
+    timestamps, what the span needs kept, one queue append; for a decision the cache answered,
+    the span itself made there), timed alone.
 The decisions run on uvloop, the event loop ``serve`` runs. With ``traceparent`` flags ``00``
 (Envoy did not sample), the parent-based sampler drops the span as the decision starts.
 
@@ -179,9 +180,15 @@ async def off_and_on(decisions: int, rounds: int) -> dict[str, Any]:
                     rounds_us.setdefault(f"{kind}_{mode}_cpu", []).append(cpu / decisions * 1e6)
                     rounds_us.setdefault(f"{kind}_{mode}_loop", []).append(loop_cpu / decisions * 1e6)
         hooks_us = {}
-        for name, request in (("sampled", sampled[0]), ("not sampled", unsampled[0])):
+        for name, request, cached in (("sampled", sampled[0], False), ("sampled and cached", sampled[0], True),
+                                      ("not sampled", unsampled[0], False)):
+            pipeline = _pipeline(runtime, cached, tracers["on"])
             facts = facts_from_check_request(parse_check_request(request))
-            decision = await _pipeline(runtime, False, tracers["on"]).decide(facts, now=time.time())
+            decision = await pipeline.decide(facts, now=time.time())
+            if cached:  # the same request again: the cache answers (the span is then made on the request path)
+                decision = await pipeline.decide(facts_from_check_request(parse_check_request(request)),
+                                                 now=time.time())
+                assert decision.cached
             hooks_us[name] = _hooks_us(tracers["on"], decision, facts)
         for tracer in tracers.values():
             assert tracer is not None and tracer.flush(120)
@@ -287,8 +294,8 @@ def report(results: dict[str, Any], decisions: int) -> str:
              f"medians, and for Δ the median of the rounds' own differences [its 95 % confidence interval]")
     text = table(title, ["decision", "off CPU", "on CPU", "Δ CPU [95 %]", "of which the loop's thread", "Δ wall",
                          "SDK spans: Δ CPU [95 %]", "Δ wall", "off CPU round spread"], rows)
-    text += ("\nrequest-path hooks when on (the sampler's answer, phase clock, 3 marks, what the span needs kept, "
-             "queue append; CPU): "
+    text += ("\nrequest-path hooks when on (the sampler's answer, phase clock, 3 marks, what the span needs kept "
+             "(cached: the span itself), queue append; CPU): "
              + ", ".join(f"{name} {us:.2f} µs" for name, us in results["hooks_us"].items()))
     per_span = results.get("tracer_thread_us_per_span", {})
     if per_span:

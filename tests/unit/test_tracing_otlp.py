@@ -213,6 +213,8 @@ class _Sink:
         return None if facts == "unsampled" else facts
 
     def keep(self, decision: Any, facts: Any, now: float) -> Any:
+        if decision.name == "a bug":
+            raise RuntimeError("a bug in making a span")
         return None if decision.name == "unsampled" else decision.name
 
     def add(self, kept: Any) -> bool:
@@ -260,6 +262,46 @@ def test_the_queue_is_bounded_drops_are_counted_and_flush_waits_for_what_came_be
         assert metrics["authz_tracing_unsampled"] == 3 and metrics["authz_tracing_cpu_seconds"] >= 0
     finally:
         tracer.shutdown(timeout=5)
+
+
+def test_a_bug_in_keeping_a_span_costs_that_span_never_the_decision() -> None:
+    tracer = DecisionTracer(_Sink(), delay=3600)
+    try:
+        tracer.observe(decision("a bug"), None, 0.0)  # on the request path: must not raise
+        tracer.observe(decision("a"), None, 0.0)
+        assert list(tracer._queue) == ["a"]
+    finally:
+        tracer.shutdown(timeout=5)
+
+
+def test_the_span_of_a_decision_the_cache_answered_is_made_as_it_ends() -> None:
+    """Made on the request path (no evaluation left its caches cold), the thread only exports it;
+    after an evaluation the thread makes the span. The same span either way, but for its ids, its
+    times and what it says of the cache."""
+    from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
+
+    from authz_server.tracing.spans import PhaseClock
+
+    sink = OtlpSpans(None, Resource.create(), sampler_rules(ALWAYS_ON), SpanLimits())  # type: ignore[arg-type]
+    made = []
+    for cached in (True, False):
+        clock = PhaseClock(sink.sample(None))
+        clock.mark("identity")
+        clock.mark("cache", cached)
+        answer = SimpleNamespace(decision_id="d-1", allowed=True, code="allowed", phase="policy", cached=cached,
+                                 policy_version="v1", http_status=200, dry_run=False, would_allow=None, verdict=True,
+                                 identity=SimpleNamespace(document={}), signals={}, phase_clock=clock)
+        kept = sink.keep(answer, None, 0.0)
+        assert isinstance(kept, bytes) is cached
+        sink.add(kept)
+        made.append(ScopeSpans.FromString(sink._frames.pop()).spans[0])
+
+    def essentials(span: Any) -> tuple[Any, ...]:  # all but the ids, the times and whether it was cached
+        attributes = {kv.key: kv.value for kv in span.attributes if kv.key != "authz.cached"}
+        return span.name, span.kind, [event.name for event in span.events], attributes
+
+    assert [kv.value.bool_value for span in made for kv in span.attributes if kv.key == "authz.cached"] == [True, False]
+    assert essentials(made[0]) == essentials(made[1]) and len(made[0].attributes) > 5
 
 
 @pytest.mark.parametrize("traceparent", ["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",

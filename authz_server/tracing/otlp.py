@@ -118,14 +118,15 @@ class OtlpSpans:
         self._root, self._sampled_parent, self._unsampled_parent = rules
         # Whether a span is sampled whatever its ``traceparent`` says, but for a valid one whose sampled
         # flag is clear (the default, parent-based always-on, and always-on): then ``sample`` can tell
-        # most spans sampled from two characters, and ``add`` reads the parent off the request path.
+        # most spans sampled from two characters, and ``_span`` reads the parent (off the request path
+        # but for a decision the cache answered: see ``keep``).
         self._sampled_but_unsampled_parents = self._root is True and self._sampled_parent is True
         self._limits = limits
         self.batch = batch
         self._resource_spans, self._scope_spans = _resource_and_scope(resource)
         self._attributes: dict[Any, AttributesPart] = {}
         self._events: dict[Any, EventsPart] = {}
-        self._layouts: dict[tuple[Any, ...], SpanLayout | None] = {}  # by span shape: see ``add``
+        self._layouts: dict[tuple[Any, ...], SpanLayout | None] = {}  # by span shape: see ``_span``
         self._frames: list[bytes] = []
         self.exported = self.failed = 0  # spans the collector acknowledged, spans lost to a failed export
 
@@ -135,14 +136,15 @@ class OtlpSpans:
         parent, else (none, or not valid: as the SDK's propagator) a new trace id under the rule
         for roots. Where the rules sample every span but those of a valid unsampled parent, a
         ``traceparent`` that cannot be one is not read here: the context then holds it unread
-        (a trace id of None), for ``add``."""
+        (a trace id of None), for ``_span``."""
         traceparent, headers = trace_header_in(facts, "traceparent") if facts is not None else _NO_HEADER
         if traceparent and self._sampled_but_unsampled_parents and \
                 traceparent[54:55] not in _UNSAMPLED_DIGITS and traceparent[2:3] == "-":
             # A "-" third: the grammar puts the flags at 53-54 if it matches at all, and the second
             # digit is not that of a clear sampled bit; so sampled, as a child or (not valid) a root.
-            # Read by ``add``, on the tracer's thread: parsing it here, after a policy evaluation
-            # (whose engine has left the CPU's caches cold), cost the request path 2.7 µs.
+            # Read by ``_span``, on the tracer's thread once a policy evaluated the request: parsing it
+            # here, after another's evaluation (whose engine has left the CPU's caches cold), cost the
+            # request path 2.7 µs.
             return None, None, traceparent, headers.get("tracestate")
         return self._context(traceparent, headers)
 
@@ -172,11 +174,11 @@ class OtlpSpans:
         return trace_id, parent_id, traceparent if tracestate else None, tracestate
 
     def keep(self, decision: Any, facts: Any, now: float) -> tuple[Any, ...] | bytes | None:
-        """The span's layout (or its shape, while it has none: see ``add``), and what the span's
+        """The span's layout (or its shape, while it has none: see ``_span``), and what the span's
         changing fields are made of. The shape is looked up here, while the tuples it is made of are
         fresh in the CPU's caches and die young: the thread, a batch later, read them all again from
         memory (0.6 µs a span more in the benchmark's runs than the lookup here). A span whose
-        parent is unread yet (``sample``) is laid out by ``add``, which reads it.
+        parent is unread yet (``sample``) is laid out by ``_span``, which reads it.
 
         The span of a decision the cache answered is made here, whole (the framed span's bytes):
         no policy evaluation ran, so the request path's caches are warm and making it costs less
@@ -192,7 +194,7 @@ class OtlpSpans:
         decision_id = decision.decision_id
         shape = ((attribute_shape(decision, facts), decision.code if error else None), last_phase(decision, error),
                  phases.shape if phases is not None else None, context[1] is None, len(decision_id))
-        # a trace state, or an id whose length in bytes is not its length: the general way (``add``)
+        # a trace state, or an id whose length in bytes is not its length: the general way (``_span``)
         laid_out = context[2] is None and decision_id.isascii()
         kept = self._layouts.get(shape) or shape if laid_out else shape, decision_id, phases, context, now, end_ns
         return self._span(kept) if decision.cached else kept
@@ -230,7 +232,7 @@ class OtlpSpans:
         return frame
 
     def _layout(self, shape: tuple[Any, ...], phases: PhaseClock | None) -> SpanLayout | None:
-        """The layout of spans of one ``shape`` (see ``add``; made once), None when there is none."""
+        """The layout of spans of one ``shape`` (see ``_span``; made once), None when there is none."""
         if len(self._layouts) >= _MAX_SHAPES:
             self._layouts.clear()
         key, last, _, root, id_length = shape

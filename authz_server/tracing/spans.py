@@ -1,7 +1,7 @@
 """Decisions → OpenTelemetry spans, made off the request path.
 
 Making a span costs microseconds of Python, more than a cached decision itself. So the request
-path only takes timestamps: ``DecisionTracer.start`` gives the pipeline a ``PhaseClock`` that
+path mostly takes timestamps: ``DecisionTracer.start`` gives the pipeline a ``PhaseClock`` that
 notes when each phase ended (identity, signals, cache, policy), and ``observe`` (a pipeline
 observer) appends what the sink keeps of the finished decision to a bounded queue. A thread of
 this tracer turns the queue into spans with those timestamps, through a *sink*: ``otlp.OtlpSpans``

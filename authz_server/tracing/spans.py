@@ -1,4 +1,4 @@
-"""Decisions → OpenTelemetry spans, made off the request path.
+"""Decisions → OpenTelemetry spans, made off the request path where that costs less.
 
 Making a span costs microseconds of Python, more than a cached decision itself. So the request
 path mostly takes timestamps: ``DecisionTracer.start`` gives the pipeline a ``PhaseClock`` that

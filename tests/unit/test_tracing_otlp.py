@@ -2,7 +2,8 @@
 gives the SDK sampler's answer for roots and remote parents, sampled or not, over many trace
 ids, and so does ``OtlpSpans.sample`` from a request's ``traceparent`` as a decision starts; a ``traceparent`` is read as the SDK's W3C propagator reads it, odd ones included; and the
 tracer's queue is bounded, counts what it drops and what the sampler drops, and ``flush`` waits
-for what was observed before it."""
+for what was observed before it; a bug in keeping a span costs that span only; and the span of a
+decision the cache answered is made as it ends, the same span the tracer's thread would make."""
 
 from __future__ import annotations
 

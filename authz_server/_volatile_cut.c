@@ -583,9 +583,10 @@ static int out_str(Out *out, PyObject *value) {
     return out_string(out, text, length);
 }
 
-/* [A-Za-z0-9_], what \w matches under re.ASCII */
-static int word(char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+/* [\w~-] under re.ASCII: what a query's name or value, or with '/' the path, is made of in an inert path */
+static int part_char(char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '~'
+        || c == '-';
 }
 
 #define MAX_QUERY_PAIRS 256
@@ -599,7 +600,7 @@ typedef struct {
  * MAX_QUERY_PAIRS, else not inert here), and where the query starts (length: none). */
 static int inert_path(const char *path, Py_ssize_t length, Pair *pairs, int *count, Py_ssize_t *query) {
     Py_ssize_t i = 0;
-    while (i < length && (word(path[i]) || path[i] == '~' || path[i] == '/' || path[i] == '-')) i++;
+    while (i < length && (part_char(path[i]) || path[i] == '/')) i++;
     *count = 0;
     *query = i;
     if (i == length) return 1;
@@ -607,12 +608,12 @@ static int inert_path(const char *path, Py_ssize_t length, Pair *pairs, int *cou
     i++;
     for (;;) {
         Pair pair = {i, 0, i, 0};
-        while (i < length && (word(path[i]) || path[i] == '~' || path[i] == '-')) i++;
+        while (i < length && part_char(path[i])) i++;
         pair.key_length = i - pair.key;
         pair.value = i;
         if (i < length && path[i] == '=') {
             pair.value = ++i;
-            while (i < length && (word(path[i]) || path[i] == '~' || path[i] == '-')) i++;
+            while (i < length && part_char(path[i])) i++;
             pair.value_length = i - pair.value;
         }
         if (i > pair.key) { /* a part at all ("a", "=b", "a="): an empty one is skipped, as parse_query does */

@@ -444,7 +444,7 @@ class RecordBuilder:
             if parsed_body is None:  # the usual request without a body: in C, when its path is inert
                 inert = render_inert_request(method, path, headers)
                 if inert is not None:
-                    (headers_json, *values), masked = inert
+                    (headers_json, *values), masked = inert  # bytes of their own size: nothing to _kept
                     return _Changing(key, headers_json, (*values, b"null", _BOOL[truncated]), masked, ())
             parsed_path, parsed_query = parse_path_and_query(facts.path)
         except AuthzError:

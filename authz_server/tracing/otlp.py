@@ -200,7 +200,7 @@ class OtlpSpans:
         return self._span(kept) if decision.cached else kept
 
     def add(self, kept: tuple[Any, ...] | bytes) -> bool:
-        self._frames.append(kept if kept.__class__ is bytes else self._span(kept))  # type: ignore[arg-type]
+        self._frames.append(kept if isinstance(kept, bytes) else self._span(kept))
         if len(self._frames) >= self.batch:
             self.send()
         return True

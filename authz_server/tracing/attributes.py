@@ -23,12 +23,14 @@ from typing import Any, Iterable, Mapping
 from ..audit.record import who
 
 SPAN_NAME = "authz.decision"
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
-_STANDARD = {method: method for method in _METHODS}  # a standard method as sent: no upper() copy to find it
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+STANDARD_METHODS = {method: method for method in METHODS}  # a standard method as sent: no upper() copy to find it
 # A decision that could not be made as designed (not a deny: a deny is an answer).
-_FAILED_PHASES = frozenset({"internal", "unavailable"})
-_FAILED_CODES = frozenset({"policy_timeout", "policy_eval_error", "policy_engine_panic", "policy_not_loaded",
-                           "internal_error"})
+FAILED_PHASES = frozenset({"internal", "unavailable"})
+FAILED_CODES = frozenset({"policy_timeout", "policy_eval_error", "policy_engine_panic", "policy_not_loaded",
+                          "internal_error"})
+# The last digit of a ``traceparent``'s flags when the sampled bit is clear (W3C: lowercase hex).
+UNSAMPLED_DIGITS = frozenset("02468ace")
 # The W3C traceparent grammar, as the SDK's TraceContextTextMapPropagator reads it.
 _TRACEPARENT = re.compile(r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:(-.*)|[ \t]*)$")
 _TRACEPARENT_MAX = 512
@@ -52,10 +54,10 @@ def attribute_shape(decision: Any, facts: Any) -> tuple[Any, ...]:
         identity = None
     explanation = getattr(decision, "explanation", None)
     if facts is not None:
-        method = _STANDARD.get(facts.method)
+        method = STANDARD_METHODS.get(facts.method)
         if method is None:
             method = str(facts.method).upper()
-            method = method if method in _METHODS else "_OTHER"
+            method = method if method in METHODS else "_OTHER"
         request: tuple[str, str] | None = (facts.transport, method)
     else:
         request = None
@@ -98,7 +100,7 @@ def shape_attributes(shape: tuple[Any, ...]) -> dict[str, Any]:
 
 def failed(decision: Any) -> bool:
     """True when the decision is an error (the span's status), not an answer."""
-    return decision.phase in _FAILED_PHASES or decision.code in _FAILED_CODES
+    return decision.phase in FAILED_PHASES or decision.code in FAILED_CODES
 
 
 def trace_carrier(facts: Any, fields: Iterable[str]) -> dict[str, str]:

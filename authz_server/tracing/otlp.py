@@ -21,17 +21,24 @@ generator and the W3C propagators (``tracecontext``, ``baggage``: the default); 
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
 from typing import Any, Mapping
 
-from .attributes import SPAN_NAME, attribute_shape, failed, parse_traceparent, shape_attributes, trace_header_in
-from .spans import DecisionTracer, PhaseClock, event_shape, first_began, last_phase, phase_timeline, span_start
+from ..audit.record import who
+from .attributes import (FAILED_CODES, FAILED_PHASES, METHODS, SPAN_NAME, STANDARD_METHODS, UNSAMPLED_DIGITS,
+                         attribute_shape, failed, parse_traceparent, shape_attributes, trace_header_in)
+from .spans import (CACHE_REPEAT_EVENT, RESPONSE_EVENT, DecisionTracer, PhaseClock, _hooks, event_shape, first_began,
+                    last_phase, phase_timeline, span_start)
 from .transport import EncodedSpans, encoded_exporter
 from .wire import ROOT_FLAGS, AttributesPart, EventsPart, SpanLayout, export_request, parent_fields, span_frame
 
 log = logging.getLogger("authz_server.tracing")
+if _hooks is not None:
+    _hooks.configure_sink(FAILED_PHASES, FAILED_CODES, STANDARD_METHODS, METHODS, RESPONSE_EVENT, CACHE_REPEAT_EVENT, who,
+                          UNSAMPLED_DIGITS)
 
 _RATIO_MASK = (1 << 64) - 1  # TraceIdRatioBased.TRACE_ID_LIMIT: the ratio reads the low 64 bits
 _clock_ns = time.time_ns
@@ -47,8 +54,6 @@ Rule = Any  # True, False, or a trace-id ratio's bound (int): see ``_rule``
 # a root), and the ``traceparent`` and ``tracestate`` the trace state is read from (None: none).
 # A trace id of None: the ``traceparent`` is still to be read (``OtlpSpans.sample``), the span sampled.
 TraceContext = tuple[bytes | None, bytes | None, str | None, str | None]
-# The last digit of a ``traceparent``'s flags when the sampled bit is clear (W3C: lowercase hex).
-_UNSAMPLED_DIGITS = frozenset("02468ace")
 
 
 def otlp_tracer(protocol: str, resource: Any, environ: Mapping[str, str]) -> DecisionTracer | None:
@@ -120,7 +125,9 @@ class OtlpSpans:
         # flag is clear (the default, parent-based always-on, and always-on): then ``sample`` can tell
         # most spans sampled from two characters, and ``_span`` reads the parent (off the request path
         # but for a decision the cache answered: see ``keep``).
-        self._sampled_but_unsampled_parents = self._root is True and self._sampled_parent is True
+        self.samples_by_flags = self._root is True and self._sampled_parent is True
+        # Whether a valid ``traceparent`` whose sampled flag is clear is dropped (the default's rule for it).
+        self.drops_unsampled_parents = self._unsampled_parent is False
         self._limits = limits
         self.batch = batch
         self._resource_spans, self._scope_spans = _resource_and_scope(resource)
@@ -129,6 +136,11 @@ class OtlpSpans:
         self._layouts: dict[tuple[Any, ...], SpanLayout | None] = {}  # by span shape: see ``_span``
         self._frames: list[bytes] = []
         self.exported = self.failed = 0  # spans the collector acknowledged, spans lost to a failed export
+        # The span of what ``keep`` kept: ``_span``, or when built the same in C (``_hooks.c``), and ``keep`` too
+        self._make = self._span
+        if _hooks is not None:
+            self._make = functools.partial(_hooks.span, self._layouts, _getrandbits, self._span)
+            self.keep = functools.partial(_hooks.keep, self._layouts, self.sample, self._make, _clock_ns)
 
     def sample(self, facts: Any) -> TraceContext | None:
         """The sampler's answer for a request (``facts``; None: a request refused unread): the
@@ -138,8 +150,8 @@ class OtlpSpans:
         ``traceparent`` that cannot be one is not read here: the context then holds it unread
         (a trace id of None), for ``_span``."""
         traceparent, headers = trace_header_in(facts, "traceparent") if facts is not None else _NO_HEADER
-        if traceparent and self._sampled_but_unsampled_parents and \
-                traceparent[54:55] not in _UNSAMPLED_DIGITS and traceparent[2:3] == "-":
+        if traceparent and self.samples_by_flags and \
+                traceparent[54:55] not in UNSAMPLED_DIGITS and traceparent[2:3] == "-":
             # A "-" third: the grammar puts the flags at 53-54 if it matches at all, and the second
             # digit is not that of a clear sampled bit; so sampled, as a child or (not valid) a root.
             # Read by ``_span``, on the tracer's thread once a policy evaluated the request: parsing it
@@ -200,7 +212,7 @@ class OtlpSpans:
         return self._span(kept) if decision.cached else kept
 
     def add(self, kept: tuple[Any, ...] | bytes) -> bool:
-        self._frames.append(kept if isinstance(kept, bytes) else self._span(kept))
+        self._frames.append(kept if isinstance(kept, bytes) else self._make(kept))
         if len(self._frames) >= self.batch:
             self.send()
         return True

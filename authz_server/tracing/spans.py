@@ -33,6 +33,7 @@ a front, a request refused before it had facts) is sampled by ``keep`` itself, b
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -142,6 +143,10 @@ class DecisionTracer:
         self._passes = threading.Condition()
         self._started = self._finished = 0  # drain passes begun and done (flush waits for one begun after it)
         self._flush_asked = False  # the next pass sends a part-filled batch too (see ``_run``)
+        if _hooks is not None:  # the same two hooks in C (``_hooks.c``: why, and what they cost)
+            self.start = functools.partial(_hooks.start, sink.sample, getattr(sink, "samples_by_flags", False),
+                                           getattr(sink, "drops_unsampled_parents", False))
+            self.observe = functools.partial(_hooks.observe, self, self._keep, self._queue)
         self._thread = threading.Thread(target=self._run, name="authz-tracing", daemon=True)
         self._thread.start()
 
@@ -163,8 +168,8 @@ class DecisionTracer:
             return
         try:
             kept = self._keep(decision, facts, now)
-        except Exception:  # a bug here costs one span, never the decision
-            log.exception("could not trace a decision")
+        except Exception as error:  # a bug here costs one span, never the decision
+            _keep_failed(error)
             return
         if kept is None:
             self._unsampled_observed += 1
@@ -271,10 +276,10 @@ def last_phase(decision: Any, error: bool) -> tuple[str, tuple[tuple[str, Any], 
     """The event that ends the span: ``response``, or the phase that failed (with ``authz.error``),
     or ``cache`` for an answer repeated by a front (no phases of its own). ``error``: ``failed(decision)``."""
     if decision.phase_clock is None and decision.cached:  # answered again from an earlier decision (see repeats)
-        return _CACHE_REPEAT
+        return CACHE_REPEAT_EVENT
     if error or decision.verdict is None and not decision.allowed:
         return decision.phase, (("authz.error", decision.code),)
-    return _RESPONSE
+    return RESPONSE_EVENT
 
 
 def event_shape(phases: PhaseClock | None, last: tuple[str, tuple[tuple[str, Any], ...]]) -> EventShape:
@@ -312,5 +317,19 @@ def phase_timeline(phases: PhaseClock | None, last: tuple[str, tuple[tuple[str, 
 
 _CACHE_HIT = ("cache", (("authz.cache.hit", True),))
 _CACHE_MISS = ("cache", (("authz.cache.hit", False),))
-_CACHE_REPEAT = ("cache", (("authz.cache.hit", True), ("authz.cache.repeat", True)))
-_RESPONSE = ("response", ())
+CACHE_REPEAT_EVENT = ("cache", (("authz.cache.hit", True), ("authz.cache.repeat", True)))
+RESPONSE_EVENT = ("response", ())
+
+
+
+def _keep_failed(error: BaseException) -> None:
+    """``observe``'s word on a bug in ``keep`` (which costs that span, never the decision)."""
+    log.error("could not trace a decision", exc_info=error)
+
+
+try:  # the request path's hooks in C (see _hooks.c); otlp.py gives them what its sink's read
+    from . import _hooks
+except ImportError:  # built without a C compiler: the Python forms above run
+    _hooks = None
+else:
+    _hooks.configure_tracer(NOT_SAMPLED, _keep_failed)

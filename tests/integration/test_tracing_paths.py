@@ -59,6 +59,10 @@ def tracers(monkeypatch: pytest.MonkeyPatch, fast_to: str, sdk_to: str, protocol
             monkeypatch.delenv(name)
     for name, value in {**extra, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol, "OTEL_BSP_SCHEDULE_DELAY": "50"}.items():
         monkeypatch.setenv(name, value)
+    # One end for every decision on both paths: each path reads its clock when it keeps a decision.
+    end_ns = time.time_ns() + 2_000_000_000
+    monkeypatch.setattr(otlp, "_clock_ns", lambda: end_ns)  # before the tracers are made: they hold their clocks
+    monkeypatch.setattr(sdkspans, "_clock_ns", lambda: end_ns)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", fast_to)
     fast = tracing_from_env()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", sdk_to)
@@ -68,10 +72,6 @@ def tracers(monkeypatch: pytest.MonkeyPatch, fast_to: str, sdk_to: str, protocol
             monkeypatch.delenv(name)
     assert fast is not None and sdk is not None
     assert isinstance(fast.sink, OtlpSpans) and isinstance(sdk.sink, SdkSpans)
-    # One end for every decision on both paths: each path reads the clock when it keeps a decision.
-    end_ns = time.time_ns() + 2_000_000_000
-    monkeypatch.setattr(otlp, "_clock_ns", lambda: end_ns)
-    monkeypatch.setattr(sdkspans, "_clock_ns", lambda: end_ns)
     return fast, sdk
 
 

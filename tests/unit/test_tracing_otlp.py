@@ -98,7 +98,7 @@ def test_a_traceparent_left_unread_is_sampled_and_read_as_the_parse_reads_it(
     rules = sampler_rules(TracerProvider().sampler)
     assert rules is not None
     quick, whole = (OtlpSpans(None, Resource.create(), rules, SpanLimits()) for _ in range(2))
-    whole._sampled_but_unsampled_parents = False  # reads every traceparent as a decision starts
+    whole.samples_by_flags = False  # reads every traceparent as a decision starts
     unread = 0
     for traceparent, tracestate in itertools.product(_TRACEPARENTS, [None, "k=v"]):
         headers = {"traceparent": traceparent, **({"tracestate": tracestate} if tracestate else {})}

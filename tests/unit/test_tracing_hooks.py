@@ -18,6 +18,7 @@ import pytest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 
+from authz_server.decision import Decision
 from authz_server.tracing import _hooks, otlp
 from authz_server.tracing.otlp import OtlpSpans, sampler_rules
 from authz_server.tracing.spans import NOT_SAMPLED, DecisionTracer, PhaseClock
@@ -109,12 +110,15 @@ def _decisions(sink: OtlpSpans, draw: random.Random) -> list[tuple[Any, Any]]:
                                        "state": (bytes(range(16)), bytes(8), f"00-{TRACE}-{SPAN}-01", "k=v")}[context])
             clock.mark("cache", cached)
             clock.mark("policy")
-        decision = SimpleNamespace(decision_id=decision_id, allowed=allowed, code=code, phase=phase, cached=cached,
-                                   policy_version="v1", http_status=200 if allowed else 403, dry_run=dry_run,
-                                   would_allow=would_allow, verdict=verdict, identity=SimpleNamespace(document=document),
-                                   signals=signals, phase_clock=clock)
-        if explanation is not None:
-            decision.explanation = explanation
+        fields = dict(decision_id=decision_id, allowed=allowed, code=code, phase=phase, cached=cached,
+                      policy_version="v1", http_status=200 if allowed else 403, dry_run=dry_run, would_allow=would_allow,
+                      verdict=verdict, identity=SimpleNamespace(document=document), signals=signals, phase_clock=clock)
+        if draw.random() < 0.5:  # the core's own (slots, read in place), or any object with those attributes
+            decision: Any = Decision(reason="", explanation=explanation, **fields)
+        else:
+            decision = SimpleNamespace(**fields)
+            if explanation is not None:
+                decision.explanation = explanation
         made.append((decision, None if draw.random() < 0.05 else facts))
     return made
 

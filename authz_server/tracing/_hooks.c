@@ -27,14 +27,16 @@
 #include <string.h>
 #include <time.h>
 
-/* set by configure() */
+/* set by configure_tracer() and configure_sink() */
 static PyObject *failed_phases, *failed_codes, *standard_methods, *methods_known, *response_event,
     *cache_repeat_event, *who, *unsampled_digits, *not_sampled, *keep_failed;
+/* interned names, set as the module loads */
 static PyObject *s_phase_clock, *s_context, *s_shape, *s_phase, *s_code, *s_decision_id, *s_identity,
     *s_document, *s_cached, *s_allowed, *s_policy_version, *s_http_status, *s_dry_run, *s_would_allow,
     *s_signals, *s_explanation, *s_method, *s_transport, *s_verdict, *s_headers, *s_attributes_factory,
     *s_volatile, *s_traceparent, *s_tracestate, *s_get, *s_mode, *s_empty, *s_none, *s_upper, *s_other,
-    *s_error_key, *s_unsampled_observed, *s_max_queue, *s_dropped, *s_batch, *s_wake, *s_set, *s_append, *s_start_ns, *s_times, *s_pack;
+    *s_error_key, *s_unsampled_observed, *s_max_queue, *s_dropped, *s_batch, *s_wake, *s_set, *s_append,
+    *s_start_ns, *s_times, *s_pack;
 
 static int configured(PyObject *setting, const char *by);
 
@@ -50,8 +52,9 @@ static PyObject *now_ns(void) {
  * dataclasses, PhaseClock has members): read here straight from the object, at the offset found
  * once per type. The generic read goes through the type's attribute cache, whose entries an
  * evaluation has left cold: at ~20 reads a decision that was 2.6 µs of observe's in-context time.
- * Anything else (an instance dict, a property, a type changed since: its version tag moved), and
- * an unset slot, is read the generic way, with its exact answer or error. */
+ * Anything else (an instance dict, a property, a type with its own __getattribute__, a type
+ * changed since: its version tag moved), and an unset slot, is read the generic way, with its
+ * exact answer or error. */
 
 #define SLOT_TYPES 8
 #define SLOT_NAMES 24
@@ -68,7 +71,8 @@ static SlotTable slot_tables[SLOT_TYPES];
 static int next_table;
 
 static SlotTable *table_of(PyTypeObject *type) {
-    if (!PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) return NULL;
+    if (type->tp_getattro != PyObject_GenericGetAttr || !PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG))
+        return NULL; /* its own __getattribute__, or a type being changed */
     SlotTable *table = NULL;
     for (int i = 0; i < SLOT_TYPES; i++)
         if (slot_tables[i].type == type) table = &slot_tables[i];
@@ -135,10 +139,7 @@ typedef struct {
     PyObject *context;
 } Clock;
 
-static PyObject *clock_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    PyObject *context;
-    static char *names[] = {"context", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O:PhaseClock", names, &context)) return NULL;
+static PyObject *new_clock(PyTypeObject *type, PyObject *context) {
     Clock *self = (Clock *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
     self->start_ns = now_ns();
@@ -150,6 +151,13 @@ static PyObject *clock_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->shape = Py_NewRef(Py_None);
     self->context = Py_NewRef(context);
     return untracked((PyObject *)self); /* it holds its context, times and marks: none holds it */
+}
+
+static PyObject *clock_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    PyObject *context;
+    static char *names[] = {"context", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O:PhaseClock", names, &context)) return NULL;
+    return new_clock(type, context);
 }
 
 static int clock_traverse(Clock *self, visitproc visit, void *arg) {
@@ -363,7 +371,7 @@ static PyObject *start(PyObject *module, PyObject *const *args, Py_ssize_t nargs
             Py_XDECREF(holder);
             return NULL;
         }
-        /* sample's test: traceparent[54:55] not in _UNSAMPLED_DIGITS and traceparent[2:3] == "-" */
+        /* sample's test: traceparent[54:55] not in UNSAMPLED_DIGITS and traceparent[2:3] == "-" */
         int decided = 0; /* 1: sampled, kept unread; -1: dropped */
         if (PyUnicode_Check(traceparent) && PyUnicode_GET_LENGTH(traceparent) > 2 &&
             PyUnicode_READ_CHAR(traceparent, 2) == '-') {
@@ -395,14 +403,12 @@ static PyObject *start(PyObject *module, PyObject *const *args, Py_ssize_t nargs
         Py_DECREF(context);
         return Py_NewRef(not_sampled);
     }
-    PyObject *clock = PyObject_CallOneArg((PyObject *)&ClockType, context);
+    PyObject *clock = new_clock(&ClockType, context);
     Py_DECREF(context);
     return clock;
 }
 
 /* -- what a span keeps */
-
-
 
 /* attributes.failed */
 static int failed(PyObject *decision) {
@@ -601,9 +607,9 @@ static PyObject *keep(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
              *now = args[6];
     if (!PyDict_Check(layouts)) return PyErr_Format(PyExc_TypeError, "layouts must be a dict");
     if (!configured(failed_phases, "configure_sink")) return NULL;
-    PyObject *end_ns = PyObject_CallNoArgs(args[3]), *phases = NULL, *context = NULL, *cached = NULL, *decision_id = NULL,
-             *attributes = NULL, *key = NULL, *last = NULL, *marked = NULL, *shape = NULL, *kept = NULL,
-             *result = NULL;
+    PyObject *end_ns = PyObject_CallNoArgs(args[3]), *phases = NULL, *context = NULL, *cached = NULL,
+             *decision_id = NULL, *attributes = NULL, *key = NULL, *last = NULL, *marked = NULL, *shape = NULL,
+             *kept = NULL, *result = NULL;
     if (end_ns == NULL || (phases = attribute(decision, s_phase_clock)) == NULL) goto done;
     context = phases != Py_None ? attribute(phases, s_context) : PyObject_CallOneArg(sample, facts);
     if (context == NULL) goto done;
@@ -753,7 +759,7 @@ done:
 
 /* -- a span, made */
 
-/* spans.span_start, or 0 with no error when ``now`` is no wall clock's (as a float's int, out of range) */
+/* spans.span_start into *start_ns: 1, or -1 with the error Python's would raise */
 static int span_start(PyObject *now, long long end_ns, PyObject *phases, long long *start_ns) {
     PyObject *scale = PyFloat_FromDouble(1e9);
     PyObject *product = scale ? PyNumber_Multiply(now, scale) : NULL;
@@ -789,8 +795,8 @@ static PyObject *span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!PyDict_Check(layouts) || !PyTuple_Check(kept) || PyTuple_GET_SIZE(kept) != 6)
         return PyObject_CallOneArg(general, kept);
     PyObject *spanning = PyTuple_GET_ITEM(kept, 0), *decision_id = PyTuple_GET_ITEM(kept, 1),
-             *phases = PyTuple_GET_ITEM(kept, 2), *context = PyTuple_GET_ITEM(kept, 3), *now = PyTuple_GET_ITEM(kept, 4),
-             *end = PyTuple_GET_ITEM(kept, 5);
+             *phases = PyTuple_GET_ITEM(kept, 2), *context = PyTuple_GET_ITEM(kept, 3),
+             *now = PyTuple_GET_ITEM(kept, 4), *end = PyTuple_GET_ITEM(kept, 5);
     if (!PyTuple_Check(context) || PyTuple_GET_SIZE(context) != 4 || !PyUnicode_Check(decision_id) ||
         !PyUnicode_IS_ASCII(decision_id))
         return PyObject_CallOneArg(general, kept);
@@ -800,9 +806,9 @@ static PyObject *span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyObject *tracestate = PyTuple_GET_ITEM(context, 3);
         int stated = tracestate == Py_None ? 0 : PyObject_IsTrue(tracestate);
         if (stated < 0) return NULL;
-        int sampled;
-        if (stated || !usual_traceparent(PyTuple_GET_ITEM(context, 2), trace, parent, &sampled) || !PyTuple_Check(spanning) ||
-            PyTuple_GET_SIZE(spanning) != 5)
+        int sampled; /* it is: the sampler kept it unread for that */
+        if (stated || !usual_traceparent(PyTuple_GET_ITEM(context, 2), trace, parent, &sampled) ||
+            !PyTuple_Check(spanning) || PyTuple_GET_SIZE(spanning) != 5)
             return PyObject_CallOneArg(general, kept);
         PyObject *shape = PyTuple_Pack(5, PyTuple_GET_ITEM(spanning, 0), PyTuple_GET_ITEM(spanning, 1),
                                        PyTuple_GET_ITEM(spanning, 2), Py_False, PyTuple_GET_ITEM(spanning, 4));

@@ -1,6 +1,7 @@
 """Compiles protos/*.proto into authz_server/_proto/ with grpcio-tools at build time, and the
-one C extension (``authz_server._volatile_cut``: the gRPC front's repeat key; for the audit log, a request's
-shape read from that key and the loop over a request's headers).
+two C extensions: ``authz_server._volatile_cut`` (the gRPC front's repeat key; for the audit log, a
+request's shape read from that key and the loop over a request's headers) and
+``authz_server.tracing._hooks`` (tracing's request-path hooks and the usual span).
 
 Everything else about the package is in pyproject.toml. The generated modules are written
 into the source tree (and ignored by git) so editable and regular installs both see them.
@@ -50,7 +51,7 @@ class BuildWithProtos(build_py):
 # Before setup(): package discovery must already see authz_server._proto.
 compile_protos()
 # Optional: without a C compiler the server still works, it only never replays gRPC repeats
-# (``authz_server.envoy.cut_volatile`` then always answers None).
+# (``authz_server.envoy.cut_volatile`` then always answers None) and traces with the hooks' Python form.
 setup(cmdclass={"build_py": BuildWithProtos},
       ext_modules=[Extension(name, [source], optional=True, extra_compile_args=["-O2", "-Wall", "-Wextra"])
                    for name, source in (("authz_server._volatile_cut", "authz_server/_volatile_cut.c"),

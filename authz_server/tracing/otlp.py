@@ -36,9 +36,9 @@ from .transport import EncodedSpans, encoded_exporter
 from .wire import ROOT_FLAGS, AttributesPart, EventsPart, SpanLayout, export_request, parent_fields, span_frame
 
 log = logging.getLogger("authz_server.tracing")
-if _hooks is not None:
-    _hooks.configure_sink(FAILED_PHASES, FAILED_CODES, STANDARD_METHODS, METHODS, RESPONSE_EVENT, CACHE_REPEAT_EVENT, who,
-                          UNSAMPLED_DIGITS)
+if _hooks is not None:  # what the C forms of ``keep`` and of the sampler's usual answers read
+    _hooks.configure_sink(FAILED_PHASES, FAILED_CODES, STANDARD_METHODS, METHODS, RESPONSE_EVENT,
+                          CACHE_REPEAT_EVENT, who, UNSAMPLED_DIGITS)
 
 _RATIO_MASK = (1 << 64) - 1  # TraceIdRatioBased.TRACE_ID_LIMIT: the ratio reads the low 64 bits
 _clock_ns = time.time_ns
@@ -136,7 +136,8 @@ class OtlpSpans:
         self._layouts: dict[tuple[Any, ...], SpanLayout | None] = {}  # by span shape: see ``_span``
         self._frames: list[bytes] = []
         self.exported = self.failed = 0  # spans the collector acknowledged, spans lost to a failed export
-        # The span of what ``keep`` kept: ``_span``, or when built the same in C (``_hooks.c``), and ``keep`` too
+        # What ``keep`` kept, made a span: by ``_span``, or when built in C (``_hooks.span``: the usual
+        # span, anything else handed to ``_span``); ``keep`` in C too
         self._make = self._span
         if _hooks is not None:
             self._make = functools.partial(_hooks.span, self._layouts, _getrandbits, self._span)

@@ -12,7 +12,9 @@ exporter. Both make the same span: a SERVER span
 named ``authz.decision`` whose parent is the trace context the request carried; its phases are
 span events (``identity``, ``signals``, ``cache``, ``policy``, ``response``), each stamped when
 the phase began, with its duration in ``authz.duration_us``; a phase that failed is named as the
-decision's ``authz.phase`` and carries ``authz.error``.
+decision's ``authz.phase`` and carries ``authz.error``. ``start``, ``observe`` and the clock, the
+OTLP sink's ``keep`` and its usual span also have a C form (``_hooks.c``), which runs when built:
+the Python here and in ``otlp`` is their reference.
 
 When the queue is full a decision goes untraced and is counted (``authz_tracing_spans_dropped_total``);
 it is never waited for. The thread wakes every ``delay`` seconds, or as soon as ``batch``
@@ -321,13 +323,12 @@ CACHE_REPEAT_EVENT = ("cache", (("authz.cache.hit", True), ("authz.cache.repeat"
 RESPONSE_EVENT = ("response", ())
 
 
-
 def _keep_failed(error: BaseException) -> None:
     """``observe``'s word on a bug in ``keep`` (which costs that span, never the decision)."""
     log.error("could not trace a decision", exc_info=error)
 
 
-try:  # the request path's hooks in C (see _hooks.c); otlp.py gives them what its sink's read
+try:  # the request path's hooks in C (see _hooks.c); otlp.py configures what they read of its sink
     from . import _hooks
 except ImportError:  # built without a C compiler: the Python forms above run
     _hooks = None

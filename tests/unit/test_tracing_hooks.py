@@ -87,7 +87,7 @@ def test_a_decision_starts_under_the_answer_the_python_sampler_gives(monkeypatch
         tracer.shutdown(timeout=5)
 
 
-def _decisions(sink: OtlpSpans, draw: random.Random) -> list[tuple[Any, Any]]:
+def _decisions(draw: random.Random) -> list[tuple[Any, Any]]:
     """(decision, facts) of every kind a span keeps apart, a few hundred of them at random."""
     outcomes = [(True, "allowed", "policy", True), (False, "policy_denied", "policy", True),
                 (False, "policy_timeout", "policy", None), (False, "internal_error", "internal", None),
@@ -111,8 +111,9 @@ def _decisions(sink: OtlpSpans, draw: random.Random) -> list[tuple[Any, Any]]:
             clock.mark("cache", cached)
             clock.mark("policy")
         fields = dict(decision_id=decision_id, allowed=allowed, code=code, phase=phase, cached=cached,
-                      policy_version="v1", http_status=200 if allowed else 403, dry_run=dry_run, would_allow=would_allow,
-                      verdict=verdict, identity=SimpleNamespace(document=document), signals=signals, phase_clock=clock)
+                      policy_version="v1", http_status=200 if allowed else 403, dry_run=dry_run,
+                      would_allow=would_allow, verdict=verdict, identity=SimpleNamespace(document=document),
+                      signals=signals, phase_clock=clock)
         if draw.random() < 0.5:  # the core's own (slots, read in place), or any object with those attributes
             decision: Any = Decision(reason="", explanation=explanation, **fields)
         else:
@@ -129,7 +130,7 @@ def test_a_span_keeps_what_the_python_keep_keeps(monkeypatch: pytest.MonkeyPatch
     made: Callable[[tuple[Any, ...]], Any] = lambda kept: ("the span of", kept[:5])  # noqa: E731
     monkeypatch.setattr(sink, "_span", made)  # the cached decision's span: what it was made of
     layout, laid_out = object(), 0
-    for index, (decision, facts) in enumerate(_decisions(sink, random.Random(28))):
+    for index, (decision, facts) in enumerate(_decisions(random.Random(28))):
         expected = OtlpSpans.keep(sink, decision, facts, 0.5)
         kept = _hooks.keep(sink._layouts, sink.sample, made, time.time_ns, decision, facts, 0.5)
         if expected is None:
@@ -159,7 +160,7 @@ def test_the_usual_span_is_made_with_the_bytes_the_python_span_makes(monkeypatch
         return sink._span(kept)
 
     usual, draw = 0, random.Random(29)
-    for decision, facts in _decisions(sink, draw):
+    for decision, facts in _decisions(draw):
         decision.cached = False
         clock = decision.phase_clock  # a request's time on the wall clock, or a test's clock
         kept = OtlpSpans.keep(sink, decision, facts, clock.start_ns / 1e9 if clock and draw.random() < 0.5 else 0.5)

@@ -817,16 +817,16 @@ static PyObject *span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(shape);
         if (layout == NULL && PyErr_Occurred()) return NULL;
         if (layout == NULL || layout == Py_None) return PyObject_CallOneArg(general, kept);
+        Py_INCREF(layout); /* held before anything can run that might change the dict */
         trace_id = PyBytes_FromStringAndSize((const char *)trace, 16);
         parent_id = PyBytes_FromStringAndSize((const char *)parent, 8);
         if (trace_id == NULL || parent_id == NULL) goto done;
     } else {
         if (PyTuple_Check(spanning)) return PyObject_CallOneArg(general, kept);
-        layout = spanning;
+        layout = Py_NewRef(spanning);
         trace_id = Py_NewRef(PyTuple_GET_ITEM(context, 0));
         parent_id = Py_NewRef(PyTuple_GET_ITEM(context, 1));
     }
-    Py_INCREF(layout);
     long long end_ns = PyLong_AsLongLong(end), start_ns, began_ns;
     if (end_ns == -1 && PyErr_Occurred()) goto done;
     if (span_start(now, end_ns, phases, &start_ns) < 0) goto done;

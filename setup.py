@@ -1,6 +1,6 @@
 """Compiles protos/*.proto into authz_server/_proto/ with grpcio-tools at build time, and the
 two C extensions: ``authz_server._volatile_cut`` (the gRPC front's repeat key; for the audit log, a
-request's shape read from that key and the loop over a request's headers) and
+request's shape read from that key, the loop over a request's headers and the usual record) and
 ``authz_server.tracing._hooks`` (tracing's request-path hooks and the usual span).
 
 Everything else about the package is in pyproject.toml. The generated modules are written

@@ -26,9 +26,12 @@
  * headers, and render_inert_request() renders the members that change from one request to the
  * next (headers, method, path, parsed_path, parsed_query) of the usual one whose path redaction
  * cannot change; both here because they run for every request that does not repeat (see them below).
+ * record() makes the usual audit record whole (audit.builder.RecordBuilder._fast in C), with the
+ * same rendering helpers.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -439,6 +442,20 @@ static PyObject *shape(PyObject *module, PyObject *arg) {
     return result;
 }
 
+/* Whether scrub_text (audit.redact) leaves text as it is without asking it: it only ever changes a
+ * string of 8 characters or more holding a '.' (after "ey"), a space or tab, a '=' or a '"'. */
+static int scrub_cannot_change(PyObject *text) {
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    if (length < 8) return 1;
+    if (!PyUnicode_IS_ASCII(text)) return 0;
+    const char *at = (const char *)PyUnicode_DATA(text);
+    for (Py_ssize_t i = 0; i < length; i++) {
+        char c = at[i];
+        if (c == '.' || c == ' ' || c == '\t' || c == '=' || c == '"') return 0;
+    }
+    return 1;
+}
+
 /* One header's value through the rule of its name (header_rule(name)); with scrub_text's rule a
  * value shorter than 8 characters is kept as it is and a value equal to the path is the path as
  * redacted already. The name is appended to changed when the value changed. A new reference, or
@@ -449,7 +466,7 @@ static PyObject *redact_value(PyObject *name, PyObject *value, PyObject *path, P
     if (rule == NULL) return NULL;
     if (rule != scrub) {
         redacted = PyObject_CallOneArg(rule, value);
-    } else if (PyUnicode_GET_LENGTH(value) < 8) { /* too short for anything scrub_text recognises */
+    } else if (scrub_cannot_change(value)) {
         redacted = Py_NewRef(value);
     } else {
         int same = PyUnicode_Compare(value, path) == 0; /* two str: no error */
@@ -777,6 +794,683 @@ done:
     return result;
 }
 
+/* -- record: the audit record of the usual decision, in one call (audit.builder.RecordBuilder._fast) */
+
+/* A string literal's bytes. */
+#define out_literal(out, text) out_raw((out), (text), sizeof(text) - 1)
+
+/* Set by configure_records(): what the Python fast path uses, so that this one does the same. */
+static PyObject *rec_dumps = NULL, *rec_scrub = NULL, *rec_header_rule = NULL, *rec_header_pointer = NULL;
+static PyObject *rec_token_parameters = NULL, *rec_template_type = NULL, *rec_changing_type = NULL;
+static PyObject *rec_record_type = NULL, *rec_parse_body = NULL;
+static PyObject *s_decision_id, *s_policy_version, *s_identity, *s_signals, *s_result, *s_allowed, *s_code,
+    *s_reason, *s_http_status, *s_phase, *s_cached, *s_dry_run, *s_would_allow, *s_explanation, *s_fingerprint,
+    *s_attributes_factory, *s_shape, *s_headers, *s_body, *s_raw_body, *s_source_address, *s_source_port,
+    *s_transport, *s_request_id, *s_port, *s_time_value, *s_fragments, *s_slots, *s_masked, *s_erased,
+    *s_rendered, *s_subject, *s_spiffe_id, *s_keep, *s_who, *s_verdict, *s_signals_member, *s_result_method,
+    *s_second, *s_prefix, *s_grpc, *s_http;
+
+/* scrub_text(text) for an exact str, a new reference. */
+static PyObject *scrubbed(PyObject *text) {
+    return scrub_cannot_change(text) ? Py_NewRef(text) : PyObject_CallOneArg(rec_scrub, text);
+}
+
+static int out_bytes(Out *out, PyObject *bytes) {
+    if (!PyBytes_Check(bytes)) {
+        PyErr_SetString(PyExc_TypeError, "a rendered fragment must be bytes");
+        return 0;
+    }
+    return out_raw(out, PyBytes_AS_STRING(bytes), PyBytes_GET_SIZE(bytes));
+}
+
+/* Any value as orjson writes it: str, bool, None and 64-bit int here, the rest through orjson
+ * itself (which raises what the Python path would). 1 done, 0 an error. */
+static int out_json(Out *out, PyObject *value) {
+    if (PyUnicode_CheckExact(value)) {
+        if (out_str(out, value)) return 1;
+        if (PyErr_Occurred()) return 0;
+    } else if (value == Py_True) {
+        return out_literal(out, "true");
+    } else if (value == Py_False) {
+        return out_literal(out, "false");
+    } else if (value == Py_None) {
+        return out_literal(out, "null");
+    } else if (PyLong_CheckExact(value)) {
+        int overflow;
+        long long number = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (!overflow && !(number == -1 && PyErr_Occurred())) {
+            char text[24];
+            int length = snprintf(text, sizeof text, "%lld", number);
+            return out_raw(out, text, length);
+        }
+        PyErr_Clear();
+    }
+    PyObject *rendered = PyObject_CallOneArg(rec_dumps, value);
+    if (rendered == NULL) return 0;
+    int done = out_bytes(out, rendered);
+    Py_DECREF(rendered);
+    return done;
+}
+
+/* A list of str (masked, erased pointers) as a JSON array. */
+static int out_list(Out *out, PyObject *list) {
+    if (!out_literal(out, "[")) return 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++)
+        if ((i && !out_literal(out, ",")) || !out_json(out, PyList_GET_ITEM(list, i))) return 0;
+    return out_literal(out, "]");
+}
+
+/* Appends a tuple's (or list's) items to list. */
+static int extend(PyObject *list, PyObject *items) {
+    return items != NULL && PyList_SetSlice(list, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, items) == 0;
+}
+
+/* An attribute, or NULL with an error set. */
+static PyObject *get(PyObject *object, PyObject *name) { return PyObject_GetAttr(object, name); }
+
+/* What a record keeps across requests (RecordBuilder.c_state), by position. */
+enum { ST_BUILDER, ST_CHANGING, ST_SIGHTED, ST_SHAPES, ST_VERDICTS, ST_IDENTITIES, ST_SIGNALS, ST_TIMESTAMP,
+       ST_HEAD, ST_SIZE };
+/* RecordBuilder._head in pieces: before the decision id, before the timestamp, before the revision, after it */
+enum { HEAD_ID, HEAD_TIME, HEAD_REVISION, HEAD_INPUT, HEAD_SIZE };
+
+/* The volatile values of a request, redacted and rendered (RecordBuilder._volatile_values and
+ * Redactor.redact_volatile): the request id, port and time for their slots, the volatile headers
+ * as a JSON object ("" when none), and whether redaction changed the request id. 1 done, 0 not
+ * here (no exception: the Python path), -1 an error. */
+typedef struct {
+    Out id, port, time, headers;
+    int id_changed;
+} Volatiles;
+
+static int redact_volatiles(Volatiles *v, PyObject *request_id, PyObject *port, PyObject *time_value,
+                            PyObject *headers, PyObject *masked) {
+    if (!PyUnicode_CheckExact(request_id) || !PyLong_CheckExact(port) || !PyDict_CheckExact(headers)) return 0;
+    PyObject *redacted = scrubbed(request_id);
+    if (redacted == NULL) return -1;
+    int differs = redacted == request_id ? 0 : PyObject_RichCompareBool(redacted, request_id, Py_NE);
+    int written = differs >= 0 && out_str(&v->id, redacted);
+    Py_DECREF(redacted);
+    if (differs < 0) return -1;
+    if (!written) return PyErr_Occurred() ? -1 : 0;
+    v->id_changed = differs;
+    if (differs) {
+        PyObject *pointer = PyUnicode_FromString("/input/attributes/request/http/id");
+        int appended = pointer != NULL && PyList_Append(masked, pointer) == 0;
+        Py_XDECREF(pointer);
+        if (!appended) return -1;
+    }
+    if (!out_json(&v->port, port)) return -1;
+    if (time_value != Py_None) {
+        if (!PyTuple_CheckExact(time_value) || PyTuple_GET_SIZE(time_value) != 2) return 0;
+        PyObject *seconds_value = PyTuple_GET_ITEM(time_value, 0), *nanos_value = PyTuple_GET_ITEM(time_value, 1);
+        if (!PyLong_CheckExact(seconds_value) || !PyLong_CheckExact(nanos_value)) return 0;
+        long long seconds = PyLong_AsLongLong(seconds_value), nanos = PyLong_AsLongLong(nanos_value);
+        if (PyErr_Occurred()) { /* beyond 64 bits: the Python path renders it */
+            PyErr_Clear();
+            return 0;
+        }
+        char text[64];
+        int length;
+        if (seconds && nanos) length = snprintf(text, sizeof text, "{\"seconds\":%lld,\"nanos\":%lld}", seconds, nanos);
+        else if (seconds) length = snprintf(text, sizeof text, "{\"seconds\":%lld}", seconds);
+        else if (nanos) length = snprintf(text, sizeof text, "{\"nanos\":%lld}", nanos);
+        else length = snprintf(text, sizeof text, "{}");
+        if (!out_raw(&v->time, text, length)) return -1;
+    }
+    Py_ssize_t position = 0;
+    PyObject *name, *value;
+    while (PyDict_Next(headers, &position, &name, &value)) {
+        if (!PyUnicode_CheckExact(name) || !PyUnicode_CheckExact(value)) return 0;
+        Py_INCREF(name);
+        Py_INCREF(value);
+        PyObject *rule = PyObject_CallOneArg(rec_header_rule, name);
+        PyObject *clean = rule == NULL ? NULL : rule == rec_scrub ? scrubbed(value) : PyObject_CallOneArg(rule, value);
+        Py_XDECREF(rule);
+        int status = clean == NULL ? -1 : 1;
+        if (status > 0 && clean != value) {
+            int changed = PyObject_RichCompareBool(clean, value, Py_NE);
+            PyObject *pointer = changed > 0 ? PyObject_CallOneArg(rec_header_pointer, name) : NULL;
+            if (changed < 0 || (changed > 0 && (pointer == NULL || PyList_Append(masked, pointer) != 0))) status = -1;
+            Py_XDECREF(pointer);
+        }
+        if (status > 0 && !(out_raw(&v->headers, v->headers.len ? "," : "{", 1) && out_str(&v->headers, name)
+                            && out_literal(&v->headers, ":") && out_str(&v->headers, clean)))
+            status = PyErr_Occurred() ? -1 : 0;
+        Py_XDECREF(clean);
+        Py_DECREF(name);
+        Py_DECREF(value);
+        if (status <= 0) return status;
+    }
+    return v->headers.len ? out_literal(&v->headers, "}") : 1;
+}
+
+/* The request's changing members of a request that does not repeat (RecordBuilder._redact_changing
+ * for a request without a body whose path is inert): (headers, method, path, parsed_path,
+ * parsed_query, parsed_body, truncated_body) rendered in rendered[0..6], the masked pointers in
+ * masked. 1 done, 0 not here, -1 an error. */
+static int redact_changing(PyObject *facts, PyObject *method, PyObject *path, PyObject *headers, Out *rendered,
+                           PyObject *masked) {
+    PyObject *request_headers = get(facts, s_headers), *body = NULL, *raw_body = NULL, *parsed = NULL;
+    PyObject *changed = NULL;
+    int status = -1;
+    if (request_headers == NULL || (body = get(facts, s_body)) == NULL || (raw_body = get(facts, s_raw_body)) == NULL)
+        goto done;
+    PyObject *args[3] = {request_headers, body, raw_body};
+    parsed = PyObject_Vectorcall(rec_parse_body, args, 3, NULL);
+    if (parsed == NULL) { /* a body the front would refuse: the Python path says what happens */
+        PyErr_Clear();
+        status = 0;
+        goto done;
+    }
+    status = 0;
+    if (!PyTuple_CheckExact(parsed) || PyTuple_GET_SIZE(parsed) != 2 || PyTuple_GET_ITEM(parsed, 0) != Py_None)
+        goto done;
+    int truncated = PyObject_IsTrue(PyTuple_GET_ITEM(parsed, 1));
+    if (truncated < 0) {
+        status = -1;
+        goto done;
+    }
+    if (!PyUnicode_CheckExact(method) || PyUnicode_GET_LENGTH(method) >= 8 || !PyUnicode_CheckExact(path)
+        || !PyUnicode_IS_ASCII(path))
+        goto done;
+    const char *text = (const char *)PyUnicode_DATA(path);
+    Py_ssize_t length = PyUnicode_GET_LENGTH(path), query;
+    Pair pairs[MAX_QUERY_PAIRS];
+    int count;
+    if (!inert_path(text, length, pairs, &count, &query)) goto done;
+    for (int i = 0; i < count; i++) {
+        int found = token_parameter(text + pairs[i].key, pairs[i].key_length, rec_token_parameters);
+        if (found) {
+            status = found < 0 ? -1 : 0;
+            goto done;
+        }
+    }
+    if ((changed = PyList_New(0)) == NULL) {
+        status = -1;
+        goto done;
+    }
+    status = out_headers(&rendered[0], changed, headers, path, rec_header_rule, rec_scrub);
+    if (status <= 0) goto done;
+    status = -1;
+    if (!out_str(&rendered[1], method)) {
+        if (!PyErr_Occurred()) status = 0;
+        goto done;
+    }
+    if (!out_string(&rendered[2], text, length) || !out_parsed(&rendered[3], &rendered[4], text, query, pairs, count)
+        || !out_literal(&rendered[5], "null")
+        || !(truncated ? out_literal(&rendered[6], "true") : out_literal(&rendered[6], "false")))
+        goto done;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(changed); i++) {
+        PyObject *pointer = PyObject_CallOneArg(rec_header_pointer, PyList_GET_ITEM(changed, i));
+        int appended = pointer != NULL && PyList_Append(masked, pointer) == 0;
+        Py_XDECREF(pointer);
+        if (!appended) goto done;
+    }
+    status = 1;
+done:
+    Py_XDECREF(request_headers);
+    Py_XDECREF(body);
+    Py_XDECREF(raw_body);
+    Py_XDECREF(parsed);
+    Py_XDECREF(changed);
+    return status;
+}
+
+/* A new reference to the named tuple the Python path keeps for a request that repeats (_Changing). */
+static PyObject *new_changing(PyObject *key, Out *rendered, PyObject *masked) {
+    PyObject *values = PyTuple_New(6), *headers = NULL, *masked_tuple = NULL, *empty = NULL, *changing = NULL;
+    if (values == NULL) return NULL;
+    for (int i = 0; i < 6; i++) {
+        PyObject *bytes = PyBytes_FromStringAndSize(rendered[i + 1].buf, rendered[i + 1].len);
+        if (bytes == NULL) goto done;
+        PyTuple_SET_ITEM(values, i, bytes);
+    }
+    headers = PyBytes_FromStringAndSize(rendered[0].buf, rendered[0].len);
+    masked_tuple = PyList_AsTuple(masked);
+    empty = PyTuple_New(0);
+    if (headers != NULL && masked_tuple != NULL && empty != NULL) {
+        PyObject *args[5] = {key, headers, values, masked_tuple, empty};
+        changing = PyObject_Vectorcall(rec_changing_type, args, 5, NULL);
+    }
+done:
+    Py_DECREF(values);
+    Py_XDECREF(headers);
+    Py_XDECREF(masked_tuple);
+    Py_XDECREF(empty);
+    return changing;
+}
+
+static int call_keep(PyObject *memo, PyObject *key, PyObject *value) {
+    PyObject *result = PyObject_CallMethodObjArgs(memo, s_keep, key, value, NULL);
+    Py_XDECREF(result);
+    return result != NULL;
+}
+
+typedef struct {
+    const char *buf;
+    Py_ssize_t len;
+} Piece;
+
+/* The template's fragments around the values of its slots (audit.builder._fill). */
+static int out_filled(Out *out, PyObject *template, const Piece *values, int value_count) {
+    PyObject *fragments = get(template, s_fragments), *slots = get(template, s_slots);
+    int done = 0;
+    if (fragments == NULL || slots == NULL) goto end;
+    if (!PyTuple_CheckExact(fragments) || !PyTuple_CheckExact(slots)
+        || PyTuple_GET_SIZE(fragments) != PyTuple_GET_SIZE(slots) + 1) {
+        PyErr_SetString(PyExc_TypeError, "a template's fragments go around its slots");
+        goto end;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(slots); i++) {
+        long slot = PyLong_AsLong(PyTuple_GET_ITEM(slots, i));
+        if (slot < 0 || slot >= value_count) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a template's slot out of range");
+            goto end;
+        }
+        if (!out_bytes(out, PyTuple_GET_ITEM(fragments, i)) || !out_raw(out, values[slot].buf, values[slot].len))
+            goto end;
+    }
+    done = out_bytes(out, PyTuple_GET_ITEM(fragments, PyTuple_GET_SIZE(slots)));
+end:
+    Py_XDECREF(fragments);
+    Py_XDECREF(slots);
+    return done;
+}
+
+/* Bytes as a piece (borrowed: the bytes outlive its use); 0 with an error when not bytes. */
+static int piece_of(Piece *piece, PyObject *bytes) {
+    if (!PyBytes_Check(bytes)) {
+        PyErr_SetString(PyExc_TypeError, "a rendered fragment must be bytes");
+        return 0;
+    }
+    piece->buf = PyBytes_AS_STRING(bytes);
+    piece->len = PyBytes_GET_SIZE(bytes);
+    return 1;
+}
+
+static Piece out_piece(const Out *out) { return (Piece){out->buf, out->len}; }
+
+/* The record's head: decision id, timestamp (RecordBuilder._timestamp, _Timestamps: its seconds
+ * formatted once per second, by it) and revision. 1 done, 0 not here, -1 an error. */
+static int out_head(Out *out, PyObject *head, PyObject *timestamps, PyObject *decision_id, PyObject *now,
+                    PyObject *revision) {
+    if (!PyUnicode_CheckExact(decision_id) || !PyUnicode_CheckExact(revision)) return 0;
+    if (!out_bytes(out, PyTuple_GET_ITEM(head, HEAD_ID))) return -1;
+    if (!out_str(out, decision_id)) return PyErr_Occurred() ? -1 : 0;
+    if (!out_bytes(out, PyTuple_GET_ITEM(head, HEAD_TIME))) return -1;
+    /* _Timestamps.__call__'s arithmetic: modf, microseconds rounded half to even, a carry */
+    double whole, fraction = modf(PyFloat_AS_DOUBLE(now), &whole), micros = nearbyint(fraction * 1e6);
+    if (micros >= 1e6) {
+        whole += 1.0;
+        micros -= 1e6;
+    } else if (micros < 0) {
+        whole -= 1.0;
+        micros += 1e6;
+    }
+    PyObject *second = get(timestamps, s_second);
+    if (second == NULL) return -1;
+    int same = PyFloat_CheckExact(second) && PyFloat_AS_DOUBLE(second) == whole;
+    Py_DECREF(second);
+    if (same) {
+        PyObject *prefix = get(timestamps, s_prefix);
+        char text[16];
+        int length = snprintf(text, sizeof text, "%06dZ", (int)micros);
+        int written = prefix != NULL && out_bytes(out, prefix) && out_raw(out, text, length);
+        Py_XDECREF(prefix);
+        if (!written) return -1;
+    } else { /* a new second: the Python object formats it, and keeps it */
+        PyObject *stamp = PyObject_CallOneArg(timestamps, now);
+        int written = stamp != NULL && out_bytes(out, stamp);
+        Py_XDECREF(stamp);
+        if (!written) return -1;
+    }
+    if (!out_bytes(out, PyTuple_GET_ITEM(head, HEAD_REVISION))) return -1;
+    if (!out_str(out, revision)) return PyErr_Occurred() ? -1 : 0;
+    return out_bytes(out, PyTuple_GET_ITEM(head, HEAD_INPUT)) ? 1 : -1;
+}
+
+/* New references a record's call holds until it returns. */
+#define HELD_MAX 64
+typedef struct {
+    PyObject *refs[HELD_MAX];
+    int count;
+} Held;
+
+/* obj (a new reference, or NULL on an error) kept to be released at the end. */
+static PyObject *hold(Held *held, PyObject *obj) {
+    if (obj != NULL) {
+        if (held->count == HELD_MAX) {
+            Py_DECREF(obj);
+            PyErr_SetString(PyExc_RuntimeError, "a record holds too many references");
+            return NULL;
+        }
+        held->refs[held->count++] = obj;
+    }
+    return obj;
+}
+
+static PyObject *attr(Held *held, PyObject *object, PyObject *name) { return hold(held, get(object, name)); }
+
+/* A memo's entry (a _Memo: an OrderedDict, read as the dict it is), borrowed; NULL when missing
+ * (with an error set on errors). */
+static PyObject *memo_get(PyObject *memo, PyObject *key) { return PyDict_GetItemWithError(memo, key); }
+
+/* A kept entry, or what the builder's own method makes (and keeps) on a miss: a reference held. */
+static PyObject *entry_or(Held *held, PyObject *memo, PyObject *key, PyObject *builder, PyObject *method,
+                          PyObject *argument) {
+    PyObject *entry = key == NULL ? NULL : memo_get(memo, key);
+    if (entry != NULL) return hold(held, Py_NewRef(entry));
+    if (PyErr_Occurred()) return NULL;
+    return hold(held, PyObject_CallMethodOneArg(builder, method, argument));
+}
+
+/* record(state, decision, facts, volatile, now, handler_ns): RecordBuilder._fast for the usual
+ * decision, byte for byte (tests/unit/test_audit_fast_path.py holds the two together): the
+ * request's members from its shape's template, the changing ones rendered here when the request
+ * has no body and an inert path (as render_inert_request), every other member from what the
+ * builder keeps, asking the builder's own methods on a miss. The AuditRecord, or None where the
+ * Python path must do it (no explanation, an exact str for every id, a shape and its template
+ * known, ...), before anything was kept. The Python path's per-record work was most of what a
+ * record costs a busy server, where each of its many small steps finds its data gone cold. */
+static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 6) return PyErr_Format(PyExc_TypeError, "record() takes 6 arguments");
+    PyObject *state = args[0], *decision = args[1], *facts = args[2], *volatile_ = args[3], *now = args[4];
+    PyObject *handler_ns = args[5];
+    if (rec_dumps == NULL) return PyErr_Format(PyExc_RuntimeError, "configure_records() first");
+    if (!PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != ST_SIZE)
+        return PyErr_Format(PyExc_TypeError, "record() takes the builder's c_state");
+    PyObject *head = PyTuple_GET_ITEM(state, ST_HEAD), *builder = PyTuple_GET_ITEM(state, ST_BUILDER);
+    if (!PyFloat_CheckExact(now) || !isfinite(PyFloat_AS_DOUBLE(now)) || !PyLong_CheckExact(handler_ns) || !PyTuple_CheckExact(head)
+        || PyTuple_GET_SIZE(head) != HEAD_SIZE)
+        Py_RETURN_NONE;
+    Held held = {{0}, 0};
+    Out out = {0}, changing_out[7] = {{0}}, joined_headers = {0};
+    Volatiles v = {{0}, {0}, {0}, {0}, 0};
+    PyObject *result = NULL, *masked = NULL, *erased = NULL, *volatile_masked = NULL, *key = NULL;
+    PyObject *template_key = NULL;
+    int status;
+    masked = PyList_New(0);
+    erased = PyList_New(0);
+    volatile_masked = PyList_New(0);
+    if (masked == NULL || erased == NULL || volatile_masked == NULL) goto done;
+
+    /* -- what only the Python path does */
+    PyObject *explanation = attr(&held, decision, s_explanation);
+    if (explanation == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) goto done;
+        PyErr_Clear(); /* getattr(decision, "explanation", None) */
+    } else if (explanation != Py_None) {
+        goto python;
+    }
+    PyObject *request_id = attr(&held, volatile_, s_request_id), *port = attr(&held, volatile_, s_port);
+    PyObject *time_value = attr(&held, volatile_, s_time_value), *volatile_headers = attr(&held, volatile_, s_headers);
+    PyObject *fingerprint = attr(&held, facts, s_fingerprint), *facts_request_id = attr(&held, facts, s_request_id);
+    PyObject *source_address = attr(&held, facts, s_source_address), *transport = attr(&held, facts, s_transport);
+    if (request_id == NULL || port == NULL || time_value == NULL || volatile_headers == NULL || fingerprint == NULL
+        || facts_request_id == NULL || source_address == NULL || transport == NULL)
+        goto done;
+    if (!PyBytes_CheckExact(fingerprint) || !PyUnicode_CheckExact(facts_request_id)
+        || !PyUnicode_CheckExact(source_address))
+        goto python;
+
+    /* -- the head and the volatile values */
+    PyObject *decision_id = attr(&held, decision, s_decision_id), *revision = attr(&held, decision, s_policy_version);
+    if (decision_id == NULL || revision == NULL) goto done;
+    status = out_head(&out, head, PyTuple_GET_ITEM(state, ST_TIMESTAMP), decision_id, now, revision);
+    if (status <= 0) goto status;
+    status = redact_volatiles(&v, request_id, port, time_value, volatile_headers, volatile_masked);
+    if (status <= 0) goto status;
+
+    /* -- the request's members: its shape's template, and what changes within the shape */
+    PyObject *changing = memo_get(PyTuple_GET_ITEM(state, ST_CHANGING), fingerprint), *method = NULL, *path = NULL;
+    PyObject *headers = NULL;
+    if (changing == NULL) {
+        if (PyErr_Occurred()) goto done;
+        PyObject *factory = attr(&held, facts, s_attributes_factory);
+        if (factory == NULL) goto done;
+        PyObject *shape = hold(&held, PyObject_CallMethodOneArg(factory, s_shape, facts));
+        if (shape == NULL) goto not_shaped;
+        if (!PyTuple_CheckExact(shape) || PyTuple_GET_SIZE(shape) != 4) goto python;
+        key = PyTuple_GET_ITEM(shape, 0);
+        method = PyTuple_GET_ITEM(shape, 1);
+        path = PyTuple_GET_ITEM(shape, 2);
+        headers = PyTuple_GET_ITEM(shape, 3);
+    } else {
+        hold(&held, Py_NewRef(changing));
+        if (!PyTuple_Check(changing) || PyTuple_GET_SIZE(changing) != 5) goto python;
+        key = PyTuple_GET_ITEM(changing, 0);
+    }
+    template_key = Py_BuildValue("(OOOOO)", key, PyUnicode_GET_LENGTH(request_id) ? Py_True : Py_False,
+                                 PyObject_IsTrue(port) ? Py_True : Py_False, time_value != Py_None ? Py_True : Py_False,
+                                 PyDict_GET_SIZE(volatile_headers) ? Py_True : Py_False);
+    if (template_key == NULL) goto done;
+    PyObject *template = memo_get(PyTuple_GET_ITEM(state, ST_SHAPES), template_key);
+    if (template == NULL || Py_TYPE(template) != (PyTypeObject *)rec_template_type) {
+        if (PyErr_Occurred()) goto done;
+        goto python; /* to be made, or one that cannot be: the Python path */
+    }
+    hold(&held, Py_NewRef(template));
+    PyObject *template_masked = attr(&held, template, s_masked), *template_erased = attr(&held, template, s_erased);
+    if (template_masked == NULL || template_erased == NULL) goto done;
+    Piece values[10] = {out_piece(&v.id), out_piece(&v.port), out_piece(&v.time)};
+    PyObject *changing_masked, *changing_erased;
+    if (changing == NULL) {
+        PyObject *new_masked = hold(&held, PyList_New(0));
+        if (new_masked == NULL) goto done;
+        status = redact_changing(facts, method, path, headers, changing_out, new_masked);
+        if (status <= 0) goto status;
+        /* from here on the builder keeps what the Python path would: no way back to it */
+        PyObject *sighted = PyTuple_GET_ITEM(state, ST_SIGHTED);
+        int repeat = PyDict_Contains(sighted, fingerprint);
+        if (repeat < 0) goto done;
+        if (repeat) {
+            PyObject *kept = hold(&held, new_changing(key, changing_out, new_masked));
+            if (kept == NULL || !call_keep(PyTuple_GET_ITEM(state, ST_CHANGING), fingerprint, kept)) goto done;
+        } else if (!call_keep(sighted, fingerprint, Py_None)) {
+            goto done;
+        }
+        for (int i = 0; i < 7; i++) values[3 + i] = out_piece(&changing_out[i]);
+        changing_masked = new_masked;
+        changing_erased = NULL;
+    } else {
+        PyObject *parts = PyTuple_GET_ITEM(changing, 2);
+        if (!piece_of(&values[3], PyTuple_GET_ITEM(changing, 1))) goto done;
+        if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 6) goto python;
+        for (int i = 0; i < 6; i++)
+            if (!piece_of(&values[4 + i], PyTuple_GET_ITEM(parts, i))) goto done;
+        changing_masked = PyTuple_GET_ITEM(changing, 3);
+        changing_erased = PyTuple_GET_ITEM(changing, 4);
+    }
+    if (v.headers.len) { /* the volatile headers after the others (with_volatile puts them last) */
+        int written = values[3].len == 2
+            ? out_raw(&joined_headers, v.headers.buf, v.headers.len)
+            : out_raw(&joined_headers, values[3].buf, values[3].len - 1) && out_literal(&joined_headers, ",")
+                  && out_raw(&joined_headers, v.headers.buf + 1, v.headers.len - 1);
+        if (!written) goto done;
+        values[3] = out_piece(&joined_headers);
+    }
+    if (!out_filled(&out, template, values, 10) || !extend(masked, template_masked) || !extend(masked, changing_masked)
+        || !extend(erased, template_erased) || (changing_erased != NULL && !extend(erased, changing_erased)))
+        goto done;
+
+    /* -- the identity, the signals, the result */
+    PyObject *identity = attr(&held, decision, s_identity);
+    PyObject *identity_key = identity == NULL ? NULL : attr(&held, identity, s_fingerprint);
+    if (identity_key == NULL) goto done;
+    int keyed = PyObject_IsTrue(identity_key);
+    if (keyed < 0) goto done;
+    PyObject *person = entry_or(&held, PyTuple_GET_ITEM(state, ST_IDENTITIES), keyed ? identity_key : NULL, builder,
+                                s_who, decision);
+    PyObject *signals = attr(&held, decision, s_signals);
+    PyObject *signals_key = signals == NULL ? NULL : hold(&held, PyObject_CallOneArg(rec_dumps, signals));
+    if (person == NULL || signals_key == NULL) goto done;
+    PyObject *signals_entry = entry_or(&held, PyTuple_GET_ITEM(state, ST_SIGNALS), signals_key, builder,
+                                       s_signals_member, signals);
+    PyObject *person_rendered = attr(&held, person, s_rendered);
+    if (signals_entry == NULL || person_rendered == NULL) goto done;
+    if (!PyTuple_Check(signals_entry) || PyTuple_GET_SIZE(signals_entry) != 3) {
+        PyErr_SetString(PyExc_TypeError, "a kept signals member is (rendered, masked, erased)");
+        goto done;
+    }
+    if (!out_literal(&out, ",") || !out_bytes(&out, person_rendered) || !out_literal(&out, ",")
+        || !out_bytes(&out, PyTuple_GET_ITEM(signals_entry, 0)) || !out_literal(&out, "}")
+        || !extend(masked, attr(&held, person, s_masked)) || !extend(masked, volatile_masked)
+        || !extend(masked, PyTuple_GET_ITEM(signals_entry, 1)) || !extend(erased, attr(&held, person, s_erased))
+        || !extend(erased, PyTuple_GET_ITEM(signals_entry, 2)))
+        goto done;
+    PyObject *policy_result = attr(&held, decision, s_result);
+    if (policy_result == NULL) goto done;
+    if (policy_result == Py_True || policy_result == Py_False) {
+        if (!out_literal(&out, ",\"result\":") || !out_json(&out, policy_result)) goto done;
+    } else if (policy_result != Py_None) {
+        PyObject *entry = hold(&held, PyObject_CallMethodOneArg(builder, s_result_method, policy_result));
+        if (entry == NULL) goto done;
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2) {
+            PyErr_SetString(PyExc_TypeError, "a kept result is (rendered, masked)");
+            goto done;
+        }
+        if (!out_literal(&out, ",\"result\":") || !out_bytes(&out, PyTuple_GET_ITEM(entry, 0))
+            || !extend(masked, PyTuple_GET_ITEM(entry, 1)))
+            goto done;
+    }
+
+    /* -- who asked, how long it took, the verdict */
+    if (PyUnicode_GET_LENGTH(source_address)) {
+        PyObject *source_port = attr(&held, facts, s_source_port);
+        if (source_port == NULL) goto done;
+        int with_port = PyObject_IsTrue(source_port);
+        if (with_port < 0) goto done;
+        PyObject *requested_by = hold(&held, with_port ? PyUnicode_FromFormat("%U:%S", source_address, source_port)
+                                                       : Py_NewRef(source_address));
+        PyObject *clean = requested_by == NULL ? NULL : hold(&held, scrubbed(requested_by));
+        if (clean == NULL || !out_literal(&out, ",\"requested_by\":") || !out_json(&out, clean)) goto done;
+        int differs = clean == requested_by ? 0 : PyObject_RichCompareBool(clean, requested_by, Py_NE);
+        PyObject *pointer = differs > 0 ? hold(&held, PyUnicode_FromString("/requested_by")) : NULL;
+        if (differs < 0 || (differs > 0 && (pointer == NULL || PyList_Append(masked, pointer) != 0))) goto done;
+    }
+    if (!out_literal(&out, ",\"metrics\":{\"timer_server_handler_ns\":") || !out_json(&out, handler_ns)
+        || !out_literal(&out, "},"))
+        goto done;
+    PyObject *person_subject = attr(&held, person, s_subject), *person_spiffe_id = attr(&held, person, s_spiffe_id);
+    PyObject *allowed = attr(&held, decision, s_allowed), *code = attr(&held, decision, s_code);
+    PyObject *reason = attr(&held, decision, s_reason), *http_status = attr(&held, decision, s_http_status);
+    PyObject *phase = attr(&held, decision, s_phase), *cached = attr(&held, decision, s_cached);
+    PyObject *dry_run = attr(&held, decision, s_dry_run);
+    if (person_subject == NULL || person_spiffe_id == NULL || allowed == NULL || code == NULL || reason == NULL
+        || http_status == NULL || phase == NULL || cached == NULL || dry_run == NULL)
+        goto done;
+    PyObject *verdict_key = hold(&held, PyTuple_Pack(9, allowed, code, reason, http_status, phase, cached, dry_run,
+                                                     person_subject, person_spiffe_id));
+    PyObject *verdict = verdict_key == NULL ? NULL : memo_get(PyTuple_GET_ITEM(state, ST_VERDICTS), verdict_key);
+    if (verdict != NULL) {
+        hold(&held, Py_NewRef(verdict));
+    } else {
+        if (PyErr_Occurred()) goto done;
+        PyObject *call[3] = {builder, decision, person};
+        verdict = hold(&held, PyObject_VectorcallMethod(s_verdict, call, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL));
+        if (verdict == NULL) goto done;
+    }
+    PyObject *verdict_rendered = attr(&held, verdict, s_rendered);
+    if (verdict_rendered == NULL || !out_bytes(&out, verdict_rendered) || !extend(masked, attr(&held, verdict, s_masked)))
+        goto done;
+    int dry = PyObject_IsTrue(dry_run);
+    if (dry < 0) goto done;
+    if (dry) {
+        PyObject *would_allow = attr(&held, decision, s_would_allow);
+        if (would_allow == NULL || !out_literal(&out, ",\"would_allow\":") || !out_json(&out, would_allow)) goto done;
+    }
+    if (PyUnicode_CheckExact(transport) && PyUnicode_Compare(transport, s_grpc) == 0) {
+        if (!out_literal(&out, ",\"transport\":\"grpc\"")) goto done;
+    } else if (PyUnicode_CheckExact(transport) && PyUnicode_Compare(transport, s_http) == 0) {
+        if (!out_literal(&out, ",\"transport\":\"http\"")) goto done;
+    } else if (!out_literal(&out, ",\"transport\":") || !out_json(&out, transport)) {
+        goto done;
+    }
+    if (PyUnicode_GET_LENGTH(facts_request_id)) {
+        if (!out_literal(&out, ",\"request_id\":")) goto done;
+        int same = PyUnicode_Compare(facts_request_id, request_id) == 0, differs;
+        if (same) { /* redacted and rendered for the attributes already */
+            differs = v.id_changed;
+            if (!out_raw(&out, v.id.buf, v.id.len)) goto done;
+        } else {
+            PyObject *clean = hold(&held, scrubbed(facts_request_id));
+            if (clean == NULL || !out_json(&out, clean)) goto done;
+            differs = clean == facts_request_id ? 0 : PyObject_RichCompareBool(clean, facts_request_id, Py_NE);
+            if (differs < 0) goto done;
+        }
+        PyObject *pointer = differs ? hold(&held, PyUnicode_FromString("/request_id")) : NULL;
+        if (differs && (pointer == NULL || PyList_Append(masked, pointer) != 0)) goto done;
+    }
+    if ((PyList_GET_SIZE(erased) && (!out_literal(&out, ",\"erased\":") || !out_list(&out, erased)))
+        || (PyList_GET_SIZE(masked) && (!out_literal(&out, ",\"masked\":") || !out_list(&out, masked)))
+        || !out_literal(&out, "}"))
+        goto done;
+    PyObject *line = hold(&held, PyBytes_FromStringAndSize(out.buf, out.len));
+    PyObject *subject = attr(&held, verdict, s_subject), *spiffe_id = attr(&held, verdict, s_spiffe_id);
+    if (line == NULL || subject == NULL || spiffe_id == NULL) goto done;
+    PyObject *fields[9] = {decision_id, now, subject, spiffe_id, allowed, code, revision, Py_None, line};
+    result = PyObject_Vectorcall(rec_record_type, fields, 9, NULL);
+    goto done;
+status:
+    if (status < 0) goto done;
+    goto python;
+not_shaped:
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) goto done;
+    PyErr_Clear();
+python:
+    result = Py_NewRef(Py_None);
+done:
+    for (int i = 0; i < held.count; i++) Py_DECREF(held.refs[i]);
+    for (int i = 0; i < 7; i++) PyMem_Free(changing_out[i].buf);
+    PyMem_Free(out.buf);
+    PyMem_Free(joined_headers.buf);
+    PyMem_Free(v.id.buf);
+    PyMem_Free(v.port.buf);
+    PyMem_Free(v.time.buf);
+    PyMem_Free(v.headers.buf);
+    Py_XDECREF(masked);
+    Py_XDECREF(erased);
+    Py_XDECREF(volatile_masked);
+    Py_XDECREF(template_key);
+    return result;
+}
+
+/* configure_records(dumps, scrub_text, header_rule, header_pointer, token_parameters, template_type,
+ * changing_type, record_type, parse_body): what record() calls and checks against, from
+ * audit.builder (once, at its import). */
+static PyObject *configure_records(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *given[9];
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO:configure_records", &given[0], &given[1], &given[2], &given[3],
+                          &given[4], &given[5], &given[6], &given[7], &given[8]))
+        return NULL;
+    if (!PyAnySet_Check(given[4]) || !PyType_Check(given[5]) || !PyType_Check(given[6]) || !PyType_Check(given[7]))
+        return PyErr_Format(PyExc_TypeError, "configure_records: token parameters a set, then three types");
+    static const char *names[] = {
+        "decision_id", "policy_version", "identity", "signals", "result", "allowed", "code", "reason", "http_status",
+        "phase", "cached", "dry_run", "would_allow", "explanation", "fingerprint", "attributes_factory", "shape",
+        "headers", "body", "raw_body", "source_address", "source_port", "transport", "request_id", "port",
+        "time_value", "fragments", "slots", "masked", "erased", "rendered", "subject", "spiffe_id", "keep", "_who",
+        "_verdict", "_signals_member", "_result", "_second", "_prefix", "grpc", "http"};
+    PyObject **slots[] = {
+        &s_decision_id, &s_policy_version, &s_identity, &s_signals, &s_result, &s_allowed, &s_code, &s_reason,
+        &s_http_status, &s_phase, &s_cached, &s_dry_run, &s_would_allow, &s_explanation, &s_fingerprint,
+        &s_attributes_factory, &s_shape, &s_headers, &s_body, &s_raw_body, &s_source_address, &s_source_port,
+        &s_transport, &s_request_id, &s_port, &s_time_value, &s_fragments, &s_slots, &s_masked, &s_erased,
+        &s_rendered, &s_subject, &s_spiffe_id, &s_keep, &s_who, &s_verdict, &s_signals_member, &s_result_method,
+        &s_second, &s_prefix, &s_grpc, &s_http};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        if (*slots[i] != NULL) continue;
+        if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL) return NULL;
+    }
+    PyObject **kept[] = {&rec_dumps, &rec_scrub, &rec_header_rule, &rec_header_pointer, &rec_token_parameters,
+                         &rec_template_type, &rec_changing_type, &rec_record_type, &rec_parse_body};
+    for (int i = 0; i < 9; i++) Py_XSETREF(*kept[i], Py_NewRef(given[i]));
+    Py_RETURN_NONE;
+}
+
 static PyObject *configure(PyObject *module, PyObject *args) {
     (void)module;
     PyObject *names, *type;
@@ -810,12 +1504,18 @@ static PyMethodDef methods[] = {
     {"render_inert_request", (PyCFunction)(void (*)(void))render_inert_request, METH_FASTCALL,
      "render_inert_request(method, path, headers, header_rule, scrub_text, token_parameters) -> "
      "(headers, method, path, parsed_path, parsed_query, [changed]) | None"},
+    {"configure_records", configure_records, METH_VARARGS,
+     "configure_records(dumps, scrub_text, header_rule, header_pointer, token_parameters, template_type, "
+     "changing_type, record_type, parse_body)"},
+    {"record", (PyCFunction)(void (*)(void))record, METH_FASTCALL,
+     "record(state, decision, facts, volatile, now, handler_ns) -> AuditRecord | None: RecordBuilder._fast's usual record"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "_volatile_cut",
-    "The exact repeat key of a CheckRequest, cut from its wire bytes; its audit shape; the audit headers loop.",
+    "The exact repeat key of a CheckRequest, cut from its wire bytes; its audit shape; the audit headers loop; "
+    "the usual audit record.",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 

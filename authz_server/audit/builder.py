@@ -24,6 +24,14 @@ saw the whole input takes the same path when that input was built from these ver
 attributes are the facts' own), so a record costs the same whether the policy ran or the cache
 answered.
 
+The usual record (no explanation, a shape whose template exists, a request without a body and
+with an inert path, or one that repeats) is made in C, ``_volatile_cut.record``: the same steps
+over the same kept fragments, asking this builder's own methods whenever what it keeps misses,
+byte for byte what ``_fast`` writes (tests/unit/test_audit_fast_path.py). ``_fast`` stays the
+reference and makes every other record, and all of them where the extension is not built. In
+a busy server a record's many small Python steps each found their data gone cold; in C the
+build passes spent about a third less a record (docs/benchmarks.md).
+
 What cannot be split (a request read in Envoy's raw-headers form, an input the policy was
 given otherwise, a value orjson refuses) takes the straightforward whole path:
 ``record.build_document``, ``Redactor.redact``, ``render_line``. The fast path must mean
@@ -45,8 +53,13 @@ from ..errors import AuthzError
 from ..facts import (Facts, Shape, Volatile, parse_body, parse_path_and_query, request_time, stable_input,
                      with_volatile)
 from .record import BUNDLE_NAME, AuditRecord, build_document, who
-from .redact import Redactor, render_inert_request, scrub_text
+from .redact import TOKEN_PARAMETERS, Redactor, header_pointer, header_rule, render_inert_request, scrub_text
 from .render import render_line
+
+try:
+    from .. import _volatile_cut
+except ImportError:  # built without a C compiler: the Python path makes every record
+    _volatile_cut = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from ..decision import Decision
@@ -258,7 +271,7 @@ class RecordBuilder:
     Used by one thread at a time (the audit log's worker)."""
 
     def __init__(self, *, path: str, labels: Mapping[str, str], redactor: Redactor, memo_size: int = 4096,
-                 shapes: bool = True) -> None:
+                 shapes: bool = True, in_c: bool = True) -> None:
         self.path = path
         self.shapes = shapes  # False: templates per fingerprint only (what came before shapes; tests compare)
         self.labels = labels
@@ -279,15 +292,24 @@ class RecordBuilder:
         self._strings = _Strings(memo_size)
         self._timestamp = _Timestamps()
         # a record's first members: its decision id, timestamp and policy revision in slots
-        self._head = (b'{"decision_id":%b,"timestamp":"%b",' + (b'"path":' + _dumps(path) + b',"labels":'
-                      + _dumps(dict(labels)) + b',' + _BUNDLES).replace(b"%", b"%%") + b'%b}},"input":{')
+        head = (b'{"decision_id":', b',"timestamp":"',
+                b'",' + b'"path":' + _dumps(path) + b',"labels":' + _dumps(dict(labels)) + b',' + _BUNDLES,
+                b'}},"input":{')
+        self._head = b"%b".join(part.replace(b"%", b"%%") for part in head)
+        # what the C form of _fast reads (_volatile_cut.record), by position; None: the Python form only
+        self.c_state = (self, self._changing, self._sighted, self._shapes, self._verdicts, self._identities,
+                        self._signals, self._timestamp, head) if in_c and shapes and _volatile_cut else None
 
     def build(self, decision: "Decision", facts: Facts | None, now: float, *, handler_ns: int) -> AuditRecord:
         if facts is not None and self._from_facts(decision, facts):
             volatile = getattr(facts.attributes_factory, "volatile", None)
             if isinstance(volatile, Volatile) and facts.fingerprint:
                 try:
-                    record = self._fast(decision, facts, volatile, now, handler_ns)
+                    state = self.c_state
+                    record = None if state is None else _volatile_cut.record(state, decision, facts, volatile, now,
+                                                                             handler_ns)
+                    if record is None:
+                        record = self._fast(decision, facts, volatile, now, handler_ns)
                 except (TypeError, orjson.JSONEncodeError):  # a value orjson refuses: the whole path renders it
                     record = None
                 if record is not None:
@@ -635,3 +657,8 @@ class RecordBuilder:
         attributes = facts.built_attributes
         return (attributes is not None and kept.get("attributes") is attributes
                 and len(kept) == (_WHOLE_INPUT_MEMBERS + 1 if facts.source_principal else _WHOLE_INPUT_MEMBERS))
+
+
+if _volatile_cut is not None:
+    _volatile_cut.configure_records(_dumps, scrub_text, header_rule, header_pointer, TOKEN_PARAMETERS, _Template,
+                                    _Changing, AuditRecord, parse_body)

@@ -80,7 +80,9 @@ def _json_member(match: re.Match[str]) -> str:
 
 
 def scrub_text(text: str) -> str:
-    """Credentials recognised by their shape, wherever they are in ``text``."""
+    """Credentials recognised by their shape, wherever they are in ``text``. Only a string
+    of 8 characters or more holding a '.', a space or tab, a '=' or a '"' can change: the C
+    forms skip the call for any other (``scrub_cannot_change`` in _volatile_cut.c)."""
     if len(text) < 8:
         return text
     if "ey" in text and "." in text:
@@ -213,7 +215,7 @@ def _pointer(where: Any) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _header_pointer(name: str) -> str:
+def header_pointer(name: str) -> str:
     """``_pointer`` of a request header: keyed on the name alone (hashing the chain of tuples
     of ``_HEADERS`` again on each call was most of a masked header's cost)."""
     return _pointer((_HEADERS, name))
@@ -461,7 +463,7 @@ def render_inert_request(method: str, path: str,
     if done is None:
         return None
     *rendered, changed = done
-    return tuple(rendered), tuple(map(_header_pointer, changed))
+    return tuple(rendered), tuple(map(header_pointer, changed))
 
 
 class Redacted(NamedTuple):
@@ -546,7 +548,7 @@ class Redactor:
             done = _redact_headers(headers, path, redacted_path, header_rule, scrub_text)
         out_headers, changed = done
         if changed:
-            masked.extend(map(_header_pointer, changed))
+            masked.extend(map(header_pointer, changed))
         if not path_first and redacted_path != path:
             masked.append(_pointer((_HTTP, "path")))
         path = redacted_path
@@ -600,7 +602,7 @@ class Redactor:
             item = headers[name]
             redacted = header_rule(name)(item)
             if redacted != item:
-                masked.append(_header_pointer(name))
+                masked.append(header_pointer(name))
                 if redacted_headers is None:
                     redacted_headers = dict(headers)
                 redacted_headers[name] = redacted

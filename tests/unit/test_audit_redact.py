@@ -285,3 +285,12 @@ def test_what_the_c_rendering_leaves_to_python() -> None:
     assert _volatile_cut.render_inert_request("GET", "/a?q=1&q=2&p", {":path": "/a?q=1&q=2&p"}, header_rule,
                                               scrub_text, TOKEN_PARAMETERS) == (
         b'{":path":"/a?q=1&q=2&p"}', b'"GET"', b'"/a?q=1&q=2&p"', b'["a"]', b'{"q":["1","2"],"p":[""]}', [])
+
+
+@given(text=st.text(alphabet=st.characters(blacklist_characters='. \t="'), max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_scrub_text_leaves_a_string_without_its_triggers_as_it_is(text: str) -> None:
+    """The C form of a record skips scrub_text for a string with no '.', space, tab, '=' or
+    '"' (``scrub_cannot_change`` in _volatile_cut.c): nothing else makes it change a string."""
+    assert scrub_text(text) == text
+    assert scrub_text(f"ey{text}") == f"ey{text}"

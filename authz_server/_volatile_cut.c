@@ -529,11 +529,12 @@ done:
 typedef struct {
     char *buf;
     Py_ssize_t len, cap;
+    Py_ssize_t first_cap; /* what its first allocation takes (0: 256 bytes) */
 } Out;
 
 static int out_reserve(Out *out, Py_ssize_t more) {
     if (out->len + more <= out->cap) return 1;
-    Py_ssize_t cap = out->cap ? out->cap : 256;
+    Py_ssize_t cap = out->cap ? out->cap : out->first_cap ? out->first_cap : 256;
     while (cap < out->len + more) cap *= 2;
     char *buf = PyMem_Realloc(out->buf, (size_t)cap);
     if (buf == NULL) {
@@ -808,7 +809,7 @@ static PyObject *s_decision_id, *s_policy_version, *s_identity, *s_signals, *s_r
     *s_attributes_factory, *s_shape, *s_headers, *s_body, *s_raw_body, *s_source_address, *s_source_port,
     *s_transport, *s_request_id, *s_port, *s_time_value, *s_fragments, *s_slots, *s_masked, *s_erased,
     *s_rendered, *s_subject, *s_spiffe_id, *s_keep, *s_who, *s_verdict, *s_signals_member, *s_result_method,
-    *s_second, *s_prefix, *s_grpc, *s_http;
+    *s_second, *s_prefix, *s_grpc, *s_http, *s_partial_body;
 
 /* scrub_text(text) for an exact str, a new reference. */
 static PyObject *scrubbed(PyObject *text) {
@@ -956,8 +957,16 @@ static int redact_changing(PyObject *facts, PyObject *method, PyObject *path, Py
     int status = -1;
     if (request_headers == NULL || (body = get(facts, s_body)) == NULL || (raw_body = get(facts, s_raw_body)) == NULL)
         goto done;
-    PyObject *args[3] = {request_headers, body, raw_body};
-    parsed = PyObject_Vectorcall(rec_parse_body, args, 3, NULL);
+    int empty = PyUnicode_CheckExact(body) && PyUnicode_GET_LENGTH(body) == 0 && PyBytes_CheckExact(raw_body)
+        && PyBytes_GET_SIZE(raw_body) == 0;
+    int partial = empty ? PySequence_Contains(request_headers, s_partial_body) : 1;
+    if (partial < 0) PyErr_Clear(); /* parse_body says what such headers mean */
+    if (empty && partial == 0) {
+        parsed = PyTuple_Pack(2, Py_None, Py_False); /* parse_body's answer for the usual request */
+    } else {
+        PyObject *args[3] = {request_headers, body, raw_body};
+        parsed = PyObject_Vectorcall(rec_parse_body, args, 3, NULL);
+    }
     if (parsed == NULL) { /* a body the front would refuse: the Python path says what happens */
         PyErr_Clear();
         status = 0;
@@ -1186,7 +1195,7 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
         || PyTuple_GET_SIZE(head) != HEAD_SIZE)
         Py_RETURN_NONE;
     Held held = {{0}, 0};
-    Out out = {0}, changing_out[7] = {{0}}, joined_headers = {0};
+    Out out = {.first_cap = 4096}, changing_out[7] = {{0}}, joined_headers = {0}; /* a record: 2-3 KB */
     Volatiles v = {{0}, {0}, {0}, {0}, 0};
     PyObject *result = NULL, *masked = NULL, *erased = NULL, *volatile_masked = NULL, *key = NULL;
     PyObject *template_key = NULL;
@@ -1453,14 +1462,14 @@ static PyObject *configure_records(PyObject *module, PyObject *args) {
         "phase", "cached", "dry_run", "would_allow", "explanation", "fingerprint", "attributes_factory", "shape",
         "headers", "body", "raw_body", "source_address", "source_port", "transport", "request_id", "port",
         "time_value", "fragments", "slots", "masked", "erased", "rendered", "subject", "spiffe_id", "keep", "_who",
-        "_verdict", "_signals_member", "_result", "_second", "_prefix", "grpc", "http"};
+        "_verdict", "_signals_member", "_result", "_second", "_prefix", "grpc", "http", "x-envoy-auth-partial-body"};
     PyObject **slots[] = {
         &s_decision_id, &s_policy_version, &s_identity, &s_signals, &s_result, &s_allowed, &s_code, &s_reason,
         &s_http_status, &s_phase, &s_cached, &s_dry_run, &s_would_allow, &s_explanation, &s_fingerprint,
         &s_attributes_factory, &s_shape, &s_headers, &s_body, &s_raw_body, &s_source_address, &s_source_port,
         &s_transport, &s_request_id, &s_port, &s_time_value, &s_fragments, &s_slots, &s_masked, &s_erased,
         &s_rendered, &s_subject, &s_spiffe_id, &s_keep, &s_who, &s_verdict, &s_signals_member, &s_result_method,
-        &s_second, &s_prefix, &s_grpc, &s_http};
+        &s_second, &s_prefix, &s_grpc, &s_http, &s_partial_body};
     for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
         if (*slots[i] != NULL) continue;
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL) return NULL;

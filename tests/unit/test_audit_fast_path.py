@@ -60,6 +60,7 @@ header_values = {
     "x-request-id": ids,  # volatile: differs per request
     "traceparent": st.integers(1, 10**6).map(lambda n: f"00-{n:032x}-{n:016x}-01"),  # volatile
     "x-note": st.sampled_from(["plain words", '{"refresh_token": "rt-123456789"}', "Bearer in text 12345678"]),
+    "x-envoy-auth-partial-body": st.sampled_from(["true", "false"]),  # truncated_body, without a body
 }
 headers = st.fixed_dictionaries({}, optional=header_values)
 users = st.sampled_from([None, "alice", "bob", JWT])

@@ -53,6 +53,7 @@ compile_protos()
 # Optional: without a C compiler the server still works, it only never replays gRPC repeats
 # (``authz_server.envoy.cut_volatile`` then always answers None) and traces with the hooks' Python form.
 setup(cmdclass={"build_py": BuildWithProtos},
-      ext_modules=[Extension(name, [source], optional=True, extra_compile_args=["-O2", "-Wall", "-Wextra"])
+      ext_modules=[Extension(name, [source], optional=True, extra_compile_args=["-O2", "-Wall", "-Wextra"],
+                             depends=["authz_server/_slots.h"])
                    for name, source in (("authz_server._volatile_cut", "authz_server/_volatile_cut.c"),
                                         ("authz_server.tracing._hooks", "authz_server/tracing/_hooks.c"))])

@@ -35,6 +35,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_slots.h"
+
 #define PATH_MESSAGES 6 /* attributes, source, address, socket_address, request, http */
 #define MAX_VOLATILE_NAMES 64
 
@@ -866,8 +868,8 @@ static int extend(PyObject *list, PyObject *items) {
     return items != NULL && PyList_SetSlice(list, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, items) == 0;
 }
 
-/* An attribute, or NULL with an error set. */
-static PyObject *get(PyObject *object, PyObject *name) { return PyObject_GetAttr(object, name); }
+/* An attribute (one of the interned names above), or NULL with an error set. */
+static PyObject *get(PyObject *object, PyObject *name) { return attribute(object, name); }
 
 /* What a record keeps across requests (RecordBuilder.c_state), by position. */
 enum { ST_BUILDER, ST_CHANGING, ST_SIGHTED, ST_SHAPES, ST_VERDICTS, ST_IDENTITIES, ST_SIGNALS, ST_TIMESTAMP,

@@ -739,6 +739,31 @@ done:
     return status;
 }
 
+/* The changing members of an inert request rendered (see render_inert_request below) into
+ * rendered[0..4] (headers, method, path, parsed_path, parsed_query), the names of the headers
+ * whose value redaction changed appended to changed. 1 done, 0 not for this request (no
+ * exception), -1 an error. */
+static int render_inert(PyObject *method, PyObject *path, PyObject *headers, PyObject *header_rule, PyObject *scrub,
+                        PyObject *token_parameters, Out *rendered, PyObject *changed) {
+    if (!PyUnicode_CheckExact(method) || PyUnicode_GET_LENGTH(method) >= 8 || !PyUnicode_CheckExact(path)
+        || !PyUnicode_IS_ASCII(path) || !PyAnySet_Check(token_parameters))
+        return 0;
+    const char *text = (const char *)PyUnicode_DATA(path);
+    Py_ssize_t length = PyUnicode_GET_LENGTH(path), query;
+    Pair pairs[MAX_QUERY_PAIRS]; /* 8 KB on the stack: no allocation per record */
+    int count;
+    if (!inert_path(text, length, pairs, &count, &query)) return 0;
+    for (int i = 0; i < count; i++) {
+        int found = token_parameter(text + pairs[i].key, pairs[i].key_length, token_parameters);
+        if (found) return found < 0 ? -1 : 0;
+    }
+    int status = out_headers(&rendered[0], changed, headers, path, header_rule, scrub);
+    if (status <= 0) return status;
+    if (!out_str(&rendered[1], method)) return PyErr_Occurred() ? -1 : 0;
+    return out_string(&rendered[2], text, length) && out_parsed(&rendered[3], &rendered[4], text, query, pairs, count)
+        ? 1 : -1;
+}
+
 /* render_inert_request(method, path, headers, header_rule, scrub_text, token_parameters): what
  * audit.redact.Redactor.redact_request and orjson make of a request's changing members when its
  * path is inert (audit.redact._INERT_PATH, no query name in token_parameters) and its method is
@@ -750,50 +775,25 @@ done:
 static PyObject *render_inert_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     if (nargs != 6) return PyErr_Format(PyExc_TypeError, "render_inert_request() takes 6 arguments");
-    PyObject *method = args[0], *path = args[1], *headers = args[2], *header_rule = args[3], *scrub = args[4];
-    PyObject *token_parameters = args[5];
-    if (!PyUnicode_CheckExact(method) || PyUnicode_GET_LENGTH(method) >= 8 || !PyUnicode_CheckExact(path)
-        || !PyUnicode_IS_ASCII(path) || !PyAnySet_Check(token_parameters))
-        Py_RETURN_NONE;
-    const char *text = (const char *)PyUnicode_DATA(path);
-    Py_ssize_t length = PyUnicode_GET_LENGTH(path), query;
-    Pair pairs[MAX_QUERY_PAIRS]; /* 8 KB on the stack: no allocation per record */
-    int count;
-    Out rendered[5] = {{0}}; /* headers, method, path, parsed_path, parsed_query */
-    PyObject *changed = NULL, *result = NULL;
-    if (!inert_path(text, length, pairs, &count, &query)) goto not_here;
-    for (int i = 0; i < count; i++) {
-        int found = token_parameter(text + pairs[i].key, pairs[i].key_length, token_parameters);
-        if (found < 0) goto done;
-        if (found) goto not_here;
-    }
-    changed = PyList_New(0);
-    if (changed == NULL) goto done;
-    int status = out_headers(&rendered[0], changed, headers, path, header_rule, scrub);
-    if (status < 0) goto done;
-    if (status == 0) goto not_here;
-    if (!out_str(&rendered[1], method)) goto not_or_error;
-    if (!out_string(&rendered[2], text, length) || !out_parsed(&rendered[3], &rendered[4], text, query, pairs, count))
-        goto done;
-    result = PyTuple_New(6);
-    if (result == NULL) goto done;
-    for (int i = 0; i < 5; i++) {
-        PyObject *bytes = PyBytes_FromStringAndSize(rendered[i].buf, rendered[i].len);
-        if (bytes == NULL) {
-            Py_CLEAR(result);
-            goto done;
+    Out rendered[5] = {{0}};
+    PyObject *changed = PyList_New(0), *result = NULL;
+    if (changed == NULL) return NULL;
+    int status = render_inert(args[0], args[1], args[2], args[3], args[4], args[5], rendered, changed);
+    if (status == 0) {
+        result = Py_NewRef(Py_None);
+    } else if (status > 0 && (result = PyTuple_New(6)) != NULL) {
+        for (int i = 0; i < 5; i++) {
+            PyObject *bytes = PyBytes_FromStringAndSize(rendered[i].buf, rendered[i].len);
+            if (bytes == NULL) {
+                Py_CLEAR(result);
+                break;
+            }
+            PyTuple_SET_ITEM(result, i, bytes);
         }
-        PyTuple_SET_ITEM(result, i, bytes);
+        if (result != NULL) PyTuple_SET_ITEM(result, 5, Py_NewRef(changed));
     }
-    PyTuple_SET_ITEM(result, 5, Py_NewRef(changed));
-    goto done;
-not_or_error:
-    if (PyErr_Occurred()) goto done;
-not_here:
-    result = Py_NewRef(Py_None);
-done:
     for (int i = 0; i < 5; i++) PyMem_Free(rendered[i].buf);
-    Py_XDECREF(changed);
+    Py_DECREF(changed);
     return result;
 }
 
@@ -982,34 +982,14 @@ static int redact_changing(PyObject *facts, PyObject *method, PyObject *path, Py
         status = -1;
         goto done;
     }
-    if (!PyUnicode_CheckExact(method) || PyUnicode_GET_LENGTH(method) >= 8 || !PyUnicode_CheckExact(path)
-        || !PyUnicode_IS_ASCII(path))
-        goto done;
-    const char *text = (const char *)PyUnicode_DATA(path);
-    Py_ssize_t length = PyUnicode_GET_LENGTH(path), query;
-    Pair pairs[MAX_QUERY_PAIRS];
-    int count;
-    if (!inert_path(text, length, pairs, &count, &query)) goto done;
-    for (int i = 0; i < count; i++) {
-        int found = token_parameter(text + pairs[i].key, pairs[i].key_length, rec_token_parameters);
-        if (found) {
-            status = found < 0 ? -1 : 0;
-            goto done;
-        }
-    }
     if ((changed = PyList_New(0)) == NULL) {
         status = -1;
         goto done;
     }
-    status = out_headers(&rendered[0], changed, headers, path, rec_header_rule, rec_scrub);
+    status = render_inert(method, path, headers, rec_header_rule, rec_scrub, rec_token_parameters, rendered, changed);
     if (status <= 0) goto done;
     status = -1;
-    if (!out_str(&rendered[1], method)) {
-        if (!PyErr_Occurred()) status = 0;
-        goto done;
-    }
-    if (!out_string(&rendered[2], text, length) || !out_parsed(&rendered[3], &rendered[4], text, query, pairs, count)
-        || !out_literal(&rendered[5], "null")
+    if (!out_literal(&rendered[5], "null")
         || !(truncated ? out_literal(&rendered[6], "true") : out_literal(&rendered[6], "false")))
         goto done;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(changed); i++) {

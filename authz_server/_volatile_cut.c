@@ -549,6 +549,7 @@ static int out_reserve(Out *out, Py_ssize_t more) {
 }
 
 static int out_raw(Out *out, const char *text, Py_ssize_t length) {
+    if (length == 0) return 1; /* text may be an empty Out's NULL */
     if (!out_reserve(out, length)) return 0;
     memcpy(out->buf + out->len, text, (size_t)length);
     out->len += length;
@@ -1173,8 +1174,8 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
     if (!PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != ST_SIZE)
         return PyErr_Format(PyExc_TypeError, "record() takes the builder's c_state");
     PyObject *head = PyTuple_GET_ITEM(state, ST_HEAD), *builder = PyTuple_GET_ITEM(state, ST_BUILDER);
-    if (!PyFloat_CheckExact(now) || !isfinite(PyFloat_AS_DOUBLE(now)) || !PyLong_CheckExact(handler_ns) || !PyTuple_CheckExact(head)
-        || PyTuple_GET_SIZE(head) != HEAD_SIZE)
+    if (!PyFloat_CheckExact(now) || !isfinite(PyFloat_AS_DOUBLE(now)) || !PyLong_CheckExact(handler_ns)
+        || !PyTuple_CheckExact(head) || PyTuple_GET_SIZE(head) != HEAD_SIZE)
         Py_RETURN_NONE;
     Held held = {{0}, 0};
     Out out = {.first_cap = 4096}, changing_out[7] = {{0}}, joined_headers = {0}; /* a record: 2-3 KB */
@@ -1364,7 +1365,8 @@ static PyObject *record(PyObject *module, PyObject *const *args, Py_ssize_t narg
         if (verdict == NULL) goto done;
     }
     PyObject *verdict_rendered = attr(&held, verdict, s_rendered);
-    if (verdict_rendered == NULL || !out_bytes(&out, verdict_rendered) || !extend(masked, attr(&held, verdict, s_masked)))
+    if (verdict_rendered == NULL || !out_bytes(&out, verdict_rendered)
+        || !extend(masked, attr(&held, verdict, s_masked)))
         goto done;
     int dry = PyObject_IsTrue(dry_run);
     if (dry < 0) goto done;
@@ -1499,7 +1501,8 @@ static PyMethodDef methods[] = {
      "configure_records(dumps, scrub_text, header_rule, header_pointer, token_parameters, template_type, "
      "changing_type, record_type, parse_body)"},
     {"record", (PyCFunction)(void (*)(void))record, METH_FASTCALL,
-     "record(state, decision, facts, volatile, now, handler_ns) -> AuditRecord | None: RecordBuilder._fast's usual record"},
+     "record(state, decision, facts, volatile, now, handler_ns) -> AuditRecord | None: "
+     "RecordBuilder._fast's usual record"},
     {NULL, NULL, 0, NULL},
 };
 

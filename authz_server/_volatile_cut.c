@@ -459,9 +459,10 @@ static int scrub_cannot_change(PyObject *text) {
 }
 
 /* One header's value through the rule of its name (header_rule(name)); with scrub_text's rule a
- * value shorter than 8 characters is kept as it is and a value equal to the path is the path as
- * redacted already. The name is appended to changed when the value changed. A new reference, or
- * NULL on errors. Both loops below use it, value for value as audit.redact._redact_headers. */
+ * value it cannot change is kept as it is and a value equal to the path (when there is one: NULL
+ * for the volatile headers) is the path as redacted already. The name is appended to changed when
+ * the value changed. A new reference, or NULL on errors. Every header loop here uses it, value
+ * for value as audit.redact._redact_headers and Redactor.redact_volatile. */
 static PyObject *redact_value(PyObject *name, PyObject *value, PyObject *path, PyObject *redacted_path,
                               PyObject *header_rule, PyObject *scrub, PyObject *changed) {
     PyObject *rule = PyObject_CallOneArg(header_rule, name), *redacted;
@@ -471,7 +472,7 @@ static PyObject *redact_value(PyObject *name, PyObject *value, PyObject *path, P
     } else if (scrub_cannot_change(value)) {
         redacted = Py_NewRef(value);
     } else {
-        int same = PyUnicode_Compare(value, path) == 0; /* two str: no error */
+        int same = path != NULL && PyUnicode_Compare(value, path) == 0; /* two str: no error */
         redacted = same ? Py_NewRef(redacted_path) : PyObject_CallOneArg(scrub, value);
     }
     Py_DECREF(rule);
@@ -869,14 +870,23 @@ static int extend(PyObject *list, PyObject *items) {
     return items != NULL && PyList_SetSlice(list, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, items) == 0;
 }
 
-/* An attribute (one of the interned names above), or NULL with an error set. */
-static PyObject *get(PyObject *object, PyObject *name) { return attribute(object, name); }
-
 /* What a record keeps across requests (RecordBuilder.c_state), by position. */
 enum { ST_BUILDER, ST_CHANGING, ST_SIGHTED, ST_SHAPES, ST_VERDICTS, ST_IDENTITIES, ST_SIGNALS, ST_TIMESTAMP,
        ST_HEAD, ST_SIZE };
 /* RecordBuilder._head in pieces: before the decision id, before the timestamp, before the revision, after it */
 enum { HEAD_ID, HEAD_TIME, HEAD_REVISION, HEAD_INPUT, HEAD_SIZE };
+
+/* The JSON pointers (header_pointer) of the headers whose value redaction changed, appended to
+ * masked in their order. 1 done, 0 an error. */
+static int append_pointers(PyObject *masked, PyObject *changed) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(changed); i++) {
+        PyObject *pointer = PyObject_CallOneArg(rec_header_pointer, PyList_GET_ITEM(changed, i));
+        int appended = pointer != NULL && PyList_Append(masked, pointer) == 0;
+        Py_XDECREF(pointer);
+        if (!appended) return 0;
+    }
+    return 1;
+}
 
 /* The volatile values of a request, redacted and rendered (RecordBuilder._volatile_values and
  * Redactor.redact_volatile): the request id, port and time for their slots, the volatile headers
@@ -922,31 +932,31 @@ static int redact_volatiles(Volatiles *v, PyObject *request_id, PyObject *port, 
         else length = snprintf(text, sizeof text, "{}");
         if (!out_raw(&v->time, text, length)) return -1;
     }
+    PyObject *changed = PyList_New(0);
+    if (changed == NULL) return -1;
     Py_ssize_t position = 0;
     PyObject *name, *value;
-    while (PyDict_Next(headers, &position, &name, &value)) {
-        if (!PyUnicode_CheckExact(name) || !PyUnicode_CheckExact(value)) return 0;
+    int status = 1;
+    while (status > 0 && PyDict_Next(headers, &position, &name, &value)) {
+        if (!PyUnicode_CheckExact(name) || !PyUnicode_CheckExact(value)) {
+            status = 0;
+            break;
+        }
         Py_INCREF(name);
         Py_INCREF(value);
-        PyObject *rule = PyObject_CallOneArg(rec_header_rule, name);
-        PyObject *clean = rule == NULL ? NULL : rule == rec_scrub ? scrubbed(value) : PyObject_CallOneArg(rule, value);
-        Py_XDECREF(rule);
-        int status = clean == NULL ? -1 : 1;
-        if (status > 0 && clean != value) {
-            int changed = PyObject_RichCompareBool(clean, value, Py_NE);
-            PyObject *pointer = changed > 0 ? PyObject_CallOneArg(rec_header_pointer, name) : NULL;
-            if (changed < 0 || (changed > 0 && (pointer == NULL || PyList_Append(masked, pointer) != 0))) status = -1;
-            Py_XDECREF(pointer);
-        }
-        if (status > 0 && !(out_raw(&v->headers, v->headers.len ? "," : "{", 1) && out_str(&v->headers, name)
-                            && out_literal(&v->headers, ":") && out_str(&v->headers, clean)))
+        PyObject *clean = redact_value(name, value, NULL, NULL, rec_header_rule, rec_scrub, changed);
+        if (clean == NULL) status = -1;
+        else if (!(out_raw(&v->headers, v->headers.len ? "," : "{", 1) && out_str(&v->headers, name)
+                   && out_literal(&v->headers, ":") && out_str(&v->headers, clean)))
             status = PyErr_Occurred() ? -1 : 0;
         Py_XDECREF(clean);
         Py_DECREF(name);
         Py_DECREF(value);
-        if (status <= 0) return status;
     }
-    return v->headers.len ? out_literal(&v->headers, "}") : 1;
+    if (status > 0) status = append_pointers(masked, changed) && (!v->headers.len || out_literal(&v->headers, "}"))
+        ? 1 : -1;
+    Py_DECREF(changed);
+    return status;
 }
 
 /* The request's changing members of a request that does not repeat (RecordBuilder._redact_changing
@@ -955,10 +965,11 @@ static int redact_volatiles(Volatiles *v, PyObject *request_id, PyObject *port, 
  * masked. 1 done, 0 not here, -1 an error. */
 static int redact_changing(PyObject *facts, PyObject *method, PyObject *path, PyObject *headers, Out *rendered,
                            PyObject *masked) {
-    PyObject *request_headers = get(facts, s_headers), *body = NULL, *raw_body = NULL, *parsed = NULL;
+    PyObject *request_headers = attribute(facts, s_headers), *body = NULL, *raw_body = NULL, *parsed = NULL;
     PyObject *changed = NULL;
     int status = -1;
-    if (request_headers == NULL || (body = get(facts, s_body)) == NULL || (raw_body = get(facts, s_raw_body)) == NULL)
+    if (request_headers == NULL || (body = attribute(facts, s_body)) == NULL
+        || (raw_body = attribute(facts, s_raw_body)) == NULL)
         goto done;
     int empty = PyUnicode_CheckExact(body) && PyUnicode_GET_LENGTH(body) == 0 && PyBytes_CheckExact(raw_body)
         && PyBytes_GET_SIZE(raw_body) == 0;
@@ -993,12 +1004,7 @@ static int redact_changing(PyObject *facts, PyObject *method, PyObject *path, Py
     if (!out_literal(&rendered[5], "null")
         || !(truncated ? out_literal(&rendered[6], "true") : out_literal(&rendered[6], "false")))
         goto done;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(changed); i++) {
-        PyObject *pointer = PyObject_CallOneArg(rec_header_pointer, PyList_GET_ITEM(changed, i));
-        int appended = pointer != NULL && PyList_Append(masked, pointer) == 0;
-        Py_XDECREF(pointer);
-        if (!appended) goto done;
-    }
+    if (!append_pointers(masked, changed)) goto done;
     status = 1;
 done:
     Py_XDECREF(request_headers);
@@ -1046,7 +1052,7 @@ typedef struct {
 
 /* The template's fragments around the values of its slots (audit.builder._fill). */
 static int out_filled(Out *out, PyObject *template, const Piece *values, int value_count) {
-    PyObject *fragments = get(template, s_fragments), *slots = get(template, s_slots);
+    PyObject *fragments = attribute(template, s_fragments), *slots = attribute(template, s_slots);
     int done = 0;
     if (fragments == NULL || slots == NULL) goto end;
     if (!PyTuple_CheckExact(fragments) || !PyTuple_CheckExact(slots)
@@ -1100,12 +1106,12 @@ static int out_head(Out *out, PyObject *head, PyObject *timestamps, PyObject *de
         whole -= 1.0;
         micros += 1e6;
     }
-    PyObject *second = get(timestamps, s_second);
+    PyObject *second = attribute(timestamps, s_second);
     if (second == NULL) return -1;
     int same = PyFloat_CheckExact(second) && PyFloat_AS_DOUBLE(second) == whole;
     Py_DECREF(second);
     if (same) {
-        PyObject *prefix = get(timestamps, s_prefix);
+        PyObject *prefix = attribute(timestamps, s_prefix);
         char text[16];
         int length = snprintf(text, sizeof text, "%06dZ", (int)micros);
         int written = prefix != NULL && out_bytes(out, prefix) && out_raw(out, text, length);
@@ -1142,7 +1148,7 @@ static PyObject *hold(Held *held, PyObject *obj) {
     return obj;
 }
 
-static PyObject *attr(Held *held, PyObject *object, PyObject *name) { return hold(held, get(object, name)); }
+static PyObject *attr(Held *held, PyObject *object, PyObject *name) { return hold(held, attribute(object, name)); }
 
 /* A memo's entry (a _Memo: an OrderedDict, read as the dict it is), borrowed; NULL when missing
  * (with an error set on errors). */

@@ -14,8 +14,8 @@ every path, a query string, users at random: every decision is the policy's). Ea
 measured with one connection (latency: p50, p99) and 32 (throughput), audit off and on
 back to back, and the audit log's CPU per decision is the difference of the two servers'
 CPU per request at 32 connections. A third server, a second one with the audit log off, is
-loaded in the same rounds at 32 connections: its difference from the first (the control) is
-what such a difference reads when nothing differs.
+loaded in the same rounds: its p99 and CPU against the first's (the control) are what these
+comparisons read when nothing differs.
 
 Without ``--postgres`` the PostgreSQL sink is measured on the private server of
 ``tests/support/postgres.py`` (never the machine's own); ``''`` skips it.
@@ -350,10 +350,10 @@ def _repeated(sessions: dict[str, str]) -> tuple[str, dict[str, str]]:
 # more than the 40 µs judged) 9 rounds of loads half as long, for a median with a 95 % interval.
 ROUNDS = 3
 THROUGHPUT_ROUNDS = 9
-# A second server with the audit log off, loaded in the same rounds at 32 connections: its difference
-# from the first is what the difference of two processes' CPU reads when nothing differs (the
-# machine's swings and one process's luck against another's: hash seeds, memory layout), the floor
-# under which "Δ CPU" cannot tell the audit log's cost from noise.
+# A second server with the audit log off, loaded in the same rounds: its p99 and CPU against the
+# first's are what those comparisons of two processes read when nothing differs (the machine's
+# swings and one process's luck against another's: hash seeds, memory layout), the floor under
+# which "p99 on / off" and "Δ CPU" cannot tell the audit log's cost from noise.
 CONTROL = "off-control"
 
 
@@ -428,14 +428,13 @@ def through_envoy(settings: Settings) -> dict[str, Any]:
         rounds, throughput_rounds = (ROUNDS, THROUGHPUT_ROUNDS) if full else (1, 1)
         many = dataclasses.replace(settings, duration=settings.duration / 2) if full else settings
         for round_ in range(throughput_rounds):
-            # off and on back to back, in turn first: the machine's other load hits both alike; at 32
-            # connections the control too, each of the three first, second and third in turn
-            pair = ("off", "file") if round_ % 2 == 0 else ("file", "off")
-            three = ("off", "file", CONTROL)[round_ % 3:] + ("off", "file", CONTROL)[:round_ % 3]
-            loads = ((("c1", one, pair),) if round_ < rounds else ()) + (("c32", many, three),)
+            # off, on and the control back to back, each first, second and third in turn: the
+            # machine's other load hits them alike
+            order = ("off", "file", CONTROL)[round_ % 3:] + ("off", "file", CONTROL)[:round_ % 3]
+            loads = ((("c1", one),) if round_ < rounds else ()) + (("c32", many),)
             for mode in MODES:
                 for kind in TRAFFIC:
-                    for label, load_settings, order in loads:
+                    for label, load_settings in loads:
                         for audit in order:
                             server = servers[audit]
                             result = _load(server, mode, kind, load_settings)
@@ -465,12 +464,14 @@ def report_envoy(results: dict[str, Any]) -> str:
             pairs32, pairs1 = list(zip(off32, on32)), list(zip(off1, on1))
             throughput = _median([on.rps / (off.rps or 1) for off, on in pairs32])
             tail = _median([on.p99_ms / (off.p99_ms or 1) for off, on in pairs1])
+            control1, control32 = runs("c1", CONTROL), runs("c32", CONTROL)
+            control_tail = _median([again.p99_ms / (off.p99_ms or 1) for off, again in zip(off1, control1)])
             cpu_off = _median([r.authz_cpu_us_per_req or 0 for r in off32])
             cpu_on = _median([r.authz_cpu_us_per_req or 0 for r in on32])
             differences = [(on.authz_cpu_us_per_req or 0) - (off.authz_cpu_us_per_req or 0) for off, on in pairs32]
             low, high = median_interval(differences)
             controls = [(again.authz_cpu_us_per_req or 0) - (off.authz_cpu_us_per_req or 0)
-                        for off, again in zip(off32, runs("c32", CONTROL))]
+                        for off, again in zip(off32, control32)]
             control_low, control_high = median_interval(controls)
             # the event loop's thread alone: where the audit log's work is done (the build passes, the
             # request path's hand-over), without the policy threads' and Go runtime's own swings
@@ -478,12 +479,13 @@ def report_envoy(results: dict[str, Any]) -> str:
                                        - off.extra.get("authz_loop_cpu_us_per_req", 0) for off, on in pairs32])
             build32, build1 = ([r.extra["audit_us_per_record"] for r in runs
                                 if "audit_us_per_record" in r.extra] for runs in (on32, on1))
-            everything = off32 + on32 + off1 + on1 + runs("c32", CONTROL)
+            everything = off32 + on32 + off1 + on1 + control1 + control32
             rows.append([
                 mode, TRAFFIC[kind], f"{_median([r.rps for r in off32]):,.0f}", f"{_median([r.rps for r in on32]):,.0f}",
                 f"{throughput:.2f}",
                 f"{_median([r.p50_ms for r in off1]):.2f} / {_median([r.p99_ms for r in off1]):.2f}",
                 f"{_median([r.p50_ms for r in on1]):.2f} / {_median([r.p99_ms for r in on1]):.2f}", f"{tail:.2f}",
+                f"{control_tail:.2f}",
                 f"{cpu_off:.0f} / {cpu_on:.0f}", f"{_median(differences):.0f} [{low:.0f}, {high:.0f}]",
                 f"{_median(controls):.0f} [{control_low:.0f}, {control_high:.0f}]", f"{loop_difference:.0f}",
                 f"{_median(build32):.1f} / {_median(build1):.1f}",
@@ -495,7 +497,7 @@ def report_envoy(results: dict[str, Any]) -> str:
                  f"sessions; medians of interleaved rounds, {rounds} with 1 connection, {throughput_rounds} with 32; "
                  f"targets: req/s on/off >= 0.85, 1-conn. p99 on/off <= 1.3, audit CPU <= 40 µs)",
                  ["mode", "traffic", "req/s off (32 c.)", "req/s on", "on / off", "1 conn. p50/p99 ms off", "on",
-                  "p99 on / off", "authz CPU µs/req off / on", "Δ CPU µs/req [95 %]",
+                  "p99 on / off", "p99 control / off", "authz CPU µs/req off / on", "Δ CPU µs/req [95 %]",
                   "control Δ (off, 2nd process) [95 %]", "Δ loop thread CPU µs/req",
                   "audit build µs/record 32 c. / 1 c.", "errors", "wrong allows"], rows)
     dropped = sum(r.extra.get("audit_records_dropped", 0) for runs in results.values() if isinstance(runs, list)

@@ -355,6 +355,7 @@ THROUGHPUT_ROUNDS = 9
 # swings and one process's luck against another's: hash seeds, memory layout), the floor under
 # which "p99 on / off" and "Δ CPU" cannot tell the audit log's cost from noise.
 CONTROL = "off-control"
+SERVERS = ("off", "file", CONTROL)
 
 
 def _audit_counters(metrics_addr: str) -> tuple[float, float, float]:
@@ -407,7 +408,7 @@ def through_envoy(settings: Settings) -> dict[str, Any]:
         key, jwks = traffic._issuer(work)
         audit_file = work / "audit.jsonl"
         servers: dict[str, dict[str, Any]] = {}
-        for audit in ("off", "file", CONTROL):
+        for audit in SERVERS:
             config = _server_config(work, f"authz-audit-{audit}", policy, jwks,
                                     [f"file:{audit_file}"] if audit == "file" else [])
             pid, bound = start_authz_server(sup, f"authz-audit-{audit}", ["--config", str(config)])
@@ -430,7 +431,7 @@ def through_envoy(settings: Settings) -> dict[str, Any]:
         for round_ in range(throughput_rounds):
             # off, on and the control back to back, each first, second and third in turn: the
             # machine's other load hits them alike
-            order = ("off", "file", CONTROL)[round_ % 3:] + ("off", "file", CONTROL)[:round_ % 3]
+            order = SERVERS[round_ % 3:] + SERVERS[:round_ % 3]
             loads = ((("c1", one),) if round_ < rounds else ()) + (("c32", many),)
             for mode in MODES:
                 for kind in TRAFFIC:
@@ -453,6 +454,20 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
+def _p99_ratio(off: list[LoadResult], other: list[LoadResult]) -> float:
+    """The median of the rounds' p99 against the off server's in the same round."""
+    return _median([again.p99_ms / (first.p99_ms or 1) for first, again in zip(off, other)])
+
+
+def _cpu_difference(off: list[LoadResult], other: list[LoadResult]) -> str:
+    """The median of the rounds' CPU per request minus the off server's in the same round, with
+    its 95 % interval."""
+    differences = [(again.authz_cpu_us_per_req or 0) - (first.authz_cpu_us_per_req or 0)
+                   for first, again in zip(off, other)]
+    low, high = median_interval(differences)
+    return f"{_median(differences):.0f} [{low:.0f}, {high:.0f}]"
+
+
 def report_envoy(results: dict[str, Any]) -> str:
     rows = []
     for mode in MODES:
@@ -461,18 +476,11 @@ def report_envoy(results: dict[str, Any]) -> str:
                 return results[f"{mode}_{kind}_{label}_{audit}"]
 
             off32, on32, off1, on1 = runs("c32", "off"), runs("c32", "file"), runs("c1", "off"), runs("c1", "file")
-            pairs32, pairs1 = list(zip(off32, on32)), list(zip(off1, on1))
-            throughput = _median([on.rps / (off.rps or 1) for off, on in pairs32])
-            tail = _median([on.p99_ms / (off.p99_ms or 1) for off, on in pairs1])
             control1, control32 = runs("c1", CONTROL), runs("c32", CONTROL)
-            control_tail = _median([again.p99_ms / (off.p99_ms or 1) for off, again in zip(off1, control1)])
+            pairs32 = list(zip(off32, on32))
+            throughput = _median([on.rps / (off.rps or 1) for off, on in pairs32])
             cpu_off = _median([r.authz_cpu_us_per_req or 0 for r in off32])
             cpu_on = _median([r.authz_cpu_us_per_req or 0 for r in on32])
-            differences = [(on.authz_cpu_us_per_req or 0) - (off.authz_cpu_us_per_req or 0) for off, on in pairs32]
-            low, high = median_interval(differences)
-            controls = [(again.authz_cpu_us_per_req or 0) - (off.authz_cpu_us_per_req or 0)
-                        for off, again in zip(off32, control32)]
-            control_low, control_high = median_interval(controls)
             # the event loop's thread alone: where the audit log's work is done (the build passes, the
             # request path's hand-over), without the policy threads' and Go runtime's own swings
             loop_difference = _median([on.extra.get("authz_loop_cpu_us_per_req", 0)
@@ -484,10 +492,9 @@ def report_envoy(results: dict[str, Any]) -> str:
                 mode, TRAFFIC[kind], f"{_median([r.rps for r in off32]):,.0f}", f"{_median([r.rps for r in on32]):,.0f}",
                 f"{throughput:.2f}",
                 f"{_median([r.p50_ms for r in off1]):.2f} / {_median([r.p99_ms for r in off1]):.2f}",
-                f"{_median([r.p50_ms for r in on1]):.2f} / {_median([r.p99_ms for r in on1]):.2f}", f"{tail:.2f}",
-                f"{control_tail:.2f}",
-                f"{cpu_off:.0f} / {cpu_on:.0f}", f"{_median(differences):.0f} [{low:.0f}, {high:.0f}]",
-                f"{_median(controls):.0f} [{control_low:.0f}, {control_high:.0f}]", f"{loop_difference:.0f}",
+                f"{_median([r.p50_ms for r in on1]):.2f} / {_median([r.p99_ms for r in on1]):.2f}",
+                f"{_p99_ratio(off1, on1):.2f}", f"{_p99_ratio(off1, control1):.2f}", f"{cpu_off:.0f} / {cpu_on:.0f}",
+                _cpu_difference(off32, on32), _cpu_difference(off32, control32), f"{loop_difference:.0f}",
                 f"{_median(build32):.1f} / {_median(build1):.1f}",
                 sum(r.errors + r.extra.get("counts", {}).get("other", 0) for r in everything),
                 sum(r.extra.get("counts", {}).get("wrong", 0) for r in everything)])

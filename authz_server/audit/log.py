@@ -265,6 +265,9 @@ class AuditLog:
         cpu = CounterMetricFamily("authz_audit_cpu_seconds", "CPU time spent building, redacting and rendering "
                                   "records (on the event loop; the sinks' own threads not included)")
         cpu.add_metric([], self.cpu_seconds)
+        sink_cpu = CounterMetricFamily("authz_audit_sink_cpu_seconds", "CPU time the sinks' worker threads spent "
+                                       "on their batches (encoding, compression, file and database calls)",
+                                       labels=["sink"])
         for reason in ("queue_full", "render_failed", "shutdown"):
             dropped.add_metric([_ALL, reason], self.stats.dropped.get(reason, 0))
         for writer in self.writers:
@@ -274,4 +277,5 @@ class AuditLog:
             for reason in ("sink_backlog", "sink_failed", "shutdown"):
                 dropped.add_metric([name, reason], writer.stats.dropped.get(reason, 0))
             depth.add_metric([name], writer.depth)
-        yield from (written, dropped, errors, depth, built, cpu)
+            sink_cpu.add_metric([name], getattr(writer.sink, "cpu_seconds", 0.0))  # a sink of one's own may not count
+        yield from (written, dropped, errors, depth, built, cpu, sink_cpu)

@@ -9,8 +9,10 @@ is that spec without credentials, safe for logs and metric labels.
 
 from __future__ import annotations
 
+import asyncio
+import time
 import urllib.parse
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, TypeVar, runtime_checkable
 
 from ...errors import ConfigError, UnavailableError
 from ..record import AuditRecord
@@ -29,6 +31,35 @@ class Sink(Protocol):
     async def write_batch(self, records: Sequence[AuditRecord]) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class CountsCpu(Protocol):
+    cpu_seconds: float  # the CPU its worker threads spent on its batches (``in_worker_thread``)
+
+
+_T = TypeVar("_T")
+
+
+async def in_worker_thread(sink: CountsCpu, work: Callable[..., _T], *args: Any) -> _T:
+    """``work(*args)`` in a worker thread (``asyncio.to_thread``: the sinks' encoding and I/O
+    never run on the event loop), the CPU that thread spent on it added to ``sink.cpu_seconds``.
+    Added here, on the event loop, so two batches' work in two threads never race on the sum.
+    This is the audit log's cost paid outside the build passes (``authz_audit_sink_cpu_seconds``):
+    for the file sink, 6-8 µs a record in a busy server, against 1 µs written back to back."""
+    spent = 0.0
+
+    def timed() -> _T:
+        nonlocal spent
+        started = time.thread_time()
+        try:
+            return work(*args)
+        finally:
+            spent = time.thread_time() - started
+
+    try:
+        return await asyncio.to_thread(timed)
+    finally:
+        sink.cpu_seconds += spent
 
 
 def split_options(spec: str, allowed: set[str], *, key: str) -> tuple[str, dict[str, str]]:
@@ -62,4 +93,5 @@ def parse_count(text: str, *, key: str, minimum: int = 1) -> int:
     return int(text)
 
 
-__all__ = ["Sink", "SinkUnavailable", "parse_count", "parse_size", "split_options"]
+__all__ = ["CountsCpu", "Sink", "SinkUnavailable", "in_worker_thread", "parse_count", "parse_size",
+           "split_options"]

@@ -13,7 +13,6 @@ Encoding and disk I/O run in a thread so neither a batch nor a slow disk stalls 
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import json
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..record import AuditRecord
-from .base import SinkUnavailable, parse_count, parse_size, split_options
+from .base import SinkUnavailable, in_worker_thread, parse_count, parse_size, split_options
 from .stdout import write_all
 
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
@@ -38,6 +37,7 @@ class FileSink:
         self.name = f"file:{self.path}"
         self._fd: int | None = None
         self._inode: tuple[int, int] | None = None
+        self.cpu_seconds = 0.0
 
     @classmethod
     def from_spec(cls, spec: str) -> "FileSink":
@@ -53,7 +53,7 @@ class FileSink:
 
     async def write_batch(self, records: Sequence[AuditRecord]) -> None:
         try:
-            await asyncio.to_thread(self._write_records, records)
+            await in_worker_thread(self, self._write_records, records)
         except OSError as exc:
             self._close_fd()
             raise SinkUnavailable(f"cannot write {self.path}: {exc.strerror or exc}") from None

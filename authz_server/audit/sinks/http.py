@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ...errors import AuthzError
 from ..record import AuditRecord
+from .base import in_worker_thread
 
 if TYPE_CHECKING:
     from ...bundles.config import DecisionLogsConfig
@@ -99,6 +100,7 @@ class HttpDecisionLogSink:
         self.on_status = on_status  # the status report owes the control plane this change
         self.name = f"decision_logs:{client.name}{config.resource}"
         self.stats = UploadStats()
+        self.cpu_seconds = 0.0
         self._rand = rand
         self._chunks: deque[tuple[bytes, int]] = deque()
         self._chunk_bytes = 0
@@ -122,7 +124,7 @@ class HttpDecisionLogSink:
     async def write_batch(self, records: Sequence[AuditRecord]) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"audit upload {self.name}")
-        events = await asyncio.to_thread(self._prepare, records)  # Rego rules and JSON: off the event loop
+        events = await in_worker_thread(self, self._prepare, records)  # Rego rules and JSON: off the event loop
         self._pending.extend(events)
         self._pending_bytes += sum(len(event) for event in events)
         if self._pending_bytes >= self.config.upload_size_limit * self._ratio * 0.9:
@@ -176,8 +178,8 @@ class HttpDecisionLogSink:
                 return
             pending, uncompressed = self._pending, self._pending_bytes
             self._pending, self._pending_bytes = [], 0
-            chunks, too_large = await asyncio.to_thread(encode_chunks, pending, self.config.upload_size_limit,
-                                                        self._ratio)
+            chunks, too_large = await in_worker_thread(self, encode_chunks, pending, self.config.upload_size_limit,
+                                                          self._ratio)
             self.stats.drop("too_large", too_large)
             compressed = sum(len(body) for body, _ in chunks)
             if compressed:

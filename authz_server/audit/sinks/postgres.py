@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ...errors import AuthzError, ConfigError
 from ..record import AuditRecord
-from .base import SinkUnavailable
+from .base import SinkUnavailable, in_worker_thread
 
 if TYPE_CHECKING:
     import psycopg
@@ -106,10 +106,11 @@ class PostgresSink:
         self._conn: "psycopg.Connection[Any] | None" = None
         self._insert: Any = None
         self._lock = threading.Lock()  # one batch at a time on the connection (the writer sends one anyway)
+        self.cpu_seconds = 0.0
 
     async def write_batch(self, records: Sequence[AuditRecord]) -> None:
         if records:
-            await asyncio.to_thread(self._write, records)
+            await in_worker_thread(self, self._write, records)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._drop_connection)

@@ -8,13 +8,12 @@ Encoding and writes happen in a thread: neither a batch nor a slow reader stalls
 
 from __future__ import annotations
 
-import asyncio
 import os
 import select
 from typing import Sequence
 
 from ..record import AuditRecord
-from .base import SinkUnavailable
+from .base import SinkUnavailable, in_worker_thread
 
 PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
 
@@ -45,10 +44,11 @@ class StdoutSink:
     def __init__(self, fd: int = 1) -> None:
         self.fd = fd
         self.name = "stdout" if fd == 1 else f"fd:{fd}"
+        self.cpu_seconds = 0.0
 
     async def write_batch(self, records: Sequence[AuditRecord]) -> None:
         try:
-            await asyncio.to_thread(self._write_records, records)
+            await in_worker_thread(self, self._write_records, records)
         except OSError as exc:
             raise SinkUnavailable(f"cannot write to {self.name}: {exc.strerror or exc}") from None
 

@@ -358,36 +358,39 @@ CONTROL = "off-control"
 SERVERS = ("off", "file", CONTROL)
 
 
-def _audit_counters(metrics_addr: str) -> tuple[float, float, float]:
-    """(CPU seconds of the build passes, records they built, records dropped for any reason),
-    from the server's /metrics."""
+def _audit_counters(metrics_addr: str) -> tuple[float, float, float, float]:
+    """(CPU seconds of the build passes, records they built, records dropped for any reason, CPU
+    seconds of the sinks' worker threads), from the server's /metrics."""
     import httpx
 
     text = httpx.get(f"http://{metrics_addr}/metrics", timeout=10).text
     values = {}
-    dropped = 0.0
+    dropped = sinks = 0.0
     for line in text.splitlines():
         name, _, value = line.rpartition(" ")
         if name in ("authz_audit_cpu_seconds_total", "authz_audit_records_built_total"):
             values[name] = float(value)
         elif name.startswith("authz_audit_records_dropped_total{"):
             dropped += float(value)
+        elif name.startswith("authz_audit_sink_cpu_seconds_total{"):
+            sinks += float(value)
     return (values.get("authz_audit_cpu_seconds_total", 0.0), values.get("authz_audit_records_built_total", 0.0),
-            dropped)
+            dropped, sinks)
 
 
 def _load(server: dict[str, Any], mode: str, kind: str, settings: Settings) -> LoadResult:
     url = server["fronts"][mode]
     name = f"{mode}, {TRAFFIC[kind]}, {settings.connections} conn."
-    cpu, built, dropped = _audit_counters(server["metrics"])
+    cpu, built, dropped, sinks = _audit_counters(server["metrics"])
     if kind == "repeat":
         path, headers = _repeated(server["sessions"])
         result = load_with_cpu(url + path, settings, server["pid"], name=name, headers=headers)
     else:
         result = load_with_cpu(url + "/", settings, server["pid"], name=name, script=server["script"])
-    cpu_after, built_after, dropped_after = _audit_counters(server["metrics"])
-    if built_after > built:  # warm-up included: the passes' CPU per record they built
+    cpu_after, built_after, dropped_after, sinks_after = _audit_counters(server["metrics"])
+    if built_after > built:  # warm-up included: the passes' CPU per record they built, and the sink's thread's
         result.extra["audit_us_per_record"] = (cpu_after - cpu) / (built_after - built) * 1e6
+        result.extra["audit_sink_us_per_record"] = (sinks_after - sinks) / (built_after - built) * 1e6
         result.extra["audit_records_dropped"] = dropped_after - dropped
     return result
 
@@ -487,6 +490,10 @@ def report_envoy(results: dict[str, Any]) -> str:
                                        - off.extra.get("authz_loop_cpu_us_per_req", 0) for off, on in pairs32])
             build32, build1 = ([r.extra["audit_us_per_record"] for r in runs
                                 if "audit_us_per_record" in r.extra] for runs in (on32, on1))
+            # the audit log's own CPU a record, read from the server's counters: the build passes and
+            # the file sink's worker thread (not a difference of two loads: see the control)
+            own32 = [r.extra["audit_us_per_record"] + r.extra.get("audit_sink_us_per_record", 0.0) for r in on32
+                     if "audit_us_per_record" in r.extra]
             everything = off32 + on32 + off1 + on1 + control1 + control32
             rows.append([
                 mode, TRAFFIC[kind], f"{_median([r.rps for r in off32]):,.0f}", f"{_median([r.rps for r in on32]):,.0f}",
@@ -495,7 +502,7 @@ def report_envoy(results: dict[str, Any]) -> str:
                 f"{_median([r.p50_ms for r in on1]):.2f} / {_median([r.p99_ms for r in on1]):.2f}",
                 f"{_p99_ratio(off1, on1):.2f}", f"{_p99_ratio(off1, control1):.2f}", f"{cpu_off:.0f} / {cpu_on:.0f}",
                 _cpu_difference(off32, on32), _cpu_difference(off32, control32), f"{loop_difference:.0f}",
-                f"{_median(build32):.1f} / {_median(build1):.1f}",
+                f"{_median(build32):.1f} / {_median(build1):.1f}", f"{_median(own32):.1f}",
                 sum(r.errors + r.extra.get("counts", {}).get("other", 0) for r in everything),
                 sum(r.extra.get("counts", {}).get("wrong", 0) for r in everything)])
     rounds = len(results[f"{MODES[0]}_repeat_c1_off"])
@@ -506,7 +513,8 @@ def report_envoy(results: dict[str, Any]) -> str:
                  ["mode", "traffic", "req/s off (32 c.)", "req/s on", "on / off", "1 conn. p50/p99 ms off", "on",
                   "p99 on / off", "p99 control / off", "authz CPU µs/req off / on", "Δ CPU µs/req [95 %]",
                   "control Δ (off, 2nd process) [95 %]", "Δ loop thread CPU µs/req",
-                  "audit build µs/record 32 c. / 1 c.", "errors", "wrong allows"], rows)
+                  "audit build µs/record 32 c. / 1 c.", "audit's own CPU µs/record (build + sink thread, 32 c.)",
+                  "errors", "wrong allows"], rows)
     dropped = sum(r.extra.get("audit_records_dropped", 0) for runs in results.values() if isinstance(runs, list)
                   for r in runs)
     return text + (f"\nrecords in the audit files (the current one and the rotated ones, at most 5 x 100 MB): "

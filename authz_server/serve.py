@@ -215,12 +215,12 @@ def settle_heap() -> None:
     in flight (and of decisions waiting for the audit log's next pass) that it found alive moved
     on to an older generation, until enough had to trigger a full collection: with the decision
     cache filling up (113,000 tracked objects) one took 90–140 ms. At 10,000 a young collection
-    comes every few hundred requests, so a request's objects are rarely alive when one does. Measured in one server, gRPC traffic that
-    does not repeat through Envoy, 32 connections, 12 rounds a setting: the collector's CPU went
-    from 18–22 µs a request to 6.5–8.2, with the audit log on and off, and the 5-second loads
-    with a full collection in them from 36 of 48 to 3 of 48. What it costs: reference cycles
-    that became garbage (a few per request at most) wait for 10,000 net new objects, a few
-    megabytes, instead of 700."""
+    comes every few hundred requests, so a request's objects are rarely alive when one does.
+    Measured in one server, gRPC traffic that does not repeat through Envoy, 32 connections, 12
+    rounds a setting: the collector's CPU went from 18–22 µs a request to 6.5–8.2, with the audit
+    log on and off, and the 5-second loads with a full collection in them from 36 of 48 to 3 of
+    48. What it costs: reference cycles that became garbage (a few per request at most) wait for
+    10,000 net new objects, a few megabytes, instead of 700."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG_GENERATION_THRESHOLD, *gc.get_threshold()[1:])
